@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests never reach the internet; the demo data is read where CI puts it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def mimic_dir() -> Path:
+    """The MIMIC-III demo copy; a missing copy fails the test instead of skipping it."""
+    path = Path(os.environ.get("MIMIC_DIR", REPO_ROOT.parent / "shared/data/mimic-iii-demo"))
+    if not (path / "CHARTEVENTS.csv.gz").exists() and not (path / "CHARTEVENTS.csv").exists():
+        pytest.fail(f"MIMIC-III demo not found at {path} (set MIMIC_DIR)")
+    return path
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite MLflow store for one test, also exported as MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    return uri
