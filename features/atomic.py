@@ -41,6 +41,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    # mkdtemp makes 0700 folders; outputs are meant to be shared like any other folder.
+    staging.chmod(0o755)
     try:
         yield staging
     except BaseException:

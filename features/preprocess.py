@@ -239,7 +239,11 @@ class Preprocessor:
             keep_empty_features=True,
             skip_complete=True,
         )
-        with warnings.catch_warnings():
+        from threadpoolctl import threadpool_limits
+
+        # BayesianRidge runs one small SVD per feature and round: multi-threaded BLAS only adds
+        # contention there (100x slower on a busy 2-core machine than one thread).
+        with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
             # Convergence warnings on tiny data are expected and harmless here.
             warnings.simplefilter("ignore")
             imputer.fit(fit_x)

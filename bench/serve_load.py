@@ -1,0 +1,300 @@
+"""Load benchmark: the forecast service vs `mlflow models serve` on the same registered model.
+
+Starts both servers on loopback, checks that they return the same forecast, then drives each
+with the same single-patient K-step forecast at each concurrency (closed loop, bounded in
+requests and seconds), and finally measures patient forecasts per second through the batch
+endpoint (and, for reference, through mlflow with the same patients in one DataFrame).
+
+    .venv/bin/python bench/serve_load.py                      # trains a throwaway model first
+    .venv/bin/python bench/serve_load.py --tracking-uri sqlite:///mlflow.db \\
+        --model-uri models:/icu-forecast-cfc@champion        # a model you already have
+
+Figures are printed, never asserted: this is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from bench.loadgen import LoadResult, build_request, run_load  # noqa: E402
+from features.catalog import INTERVENTION_NAMES, STATE_NAMES  # noqa: E402
+
+HOST = "127.0.0.1"  # loopback only
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def patient(seed: int, n_bins: int, horizon: int) -> dict:
+    """A plausible made-up patient (no patient data): vitals every bin, labs now and then."""
+    rng = np.random.default_rng(seed)
+    centre = [85, 120, 60, 80, 18, 37, 96, 12, 130, 1.2, 25, 10, 10.5, 220, 139, 4.1, 24, 1.8]
+    history = []
+    for b in range(n_bins):
+        values = {
+            n: round(float(c * (1 + rng.normal(0, 0.05))), 3)
+            for i, (n, c) in enumerate(zip(STATE_NAMES, centre, strict=True))
+            if i < 8 or rng.random() < 0.5
+        }
+        history.append(
+            {
+                "bin_start": f"2024-01-{1 + b // 2:02d}T{12 * (b % 2):02d}:00:00Z",
+                "values": values,
+                "interventions": {"vasopressor": 0.25, "mechanical_ventilation": 1.0},
+            }
+        )
+    plan = [{"vasopressor": 0.0, "mechanical_ventilation": 1.0, "iv_fluid_ml": 500.0}] * horizon
+    return {"horizon": horizon, "history": history, "planned_interventions": plan}
+
+
+def mlflow_frame_json(patients: list[dict]) -> dict:
+    """The same patients in the pyfunc's long input format (training/pyfunc.py)."""
+    columns = ["patient_id", "kind", "step", *STATE_NAMES, *INTERVENTION_NAMES]
+    rows = []
+    for p_i, p in enumerate(patients):
+        for b, hb in enumerate(p["history"]):
+            rows.append(
+                [str(p_i), "history", b]
+                + [hb["values"].get(n) for n in STATE_NAMES]
+                + [hb["interventions"].get(n) for n in INTERVENTION_NAMES]
+            )
+        for k, step in enumerate(p["planned_interventions"]):
+            rows.append(
+                [str(p_i), "plan", k]
+                + [None] * len(STATE_NAMES)
+                + [step.get(n) for n in INTERVENTION_NAMES]
+            )
+    return {"dataframe_split": {"columns": columns, "data": rows}}
+
+
+def train_model(work: Path, units: int) -> tuple[str, str]:
+    """A throwaway CfC (paper size by default) on synthetic data, registered as champion."""
+    from mlflow import MlflowClient
+
+    from tests.synthetic import write_synthetic_etl_output
+    from training.config import TrainConfig
+    from training.train import train_model as train
+
+    etl = write_synthetic_etl_output(work / "etl", n_stays=40, n_bins=8, seed=0)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    cfg = TrainConfig(
+        model="cfc",
+        data=etl,
+        epochs=1,
+        units=units,
+        backbone_units=units,
+        tracking_uri=uri,
+        checkpoint_dir=work / "checkpoints",
+        plots=False,
+        ks=(1, 2),
+        sigmas=(0.0,),
+        accelerator="cpu",
+    )
+    # The store's default artifact root is ./mlruns: keep it in the work folder.
+    with contextlib.chdir(work):
+        result = train(cfg)
+    MlflowClient(uri, uri).set_registered_model_alias(
+        "icu-forecast-cfc", "champion", result.registered_version
+    )
+    return uri, "models:/icu-forecast-cfc@champion"
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], env: dict, ready_url: str, log: Path, cpus: set[int] | None) -> Iterator:
+    def pin() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    with open(log, "wb") as out:
+        # A session of its own: `mlflow models serve` runs uvicorn as a child process, and the
+        # whole group must stop at the end.
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            preexec_fn=pin,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited early; see {log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"{cmd} not ready after 300 s; see {log}")
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def drive(port: int, path: str, body: bytes, levels: list[int], n: int, secs: float):
+    req = build_request(HOST, port, path, body)
+    out: list[LoadResult] = []
+    for c in levels:
+        out.append(asyncio.run(run_load(HOST, port, req, c, n, secs)))
+    return out
+
+
+def fmt(name: str, r: LoadResult) -> str:
+    err = f"  errors={r.errors} ({r.first_error})" if r.errors else ""
+    return (
+        f"{name:<22} c={r.concurrency:<3} {r.rps:9.1f} req/s   p50 {r.pct_ms(50):8.2f} ms   "
+        f"p99 {r.pct_ms(99):8.2f} ms   n={r.requests}{err}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tracking-uri")
+    ap.add_argument("--model-uri")
+    ap.add_argument("--units", type=int, default=128, help="CfC units of the throwaway model")
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--requests", type=int, default=3000, help="max requests per level")
+    ap.add_argument("--seconds", type=float, default=10.0, help="max seconds per level")
+    ap.add_argument("--bins", type=int, default=8, help="history bins per patient")
+    ap.add_argument("--horizon", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1000, help="patients per batch request")
+    ap.add_argument("--batch-seconds", type=float, default=10.0)
+    ap.add_argument("--no-mlflow", action="store_true", help="skip `mlflow models serve`")
+    ap.add_argument("--server-cpus", help="pin the servers to these CPUs, e.g. 0,1")
+    ap.add_argument("--work", type=Path, help="folder for the throwaway model and logs")
+    args = ap.parse_args(argv)
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="icu-serve-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cpus = {int(c) for c in args.server_cpus.split(",")} if args.server_cpus else None
+    if args.model_uri:
+        uri, model_uri = args.tracking_uri or "sqlite:///mlflow.db", args.model_uri
+    else:
+        print(f"training a throwaway CfC ({args.units} units) in {work} ...", flush=True)
+        uri, model_uri = train_model(work, args.units)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MODEL_URI": model_uri,
+        # `mlflow models serve` starts `uvicorn` from PATH: use this environment's.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    py = sys.executable
+    one = patient(0, args.bins, args.horizon)
+    ours_body = json.dumps(one).encode()
+    mlflow_body = json.dumps(mlflow_frame_json([one])).encode()
+    batch = [patient(i, args.bins, args.horizon) for i in range(args.batch)]
+    print(
+        f"model {model_uri}; {os.cpu_count()} CPUs here"
+        + (f", servers pinned to {sorted(cpus)}" if cpus else "")
+        + f"; one forecast = {args.bins} history bins, K={args.horizon}",
+        flush=True,
+    )
+
+    results: dict[str, list[LoadResult]] = {}
+    port = free_port()
+    cmd = [py, "-m", "pipeline.cli", "serve", "--host", HOST, "--port", str(port)]
+    with server(cmd, env, f"http://{HOST}:{port}/readyz", work / "service.log", cpus):
+        ours = httpx.post(f"http://{HOST}:{port}/v1/forecast", json=one, timeout=30).json()
+        results["icu-forecast serve"] = drive(
+            port, "/v1/forecast", ours_body, args.levels, args.requests, args.seconds
+        )
+        for r in results["icu-forecast serve"]:
+            print(fmt("icu-forecast serve", r), flush=True)
+        # Batch endpoint: sequential requests of args.batch patients each.
+        body = json.dumps({"patients": batch}).encode()
+        res = asyncio.run(
+            run_load(
+                HOST,
+                port,
+                build_request(HOST, port, "/v1/forecast/batch", body),
+                1,
+                10**6,
+                args.batch_seconds,
+                warmup=1,
+            )
+        )
+        batch_rate = res.requests * args.batch / res.seconds
+        print(
+            f"batch endpoint: {args.batch} patients/request, {res.requests} requests, "
+            f"{batch_rate:.0f} patient forecasts/s, p50 {res.pct_ms(50):.1f} ms/request",
+            flush=True,
+        )
+
+    if not args.no_mlflow:
+        port = free_port()
+        cmd = [
+            py, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "-h", HOST, "-p", str(port),
+        ]  # fmt: skip
+        with server(cmd, env, f"http://{HOST}:{port}/ping", work / "mlflow.log", cpus):
+            theirs = httpx.post(
+                f"http://{HOST}:{port}/invocations", json=mlflow_frame_json([one]), timeout=60
+            ).json()
+            a = np.array([[s["values"][n] for n in STATE_NAMES] for s in ours["forecast"]])
+            b = np.array([[row[n] for n in STATE_NAMES] for row in theirs["predictions"]])
+            print(f"same forecast from both servers: max |diff| = {np.abs(a - b).max():.2e}")
+            results["mlflow models serve"] = drive(
+                port, "/invocations", mlflow_body, args.levels, args.requests, args.seconds
+            )
+            for r in results["mlflow models serve"]:
+                print(fmt("mlflow models serve", r), flush=True)
+            body = json.dumps(mlflow_frame_json(batch)).encode()
+            res = asyncio.run(
+                run_load(
+                    HOST,
+                    port,
+                    build_request(HOST, port, "/invocations", body),
+                    1,
+                    10**6,
+                    args.batch_seconds,
+                    warmup=1,
+                )
+            )
+            print(
+                f"mlflow, same {args.batch} patients in one DataFrame: "
+                f"{res.requests * args.batch / res.seconds:.0f} patient forecasts/s",
+                flush=True,
+            )
+        print("\nthroughput ratio (icu-forecast / mlflow):")
+        for ours_r, theirs_r in zip(
+            results["icu-forecast serve"], results["mlflow models serve"], strict=True
+        ):
+            ratio = ours_r.rps / theirs_r.rps if theirs_r.rps else float("inf")
+            print(f"  c={ours_r.concurrency:<3} {ratio:6.1f}x")
+    print(f"logs in {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

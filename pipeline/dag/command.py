@@ -1,0 +1,97 @@
+"""``icu-forecast dag run|status``: the whole pipeline as a cached DAG.
+
+icu-forecast dag run                      # fetch -> etl -> train x4 -> compare -> promote
+icu-forecast dag run --force etl          # re-run a step (and whatever its output changes)
+icu-forecast dag run --until etl          # stop after a step
+icu-forecast dag status                   # each step: done / stale / missing / failed, why
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pydantic import ValidationError
+
+from features.errors import UserError
+from pipeline.dag.settings import PAPER_EPOCHS, DagSettings
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="dag_command", metavar="ACTION", required=True)
+    run = sub.add_parser("run", help="run the steps whose inputs, params or code changed")
+    status = sub.add_parser("status", help="show each step as done / stale / missing, and why")
+    for p in (run, status):
+        p.add_argument("--mimic-dir", help="MIMIC-III tables (env MIMIC_DIR)")
+        p.add_argument("--data-dir", help="ETL output and DAG state folder (default data)")
+        p.add_argument("--tracking-uri", help="MLflow store (env MLFLOW_TRACKING_URI)")
+        p.add_argument("--experiment", help="MLflow experiment (default icu-forecast)")
+        p.add_argument("--models", help="comma-separated: cfc,gru,persistence,linear")
+        p.add_argument("--epochs", type=int, help="training epochs (quick default; see --paper)")
+        p.add_argument(
+            "--paper", action="store_true", help=f"the paper's settings ({PAPER_EPOCHS} epochs)"
+        )
+        p.add_argument("--seed", type=int)
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STEP",
+        help="re-run STEP even if unchanged (repeatable, comma lists, or 'all')",
+    )
+    run.add_argument("--until", metavar="STEP", help="run STEP and what it needs, then stop")
+
+
+def settings_from_args(args: argparse.Namespace) -> DagSettings:
+    given: dict[str, Any] = {
+        key: getattr(args, key)
+        for key in (
+            "mimic_dir",
+            "data_dir",
+            "tracking_uri",
+            "experiment",
+            "models",
+            "epochs",
+            "seed",
+        )
+        if getattr(args, key, None) is not None
+    }
+    if getattr(args, "paper", False):
+        if "epochs" in given and given["epochs"] != PAPER_EPOCHS:
+            raise UserError("--paper and --epochs disagree; give one of them")
+        given["epochs"] = PAPER_EPOCHS
+    try:
+        return DagSettings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise UserError(f"invalid DAG settings: {problems}") from exc
+
+
+def _print_status(decisions: list) -> None:
+    width = max(len(d.step) for d in decisions)
+    for d in decisions:
+        print(f"{d.step:<{width}}  {d.status:<8} {'; '.join(d.reasons)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.dag.steps import build_dag
+
+    settings = settings_from_args(args)
+    if args.dag_command == "status":
+        dag = build_dag(settings, track=False)
+        _print_status(dag.status())
+        return 0
+    dag = build_dag(settings, track=True)
+    force = {f.strip() for spec in args.force for f in spec.split(",") if f.strip()}
+    if "all" in force:
+        force = set(dag.order)
+    report = dag.run(force=force, until=args.until, dag_params=settings.model_dump(mode="json"))
+    if not report.ok:
+        print(
+            f"dag: step(s) {', '.join(report.failed)} failed; fix the problem and run "
+            "`icu-forecast dag run` again to resume from there"
+        )
+        return 1
+    return 0

@@ -1,0 +1,191 @@
+"""The DAG's calls into ``training``: train one model, compare runs, promote the champion.
+
+Kept in one place so the step definitions do not depend on the training package's internals.
+
+The DAG's own runs (parent + one per step) live in a separate experiment, ``<experiment>-dag``:
+the training experiment then holds only training runs, which is what ``icu-forecast compare``
+and the MLflow runs table expect. Lineage is kept with tags both ways (``dag.run_id`` /
+``dag.step_run_id`` on the training run, ``train_run_id`` and a link on the step run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.dag.engine import StepContext
+from pipeline.dag.settings import DagSettings
+
+NEURAL = ("cfc", "gru")
+# TrainConfig fields that only matter to gradient-trained models: changing them must not
+# invalidate the baselines' train steps.
+_NEURAL_ONLY = {
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "grad_clip",
+    "patience",
+    "units",
+    "layers",
+    "mode",
+    "backbone_units",
+    "backbone_layers",
+    "backbone_dropout",
+    "mixed_memory",
+    "cfc_impl",
+    "ncp_output",
+    "ncp_sparsity",
+    "ode_unfolds",
+    "accelerator",
+    "devices",
+    "strategy",
+    "precision",
+    "num_nodes",
+    "num_workers",
+    "checkpoint_dir",
+    "resume",
+}
+
+
+def selection_metric() -> str:
+    from training.registry import SELECTION_METRIC
+
+    return SELECTION_METRIC
+
+
+def train_config(s: DagSettings, model: str, data_dir: Path | None = None, **overrides: Any):
+    """The TrainConfig of one train step (ICU_TRAIN_* environment variables still apply)."""
+    from training.config import TrainConfig
+
+    given: dict[str, Any] = {
+        "model": model,
+        "data": data_dir or s.etl_dir,
+        "seed": s.seed,
+        "tracking_uri": s.tracking_uri,
+        "experiment": s.experiment,
+        "checkpoint_dir": s.data_dir / "checkpoints",
+    }
+    if model in NEURAL:
+        given["epochs"] = s.epochs
+    return TrainConfig(**(given | overrides))
+
+
+def train_params(s: DagSettings, model: str) -> dict[str, Any]:
+    """Every setting that decides a train step's result: the whole TrainConfig."""
+    params = train_config(s, model).model_dump(mode="json")
+    if model not in NEURAL:
+        params = {k: v for k, v in params.items() if k not in _NEURAL_ONLY}
+    return params
+
+
+def _record(result: Any) -> dict[str, Any]:
+    from training.registry import registered_name
+
+    return {
+        "model": result.model,
+        "label": result.label or result.model,
+        "run_id": result.run_id,
+        "model_name": registered_name(result.model),
+        "version": result.registered_version,
+        "metrics": {k: float(v) for k, v in result.metrics.items()},
+    }
+
+
+def train(s: DagSettings, model: str, ctx: StepContext) -> dict[str, Any]:
+    from training.train import train_model
+
+    result = train_model(train_config(s, model))
+    if result.run_id is None:
+        raise RuntimeError(f"training {model} returned no MLflow run")
+    _link(s, result.run_id, ctx)
+    return _record(result)
+
+
+def tiny_train(
+    data_dir: Path,
+    model: str,
+    tracking_uri: str,
+    experiment: str,
+    epochs: int = 2,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A tiny real training run (tests: MLflow UI, end to end)."""
+    from training.train import train_model
+
+    s = DagSettings(
+        tracking_uri=tracking_uri, experiment=experiment, epochs=epochs, data_dir=data_dir.parent
+    )
+    cfg = train_config(s, model, data_dir=data_dir, **({"plots": False} | overrides))
+    return _record(train_model(cfg))
+
+
+def _link(s: DagSettings, run_id: str, ctx: StepContext) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(s.tracking_uri)
+    if ctx.child_run_id:
+        client.set_tag(run_id, "dag.step_run_id", ctx.child_run_id)
+    if ctx.parent_run_id:
+        client.set_tag(run_id, "dag.run_id", ctx.parent_run_id)
+
+
+def missing_run(s: DagSettings, run_id: str | None) -> str | None:
+    """Why a recorded training run is unusable (gone from the store), or None."""
+    if not run_id:
+        return "no MLflow run recorded"
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(s.tracking_uri).get_run(run_id)
+    except MlflowException:
+        return f"MLflow run {run_id} not found in {s.tracking_uri}"
+    if run.info.lifecycle_stage == "deleted":
+        return f"MLflow run {run_id} was deleted"
+    return None
+
+
+def compare(s: DagSettings, records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """training.compare's table over exactly the runs this DAG trained (not 'latest runs')."""
+    import mlflow
+
+    from training import tracking
+    from training.compare import table, to_markdown
+
+    tracking.setup(s.tracking_uri, s.experiment)
+    exp = mlflow.get_experiment_by_name(s.experiment)
+    ids = ", ".join(f"'{r['run_id']}'" for r in records)
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"attributes.run_id IN ({ids})")
+    if len(runs) != len(records):
+        found = set(runs["run_id"]) if len(runs) else set()
+        lost = [r["run_id"] for r in records if r["run_id"] not in found]
+        raise RuntimeError(f"runs {lost} not found in experiment {s.experiment!r}")
+    label = {r["run_id"]: r["label"] for r in records}
+    runs = runs.assign(label=runs["run_id"].map(label), seed=runs["params.seed"])
+    frame = table(runs, [r["label"] for r in records])
+    md = (
+        "RMSE / MAE in scaled (min-max) units, K-th step of K-step rollouts on the test split; "
+        "noise = RMSE increase at sigma 0.05.\n\n" + to_markdown(frame)
+    )
+    payload = {"runs": records, "table": frame.to_dict(orient="records")}
+    return md, payload
+
+
+def promote(s: DagSettings, payload: dict[str, Any]) -> dict[str, Any]:
+    """The 'champion' alias on the best version of each trained model family."""
+    from training import tracking
+    from training.registry import SELECTION_METRIC
+    from training.registry import promote as promote_family
+
+    tracking.setup(s.tracking_uri, s.experiment)
+    out: dict[str, Any] = {"metric": SELECTION_METRIC, "champions": {}}
+    for record in payload["runs"]:
+        p = promote_family(record["model"], SELECTION_METRIC)
+        out["champions"][record["model"]] = {
+            "model_name": p.name,
+            "version": p.version,
+            "run_id": p.run_id,
+            "value": p.metric,
+        }
+    return out

@@ -1,0 +1,355 @@
+"""``run_etl``: MIMIC-III tables -> ``OUT/bins.parquet``, ``OUT/preprocessor``, data card.
+
+Stages: stream + filter tables into DuckDB (``extract``) -> convert, drop, bin, aggregate in SQL
+(``transform``) -> complete bin grid per kept stay -> clamp / observed masks / ffill / zero-fill
+(``features.preprocess.prepare_bins``) -> split by subject -> fit the preprocessor on train
+rows -> impute every row -> write everything at once (``features.atomic.atomic_dir``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from features.atomic import atomic_dir
+from features.binning import BIN_HOURS
+from features.catalog import (
+    INTERVENTION_NAMES,
+    OBSERVED_NAMES,
+    STATE_BY_NAME,
+    STATE_NAMES,
+    catalog_version,
+)
+from features.errors import UserError
+from features.preprocess import FEATURE_NAMES, Preprocessor, prepare_bins
+from pipeline.etl import extract, transform
+from pipeline.etl.settings import EtlSettings
+from pipeline.etl.split import split_subjects
+from pipeline.etl.tables import InputError, TableStats
+
+log = logging.getLogger(__name__)
+
+TABLE_ORDER = (
+    "ICUSTAYS",
+    "CHARTEVENTS",
+    "LABEVENTS",
+    "INPUTEVENTS_CV",
+    "INPUTEVENTS_MV",
+    "PROCEDUREEVENTS_MV",
+)
+DATA_CARD_FORMAT = 1
+
+
+@dataclass
+class EtlResult:
+    """What one ETL run produced (the DAG caches on ``bins_sha256``)."""
+
+    out_dir: Path
+    bins_path: Path
+    preprocessor_dir: Path
+    data_card_path: Path
+    bins_sha256: str
+    counts: dict[str, int] = field(default_factory=dict)
+    rows_read: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator:
+    """A per-table progress display (rows read) on stderr; a no-op when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description:<20}"),
+        TextColumn("{task.completed:>14,.0f} rows read"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    ) as progress:
+        yield progress
+
+
+def _connect(settings: EtlSettings, workdir: Path) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(str(workdir / "etl.duckdb"))
+    con.execute(f"SET threads = {int(settings.threads)}")
+    try:
+        con.execute(f"SET memory_limit = '{settings.memory_limit}'")
+    except duckdb.Error as exc:
+        raise UserError(f"memory_limit: {settings.memory_limit!r} is not a size ({exc})") from exc
+    con.execute(f"SET temp_directory = '{workdir / 'spill'}'")
+    con.execute("SET preserve_insertion_order = false")
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
+def _extract(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> dict[str, TableStats]:
+    filters = extract.table_filters()
+    stats: dict[str, TableStats] = {}
+    # Resolve every table first: a missing one fails before minutes of reading.
+    for name in TABLE_ORDER:
+        extract.find_table(settings.mimic_dir, name)
+    with _progress(settings.progress) as progress:
+        for name in TABLE_ORDER:
+            task = progress.add_task(name, total=None) if progress is not None else None
+
+            def on_rows(n: int, task=task) -> None:
+                if progress is not None:
+                    progress.advance(task, n)
+
+            stats[name] = extract.load_table(
+                con,
+                settings.mimic_dir,
+                name,
+                filters[name],
+                block_size=settings.block_size_mb << 20,
+                threads=settings.threads,
+                on_rows=on_rows,
+            )
+            if progress is not None:
+                progress.update(task, description=f"{name} done")
+                progress.stop_task(task)
+    extract.require_rows(stats["ICUSTAYS"], "ICUSTAYS")
+    extract.require_rows(stats["CHARTEVENTS"], "CHARTEVENTS")
+    return stats
+
+
+def _grid(stays: pd.DataFrame) -> pd.DataFrame:
+    n = stays["n_bins"].to_numpy(np.int64)
+    rows = np.repeat(np.arange(len(stays)), n)
+    bins = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    grid = stays.iloc[rows][["subject_id", "hadm_id", "icustay_id", "intime"]].reset_index(
+        drop=True
+    )
+    grid["bin"] = bins.astype(np.int64)
+    grid["bin_start"] = grid["intime"] + pd.to_timedelta(grid["bin"] * BIN_HOURS, unit="h")
+    return grid.drop(columns=["intime"])
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {"min": 0, "median": 0, "mean": 0, "max": 0}
+    return {
+        "min": int(values.min()),
+        "median": float(np.median(values)),
+        "mean": round(float(values.mean()), 3),
+        "max": int(values.max()),
+    }
+
+
+def build_bins(
+    con: duckdb.DuckDBPyConnection, settings: EtlSettings
+) -> tuple[pd.DataFrame, Preprocessor, object, dict]:
+    """Aggregates -> preprocessed bins frame, fitted preprocessor, sklearn imputer, card parts."""
+    transform.create_stays(con)
+    transform.create_state_events(con)
+    transform.create_interventions(con)
+    dropped = transform.dropped_counts(con)
+    wide = transform.wide_aggregates(con)
+    stays_all = con.execute(
+        "SELECT icustay_id, subject_id, reason FROM stays_all ORDER BY icustay_id"
+    ).df()
+    stays = con.execute("SELECT * FROM stays ORDER BY icustay_id").df()
+
+    has_state = wide[list(STATE_NAMES)].notna().any(axis=1)
+    with_events = set(wide.loc[has_state, "icustay_id"].unique().tolist())
+    no_events = ~stays["icustay_id"].isin(with_events)
+    excluded = pd.concat(
+        [
+            stays_all[stays_all["reason"].notna()][["icustay_id", "reason"]],
+            stays[no_events][["icustay_id"]].assign(reason=transform.REASON_NO_EVENTS),
+        ]
+    ).sort_values("icustay_id", kind="stable")
+    kept = stays[~no_events].reset_index(drop=True)
+    if kept.empty:
+        raise InputError(
+            f"{settings.mimic_dir}: no ICU stay has any usable event; nothing to write"
+        )
+
+    grid = _grid(kept)
+    frame = grid.merge(wide, on=["icustay_id", "bin"], how="left", validate="one_to_one")
+    raw_state = frame[list(STATE_NAMES)].to_numpy(np.float64)
+    observed_before = ~np.isnan(raw_state)
+    lo = np.array([STATE_BY_NAME[n].clamp[0] for n in STATE_NAMES])
+    hi = np.array([STATE_BY_NAME[n].clamp[1] for n in STATE_NAMES])
+    clamped = observed_before & ((raw_state < lo) | (raw_state > hi))
+
+    frame = prepare_bins(frame)
+    missing_after_ffill = frame[list(STATE_NAMES)].isna().to_numpy()
+
+    split_of = split_subjects(
+        frame["subject_id"].unique(), settings.train_frac, settings.val_frac, settings.seed
+    )
+    frame.insert(frame.columns.get_loc("bin_start") + 1, "split", frame["subject_id"].map(split_of))
+    train = frame[frame["split"] == "train"]
+    pre, imputer = Preprocessor.fit(
+        train,
+        max_iter=settings.imputer_max_iter,
+        seed=settings.seed,
+        max_rows=settings.imputer_max_rows,
+    )
+    frame[list(FEATURE_NAMES)] = pre.impute(frame[list(FEATURE_NAMES)].to_numpy(np.float64))
+    if frame[list(FEATURE_NAMES)].isna().any().any():  # pragma: no cover - a bug, not input
+        raise RuntimeError("imputation left missing values")
+
+    columns = [
+        "subject_id",
+        "hadm_id",
+        "icustay_id",
+        "bin",
+        "bin_start",
+        "split",
+        *STATE_NAMES,
+        *INTERVENTION_NAMES,
+        *OBSERVED_NAMES,
+    ]
+    frame = frame[columns].astype(
+        {"subject_id": "int64", "hadm_id": "int64", "icustay_id": "int64", "bin": "int32"}
+        | {n: "float64" for n in FEATURE_NAMES}
+        | {n: "float32" for n in OBSERVED_NAMES}
+    )
+    frame["split"] = frame["split"].astype(str)
+    frame = frame.sort_values(["icustay_id", "bin"], kind="stable").reset_index(drop=True)
+
+    n_bins = kept["n_bins"].to_numpy(np.int64)
+    per_split = {
+        s: {
+            "subjects": int(frame.loc[frame["split"] == s, "subject_id"].nunique()),
+            "stays": int(frame.loc[frame["split"] == s, "icustay_id"].nunique()),
+            "bins": int((frame["split"] == s).sum()),
+        }
+        for s in ("train", "val", "test")
+    }
+    card = {
+        "cohort": {
+            "icustays_rows": int(len(stays_all)),
+            "stays_kept": int(len(kept)),
+            "stays_excluded": int(len(excluded)),
+            "excluded_by_reason": {
+                str(k): int(v) for k, v in excluded["reason"].value_counts().sort_index().items()
+            },
+            "excluded_stays": [
+                {
+                    "icustay_id": None if pd.isna(r.icustay_id) else int(r.icustay_id),
+                    "reason": str(r.reason),
+                }
+                for r in excluded.itertuples()
+            ],
+            "subjects_kept": int(kept["subject_id"].nunique()),
+            "splits": per_split,
+        },
+        "bins": {"total": int(len(frame)), "per_stay": _summary(n_bins)},
+        "missingness_before_imputation": {
+            n: {
+                "not_observed": round(float(1 - observed_before[:, i].mean()), 6),
+                "missing_after_ffill": round(float(missing_after_ffill[:, i].mean()), 6),
+            }
+            for i, n in enumerate(STATE_NAMES)
+        },
+        "interventions_nonzero": {
+            n: round(float((frame[n] > 0).mean()), 6) for n in INTERVENTION_NAMES
+        },
+        "values": {
+            n: dropped[n] | {"bins_clamped": int(clamped[:, i].sum())}
+            for i, n in enumerate(STATE_NAMES)
+        },
+    }
+    return frame, pre, imputer, card
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _prefetch_sklearn() -> None:
+    with contextlib.suppress(Exception):
+        import sklearn.experimental.enable_iterative_imputer  # noqa: F401
+        import sklearn.impute  # noqa: F401
+        import sklearn.linear_model  # noqa: F401
+
+
+def run_etl(settings: EtlSettings | None = None) -> EtlResult:
+    """Run the whole ETL; raise :class:`features.errors.UserError` on bad input."""
+    settings = settings or EtlSettings()
+    start = time.perf_counter()
+    # scikit-learn takes seconds to import; do it while the tables stream (it is needed last).
+    threading.Thread(target=_prefetch_sklearn, daemon=True).start()
+    out = Path(settings.out)
+    scratch_parent = settings.temp_dir or out.parent
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".etl-work-", dir=scratch_parent) as tmp:
+        work = Path(tmp)
+        con = _connect(settings, work)
+        try:
+            stats = _extract(con, settings)
+            log.info("binning and aggregating")
+            frame, pre, imputer, card = build_bins(con, settings)
+        finally:
+            con.close()
+    log.info("writing %s (%d stays, %d bins)", out, card["cohort"]["stays_kept"], len(frame))
+    with atomic_dir(out) as staging:
+        bins_path = staging / "bins.parquet"
+        frame.to_parquet(bins_path, index=False, compression="zstd")
+        bins_sha = _sha256(bins_path)
+        pre.save(staging / "preprocessor", imputer=imputer)
+        card = {
+            "format": DATA_CARD_FORMAT,
+            "catalog_version": catalog_version(),
+            "bin_hours": BIN_HOURS,
+            "settings": {
+                "seed": settings.seed,
+                "train_frac": settings.train_frac,
+                "val_frac": settings.val_frac,
+                "test_frac": round(settings.test_frac, 10),
+                "imputer_max_iter": settings.imputer_max_iter,
+                "imputer_max_rows": settings.imputer_max_rows,
+            },
+            "bins_sha256": bins_sha,
+            **card,
+            "tables": {
+                name: {"rows_read": s.rows_read, "rows_kept": s.rows_kept}
+                for name, s in stats.items()
+            },
+            "inputs": {s.path.name: {"sha256": s.sha256, "bytes": s.bytes} for s in stats.values()},
+        }
+        (staging / "data_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    elapsed = time.perf_counter() - start
+    log.info("ETL done in %.1f s", elapsed)
+    return EtlResult(
+        out_dir=out,
+        bins_path=out / "bins.parquet",
+        preprocessor_dir=out / "preprocessor",
+        data_card_path=out / "data_card.json",
+        bins_sha256=bins_sha,
+        counts={
+            "icustays_rows": card["cohort"]["icustays_rows"],
+            "stays_kept": card["cohort"]["stays_kept"],
+            "stays_excluded": card["cohort"]["stays_excluded"],
+            "subjects_kept": card["cohort"]["subjects_kept"],
+            "bins": card["bins"]["total"],
+        },
+        rows_read={name: s.rows_read for name, s in stats.items()},
+        seconds=elapsed,
+    )

@@ -1,0 +1,66 @@
+"""``icu-forecast serve``: run the forecast API with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pydantic import ValidationError
+
+from features.errors import UserError
+from service.settings import LOOPBACK_HOSTS, ServiceSettings
+
+log = logging.getLogger("icu_forecast.service")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    parser.add_argument("--model-uri", default=None, help="MLflow model URI (env MODEL_URI)")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (env MLFLOW_TRACKING_URI)"
+    )
+    parser.add_argument("--log-level", default=None, help="uvicorn / service log level")
+
+
+def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
+    given = {
+        "host": args.host,
+        "port": args.port,
+        "model_uri": args.model_uri,
+        "mlflow_tracking_uri": args.tracking_uri,
+        "log_level": args.log_level,
+    }
+    try:
+        return ServiceSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"invalid setting {loc}: {first['msg']}") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = settings_from_args(args)
+    if settings.host not in LOOPBACK_HOSTS:
+        log.warning(
+            "binding %s: the API serves health data; put it behind TLS and set API_KEY",
+            settings.host,
+        )
+    if settings.api_key is None:
+        log.info("API_KEY not set: the API is open to anyone who can reach it")
+    uvicorn.run(
+        create_app(settings, freeze_gc=True),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # The service writes its own access log (request id, route, status, latency).
+        access_log=False,
+        # uvloop / httptools when installed: the fast event loop and HTTP parser.
+        loop="auto",
+        http="auto",
+    )
+    return 0

@@ -1,0 +1,169 @@
+"""The ``events`` request form: raw charted values, binned by the ETL's own code.
+
+Checks that need a client-facing answer come first (unknown unit, a value outside the drop
+range, a coverage interval without an end, events too far out), because the ETL's binning
+treats those as data errors to drop, while a client must be told. Binning itself is
+``features.binning.bin_patient_events``, so a value lands in the bin, and is averaged, exactly as
+in training.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, timedelta
+from typing import Any
+
+import numpy as np
+
+from features.catalog import (
+    BIN_HOURS,
+    INTERVENTION_BY_NAME,
+    INTERVENTION_NAMES,
+    STATE_BY_NAME,
+    STATE_NAMES,
+)
+from service.requests import as_utc, check_drop_range, format_loc
+
+BIN = timedelta(hours=BIN_HOURS)
+
+
+def _accepted(variable: str) -> dict[str, tuple[float, float]]:
+    if variable in STATE_BY_NAME:
+        spec = STATE_BY_NAME[variable]
+        return spec.accepted_units or {spec.unit: (1.0, 0.0)}
+    return {INTERVENTION_BY_NAME[variable].unit: (1.0, 0.0)}
+
+
+def bin_events(
+    req: Any, loc: tuple, settings: Any
+) -> tuple[np.ndarray, np.ndarray, Any, list[dict], list[dict]]:
+    """Validate and bin ``req.events``; returns state, interventions, first bin start, errors,
+    warnings (the same shapes as the history form)."""
+    from features.binning import PRE_INTIME_HOURS, bin_patient_events
+
+    errors: list[dict] = []
+    warnings: list[dict] = []
+    if req.icu_intime is None:
+        errors.append(
+            {
+                "loc": [*loc, "icu_intime"],
+                "msg": "required with `events`: bins are counted from ICU admission",
+                "type": "missing",
+            }
+        )
+        return np.empty((0, 18)), np.empty((0, 3)), None, errors, warnings
+    try:
+        intime = as_utc(req.icu_intime)
+        earliest = intime - timedelta(hours=PRE_INTIME_HOURS)
+    except OverflowError:
+        errors.append(
+            {"loc": [*loc, "icu_intime"], "msg": "date out of range", "type": "value_error"}
+        )
+        return np.empty((0, 18)), np.empty((0, 3)), None, errors, warnings
+    rows: list[dict[str, Any]] = []
+    ignored: list[int] = []
+    last_bin = -1
+    for i, ev in enumerate(req.events):
+        where = (*loc, "events", i)
+        try:
+            t = as_utc(ev.time)
+            end_time = as_utc(ev.end_time) if ev.end_time is not None else None
+        except OverflowError:
+            errors.append(
+                {"loc": [*where, "time"], "msg": "date out of range", "type": "value_error"}
+            )
+            continue
+        accepted = _accepted(ev.variable)
+        unit = ev.unit
+        if unit is not None and unit not in accepted:
+            errors.append(
+                {
+                    "loc": [*where, "unit"],
+                    "msg": f"unit {unit!r} not accepted for {ev.variable} "
+                    f"(accepted: {', '.join(sorted(accepted))})",
+                    "type": "unit_error",
+                }
+            )
+            continue
+        scale, offset = accepted[unit] if unit is not None else (1.0, 0.0)
+        value = (ev.value + offset) * scale
+        if ev.variable in STATE_BY_NAME:
+            why = check_drop_range(value, ev.variable)
+            if why:
+                errors.append({"loc": [*where, "value"], "msg": why, "type": "range_error"})
+                continue
+            if t < earliest:
+                ignored.append(i)
+                continue
+        else:
+            if value < 0:
+                errors.append(
+                    {"loc": [*where, "value"], "msg": "must be >= 0", "type": "range_error"}
+                )
+                continue
+            kind = INTERVENTION_BY_NAME[ev.variable].kind
+            if ev.end_time is not None and end_time < t:
+                errors.append(
+                    {"loc": [*where, "end_time"], "msg": "is before `time`", "type": "value_error"}
+                )
+                continue
+            if kind == "coverage" and value > 0 and ev.end_time is None:
+                errors.append(
+                    {
+                        "loc": [*where, "end_time"],
+                        "msg": f"{ev.variable} is a coverage interval: give end_time",
+                        "type": "missing",
+                    }
+                )
+                continue
+        if ev.end_time is not None and end_time > t:
+            # The last bin an interval [time, end_time) touches (its end is exclusive).
+            b = int((end_time - intime - timedelta(microseconds=1)) // BIN)
+        else:
+            # State values charted shortly before intime count for bin 0.
+            b = max(int((t - intime) // BIN), 0 if ev.variable in STATE_BY_NAME else -1)
+        if b >= settings.max_history_bins:
+            errors.append(
+                {
+                    "loc": [*where, "end_time" if ev.end_time is not None else "time"],
+                    "msg": f"falls in bin {b} after icu_intime; at most "
+                    f"{settings.max_history_bins} bins of history are accepted",
+                    "type": "too_long",
+                }
+            )
+            continue
+        last_bin = max(last_bin, b)
+        row = {
+            "time": t.replace(tzinfo=None),
+            "variable": ev.variable,
+            "value": ev.value,
+            "unit": unit,
+            "end_time": end_time.replace(tzinfo=None) if ev.end_time else None,
+        }
+        rows.append(row)
+    if errors:
+        return np.empty((0, 18)), np.empty((0, 3)), None, errors, warnings
+    if ignored:
+        warnings.append(
+            {
+                "kind": "ignored",
+                "field": format_loc((*loc, "events")),
+                "message": (
+                    f"{len(ignored)} event(s) charted more than {PRE_INTIME_HOURS} h before "
+                    f"icu_intime were ignored, as in training: events {ignored[:20]}"
+                    + (" ..." if len(ignored) > 20 else "")
+                ),
+            }
+        )
+    if last_bin < 0:
+        errors.append(
+            {
+                "loc": [*loc, "events"],
+                "msg": "no event falls in a bin after icu_intime: the history is empty",
+                "type": "too_short",
+            }
+        )
+        return np.empty((0, 18)), np.empty((0, 3)), None, errors, warnings
+    wide = bin_patient_events(rows, intime.replace(tzinfo=None), n_bins=last_bin + 1)
+    state = wide[list(STATE_NAMES)].to_numpy(np.float64)
+    iv = wide[list(INTERVENTION_NAMES)].to_numpy(np.float64)
+    return state, iv, intime.astimezone(UTC), errors, warnings

@@ -1,0 +1,293 @@
+"""Loading the registered model, holding it, swapping it on reload, and calling it in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+
+from features.catalog import N_INTERVENTION, N_STATE
+from service.requests import PatientInput
+
+log = logging.getLogger("icu_forecast.service")
+
+
+class Forecaster(Protocol):
+    """What the service needs of ``training.forecaster.Forecaster``."""
+
+    def forecast(
+        self,
+        state: np.ndarray,
+        interventions: np.ndarray,
+        lengths: np.ndarray,
+        planned: np.ndarray,
+    ) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str | None
+    run_id: str | None
+    uri: str
+    data_checksum: str | None = None
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def ref(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "run_id": self.run_id}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    info: ModelInfo
+    forecaster: Forecaster
+
+
+class ModelLoadError(Exception):
+    pass
+
+
+def _run_value(run: Any, *keys: str) -> str | None:
+    """First of ``keys`` among the run's tags, then params (training logs the checksum there)."""
+    for source in (run.data.tags, run.data.params):
+        for k in keys:
+            if source.get(k):
+                return str(source[k])
+    return None
+
+
+@contextlib.contextmanager
+def _mlflow_store(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking and registry URIs at ``uri``, then restore them.
+
+    ``mlflow.pyfunc.load_model("models:/...")`` only reads the global URIs; restoring them keeps
+    a service embedded in another process (the tests) from redirecting that process's MLflow.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    old_tracking = tracking_utils._tracking_uri
+    old_registry = registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_tracking)
+        registry_utils._registry_uri = old_registry
+
+
+def load_from_mlflow(model_uri: str, tracking_uri: str) -> LoadedModel:
+    """Resolve ``model_uri`` to one concrete version, then load exactly that version.
+
+    Resolving first means the version reported is the one loaded even if the alias moves
+    while the artifacts download.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    name, version, run_id, load_uri = model_uri, None, None, model_uri
+    try:
+        with _mlflow_store(tracking_uri):
+            if model_uri.startswith("models:/"):
+                spec = model_uri.removeprefix("models:/")
+                if "@" in spec:
+                    name, alias = spec.split("@", 1)
+                    mv = client.get_model_version_by_alias(name, alias)
+                else:
+                    name, _, ver = spec.partition("/")
+                    mv = client.get_model_version(name, ver)
+                version, run_id = str(mv.version), mv.run_id
+                load_uri = f"models:/{name}/{version}"
+            pyfunc = mlflow.pyfunc.load_model(load_uri)
+            forecaster = pyfunc.unwrap_python_model().forecaster
+            if run_id is None:
+                run_id = pyfunc.metadata.run_id
+            checksum = getattr(forecaster, "data_checksum", None)
+            if checksum is None and run_id:
+                checksum = _run_value(
+                    client.get_run(run_id), "data_checksum", "data.checksum", "etl.checksum"
+                )
+    except Exception as exc:  # any failure must leave the previous model serving
+        raise ModelLoadError(f"could not load {model_uri!r}: {type(exc).__name__}: {exc}") from exc
+    if not callable(getattr(forecaster, "forecast", None)):
+        raise ModelLoadError(f"{model_uri!r}: the python model has no forecaster.forecast")
+    info = ModelInfo(name, version, run_id, model_uri, checksum)
+    return LoadedModel(info, forecaster)
+
+
+Loader = Callable[[], LoadedModel]
+
+
+class ModelHolder:
+    """The model being served. A reload swaps it in one assignment, or leaves it untouched."""
+
+    def __init__(self, loader: Loader, on_change: Callable[[LoadedModel], None] | None = None):
+        self._loader = loader
+        self._on_change = on_change
+        self._lock = asyncio.Lock()
+        self.current: LoadedModel | None = None
+        self.last_error: str | None = None
+        self.last_attempt: datetime | None = None
+
+    async def reload(self) -> LoadedModel:
+        """Load in a worker thread (serving goes on meanwhile); raise ModelLoadError on failure."""
+        async with self._lock:
+            self.last_attempt = datetime.now(UTC)
+            t0 = time.perf_counter()
+            try:
+                loaded = await asyncio.to_thread(self._loader)
+            except Exception as exc:
+                self.last_error = str(exc) if isinstance(exc, ModelLoadError) else repr(exc)
+                kept = self.current.info.version if self.current else None
+                log.error("model load failed (still serving version %s): %s", kept, exc)
+                raise ModelLoadError(self.last_error) from exc
+            self.current = loaded
+            self.last_error = None
+            if self._on_change:
+                self._on_change(loaded)
+            log.info(
+                "model loaded: %s version %s (run %s) in %.1f s",
+                loaded.info.name,
+                loaded.info.version,
+                loaded.info.run_id,
+                time.perf_counter() - t0,
+            )
+            return loaded
+
+
+def run_batch(model: LoadedModel, patients: list[PatientInput]) -> list[np.ndarray]:
+    """One Forecaster call for all ``patients`` (padded to the longest history and horizon)."""
+    import torch
+
+    b = len(patients)
+    t_max = max(p.n_bins for p in patients)
+    h_max = max(p.horizon for p in patients)
+    state = np.full((b, t_max, N_STATE), np.nan)
+    iv = np.full((b, t_max, N_INTERVENTION), np.nan)
+    planned = np.zeros((b, h_max, N_INTERVENTION))
+    lengths = np.empty(b, dtype=np.int64)
+    for i, p in enumerate(patients):
+        n = p.n_bins
+        state[i, :n] = p.state
+        iv[i, :n] = p.interventions
+        planned[i, : p.horizon] = p.planned
+        lengths[i] = n
+    with torch.inference_mode():
+        out = np.asarray(model.forecaster.forecast(state, iv, lengths, planned))
+    if out.shape != (b, h_max, N_STATE):
+        raise RuntimeError(f"forecaster returned shape {out.shape}, expected {(b, h_max, N_STATE)}")
+    return [out[i, : p.horizon] for i, p in enumerate(patients)]
+
+
+@dataclass
+class _Job:
+    patients: list[PatientInput]
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    """Gathers concurrent forecast requests into one model call.
+
+    There is no timer: while one model call runs (in a worker thread, so the event loop keeps
+    parsing requests), new jobs queue up, and the next call takes all of them. Under light load
+    a request goes alone at once; under heavy load batches grow and the per-request cost drops.
+    """
+
+    def __init__(
+        self,
+        holder: ModelHolder,
+        max_batch: int,
+        on_batch: Callable[[int], None],
+        in_thread: bool = False,
+    ):
+        self._holder = holder
+        self._max = max_batch
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self._in_thread = in_thread
+        from concurrent.futures import ThreadPoolExecutor
+
+        # One thread: model calls never overlap, so the model needs no locking.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forecast")
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._worker())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, patients: list[PatientInput]) -> tuple[ModelInfo, list[np.ndarray]]:
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job(patients, fut))
+        return await fut
+
+    async def _worker(self) -> None:
+        while True:
+            jobs = [await self._queue.get()]
+            # One more turn of the loop lets the other requests already read enqueue too.
+            await asyncio.sleep(0)
+            size = len(jobs[0].patients)
+            while size < self._max and not self._queue.empty():
+                job = self._queue.get_nowait()
+                jobs.append(job)
+                size += len(job.patients)
+            jobs = [j for j in jobs if not j.future.done()]  # cancelled by a gone client
+            if not jobs:
+                continue
+            model = self._holder.current
+            if model is None:
+                for j in jobs:
+                    j.future.set_exception(ModelLoadError("no model loaded"))
+                continue
+            try:
+                await self._run(model, jobs)
+            except Exception:
+                if len(jobs) == 1:
+                    self._fail(jobs, sys.exc_info()[1])
+                    continue
+                # One request's failure must not fail the others it happened to share a call
+                # with: run them one by one, so only the culprit gets the error.
+                for j in jobs:
+                    try:
+                        await self._run(model, [j])
+                    except Exception as exc:
+                        self._fail([j], exc)
+
+    async def _run(self, model: LoadedModel, jobs: list[_Job]) -> None:
+        patients = [p for j in jobs for p in j.patients]
+        if self._in_thread:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._executor, run_batch, model, patients)
+        else:
+            # In the loop's own thread: no thread hop and no GIL hand-offs. While the model
+            # runs, new requests wait in the socket buffers and form the next batch; with one
+            # core per process this is the faster choice.
+            results = run_batch(model, patients)
+        self._on_batch(len(patients))
+        k = 0
+        for j in jobs:
+            n = len(j.patients)
+            if not j.future.done():
+                j.future.set_result((model.info, results[k : k + n]))
+            k += n
+
+    @staticmethod
+    def _fail(jobs: list[_Job], exc: BaseException | None) -> None:
+        for j in jobs:
+            if not j.future.done():
+                j.future.set_exception(exc or RuntimeError("model call failed"))

@@ -1,0 +1,282 @@
+"""Turn a validated forecast request into model arrays and the warnings it deserves.
+
+No pandas on the ``history`` path: a request is a few dozen numbers, and building a frame
+would cost more than the model call. The ``events`` path bins with ``features.binning``, the
+ETL's own code, so a value lands in the same bin (and is aggregated the same way) as in training.
+Clamping, forward-fill and imputation themselves happen inside the model's ``Forecaster`` (the
+same code as training); this module only reports which values they will touch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+from features.catalog import (
+    BIN_HOURS,
+    INTERVENTION_NAMES,
+    N_INTERVENTION,
+    N_STATE,
+    STATE_BY_NAME,
+    STATE_NAMES,
+)
+from features.preprocess import CLAMP_HIGH, CLAMP_LOW, DROP_HIGH, DROP_LOW
+
+BIN = timedelta(hours=BIN_HOURS)
+_STATE_INDEX = {n: i for i, n in enumerate(STATE_NAMES)}
+_UNITS = [STATE_BY_NAME[n].unit for n in STATE_NAMES]
+
+
+class InputError(Exception):
+    """Bad input found after schema validation; rendered as a 422 like pydantic's errors."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(f"{format_loc(e['loc'])}: {e['msg']}" for e in errors))
+        self.errors = errors
+
+
+def format_loc(loc: tuple | list) -> str:
+    """``("body", "history", 2, "values", "sbp")`` -> ``history[2].values.sbp``."""
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "body"
+
+
+def _error(loc: tuple, msg: str, kind: str = "value_error") -> dict[str, Any]:
+    return {"loc": list(loc), "msg": msg, "type": kind}
+
+
+def as_utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+@dataclass
+class PatientInput:
+    """One patient's arrays as the Forecaster takes them, plus what to tell the client."""
+
+    state: np.ndarray  # (T, 18) raw bin means in canonical units, NaN = not measured
+    interventions: np.ndarray  # (T, 3), NaN = not given
+    planned: np.ndarray  # (H, 3), no NaN
+    horizon: int
+    first_bin_start: datetime
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+    id: str | None = None
+
+    @property
+    def n_bins(self) -> int:
+        return self.state.shape[0]
+
+
+def _history_arrays(
+    history: list[Any], loc: tuple
+) -> tuple[np.ndarray, np.ndarray, datetime, list[dict]]:
+    errors: list[dict] = []
+    n = len(history)
+    starts = []
+    for i, b in enumerate(history):
+        try:
+            starts.append(as_utc(b.bin_start))
+        except OverflowError:  # an offset pushes it outside years 1..9999
+            errors.append(_error((*loc, "history", i, "bin_start"), "date out of range"))
+            return np.empty((0, N_STATE)), np.empty((0, N_INTERVENTION)), datetime.min, errors
+    for i in range(1, n):
+        gap = starts[i] - starts[i - 1]
+        if gap == BIN:
+            continue
+        where = (*loc, "history", i, "bin_start")
+        if gap <= timedelta(0):
+            msg = f"bins out of order: {starts[i].isoformat()} is not after the previous bin"
+        elif gap < BIN:
+            msg = (
+                f"bins overlap: starts {gap} after the previous bin; bins are {BIN_HOURS} h "
+                "wide, so each must start exactly 12 h after the previous one"
+            )
+        else:
+            msg = (
+                f"gap of {gap} after the previous bin: bins must be contiguous; send a bin "
+                "with empty values for a window where nothing was charted"
+            )
+        errors.append(_error(where, msg))
+    # One comprehension per array: numpy turns the ``None`` of an absent value into NaN.
+    state = np.array(
+        [[b.values.__dict__[name] for name in STATE_NAMES] for b in history], dtype=np.float64
+    ).reshape(n, N_STATE)
+    iv = np.array(
+        [[b.interventions.__dict__[name] for name in INTERVENTION_NAMES] for b in history],
+        dtype=np.float64,
+    ).reshape(n, N_INTERVENTION)
+    return state, iv, starts[0], errors
+
+
+def _planned(
+    req: Any, last_iv: np.ndarray, loc: tuple
+) -> tuple[np.ndarray, list[dict], list[dict]]:
+    horizon = req.horizon
+    if req.planned_interventions is None:
+        assumed = [0.0 if v != v else v for v in last_iv.tolist()]  # NaN (not given) -> 0
+        desc = ", ".join(f"{n} {v:g}" for n, v in zip(INTERVENTION_NAMES, assumed, strict=True))
+        warning = {
+            "kind": "interventions_assumed",
+            "field": format_loc((*loc, "planned_interventions")),
+            "message": (
+                "no planned_interventions given: assumed the last history bin's interventions "
+                f"continue for all {horizon} forecast bins ({desc})"
+            ),
+        }
+        return np.array([assumed] * horizon, dtype=np.float64), [], [warning]
+    plan = req.planned_interventions
+    if len(plan) != horizon:
+        return (
+            np.zeros((horizon, N_INTERVENTION)),
+            [
+                _error(
+                    (*loc, "planned_interventions"),
+                    f"has {len(plan)} entries, expected one per forecast bin (horizon={horizon})",
+                )
+            ],
+            [],
+        )
+    out = np.array(
+        [[step.__dict__[name] for name in INTERVENTION_NAMES] for step in plan], dtype=np.float64
+    ).reshape(horizon, N_INTERVENTION)
+    return np.nan_to_num(out, nan=0.0), [], []
+
+
+def _fmt_bins(bins: list[int]) -> str:
+    if len(bins) > 6:
+        return f"{len(bins)} bins ({bins[0]}..{bins[-1]})"
+    return "bin " + str(bins[0]) if len(bins) == 1 else "bins " + ", ".join(map(str, bins))
+
+
+_CLAMP_LOW_L = CLAMP_LOW.tolist()
+_CLAMP_HIGH_L = CLAMP_HIGH.tolist()
+
+
+def value_warnings(state: np.ndarray, loc: tuple, source: str) -> list[dict[str, Any]]:
+    """Warnings naming every value the preprocessing will clamp, carry forward or impute.
+
+    Plain Python over the transposed columns: for a history of a few bins this is several
+    times faster than numpy's per-call overhead.
+    """
+    out: list[dict[str, Any]] = []
+    n = state.shape[0]
+    for j, col in enumerate(state.T.tolist()):
+        name = STATE_NAMES[j]
+        lo, hi = _CLAMP_LOW_L[j], _CLAMP_HIGH_L[j]
+        first = -1
+        missing: list[int] = []
+        for t, v in enumerate(col):
+            if v != v:  # NaN: not measured
+                missing.append(t)
+                continue
+            if first < 0:
+                first = t
+            if v < lo or v > hi:
+                bound = lo if v < lo else hi
+                where = (
+                    format_loc((*loc, "history", t, "values", name))
+                    if source == "history"
+                    else format_loc((*loc, "events"))
+                )
+                what = f"{name} {v!r} {_UNITS[j]}" + (
+                    f" in {where}" if source == "history" else f" (mean of bin {t})"
+                )
+                out.append(
+                    {
+                        "kind": "clamped",
+                        "variable": name,
+                        "field": where,
+                        "bins": [t],
+                        "message": (
+                            f"{what} is outside the plausible range [{lo:g}, {hi:g}]: "
+                            f"clamped to {bound:g}, as in training"
+                        ),
+                    }
+                )
+        if not missing:
+            continue
+        if first < 0:
+            first = n
+        ffilled = [t for t in missing if t > first]
+        imputed = missing[: len(missing) - len(ffilled)]
+        if ffilled:
+            out.append(
+                {
+                    "kind": "forward_filled",
+                    "variable": name,
+                    "bins": ffilled,
+                    "message": (
+                        f"{name} not measured in {_fmt_bins(ffilled)}: carried forward from its "
+                        "last measurement, as in training"
+                    ),
+                }
+            )
+        if imputed:
+            out.append(
+                {
+                    "kind": "imputed",
+                    "variable": name,
+                    "bins": imputed,
+                    "message": (
+                        f"{name} not measured up to {_fmt_bins(imputed)}: imputed from the other "
+                        "variables of the bin (the training split's iterative imputer)"
+                    ),
+                }
+            )
+    # Clamp warnings first, in bin order, as a reader scans the history.
+    out.sort(key=lambda w: (w["kind"] != "clamped", w["bins"][0] if w["kind"] == "clamped" else 0))
+    return out
+
+
+def patient_input(req: Any, loc: tuple = ("body",), events_binner: Any = None) -> PatientInput:
+    """Validate what the schema cannot and build the arrays; raises :class:`InputError`."""
+    has_history = req.history is not None
+    has_events = req.events is not None
+    if has_history == has_events:
+        raise InputError(
+            [_error((*loc, "history"), "give exactly one of `history` and `events`", "missing")]
+        )
+    warnings: list[dict[str, Any]] = []
+    if has_history:
+        state, iv, first, errors = _history_arrays(req.history, loc)
+        source = "history"
+    else:
+        if events_binner is None:  # pragma: no cover - wired in app.py
+            raise InputError([_error((*loc, "events"), "events are not supported")])
+        state, iv, first, errors, ev_warnings = events_binner(req, loc)
+        warnings.extend(ev_warnings)
+        source = "events"
+    if errors:
+        raise InputError(errors)
+    try:
+        first + BIN * (state.shape[0] + req.horizon)
+    except OverflowError:
+        last = ("history", state.shape[0] - 1, "bin_start") if has_history else ("icu_intime",)
+        where = (*loc, *last)
+        raise InputError([_error(where, "the forecast would end after year 9999")]) from None
+    planned, errors, plan_warnings = _planned(req, iv[-1], loc)
+    if errors:
+        raise InputError(errors)
+    warnings.extend(value_warnings(state, loc, source))
+    warnings.extend(plan_warnings)
+    return PatientInput(state, iv, planned, req.horizon, first, warnings, getattr(req, "id", None))
+
+
+def check_drop_range(value: float, variable: str) -> str | None:
+    """Why ``value`` (canonical unit) is rejected, or None when it is inside the drop range."""
+    j = _STATE_INDEX[variable]
+    if DROP_LOW[j] <= value <= DROP_HIGH[j]:
+        return None
+    return (
+        f"{value:g} {_UNITS[j]} is outside the accepted range [{DROP_LOW[j]:g}, "
+        f"{DROP_HIGH[j]:g}] for {variable}: likely a unit error"
+    )

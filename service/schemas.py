@@ -1,0 +1,230 @@
+"""Request and response models (pydantic v2), built from the variable catalog and the limits.
+
+The request models carry every check a schema can express (known variable names, finite
+numbers, the drop range of each variable, 0..max of each intervention, list lengths), so the
+OpenAPI document tells clients exactly what is accepted and pydantic's errors name the field.
+Checks across fields (bins in order, units of events, one plan per forecast step) live in
+:mod:`service.requests`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from features.catalog import (
+    BIN_HOURS,
+    INTERVENTIONS,
+    STATE_VARIABLES,
+)
+from service.settings import ServiceSettings
+
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Strict(BaseModel):
+    model_config = _STRICT
+
+
+def _state_values_model() -> type[BaseModel]:
+    fields: dict[str, Any] = {
+        v.name: (
+            float | None,
+            Field(
+                None,
+                ge=v.drop[0],
+                le=v.drop[1],
+                description=(
+                    f"{v.unit}. Outside [{v.drop[0]:g}, {v.drop[1]:g}] is rejected (likely a "
+                    f"unit error); outside [{v.clamp[0]:g}, {v.clamp[1]:g}] is clamped with a "
+                    "warning."
+                ),
+            ),
+        )
+        for v in STATE_VARIABLES
+    }
+    return create_model(
+        "StateValues",
+        __config__=_STRICT,
+        __doc__=(
+            f"Mean of each state variable over the {BIN_HOURS}-hour bin, in its canonical unit "
+            "(see GET /v1/variables). Leave out (or null) what was not measured: it is "
+            "forward-filled or imputed exactly as in training, with a warning."
+        ),
+        **fields,
+    )
+
+
+def _interventions_model() -> type[BaseModel]:
+    fields: dict[str, Any] = {
+        i.name: (
+            float | None,
+            Field(None, ge=0, le=i.max_value, description=f"{i.unit}: {i.description}"),
+        )
+        for i in INTERVENTIONS
+    }
+    return create_model(
+        "Interventions",
+        __config__=_STRICT,
+        __doc__="Interventions during a bin; a missing one is 0 (not given), as in training.",
+        **fields,
+    )
+
+
+StateValues = _state_values_model()
+Interventions = _interventions_model()
+
+StateName = Literal[tuple(v.name for v in STATE_VARIABLES)]  # type: ignore[valid-type]
+EventVariable = Literal[  # type: ignore[valid-type]
+    tuple(v.name for v in STATE_VARIABLES) + tuple(i.name for i in INTERVENTIONS)
+]
+
+
+class HistoryBin(_Strict):
+    bin_start: datetime = Field(
+        description=f"Start of the {BIN_HOURS}-hour bin (ISO 8601; no offset means UTC). "
+        f"Bins must be contiguous: each starts {BIN_HOURS} h after the previous one."
+    )
+    values: StateValues = Field(default_factory=StateValues)  # type: ignore[valid-type]
+    interventions: Interventions = Field(default_factory=Interventions)  # type: ignore[valid-type]
+
+
+class Event(_Strict):
+    time: datetime = Field(description="When the value was charted (ISO 8601; no offset = UTC).")
+    variable: EventVariable  # type: ignore[valid-type]
+    value: float = Field(
+        description="State variables: the charted value. Coverage interventions (vasopressor, "
+        "mechanical_ventilation): > 0 means it ran over [time, end_time). iv_fluid_ml: mL "
+        "given, spread over [time, end_time) or counted at `time` without end_time."
+    )
+    unit: str | None = Field(
+        None, description="Unit of `value`; absent means the variable's canonical unit."
+    )
+    end_time: datetime | None = Field(None, description="End of an intervention interval.")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str | None
+    run_id: str | None
+
+
+class InputWarning(BaseModel):
+    kind: Literal["clamped", "forward_filled", "imputed", "interventions_assumed", "ignored"]
+    message: str
+    variable: str | None = None
+    field: str | None = None
+    bins: list[int] | None = Field(None, description="history bin indices (0 = first bin)")
+
+
+class ForecastStep(BaseModel):
+    step: int
+    bin_start: datetime
+    values: dict[str, float]
+    interventions: dict[str, float] = Field(
+        description="the interventions fed to the model for this bin (planned or assumed)"
+    )
+
+
+class PatientForecast(BaseModel):
+    horizon: int
+    forecast: list[ForecastStep]
+    warnings: list[InputWarning]
+    id: str | None = None
+
+
+class ForecastResponse(PatientForecast):
+    model: ModelRef
+
+
+class BatchResponse(BaseModel):
+    model: ModelRef
+    results: list[PatientForecast]
+
+
+class VariableInfo(BaseModel):
+    name: str
+    kind: Literal["state", "intervention"]
+    unit: str
+    description: str
+    accepted_units: list[str]
+    drop_range: tuple[float, float] | None
+    clamp_range: tuple[float, float] | None
+    max_value: float | None = None
+
+
+class ModelDescription(BaseModel):
+    name: str
+    version: str | None
+    run_id: str | None
+    uri: str
+    data_checksum: str | None
+    loaded_at: datetime
+    catalog_version: str
+    bin_hours: int
+    variables: list[VariableInfo]
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request models for one set of limits (the limits appear in the OpenAPI schema)."""
+
+    forecast: type[BaseModel]
+    batch: type[BaseModel]
+
+
+def request_models(settings: ServiceSettings) -> RequestModels:
+    history_field = (
+        list[HistoryBin] | None,
+        Field(
+            None,
+            min_length=1,
+            max_length=settings.max_history_bins,
+            description="The patient's bins, oldest first. Give this or `events`.",
+        ),
+    )
+    forecast = create_model(
+        "ForecastRequest",
+        __config__=_STRICT,
+        __doc__=(
+            "One patient's history, as bins or as raw events, and the forecast wanted. "
+            "Exactly one of `history` and `events` (with `icu_intime`) must be given."
+        ),
+        id=(str | None, Field(None, max_length=128, description="echoed back (batch)")),
+        horizon=(int, Field(ge=1, le=settings.max_horizon, description="bins to forecast")),
+        history=history_field,
+        events=(
+            list[Event] | None,
+            Field(
+                None,
+                min_length=1,
+                max_length=settings.max_events,
+                description="Raw charted values; binned like the ETL from `icu_intime`.",
+            ),
+        ),
+        icu_intime=(datetime | None, Field(None, description="ICU admission (events form)")),
+        planned_interventions=(
+            list[Interventions] | None,  # type: ignore[valid-type]
+            Field(
+                None,
+                max_length=settings.max_horizon,
+                description=(
+                    "One dict per forecast step (bin after the history, then the next...). "
+                    "When absent, the last history bin's interventions are assumed to "
+                    "continue, and a warning says so."
+                ),
+            ),
+        ),
+    )
+    batch = create_model(
+        "BatchForecastRequest",
+        __config__=_STRICT,
+        patients=(
+            list[forecast],  # type: ignore[valid-type]
+            Field(min_length=1, max_length=settings.max_batch_patients),
+        ),
+    )
+    return RequestModels(forecast=forecast, batch=batch)

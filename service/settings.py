@@ -1,0 +1,66 @@
+"""Typed settings of the forecast service (environment variables, then CLI flags).
+
+The three names users set most keep their conventional, unprefixed environment variables
+(``MLFLOW_TRACKING_URI``, ``MODEL_URI``, ``API_KEY``); everything else is
+``ICU_FORECAST_<FIELD>`` so generic names such as ``PORT`` in the environment are not picked up
+by accident.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ICU_FORECAST_", populate_by_name=True, extra="ignore", frozen=True
+    )
+
+    mlflow_tracking_uri: str = Field(
+        "sqlite:///mlflow.db",
+        validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "mlflow_tracking_uri"),
+        description="MLflow tracking / registry store the model is loaded from.",
+    )
+    model_uri: str = Field(
+        "models:/icu-forecast-cfc@champion",
+        validation_alias=AliasChoices("MODEL_URI", "model_uri"),
+        description="MLflow model URI; an alias URI is re-resolved on every reload.",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("API_KEY", "api_key"),
+        description="When set, every endpoint except /healthz and /readyz requires it.",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    max_history_bins: int = Field(256, ge=1, description="bins in one patient's history")
+    max_events: int = Field(20_000, ge=1, description="raw events in one patient's request")
+    max_horizon: int = Field(10, ge=1, description="forecast steps (12-hour bins)")
+    max_batch_patients: int = Field(2_000, ge=1, description="patients in one batch request")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body size")
+
+    # Concurrent single forecasts are gathered into one model call of at most this many
+    # patients; the batch is whatever queued up while the previous call ran (no added delay).
+    micro_batch_max: int = Field(256, ge=1)
+    model_in_thread: bool = Field(
+        False,
+        description="run model calls in a worker thread (keeps the event loop free; pays a "
+        "thread hop per call, which only helps with spare cores)",
+    )
+    torch_threads: int = Field(
+        1, ge=1, description="intra-op threads; 1 avoids oversubscription under concurrency"
+    )
+    load_retry_s: float = Field(30.0, gt=0, description="retry a failed startup load")
+    log_level: str = "info"
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.lower()
+        if v not in {"critical", "error", "warning", "info", "debug"}:
+            raise ValueError(f"unknown log level {v!r}")
+        return v

@@ -1,0 +1,138 @@
+"""Bad input: one clear error naming the file and the problem, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+from etl_support import tables, write_mimic
+
+from pipeline.cli import main
+
+
+def run_cli(mimic, out, capsys) -> tuple[int, str]:
+    code = main(["etl", "--mimic-dir", str(mimic), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("icu-forecast etl: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_missing_folder(tmp_path, capsys) -> None:
+    code, err = run_cli(tmp_path / "nope", tmp_path / "out", capsys)
+    assert code == 2
+    assert "does not exist" in error_line(err)
+
+
+def test_missing_table(tmp_path, capsys) -> None:
+    mimic = write_mimic(tmp_path / "m")
+    (mimic / "INPUTEVENTS_MV.csv.gz").unlink()
+    code, err = run_cli(mimic, tmp_path / "out", capsys)
+    line = error_line(err)
+    assert code == 2 and "INPUTEVENTS_MV" in line and "not found" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_column(tmp_path, capsys) -> None:
+    mimic = write_mimic(tmp_path / "m")
+    path = mimic / "CHARTEVENTS.csv.gz"
+    text = gzip.decompress(path.read_bytes()).decode().replace("VALUENUM", "VALUE_NUM", 1)
+    path.write_bytes(gzip.compress(text.encode()))
+    code, err = run_cli(mimic, tmp_path / "out", capsys)
+    line = error_line(err)
+    assert code == 2 and "CHARTEVENTS.csv.gz" in line and "missing column(s) valuenum" in line
+
+
+def _big_chart(tmp_path):
+    """Enough CHARTEVENTS rows that a cut gzip stream still has a readable header."""
+    rows = tables()
+    extra = rows["CHARTEVENTS"][0]
+    rows["CHARTEVENTS"] += [dict(extra, valuenum=80 + i % 7) for i in range(20000)]
+    return write_mimic(tmp_path / "m", rows)
+
+
+def test_truncated_gzip(tmp_path, capsys) -> None:
+    mimic = _big_chart(tmp_path)
+    path = mimic / "CHARTEVENTS.csv.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    code, err = run_cli(mimic, tmp_path / "out", capsys)
+    line = error_line(err)
+    assert code == 2 and "CHARTEVENTS.csv.gz" in line and "truncated gzip" in line
+
+
+def test_corrupt_gzip(tmp_path, capsys) -> None:
+    mimic = write_mimic(tmp_path / "m")
+    (mimic / "LABEVENTS.csv.gz").write_bytes(b"this is not gzip data\n" * 100)
+    code, err = run_cli(mimic, tmp_path / "out", capsys)
+    line = error_line(err)
+    assert code == 2 and "LABEVENTS.csv.gz" in line and "gzip" in line
+
+
+def test_corrupt_gzip_body(tmp_path, capsys) -> None:
+    mimic = _big_chart(tmp_path)
+    path = mimic / "CHARTEVENTS.csv.gz"
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    code, err = run_cli(mimic, tmp_path / "out", capsys)
+    line = error_line(err)
+    assert code == 2 and "CHARTEVENTS.csv.gz" in line
+
+
+@pytest.mark.parametrize("content", ["header", "nothing"])
+def test_empty_chartevents(tmp_path, capsys, content) -> None:
+    rows = tables()
+    rows["CHARTEVENTS"] = []
+    mimic = write_mimic(tmp_path / "m", rows)
+    if content == "nothing":
+        (mimic / "CHARTEVENTS.csv.gz").write_bytes(gzip.compress(b""))
+    code, err = run_cli(mimic, tmp_path / "out", capsys)
+    line = error_line(err)
+    assert code == 2 and "CHARTEVENTS.csv.gz" in line
+    assert ("no data rows" if content == "header" else "empty") in line
+
+
+def test_non_numeric_value(tmp_path, capsys) -> None:
+    rows = tables()
+    rows["CHARTEVENTS"][3] = dict(rows["CHARTEVENTS"][3], valuenum="abc")
+    mimic = write_mimic(tmp_path / "m", rows)
+    code, err = run_cli(mimic, tmp_path / "out", capsys)
+    line = error_line(err)
+    assert code == 2 and "CHARTEVENTS.csv.gz" in line and "'valuenum'" in line
+    assert "abc" in line
+
+
+def test_bad_timestamp(tmp_path, capsys) -> None:
+    rows = tables()
+    rows["ICUSTAYS"][0] = dict(rows["ICUSTAYS"][0], intime="yesterday")
+    mimic = write_mimic(tmp_path / "m", rows)
+    code, err = run_cli(mimic, tmp_path / "out", capsys)
+    line = error_line(err)
+    assert code == 2 and "ICUSTAYS.csv.gz" in line and "'intime'" in line
+
+
+def test_bad_setting(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("ICU_ETL_SEED", "not-a-number")
+    code, err = run_cli(write_mimic(tmp_path / "m"), tmp_path / "out", capsys)
+    assert code == 2 and "seed" in error_line(err)
+
+
+def test_chunks_keep_quoted_line_breaks_whole() -> None:
+    import io
+
+    from pipeline.etl.tables import _line_chunks
+
+    rows = [b'1,"a\nb",x\n', b'2,"c ""q"" d",y\n', b"3,plain,z\n"] * 50
+    data = b"".join(rows)
+    for size in (1, 7, 20, 64, 1000):
+        chunks = list(_line_chunks(io.BytesIO(data), size))
+        assert b"".join(chunks) == data
+        for chunk in chunks:
+            assert chunk.count(b'"') % 2 == 0 and chunk.endswith(b"\n")

@@ -1,0 +1,118 @@
+"""`icu-forecast serve` as a real process on loopback: readiness, forecasts, SIGHUP reload."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+from service_support import history_body, served_model_fixture  # noqa: F401
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_serve_command_and_sighup_reload(served_model, tmp_path, repo_root):
+    from service.model import _mlflow_store
+
+    uri = served_model.tracking_uri
+    client = MlflowClient(uri, uri)
+    name = "icu-forecast-serve-test"
+    with _mlflow_store(uri), contextlib.chdir(served_model.root):
+        v1 = str(
+            client.copy_model_version(
+                f"models:/icu-forecast-cfc/{served_model.version}", name
+            ).version
+        )
+        v2 = str(
+            client.copy_model_version(
+                f"models:/icu-forecast-cfc/{served_model.version}", name
+            ).version
+        )
+    client.set_registered_model_alias(name, "champion", v1)
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MODEL_URI": f"models:/{name}@champion",
+        "API_KEY": "k3y",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=repo_root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    auth = {"authorization": "Bearer k3y"}
+    try:
+        wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, 120, "readiness")
+        body = history_body()
+        body["history"][0]["values"]["heart_rate"] = 101.2345678
+        resp = httpx.post(
+            f"{base}/v1/forecast", json=body, headers=auth | {"x-request-id": "abc-1"}
+        )
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["model"]["version"] == v1
+        assert httpx.post(f"{base}/v1/forecast", json=body).status_code == 401
+
+        client.set_registered_model_alias(name, "champion", v2)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: httpx.get(f"{base}/v1/model", headers=auth).json()["version"] == v2,
+            60,
+            "the SIGHUP reload",
+        )
+        resp = httpx.post(f"{base}/v1/forecast", json=body, headers=auth)
+        assert resp.json()["model"]["version"] == v2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM, so the exit reads as that signal.
+    assert proc.returncode in (0, -signal.SIGTERM), text
+    assert "Application shutdown complete" in text
+    assert "request_id=abc-1" in text and "status=200" in text and "latency_ms=" in text
+    assert "status=401" in text
+    assert "101.2345678" not in text

@@ -1,0 +1,1 @@
+"""``icu-forecast train | compare | promote`` (wired in pipeline/cli.py)."""

@@ -1,0 +1,130 @@
+"""Test-split evaluation: K-step rollouts, noise robustness, per-variable errors, latency."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from features.catalog import STATE_NAMES
+from features.preprocess import Preprocessor
+from training.data import StaySequences
+from training.metrics import observed_summary, per_variable, summary
+from training.models import DynamicsModel
+from training.rollout import Windows, rollout_windows
+
+KS: tuple[int, ...] = (1, 2, 3, 5)
+SIGMAS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05)
+
+
+def sigma_label(sigma: float) -> str:
+    """``0.01`` -> ``"0.01"``, ``0`` -> ``"0"`` (stable metric names)."""
+    return f"{sigma:g}"
+
+
+@dataclass
+class Evaluation:
+    """Rollout errors of one model on one split.
+
+    ``scaled[K]`` holds MAE / RMSE / R2 of the K-th step of every K-step rollout (scaled space);
+    ``observed[K]`` MAE / RMSE over measured true values only; ``noise[(K, sigma)]`` the same
+    as ``scaled`` under input noise; ``per_variable`` physical-unit rows.
+    """
+
+    scaled: dict[int, dict[str, float]]
+    observed: dict[int, dict[str, float]] = field(default_factory=dict)
+    noise: dict[tuple[int, float], dict[str, float]] = field(default_factory=dict)
+    per_variable: list[dict] = field(default_factory=list)
+    windows: dict[int, Windows] = field(default_factory=dict)
+    n_windows: dict[int, int] = field(default_factory=dict)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """Flat metric names: ``{prefix}/rmse_k{K}``, ``noise/rmse_k{K}_sigma{S}``, ..."""
+        out: dict[str, float] = {}
+        for k, m in self.scaled.items():
+            for name, v in m.items():
+                out[f"{prefix}/{name}_k{k}"] = v
+            out[f"{prefix}/n_windows_k{k}"] = float(self.n_windows.get(k, 0))
+        for k, m in self.observed.items():
+            for name, v in m.items():
+                out[f"{prefix}/{name}_observed_k{k}"] = v
+        for (k, s), m in self.noise.items():
+            out[f"noise/rmse_k{k}_sigma{sigma_label(s)}"] = m["rmse"]
+            out[f"noise/mae_k{k}_sigma{sigma_label(s)}"] = m["mae"]
+            base = self.noise.get((k, 0.0), self.scaled.get(k))
+            if base and base["rmse"] > 0:
+                out[f"noise/rel_degradation_k{k}_sigma{sigma_label(s)}"] = (
+                    m["rmse"] / base["rmse"] - 1.0
+                )
+        return out
+
+
+def evaluate(
+    model: DynamicsModel,
+    seqs: StaySequences,
+    pre: Preprocessor,
+    ks: tuple[int, ...] = KS,
+    sigmas: tuple[float, ...] = (),
+    seed: int = 0,
+) -> Evaluation:
+    """Rollouts from every start bin of every stay (the same windows for every model).
+
+    The model runs in float64 on a copy, as the Forecaster does.
+    """
+    model = copy.deepcopy(model).double().eval()
+    wins = rollout_windows(model, seqs.inputs, seqs.state, ks)
+    ev = Evaluation(scaled={}, windows=wins)
+    for k, w in wins.items():
+        ev.scaled[k] = summary(w.pred[:, -1], w.true[:, -1])
+        ev.n_windows[k] = len(w.stay)
+        if w.observed is not None and len(w.stay):
+            ev.observed[k] = observed_summary(w.pred[:, -1], w.true[:, -1], w.observed[:, -1])
+        pred_phys = pre.unscale_state(w.pred[:, -1]) if len(w.stay) else w.pred[:, -1]
+        true_phys = pre.unscale_state(w.true[:, -1]) if len(w.stay) else w.true[:, -1]
+        for row in per_variable(pred_phys, true_phys, STATE_NAMES):
+            ev.per_variable.append({"k": k, **row})
+    for s in sigmas:
+        noisy = wins if s == 0 else rollout_windows(model, seqs.inputs, seqs.state, ks, s, seed)
+        for k, w in noisy.items():
+            ev.noise[(k, s)] = summary(w.pred[:, -1], w.true[:, -1])
+    return ev
+
+
+def latency(forecaster, seqs: StaySequences, horizon: int = 5, repeats: int = 20) -> dict:
+    """Median wall time of one Forecaster call: one history, and all histories at once."""
+    if len(seqs) == 0:
+        return {}
+    longest = int(np.argmax([len(s) for s in seqs.state]))
+    hist_state = seqs.raw_state[longest][None]
+    hist_iv = seqs.interventions[longest][None]
+    planned = np.zeros((1, horizon, hist_iv.shape[-1]))
+
+    def timed(fn, repeats: int = repeats) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    one = timed(
+        lambda: forecaster.forecast(hist_state, hist_iv, np.array([hist_state.shape[1]]), planned)
+    )
+    b = len(seqs)
+    t = max(len(s) for s in seqs.state)
+    st = np.full((b, t, hist_state.shape[-1]), np.nan)
+    iv = np.full((b, t, hist_iv.shape[-1]), np.nan)
+    for i in range(b):
+        st[i, : len(seqs.raw_state[i])] = seqs.raw_state[i]
+        iv[i, : len(seqs.interventions[i])] = seqs.interventions[i]
+    lengths = np.array([len(s) for s in seqs.state])
+    batch = timed(lambda: forecaster.forecast(st, iv, lengths, np.zeros((b, horizon, 3))), 5)
+    return {
+        "infer_latency_ms": one * 1e3,
+        "infer_batch_latency_ms": batch * 1e3,
+        "infer_batch_size": float(b),
+        "infer_histories_per_s": b / batch if batch > 0 else float("nan"),
+    }

@@ -1,0 +1,63 @@
+"""MAE / RMSE / R2 of forecasts, overall (scaled space) and per variable (physical units)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mae(pred: np.ndarray, true: np.ndarray) -> float:
+    return float(np.mean(np.abs(pred - true)))
+
+
+def rmse(pred: np.ndarray, true: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((pred - true) ** 2)))
+
+
+def r2_per_variable(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Coefficient of determination of each column of (n, v) arrays (NaN for constant truth)."""
+    sse = np.sum((pred - true) ** 2, axis=0)
+    sst = np.sum((true - true.mean(axis=0)) ** 2, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(sst > 0, 1.0 - sse / sst, np.nan)
+
+
+def r2(pred: np.ndarray, true: np.ndarray) -> float:
+    """R2 averaged over variables (scikit-learn's ``uniform_average``), skipping constant ones."""
+    per = r2_per_variable(pred.reshape(-1, pred.shape[-1]), true.reshape(-1, true.shape[-1]))
+    return float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
+
+
+def summary(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE (over every value) and R2 (mean over variables) of (..., v) arrays."""
+    if pred.size == 0:
+        return {"mae": float("nan"), "rmse": float("nan"), "r2": float("nan")}
+    return {"mae": mae(pred, true), "rmse": rmse(pred, true), "r2": r2(pred, true)}
+
+
+def per_variable(pred: np.ndarray, true: np.ndarray, names: tuple[str, ...]) -> list[dict]:
+    """One row per variable: MAE, RMSE and R2 of (n, v) arrays."""
+    p = pred.reshape(-1, len(names))
+    t = true.reshape(-1, len(names))
+    r2s = r2_per_variable(p, t) if len(p) else np.full(len(names), np.nan)
+    return [
+        {
+            "variable": n,
+            "mae": float(np.mean(np.abs(p[:, j] - t[:, j]))) if len(p) else float("nan"),
+            "rmse": float(np.sqrt(np.mean((p[:, j] - t[:, j]) ** 2))) if len(p) else float("nan"),
+            "r2": float(r2s[j]),
+        }
+        for j, n in enumerate(names)
+    ]
+
+
+def observed_summary(pred: np.ndarray, true: np.ndarray, observed: np.ndarray) -> dict[str, float]:
+    """MAE and RMSE over measured true values only (imputed / carried-forward ones excluded).
+
+    Imputed truth favours persistence: a variable not measured again is carried forward, so
+    "no change" is exactly right there by construction.
+    """
+    m = observed > 0
+    if not m.any():
+        return {"mae": float("nan"), "rmse": float("nan")}
+    err = (pred - true)[m]
+    return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err**2)))}

@@ -1,0 +1,79 @@
+"""The interface every dynamics model implements, and its typed configuration."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from features.catalog import N_INTERVENTION, N_STATE
+
+N_INPUT = 2 * N_STATE + N_INTERVENTION
+"""Model input at bin t: scaled state (18), observed mask (18), scaled interventions (3)."""
+
+State = list[Tensor]
+"""A recurrent state: tensors with the batch on dim 0 (so rows can be gathered and masked)."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one model. Unused fields are ignored by the models that do not need them."""
+
+    model: str = "cfc"
+    units: int = 128
+    layers: int = 2
+    # ncps CfC
+    mode: Literal["default", "pure", "no_gate"] = "default"
+    backbone_units: int = 128
+    backbone_layers: int = 1
+    backbone_dropout: float = 0.0
+    mixed_memory: bool = False
+    cfc_impl: Literal["ncps", "fast"] = "fast"
+    # cfc-ncp: AutoNCP wiring with this many motor neurons (the head maps them to the state)
+    ncp_output: int = 18
+    ncp_sparsity: float = 0.5
+    # ltc
+    ode_unfolds: int = 6
+    # linear baseline: ridge penalty
+    ridge_alpha: float = 1.0
+    # Predict the change from the current state (output = state_t + f(inputs)); same target.
+    residual: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class DynamicsModel(nn.Module):
+    """Base class: ``forward`` for training, ``init_state`` + ``step`` for rollouts."""
+
+    recurrent: bool = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, 39) -> (B, T, 18)
+        """Teacher-forced prediction of the next scaled state at every bin."""
+        state = self.init_state(x.shape[0], x.device, x.dtype)
+        outs = []
+        for t in range(x.shape[1]):
+            y, state = self.step(x[:, t], state)
+            outs.append(y)
+        return torch.stack(outs, dim=1)
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
+        return []
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:  # (B, 39) -> (B, 18)
+        raise NotImplementedError
+
+    def _out(self, x: Tensor, delta: Tensor) -> Tensor:
+        return x[..., :N_STATE] + delta if self.cfg.residual else delta

@@ -1,0 +1,37 @@
+"""Model names -> constructors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from training.models.base import DynamicsModel, ModelConfig
+from training.models.baselines import Linear, Persistence
+from training.models.recurrent import TorchRNN, build_cfc, build_cfc_ncp, build_ltc
+
+_BUILDERS: dict[str, Callable[[ModelConfig], DynamicsModel]] = {
+    "cfc": build_cfc,
+    "cfc-ncp": build_cfc_ncp,
+    "gru": lambda cfg: TorchRNN(cfg, "gru"),
+    "lstm": lambda cfg: TorchRNN(cfg, "lstm"),
+    "ltc": build_ltc,
+    "persistence": Persistence,
+    "linear": Linear,
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+BASELINES: tuple[str, ...] = ("persistence", "linear")
+
+
+def build_model(cfg: ModelConfig) -> DynamicsModel:
+    try:
+        builder = _BUILDERS[cfg.model]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}"
+        ) from None
+    return builder(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))

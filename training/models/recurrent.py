@@ -1,0 +1,132 @@
+"""Recurrent dynamics models: ncps CfC (plain or NCP-wired), LTC, and torch GRU / LSTM.
+
+ncps cells are called without ``timespans``: the bins are regular (12 h), and ncps 1.0.1's
+per-sample timespans are broken (ncps issue #83), so the default elapsed time of 1 is used.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from features.catalog import N_STATE
+from training.models.base import N_INPUT, DynamicsModel, ModelConfig, State
+
+
+def _cfc_class(impl: str) -> type[nn.Module]:
+    if impl == "ncps":
+        from ncps.torch import CfC
+
+        return CfC
+    if impl == "fast":
+        # Imported lazily: another implementation with ncps' constructor and state-dict keys.
+        from training.fast_cfc import FastCfC
+
+        return FastCfC
+    raise ValueError(f"cfc_impl must be 'ncps' or 'fast', got {impl!r}")
+
+
+class _NcpsStack(DynamicsModel):
+    """Layers of ncps RNNs (CfC or LTC), each fed the previous layer's output, then a head."""
+
+    def __init__(self, cfg: ModelConfig, layers: list[nn.Module], out_size: int) -> None:
+        super().__init__(cfg)
+        self.rnns = nn.ModuleList(layers)
+        self.head = nn.Linear(out_size, N_STATE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x
+        for rnn in self.rnns:
+            h, _ = rnn(h)
+        return self._out(x, self.head(h))
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
+        out: State = []
+        for rnn in self.rnns:
+            out.append(torch.zeros(batch, rnn.state_size, device=device, dtype=dtype))
+            if getattr(rnn, "use_mixed", False):
+                out.append(torch.zeros(batch, rnn.state_size, device=device, dtype=dtype))
+        return out
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        h = x[:, None, :]
+        new: State = []
+        i = 0
+        for rnn in self.rnns:
+            if getattr(rnn, "use_mixed", False):
+                hx = (state[i], state[i + 1])
+                i += 2
+            else:
+                hx = state[i]
+                i += 1
+            h, hx = rnn(h, hx)
+            new.extend(hx if isinstance(hx, tuple) else [hx])
+        return self._out(x, self.head(h[:, 0])), new
+
+
+def build_cfc(cfg: ModelConfig) -> DynamicsModel:
+    cls = _cfc_class(cfg.cfc_impl)
+    layers = []
+    size = N_INPUT
+    for _ in range(cfg.layers):
+        layers.append(
+            cls(
+                size,
+                cfg.units,
+                mixed_memory=cfg.mixed_memory,
+                mode=cfg.mode,
+                backbone_units=cfg.backbone_units,
+                backbone_layers=cfg.backbone_layers,
+                backbone_dropout=cfg.backbone_dropout,
+            )
+        )
+        size = cfg.units
+    return _NcpsStack(cfg, layers, size)
+
+
+def build_cfc_ncp(cfg: ModelConfig) -> DynamicsModel:
+    from ncps.wirings import AutoNCP
+
+    cls = _cfc_class(cfg.cfc_impl)
+    wiring = AutoNCP(cfg.units, cfg.ncp_output, sparsity_level=cfg.ncp_sparsity, seed=22222)
+    rnn = cls(N_INPUT, wiring, mixed_memory=cfg.mixed_memory, mode=cfg.mode)
+    return _NcpsStack(cfg, [rnn], cfg.ncp_output)
+
+
+def build_ltc(cfg: ModelConfig) -> DynamicsModel:
+    from ncps.torch import LTC
+
+    layers = []
+    size = N_INPUT
+    for _ in range(cfg.layers):
+        layers.append(
+            LTC(size, cfg.units, mixed_memory=cfg.mixed_memory, ode_unfolds=cfg.ode_unfolds)
+        )
+        size = cfg.units
+    return _NcpsStack(cfg, layers, size)
+
+
+class TorchRNN(DynamicsModel):
+    """``nn.GRU`` / ``nn.LSTM`` with ``layers`` x ``units`` and a linear head."""
+
+    def __init__(self, cfg: ModelConfig, kind: str) -> None:
+        super().__init__(cfg)
+        cls = {"gru": nn.GRU, "lstm": nn.LSTM}[kind]
+        self.is_lstm = kind == "lstm"
+        self.rnn = cls(N_INPUT, cfg.units, num_layers=cfg.layers, batch_first=True)
+        self.head = nn.Linear(cfg.units, N_STATE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.rnn(x)
+        return self._out(x, self.head(h))
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
+        z = torch.zeros(batch, self.cfg.layers, self.cfg.units, device=device, dtype=dtype)
+        return [z, z.clone()] if self.is_lstm else [z]
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        # nn.GRU / nn.LSTM keep (layers, B, H); the rollout code wants the batch first.
+        hx = [s.transpose(0, 1).contiguous() for s in state]
+        out, hn = self.rnn(x[:, None, :], tuple(hx) if self.is_lstm else hx[0])
+        hn = list(hn) if self.is_lstm else [hn]
+        return self._out(x, self.head(out[:, 0])), [s.transpose(0, 1) for s in hn]

@@ -1,0 +1,227 @@
+"""The MLflow pyfunc: network + preprocessor + variable catalog, forecasting from raw history.
+
+Input (``predict``): a long pandas DataFrame, one row per history bin per patient plus one row
+per forecast bin with the planned interventions:
+
+=================  ======  ====================================================================
+column             type    meaning
+=================  ======  ====================================================================
+``patient_id``     string  groups the rows of one patient (any label)
+``kind``           string  ``history`` or ``plan``
+``step``           long    history: bin index 0..n-1 (12-hour bins, oldest first);
+                           plan: forecast bin 0..H-1 (0 = the bin right after the history)
+18 state columns   double  bin means in physical units (``features.catalog``), NaN / null =
+                           not measured; ignored on plan rows
+3 intervention     double  physical units, NaN / null = none; on a plan row, what is planned
+columns                    during that forecast bin
+=================  ======  ====================================================================
+
+The horizon H of a patient is its number of plan rows (at least one). Output: one row per
+patient and forecast bin: ``patient_id``, ``step`` (1..H, bins after the last history bin) and
+the 18 state variables in physical units. See :meth:`Forecaster.forecast` for which planned
+interventions reach which step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from features.catalog import INTERVENTION_NAMES, STATE_NAMES, catalog_dict, catalog_version
+from features.errors import UserError
+from features.preprocess import Preprocessor
+from training.forecaster import Forecaster
+from training.models import ModelConfig, build_model
+
+KEY_COLUMNS = ("patient_id", "kind", "step")
+
+
+class ForecastInputError(UserError, ValueError):
+    """A pyfunc input frame that does not follow the documented long format."""
+
+
+def save_model_dir(
+    path: Path, model: torch.nn.Module, cfg: ModelConfig, pre: Preprocessor, meta: dict
+) -> Path:
+    """Everything the pyfunc needs, as plain files (no pickled classes)."""
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path / "model.pt")
+    (path / "config.json").write_text(
+        json.dumps({"model_config": cfg.to_dict(), **meta}, indent=1, default=str)
+    )
+    pre.save(path / "preprocessor")
+    (path / "catalog.json").write_text(json.dumps(catalog_dict(), indent=1, default=str))
+    return path
+
+
+def load_forecaster(path: Path) -> Forecaster:
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    if config.get("catalog_version") not in (None, catalog_version()):
+        raise UserError(
+            f"{path}: model built for variable catalog {config['catalog_version']!r}, "
+            f"this code has {catalog_version()!r}"
+        )
+    cfg = ModelConfig.from_dict(config["model_config"])
+    if cfg.cfc_impl == "fast":
+        # Same state-dict keys, so the portable ncps implementation can always load it.
+        cfg.cfc_impl = "ncps"
+    model = build_model(cfg)
+    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    return Forecaster(
+        model,
+        Preprocessor.load(path / "preprocessor"),
+        model_name=cfg.model,
+        config=config,
+        data_checksum=config.get("data_checksum"),
+    )
+
+
+def frame_to_arrays(
+    frame: pd.DataFrame,
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Long frame -> patient ids, state (B,T,18), interventions (B,T,3), lengths, planned."""
+    missing = [c for c in (*KEY_COLUMNS, *STATE_NAMES, *INTERVENTION_NAMES) if c not in frame]
+    if missing:
+        raise ForecastInputError(f"input frame: missing columns {missing}")
+    kinds = set(frame["kind"].astype(str))
+    if not kinds <= {"history", "plan"}:
+        raise ForecastInputError(
+            f"input frame: column 'kind' has values {sorted(kinds - {'history', 'plan'})}; "
+            "expected 'history' or 'plan'"
+        )
+    frame = frame.assign(patient_id=frame["patient_id"].astype(str), kind=frame["kind"].astype(str))
+    ids = list(dict.fromkeys(frame["patient_id"]))
+    hist = {
+        p: g.sort_values("step") for p, g in frame[frame["kind"] == "history"].groupby("patient_id")
+    }
+    plan = {
+        p: g.sort_values("step") for p, g in frame[frame["kind"] == "plan"].groupby("patient_id")
+    }
+    for p in ids:
+        if p not in hist:
+            raise ForecastInputError(f"input frame: patient {p!r} has no history rows")
+        if p not in plan:
+            raise ForecastInputError(f"input frame: patient {p!r} has no plan rows (horizon 0)")
+        for name, g in (("history", hist[p]), ("plan", plan[p])):
+            steps = g["step"].to_numpy()
+            if not np.array_equal(steps, np.arange(len(g))):
+                raise ForecastInputError(
+                    f"input frame: patient {p!r} {name} steps must be 0..{len(g) - 1}, got "
+                    f"{steps.tolist()}"
+                )
+    b = len(ids)
+    t = max(len(hist[p]) for p in ids)
+    h = max(len(plan[p]) for p in ids)
+    state = np.full((b, t, len(STATE_NAMES)), np.nan)
+    iv = np.full((b, t, len(INTERVENTION_NAMES)), np.nan)
+    planned = np.full((b, h, len(INTERVENTION_NAMES)), np.nan)
+    lengths = np.zeros(b, dtype=np.int64)
+    for i, p in enumerate(ids):
+        g = hist[p]
+        lengths[i] = len(g)
+        state[i, : len(g)] = g[list(STATE_NAMES)].to_numpy(np.float64, na_value=np.nan)
+        iv[i, : len(g)] = g[list(INTERVENTION_NAMES)].to_numpy(np.float64, na_value=np.nan)
+        planned[i, : len(plan[p])] = plan[p][list(INTERVENTION_NAMES)].to_numpy(
+            np.float64, na_value=np.nan
+        )
+    return ids, state, iv, lengths, planned
+
+
+def predict_frame(forecaster: Forecaster, frame: pd.DataFrame) -> pd.DataFrame:
+    ids, state, iv, lengths, planned = frame_to_arrays(frame)
+    horizons = (
+        frame[frame["kind"].astype(str) == "plan"].groupby(frame["patient_id"].astype(str)).size()
+    )
+    out = forecaster.forecast(state, iv, lengths, planned)
+    rows = []
+    for i, p in enumerate(ids):
+        for k in range(int(horizons[p])):
+            rows.append(
+                {"patient_id": p, "step": k + 1, **dict(zip(STATE_NAMES, out[i, k], strict=True))}
+            )
+    result = pd.DataFrame(rows, columns=["patient_id", "step", *STATE_NAMES])
+    return result.astype({"step": "int64"})
+
+
+class ForecastModel(mlflow.pyfunc.PythonModel):
+    """Loaded by ``mlflow.pyfunc.load_model``; ``.forecaster`` is the Forecaster."""
+
+    forecaster: Forecaster | None = None
+
+    def load_context(self, context) -> None:  # noqa: ANN001 - mlflow's PythonModelContext
+        self.forecaster = load_forecaster(Path(context.artifacts["model_dir"]))
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        return predict_frame(self.forecaster, model_input)
+
+
+def synthetic_input_example() -> pd.DataFrame:
+    """Two made-up patients (values invented, no patient data): 3 history bins, 2 plan rows."""
+    typical = [88, 118, 62, 80, 19, 37.1, 96, 13, 140, 1.1, 22, 10.5, 10.2, 210, 139, 4.0, 24, 1.6]
+    rows = []
+    for p, drift in (("example-1", 0.0), ("example-2", 3.0)):
+        for b in range(3):
+            values = {n: float(v) + drift * b for n, v in zip(STATE_NAMES, typical, strict=True)}
+            if b > 0:  # labs are not measured in every bin
+                values |= {n: np.nan for n in STATE_NAMES[9:]}
+            rows.append(
+                {
+                    "patient_id": p,
+                    "kind": "history",
+                    "step": b,
+                    **values,
+                    "vasopressor": 0.5 if b == 2 else np.nan,
+                    "mechanical_ventilation": 1.0 if b else np.nan,
+                    "iv_fluid_ml": 750.0 if b else np.nan,
+                }
+            )
+        for k in range(2):
+            rows.append(
+                {
+                    "patient_id": p,
+                    "kind": "plan",
+                    "step": k,
+                    **{n: np.nan for n in STATE_NAMES},
+                    "vasopressor": 0.0,
+                    "mechanical_ventilation": 1.0,
+                    "iv_fluid_ml": 500.0,
+                }
+            )
+    frame = pd.DataFrame(rows, columns=[*KEY_COLUMNS, *STATE_NAMES, *INTERVENTION_NAMES])
+    return frame.astype({"patient_id": "str", "kind": "str", "step": "int64"})
+
+
+def log_pyfunc(model_dir: Path, registered_name: str | None, forecaster: Forecaster):
+    """Log (and register) the pyfunc under the active run; returns MLflow's ModelInfo."""
+    from mlflow.models import infer_signature
+
+    example = synthetic_input_example()
+    signature = infer_signature(example, predict_frame(forecaster, example))
+    root = Path(__file__).resolve().parents[1]
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=ForecastModel(),
+        artifacts={"model_dir": str(model_dir)},
+        signature=signature,
+        input_example=example,
+        registered_model_name=registered_name,
+        code_paths=[str(root / "training"), str(root / "features")],
+        pip_requirements=_requirements(),
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [
+        f"{pkg}=={version(pkg)}"
+        for pkg in ("torch", "ncps", "mlflow", "pandas", "numpy", "scikit-learn")
+    ]

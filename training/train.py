@@ -1,0 +1,341 @@
+"""train_model: fit one model, evaluate it on the test split, log everything to MLflow."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from features.catalog import catalog_version
+from training.callbacks import History, PeakMemory
+from training.config import TrainConfig
+from training.data import BinsDataModule, StaySequences
+from training.evaluate import Evaluation, evaluate, latency
+from training.forecaster import Forecaster
+from training.lit import LitDynamics
+from training.models import ModelConfig, build_model, count_parameters
+from training.models.baselines import Linear
+from training.models.factory import BASELINES
+from training.registry import registered_name
+
+log = logging.getLogger("icu_forecast.training")
+
+
+@dataclass
+class TrainResult:
+    """What one run produced. On non-zero DDP ranks only ``model`` is set."""
+
+    run_id: str | None
+    model: str
+    registered_version: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    label: str | None = None
+
+
+def _transitions(seqs: StaySequences) -> tuple[np.ndarray, np.ndarray]:
+    xs = [x[:-1] for x in seqs.inputs if len(x) > 1]
+    ys = [s[1:] for s in seqs.state if len(s) > 1]
+    return np.concatenate(xs).astype(np.float64), np.concatenate(ys).astype(np.float64)
+
+
+def fit_linear(model: Linear, seqs: StaySequences) -> dict[str, float]:
+    x, y = _transitions(seqs)
+    t0 = time.perf_counter()
+    model.fit_ridge(x, y)
+    dt = time.perf_counter() - t0
+    return {"train_examples_per_s": len(x) / dt, "train_seconds": dt}
+
+
+def _checkpoint_dir(cfg: TrainConfig, checksum: str) -> Path:
+    key = json.dumps(
+        {
+            "cfg": cfg.model_dump(
+                mode="json",
+                exclude={
+                    "resume",
+                    "tracking_uri",
+                    "register_model",
+                    "plots",
+                    "checkpoint_dir",
+                    "epochs",
+                    "patience",
+                    "threads",
+                    "ks",
+                    "sigmas",
+                },
+            ),
+            "data": checksum,
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cfg.checkpoint_dir / f"{cfg.run_label}-seed{cfg.seed}-{digest}"
+
+
+def _is_launcher_child() -> bool:
+    """True in the processes Lightning's DDP launcher starts (they re-run this command)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0
+
+
+def fit_lightning(
+    cfg: TrainConfig, model: torch.nn.Module, dm: BinsDataModule
+) -> tuple[L.Trainer, History, dict[str, float]]:
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    ckpt_dir = _checkpoint_dir(cfg, dm.checksum)
+    last = ckpt_dir / "last.ckpt"
+    if not cfg.resume and ckpt_dir.exists() and not _is_launcher_child():
+        shutil.rmtree(ckpt_dir)  # a fresh run must not mix with an old one's checkpoints
+    history = History()
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", monitor="val_loss", save_top_k=1, save_last=True
+    )
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator=cfg.accelerator,
+        devices=cfg.trainer_devices(),
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        num_nodes=cfg.num_nodes,
+        gradient_clip_val=cfg.grad_clip or None,
+        callbacks=[history, checkpoint, EarlyStopping("val_loss", patience=cfg.patience)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        deterministic=False,
+    )
+    lit = LitDynamics(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    on_gpu = False
+    with PeakMemory() as mem, warnings.catch_warnings():
+        # Tiny data: Lightning's "few batches / num_workers" advice does not apply.
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*number of training batches.*")
+        trainer.fit(
+            lit, datamodule=dm, ckpt_path=str(last) if cfg.resume and last.exists() else None
+        )
+        on_gpu = trainer.strategy.root_device.type == "cuda"
+    stats = mem.metrics()
+    if on_gpu:
+        stats["peak_mem_mb"] = stats.pop("peak_gpu_mem_mb")
+        stats["peak_rss_mb"] = mem.peak_rss / 2**20
+    stats.pop("peak_gpu_mem_mb", None)
+    world = trainer.world_size
+    if history.batch_seconds > 0:
+        stats["train_examples_per_s"] = history.examples / history.batch_seconds
+        stats["train_steps_per_s"] = history.steps / history.batch_seconds
+    stats["train_seconds"] = history.batch_seconds
+    stats["train_steps"] = float(history.steps)  # in this process (a resumed run: the rest)
+    stats["epochs_run"] = float(trainer.current_epoch)
+    stats["world_size"] = float(world)
+    if trainer.is_global_zero and checkpoint.best_model_path:
+        best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
+        lit.load_state_dict(best["state_dict"])
+        stats["best_val_loss"] = float(checkpoint.best_model_score)
+    return trainer, history, stats
+
+
+def train_model(cfg: TrainConfig) -> TrainResult:
+    """Train ``cfg.model``, evaluate it and its baselines on the same windows, log one run."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = BinsDataModule(cfg.data, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    mcfg = cfg.model_cfg()
+    model = build_model(mcfg)
+    history: list[dict] = []
+    if cfg.model == "linear":
+        train_stats = fit_linear(model, dm.sequences["train"])
+    elif cfg.model == "persistence":
+        train_stats = {}
+    else:
+        trainer, hist, train_stats = fit_lightning(cfg, model, dm)
+        if not trainer.is_global_zero:
+            return TrainResult(None, cfg.model, label=cfg.run_label)
+        history = hist.epochs
+    model = model.cpu().float().eval()
+    return _evaluate_and_log(cfg, mcfg, model, dm, history, train_stats)
+
+
+def _evaluate_and_log(
+    cfg: TrainConfig,
+    mcfg: ModelConfig,
+    model: torch.nn.Module,
+    dm: BinsDataModule,
+    history: list[dict],
+    train_stats: dict[str, float],
+) -> TrainResult:
+    import mlflow
+
+    from training import tracking
+    from training.pyfunc import log_pyfunc, save_model_dir
+
+    ks, sigmas = tuple(cfg.ks), tuple(cfg.sigmas)
+    pre = dm.preprocessor
+    test, val = dm.sequences["test"], dm.sequences["val"]
+    ev_test = evaluate(model, test, pre, ks, sigmas, seed=cfg.seed)
+    ev_val = evaluate(model, val, pre, ks)
+    # The baselines on exactly the same windows, for the plot and for honest comparison.
+    baselines: dict[str, Evaluation] = {}
+    for name in BASELINES:
+        if name == cfg.model:
+            continue
+        b = build_model(ModelConfig(model=name, ridge_alpha=cfg.ridge_alpha))
+        if isinstance(b, Linear):
+            fit_linear(b, dm.sequences["train"])
+        baselines[name] = evaluate(b, test, pre, ks)
+
+    forecaster = Forecaster(model, pre, cfg.model, config=mcfg.to_dict(), data_checksum=dm.checksum)
+    metrics: dict[str, float] = {}
+    metrics |= ev_test.metrics("test")
+    metrics |= {k: v for k, v in ev_val.metrics("val").items()}
+    for name, ev in baselines.items():
+        for k, m in ev.scaled.items():
+            metrics[f"baseline/{name}_rmse_k{k}"] = m["rmse"]
+    metrics["n_params"] = float(count_parameters(model))
+    metrics |= train_stats
+    metrics |= latency(forecaster, test)
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+
+    tracking.setup(cfg.tracking_uri, cfg.experiment)
+    params = cfg.model_dump(
+        mode="json", exclude={"tracking_uri", "register_model", "plots", "resume"}
+    )
+    params |= {
+        "label": cfg.run_label,
+        "data_checksum": dm.checksum,
+        "catalog_version": catalog_version(),
+    }
+    tags = {
+        "code_version": tracking.code_version(),
+        "data_checksum": dm.checksum,
+        "model": cfg.model,
+        "label": cfg.run_label,
+    }
+    version = None
+    with mlflow.start_run(run_name=f"{cfg.run_label}-seed{cfg.seed}", tags=tags) as run:
+        mlflow.log_params(
+            {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in params.items()}
+        )
+        for row in history:
+            step = int(row["epoch"])
+            mlflow.log_metrics({f"{k}": v for k, v in row.items() if k != "epoch"}, step=step)
+        mlflow.log_metrics(metrics)
+        mlflow.log_table(
+            {
+                key: [r[key] for r in ev_test.per_variable]
+                for key in ("k", "variable", "mae", "rmse", "r2")
+            },
+            "per_variable_test.json",
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            _write_per_variable_csv(ev_test, tmp / "per_variable_test.csv")
+            mlflow.log_artifact(str(tmp / "per_variable_test.csv"))
+            if cfg.plots:
+                _plots(cfg, ev_test, baselines, history, test, pre, tmp / "plots")
+                mlflow.log_artifacts(str(tmp / "plots"), artifact_path="plots")
+            meta = {
+                "catalog_version": catalog_version(),
+                "data_checksum": dm.checksum,
+                "model_name": cfg.model,
+                "label": cfg.run_label,
+                "seed": cfg.seed,
+            }
+            model_dir = save_model_dir(tmp / "model_files", model, mcfg, pre, meta)
+            mlflow.log_artifact(str(model_dir / "model.pt"), artifact_path="state_dict")
+            info = log_pyfunc(
+                model_dir, registered_name(cfg.model) if cfg.register_model else None, forecaster
+            )
+            version = info.registered_model_version
+        run_id = run.info.run_id
+    log.info(
+        "run %s: %s test RMSE %s",
+        run_id,
+        cfg.run_label,
+        {k: round(v["rmse"], 4) for k, v in ev_test.scaled.items()},
+    )
+    return TrainResult(
+        run_id, cfg.model, str(version) if version is not None else None, metrics, cfg.run_label
+    )
+
+
+def _write_per_variable_csv(ev: Evaluation, path: Path) -> None:
+    import pandas as pd
+
+    pd.DataFrame(ev.per_variable).to_csv(path, index=False)
+
+
+def _plots(
+    cfg: TrainConfig,
+    ev: Evaluation,
+    baselines: dict[str, Evaluation],
+    history: list[dict],
+    test: StaySequences,
+    pre,  # noqa: ANN001
+    out: Path,
+) -> None:
+    from training import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {cfg.run_label: {k: m["rmse"] for k, m in ev.scaled.items()}}
+    curves |= {n: {k: m["rmse"] for k, m in b.scaled.items()} for n, b in baselines.items()}
+    plots.rmse_vs_k(
+        curves,
+        out / "rmse_vs_k.png",
+        f"Test RMSE vs rollout length ({cfg.run_label}, seed {cfg.seed})",
+    )
+    if ev.noise:
+        plots.noise_curves(
+            {key: m["rmse"] for key, m in ev.noise.items()},
+            out / "noise.png",
+            f"Input-noise robustness ({cfg.run_label}, seed {cfg.seed})",
+        )
+    if history:
+        plots.training_curves(
+            history,
+            out / "training_curves.png",
+            f"Training curves ({cfg.run_label}, seed {cfg.seed})",
+        )
+    k_max = max(ev.windows)
+    w1 = ev.windows[min(ev.windows)]
+    wk = ev.windows[k_max]
+    order = np.argsort([-len(s) for s in test.state])
+    stays = []
+    for i in order[:3]:
+        n = len(test.state[i])
+        if n < 2:
+            continue
+        one = w1.pred[w1.stay == i][:, 0]
+        starts = wk.start[wk.stay == i]
+        if len(starts) == 0:
+            continue
+        s = int(starts[len(starts) // 2])
+        roll = wk.pred[(wk.stay == i) & (wk.start == s)][0]
+        stays.append(
+            {
+                "truth": test.physical[i],
+                "observed": ~np.isnan(test.raw_state[i]),
+                "one_step": pre.unscale_state(one),
+                "rollout_start": s,
+                "rollout": pre.unscale_state(roll),
+                "label": f"test stay {len(stays) + 1}",
+            }
+        )
+    if stays:
+        plots.trajectories(
+            stays,
+            out / "trajectories.png",
+            f"Test stays: truth vs predictions ({cfg.run_label}, seed {cfg.seed})",
+        )
