@@ -23,7 +23,6 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -267,7 +266,6 @@ class Preprocessor:
         meta = {
             "format": PREPROCESSOR_FORMAT,
             "catalog_version": catalog_version(),
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "n_train_rows": int(len(x)),
             "n_fit_rows": int(len(fit_x)),
             "max_iter": max_iter,

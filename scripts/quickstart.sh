@@ -3,8 +3,8 @@
 # and two baselines -> compare -> promote the champion) on the MIMIC-III demo, with embedded
 # defaults: a SQLite MLflow store ./mlflow.db, local files under ./data, no servers.
 #
-#   bash scripts/quickstart.sh                 # quick settings (a few minutes on 2 cores)
-#   bash scripts/quickstart.sh --paper         # the paper's 30 epochs
+#   bash scripts/quickstart.sh                 # the paper's settings (30 epochs)
+#   bash scripts/quickstart.sh --epochs 5      # quicker, for a slow machine
 #   MIMIC_DIR=/path/to/mimic-iii bash scripts/quickstart.sh
 #
 # Extra arguments go to `icu-forecast dag run`.
@@ -44,7 +44,9 @@ Done in ${elapsed}s.
 
 Browse and compare the runs in the MLflow UI:
     .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI
-    then open http://127.0.0.1:5000
+    then open http://127.0.0.1:5000, experiment "icu-forecast" -> Training runs (one run per
+    model; Columns adds metrics such as test/rmse_k5; select runs and press Compare), and
+    "icu-forecast-dag" for each DAG run with its steps nested under it
 
 Serve forecasts from the champion model:
     .venv/bin/icu-forecast serve

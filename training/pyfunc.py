@@ -68,9 +68,6 @@ def load_forecaster(path: Path) -> Forecaster:
             f"this code has {catalog_version()!r}"
         )
     cfg = ModelConfig.from_dict(config["model_config"])
-    if cfg.cfc_impl == "fast":
-        # Same state-dict keys, so the portable ncps implementation can always load it.
-        cfg.cfc_impl = "ncps"
     model = build_model(cfg)
     model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
     return Forecaster(

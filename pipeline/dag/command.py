@@ -27,9 +27,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--tracking-uri", help="MLflow store (env MLFLOW_TRACKING_URI)")
         p.add_argument("--experiment", help="MLflow experiment (default icu-forecast)")
         p.add_argument("--models", help="comma-separated: cfc,gru,persistence,linear")
-        p.add_argument("--epochs", type=int, help="training epochs (quick default; see --paper)")
+        p.add_argument("--epochs", type=int, help=f"training epochs (default {PAPER_EPOCHS})")
         p.add_argument(
-            "--paper", action="store_true", help=f"the paper's settings ({PAPER_EPOCHS} epochs)"
+            "--paper", action="store_true", help=f"insist on the paper's {PAPER_EPOCHS} epochs"
         )
         p.add_argument("--seed", type=int)
     run.add_argument(

@@ -9,7 +9,6 @@ disappeared from the MLflow store (a deleted ``mlflow.db``) is stale, not done.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ from features.atomic import atomic_write_text
 from pipeline.dag.engine import Dag, Step, StepContext, StepResult
 from pipeline.dag.fetch import fetch_demo, has_mimic_tables
 from pipeline.dag.settings import DagSettings
-
-log = logging.getLogger(__name__)
 
 TRAIN_CODE = ("training", "features")
 

@@ -26,7 +26,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "backbone-units": (int, "CfC backbone units (default 128)"),
     "backbone-layers": (int, "CfC backbone layers (default 1)"),
     "backbone-dropout": (float, "CfC backbone dropout (default 0)"),
-    "cfc-impl": (str, "CfC implementation: fast (default, training.fast_cfc; same function as ncps) | ncps"),
+    "cfc-impl": (str, "CfC implementation: fast (default; same function as ncps) | ncps"),
     "ncp-output": (int, "cfc-ncp: motor neurons of the AutoNCP wiring (default 18)"),
     "ode-unfolds": (int, "LTC ODE solver unfolds (default 6)"),
     "ridge-alpha": (float, "linear baseline ridge penalty (default 1.0)"),
