@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,20 @@ def mimic_dir() -> Path:
 
 
 @pytest.fixture()
-def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh SQLite MLflow store for one test, also exported as MLFLOW_TRACKING_URI."""
+    import mlflow
+    import mlflow.tracking.fluent as fluent
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
-    return uri
+    # MLflow keeps the active experiment id in process-global state; an id from an earlier
+    # test's store would point into this fresh store, where it does not exist.
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    monkeypatch.setattr(fluent, "_active_experiment_id", None, raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
