@@ -33,6 +33,7 @@ from features.catalog import (
     INTERVENTION_BY_NAME,
     INTERVENTION_NAMES,
     N_STATE,
+    OBSERVED_NAMES,
     STATE_BY_NAME,
     STATE_NAMES,
     catalog_dict,
@@ -42,6 +43,18 @@ from features.errors import UserError
 
 PREPROCESSOR_FORMAT = 1
 FEATURE_NAMES: tuple[str, ...] = STATE_NAMES + INTERVENTION_NAMES
+BINS_COLUMNS: tuple[str, ...] = (
+    "subject_id",
+    "hadm_id",
+    "icustay_id",
+    "bin",
+    "bin_start",
+    "split",
+    *STATE_NAMES,
+    *INTERVENTION_NAMES,
+    *OBSERVED_NAMES,
+)
+"""The columns of ``bins.parquet``, in order (the ETL output contract, docs/architecture.md)."""
 
 CLAMP_LOW = np.array([STATE_BY_NAME[n].clamp[0] for n in STATE_NAMES], dtype=np.float64)
 CLAMP_HIGH = np.array([STATE_BY_NAME[n].clamp[1] for n in STATE_NAMES], dtype=np.float64)

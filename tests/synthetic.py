@@ -23,7 +23,7 @@ from features.catalog import (
     STATE_NAMES,
     catalog_version,
 )
-from features.preprocess import FEATURE_NAMES, Preprocessor, prepare_bins
+from features.preprocess import BINS_COLUMNS, FEATURE_NAMES, Preprocessor, prepare_bins
 
 # Typical physiological centre and spread of each state variable (physical units).
 _CENTRE = np.array(
@@ -118,17 +118,7 @@ def write_synthetic_etl_output(
     pre, imputer = Preprocessor.fit(frame[frame["split"] == "train"], seed=seed)
     features = frame[list(FEATURE_NAMES)].to_numpy(np.float64)
     frame[list(FEATURE_NAMES)] = pre.impute(features)
-    columns = [
-        "subject_id",
-        "hadm_id",
-        "icustay_id",
-        "bin",
-        "bin_start",
-        "split",
-        *STATE_NAMES,
-        *INTERVENTION_NAMES,
-        *OBSERVED_NAMES,
-    ]
+    columns = list(BINS_COLUMNS)
     frame = frame[columns]
     for name in OBSERVED_NAMES:
         frame[name] = frame[name].astype("float32")

@@ -33,7 +33,7 @@ from features.catalog import (
     catalog_version,
 )
 from features.errors import UserError
-from features.preprocess import FEATURE_NAMES, Preprocessor, prepare_bins
+from features.preprocess import BINS_COLUMNS, FEATURE_NAMES, Preprocessor, prepare_bins
 from pipeline.etl import extract, transform
 from pipeline.etl.settings import EtlSettings
 from pipeline.etl.split import split_subjects
@@ -210,17 +210,7 @@ def build_bins(
     if frame[list(FEATURE_NAMES)].isna().any().any():  # pragma: no cover - a bug, not input
         raise RuntimeError("imputation left missing values")
 
-    columns = [
-        "subject_id",
-        "hadm_id",
-        "icustay_id",
-        "bin",
-        "bin_start",
-        "split",
-        *STATE_NAMES,
-        *INTERVENTION_NAMES,
-        *OBSERVED_NAMES,
-    ]
+    columns = list(BINS_COLUMNS)
     frame = frame[columns].astype(
         {"subject_id": "int64", "hadm_id": "int64", "icustay_id": "int64", "bin": "int32"}
         | {n: "float64" for n in FEATURE_NAMES}
