@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,17 +30,35 @@ def mimic_dir() -> Path:
 def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh SQLite MLflow store for one test, also exported as MLFLOW_TRACKING_URI."""
     import mlflow
-    import mlflow.tracking.fluent as fluent
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
-    # MLflow keeps the active experiment id in process-global state; an id from an earlier
-    # test's store would point into this fresh store, where it does not exist.
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    monkeypatch.setattr(fluent, "_active_experiment_id", None, raising=False)
     mlflow.set_tracking_uri(uri)
     yield uri
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mlflow_globals() -> Iterator[None]:
+    """Forget MLflow's process-global active run and experiment around every test.
+
+    ``mlflow.set_experiment`` keeps the experiment id in a module global *and* exports it as
+    ``MLFLOW_EXPERIMENT_ID``; an id from an earlier test's store would point into the next
+    test's fresh store, where it does not exist.
+    """
+    _reset_mlflow_globals()
+    yield
+    _reset_mlflow_globals()
+
+
+def _reset_mlflow_globals() -> None:
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        os.environ.pop(name, None)
+    if "mlflow" not in sys.modules:  # nothing to reset, and importing it costs seconds
+        return
+    import mlflow
+    import mlflow.tracking.fluent as fluent
+
     while mlflow.active_run() is not None:
         mlflow.end_run()
+    fluent._active_experiment_id = None
