@@ -69,12 +69,18 @@ def _offline_rollout(model_uri: str, bins: pd.DataFrame, stay_id: int, n_hist: i
     import mlflow
 
     from training.data import split_sequences
-    from training.rollout import rollout_windows
+    from training.rollout import rollout_windows, state_bounds
 
     forecaster = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().forecaster
     test = split_sequences(bins, forecaster.preprocessor, "test")
     i = int(np.flatnonzero(test.stay_ids == stay_id)[0])
-    windows = rollout_windows(forecaster.model, [test.inputs[i]], [test.state[i]], (HORIZON,))
+    windows = rollout_windows(
+        forecaster.model,
+        [test.inputs[i]],
+        [test.state[i]],
+        (HORIZON,),
+        bounds=state_bounds(forecaster.preprocessor),
+    )
     w = windows[HORIZON]
     j = int(np.flatnonzero(w.start == n_hist - 1)[0])
     return forecaster.preprocessor.unscale_state(w.pred[j])

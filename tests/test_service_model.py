@@ -23,14 +23,15 @@ def _stay_bodies(served_model, k: int) -> list[tuple[dict, np.ndarray]]:
     offline K-step rollout of the same model from that stay's last history bin."""
     from service.model import load_from_mlflow
     from training.data import load_bins, split_sequences
-    from training.rollout import rollout_windows
+    from training.rollout import rollout_windows, state_bounds
 
     frame, pre, _ = load_bins(served_model.etl_dir)
     seqs = split_sequences(frame, pre, "test")
     forecaster = load_from_mlflow(
         served_model.settings_kwargs["model_uri"], served_model.tracking_uri
     ).forecaster
-    windows = rollout_windows(forecaster.model, seqs.inputs, seqs.state, (k,))[k]
+    bounds = state_bounds(forecaster.preprocessor)
+    windows = rollout_windows(forecaster.model, seqs.inputs, seqs.state, (k,), bounds=bounds)[k]
     starts = frame.groupby("icustay_id")["bin_start"].min()
     out = []
     for w in range(len(windows.stay)):

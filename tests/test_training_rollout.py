@@ -130,3 +130,30 @@ def test_metrics_match_hand_computed_values() -> None:
     assert rows[1]["mae"] == pytest.approx(2 / 3)
     assert rows[1]["r2"] == pytest.approx(1 - 4 / 26)
     assert np.isnan(r2(np.ones((3, 1)), np.full((3, 1), 2.0)))  # constant truth: undefined
+
+
+def test_rollout_clips_predictions_to_bounds_before_feeding_them_back() -> None:
+    x, s = _stay(6)
+    model = Recorder()  # predicts state + 0.1 each step: 3 steps from bin 2 would reach 2.3
+    lo = torch.full((N_STATE,), -1.0, dtype=torch.float64)
+    hi = torch.full((N_STATE,), 2.15, dtype=torch.float64)
+    w = rollout_windows(model, [x], [s], (3,), bounds=(lo, hi))[3]
+    assert (w.pred <= 2.15).all()
+    j = int(np.flatnonzero(w.start == 2)[0])
+    np.testing.assert_allclose(w.pred[j, :, 0], [2.1, 2.15, 2.15])
+    # What is fed back is the clipped value, not the raw prediction.
+    fed = [inp.numpy() for inp in model.seen[len(x) :]]
+    assert max(inp[:, 0].max() for inp in fed) <= 2.15
+
+
+def test_state_bounds_are_the_clamp_ranges_in_scaled_space(tmp_path) -> None:  # noqa: ANN001
+    from features.preprocess import CLAMP_HIGH, CLAMP_LOW, Preprocessor
+    from tests.synthetic import write_synthetic_etl_output
+    from training.rollout import state_bounds
+
+    pre = Preprocessor.load(
+        write_synthetic_etl_output(tmp_path / "out", n_stays=8) / "preprocessor"
+    )
+    lo, hi = state_bounds(pre)
+    np.testing.assert_allclose(pre.unscale_state(lo.numpy()), CLAMP_LOW)
+    np.testing.assert_allclose(pre.unscale_state(hi.numpy()), CLAMP_HIGH)

@@ -13,7 +13,7 @@ from features.preprocess import Preprocessor
 from training.data import StaySequences
 from training.metrics import observed_summary, per_variable, summary
 from training.models import DynamicsModel
-from training.rollout import Windows, rollout_windows
+from training.rollout import Windows, rollout_windows, state_bounds
 
 KS: tuple[int, ...] = (1, 2, 3, 5)
 SIGMAS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05)
@@ -74,7 +74,8 @@ def evaluate(
     The model runs in float64 on a copy, as the Forecaster does.
     """
     model = copy.deepcopy(model).double().eval()
-    wins = rollout_windows(model, seqs.inputs, seqs.state, ks)
+    bounds = state_bounds(pre)
+    wins = rollout_windows(model, seqs.inputs, seqs.state, ks, bounds=bounds)
     ev = Evaluation(scaled={}, windows=wins)
     for k, w in wins.items():
         ev.scaled[k] = summary(w.pred[:, -1], w.true[:, -1])
@@ -86,7 +87,11 @@ def evaluate(
         for row in per_variable(pred_phys, true_phys, STATE_NAMES):
             ev.per_variable.append({"k": k, **row})
     for s in sigmas:
-        noisy = wins if s == 0 else rollout_windows(model, seqs.inputs, seqs.state, ks, s, seed)
+        noisy = (
+            wins
+            if s == 0
+            else rollout_windows(model, seqs.inputs, seqs.state, ks, s, seed, bounds=bounds)
+        )
         for k, w in noisy.items():
             ev.noise[(k, s)] = summary(w.pred[:, -1], w.true[:, -1])
     return ev

@@ -11,7 +11,7 @@ from features.catalog import N_INTERVENTION, N_STATE
 from features.preprocess import INTERVENTION_MAX, Preprocessor, prepare_arrays
 from training.data import model_inputs
 from training.models import DynamicsModel
-from training.rollout import continue_rollout, encode
+from training.rollout import continue_rollout, encode, state_bounds
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Forecaster:
         # float64 inference: a forecast must not depend on which other rows share its batch
         # (float32 kernels round differently per batch size); the models are small.
         self.model = self.model.double().eval()
+        self._bounds = state_bounds(self.preprocessor)
 
     def prepare(
         self, state: np.ndarray, interventions: np.ndarray, lengths: np.ndarray
@@ -108,5 +109,5 @@ class Forecaster:
         plan = np.clip(np.nan_to_num(planned[:, : h - 1], nan=0.0), 0.0, INTERVENTION_MAX)
         plan_scaled = self.preprocessor.scale_interventions(plan.reshape(-1, N_INTERVENTION))
         fut = torch.as_tensor(plan_scaled.reshape(b, h - 1, N_INTERVENTION), dtype=torch.float64)
-        pred = continue_rollout(self.model, first, last_state, fut).numpy()
+        pred = continue_rollout(self.model, first, last_state, fut, self._bounds).numpy()
         return self.preprocessor.unscale_state(pred.astype(np.float64))

@@ -17,8 +17,23 @@ import numpy as np
 import torch
 
 from features.catalog import N_STATE
+from features.preprocess import CLAMP_HIGH, CLAMP_LOW, Preprocessor
 from training.models import DynamicsModel
 from training.models.base import State
+
+Bounds = tuple[torch.Tensor, torch.Tensor]
+
+
+def state_bounds(pre: Preprocessor, dtype: torch.dtype = torch.float64) -> Bounds:
+    """The clamp (plausible) range of each state variable in the model's scaled space.
+
+    Every training target lies inside it, so projecting a prediction onto it can only move the
+    prediction closer to the truth; without it, fed-back predictions drift to values no patient
+    has (negative creatinine) within a few steps.
+    """
+    lo = torch.as_tensor(pre.scale_state(CLAMP_LOW), dtype=dtype)
+    hi = torch.as_tensor(pre.scale_state(CLAMP_HIGH), dtype=dtype)
+    return lo, hi
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -67,19 +82,30 @@ def encode(
 
 @torch.no_grad()
 def continue_rollout(
-    model: DynamicsModel, first: torch.Tensor, state: State, future_iv: torch.Tensor
+    model: DynamicsModel,
+    first: torch.Tensor,
+    state: State,
+    future_iv: torch.Tensor,
+    bounds: Bounds | None = None,
 ) -> torch.Tensor:
     """From step 1's prediction ``first`` (W, 18) and the state that produced it, roll on.
 
     ``future_iv`` (W, K-1, 3): scaled interventions of the bins whose state was just predicted,
     fed with that prediction (observed mask 0). Returns (W, K, 18) predictions for steps 1..K.
+    With ``bounds`` (:func:`state_bounds`) every prediction is clipped to the plausible range
+    before it is returned or fed back.
     """
-    preds = [first]
-    y = first
+
+    def clip(y: torch.Tensor) -> torch.Tensor:
+        return y if bounds is None else torch.clamp(y, bounds[0], bounds[1])
+
+    y = clip(first)
+    preds = [y]
     zeros = torch.zeros_like(first)
     for k in range(future_iv.shape[1]):
         x = torch.cat([y, zeros, future_iv[:, k]], dim=-1)
         y, state = model.step(x, state)
+        y = clip(y)
         preds.append(y)
     return torch.stack(preds, dim=1)
 
@@ -104,13 +130,14 @@ def rollout_windows(
     ks: tuple[int, ...],
     noise_sigma: float = 0.0,
     seed: int = 0,
+    bounds: Bounds | None = None,
 ) -> dict[int, Windows]:
     """Rollouts of every length in ``ks`` from every start bin of every stay.
 
     ``noise_sigma`` adds Gaussian noise (scaled space, i.e. relative to the min-max range) to
     the state part of the history inputs; interventions, masks and the truth are untouched.
     Runs in the model's dtype: evaluation and the Forecaster use float64, so results do not
-    depend on how windows are batched.
+    depend on how windows are batched. ``bounds`` clips predictions as in :func:`continue_rollout`.
     """
     model.eval()
     if noise_sigma > 0:
@@ -142,7 +169,7 @@ def rollout_windows(
             if k > 1
             else torch.zeros(len(idx), 0, x.shape[-1] - 2 * N_STATE, dtype=x.dtype)
         )
-        pred = continue_rollout(model, first, state0, fut).numpy()
+        pred = continue_rollout(model, first, state0, fut, bounds).numpy()
         true = np.stack([states[i][s + 1 : s + k + 1] for i, s in idx])
         obs = np.stack([inputs[i][s + 1 : s + k + 1, N_STATE : 2 * N_STATE] for i, s in idx])
         out[k] = Windows(k, stay, start, pred.astype(np.float64), true.astype(np.float64), obs)
