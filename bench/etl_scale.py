@@ -27,14 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TABLES = (
-    "ICUSTAYS",
-    "CHARTEVENTS",
-    "LABEVENTS",
-    "INPUTEVENTS_CV",
-    "INPUTEVENTS_MV",
-    "PROCEDUREEVENTS_MV",
-)
+from pipeline.etl.run import TABLE_ORDER as TABLES  # noqa: E402  (the tables the ETL reads)
+
 ID_OFFSETS = {"subject_id": 1_000_000, "hadm_id": 1_000_000, "icustay_id": 1_000_000,
               "row_id": 10**8, "orderid": 10**8, "linkorderid": 10**8}  # fmt: skip
 TIME_COLUMNS = {"intime", "outtime", "charttime", "storetime", "starttime", "endtime",

@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +24,7 @@ import pytest
 
 from features.catalog import INTERVENTION_NAMES, OBSERVED_NAMES, STATE_NAMES
 from pipeline.cli import main
+from tests.processes import wait_until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -140,17 +140,8 @@ def test_dag_then_service_matches_offline_rollout(
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"service not ready:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        log.flush()
+        wait_until_ok(proc, f"{base}/readyz", 120, tmp_path / "serve.log", "the service")
         resp = httpx.post(f"{base}/v1/forecast", json=body, timeout=60)
         assert resp.status_code == 200, resp.text
         payload = resp.json()

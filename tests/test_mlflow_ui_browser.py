@@ -19,8 +19,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tests.processes import wait_until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -60,18 +61,8 @@ def mlflow_server(tmp_path: Path, mlflow_uri: str) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                server_log = (tmp_path / "mlflow-server.log").read_text()[-3000:]
-                pytest.fail(f"mlflow server did not start:\n{server_log}")
-            time.sleep(0.5)
+        log.flush()
+        wait_until_ok(proc, f"{base}/health", 90, tmp_path / "mlflow-server.log", "mlflow server")
         yield base
     finally:
         proc.terminate()
