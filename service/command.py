@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pydantic import ValidationError
-
-from features.errors import UserError
+from features.settings import settings_from_flags
 from service.settings import LOOPBACK_HOSTS, ServiceSettings
 
 log = logging.getLogger("icu_forecast.service")
@@ -31,12 +29,7 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         "mlflow_tracking_uri": args.tracking_uri,
         "log_level": args.log_level,
     }
-    try:
-        return ServiceSettings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"invalid setting {loc}: {first['msg']}") from exc
+    return settings_from_flags(ServiceSettings, given, "service")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -77,3 +77,12 @@ def test_missing_column_and_bad_split_are_clear_errors(data_dir: Path, tmp_path:
         load_bins(bad)
     with pytest.raises(DataError, match="not found"):
         load_bins(tmp_path / "absent")
+
+
+def test_train_config_carries_every_architecture_field_with_its_default() -> None:
+    from training.config import TrainConfig
+    from training.models import ModelConfig
+
+    arch = {k for k in ModelConfig.__dataclass_fields__ if k != "extra"}
+    assert arch <= set(TrainConfig.model_fields)
+    assert TrainConfig().model_cfg() == ModelConfig(model="cfc")

@@ -10,6 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.models.base import ModelConfig
 
+# One source for architecture defaults: TrainConfig's flat fields take ModelConfig's.
+_ARCH = ModelConfig()
+
 
 class TrainConfig(BaseSettings):
     """One training run: data, model architecture, optimisation, Lightning Trainer, MLflow."""
@@ -27,20 +30,20 @@ class TrainConfig(BaseSettings):
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     patience: int = 10
-    # architecture (training.models.ModelConfig)
-    units: int = 128
-    layers: int = 2
-    mode: Literal["default", "pure", "no_gate"] = "default"
-    backbone_units: int = 128
-    backbone_layers: int = 1
-    backbone_dropout: float = 0.0
-    mixed_memory: bool = False
-    cfc_impl: Literal["ncps", "fast"] = "fast"
-    ncp_output: int = 18
-    ncp_sparsity: float = 0.5
-    ode_unfolds: int = 6
-    ridge_alpha: float = 1.0
-    residual: bool = True
+    # architecture: flat flags for training.models.ModelConfig, whose defaults they take
+    units: int = _ARCH.units
+    layers: int = _ARCH.layers
+    mode: Literal["default", "pure", "no_gate"] = _ARCH.mode
+    backbone_units: int = _ARCH.backbone_units
+    backbone_layers: int = _ARCH.backbone_layers
+    backbone_dropout: float = _ARCH.backbone_dropout
+    mixed_memory: bool = _ARCH.mixed_memory
+    cfc_impl: Literal["ncps", "fast"] = _ARCH.cfc_impl
+    ncp_output: int = _ARCH.ncp_output
+    ncp_sparsity: float = _ARCH.ncp_sparsity
+    ode_unfolds: int = _ARCH.ode_unfolds
+    ridge_alpha: float = _ARCH.ridge_alpha
+    residual: bool = _ARCH.residual
     # Lightning Trainer pass-through
     accelerator: str = "auto"
     devices: str = "auto"

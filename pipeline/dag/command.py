@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pydantic import ValidationError
-
 from features.errors import UserError
+from features.settings import settings_from_flags
 from pipeline.dag.settings import PAPER_EPOCHS, DagSettings
 
 
@@ -60,13 +59,7 @@ def settings_from_args(args: argparse.Namespace) -> DagSettings:
         if "epochs" in given and given["epochs"] != PAPER_EPOCHS:
             raise UserError("--paper and --epochs disagree; give one of them")
         given["epochs"] = PAPER_EPOCHS
-    try:
-        return DagSettings(**given)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise UserError(f"invalid DAG settings: {problems}") from exc
+    return settings_from_flags(DagSettings, given, "DAG")
 
 
 def _print_status(decisions: list) -> None:

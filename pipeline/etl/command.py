@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pydantic import ValidationError
-
-from features.errors import UserError
+from features.settings import settings_from_flags
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,25 +29,15 @@ def settings_from_args(args: argparse.Namespace):
     from pipeline.etl.settings import EtlSettings
 
     given = {
-        k: v
-        for k, v in {
-            "mimic_dir": args.mimic_dir,
-            "out": args.out,
-            "seed": args.seed,
-            "threads": args.threads,
-            "memory_limit": args.memory_limit,
-            "temp_dir": args.temp_dir,
-            "progress": args.progress,
-        }.items()
-        if v is not None
+        "mimic_dir": args.mimic_dir,
+        "out": args.out,
+        "seed": args.seed,
+        "threads": args.threads,
+        "memory_limit": args.memory_limit,
+        "temp_dir": args.temp_dir,
+        "progress": args.progress,
     }
-    try:
-        return EtlSettings(**given)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        raise UserError(f"invalid ETL settings: {problems}") from exc
+    return settings_from_flags(EtlSettings, given, "ETL")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pydantic import ValidationError
-
-from features.errors import UserError
+from features.settings import settings_from_flags
 from training.models import MODEL_NAMES
 
 # flag -> (type, help). Every flag defaults to None: only given flags override env / defaults.
@@ -70,13 +68,8 @@ def settings_from_args(args: argparse.Namespace):  # noqa: ANN201
 
     values = dict(vars(args))
     values["register_model"] = values.pop("register", None)
-    given = {k: v for k, v in values.items() if v is not None and k in TrainConfig.model_fields}
-    try:
-        return TrainConfig(**given)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"train: invalid --{field.replace('_', '-')}: {first['msg']}") from exc
+    given = {k: v for k, v in values.items() if k in TrainConfig.model_fields}
+    return settings_from_flags(TrainConfig, given, "train")
 
 
 def run(args: argparse.Namespace) -> int:

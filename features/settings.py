@@ -1,0 +1,28 @@
+"""Typed settings from the flags a user actually gave (flags > environment > defaults)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from features.errors import UserError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def settings_from_flags(cls: type[T], given: Mapping[str, Any], what: str) -> T:
+    """Build ``cls`` from the non-None ``given`` values; invalid values become one UserError.
+
+    The message names every invalid field as its flag (``--memory-limit``) with pydantic's
+    reason, so the CLI prints one line the user can act on.
+    """
+    try:
+        return cls(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-') or 'settings'}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise UserError(f"invalid {what} settings: {problems}") from exc

@@ -1,0 +1,30 @@
+"""Settings built from CLI flags: only given flags count; invalid values name their flag."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from features.errors import UserError
+from features.settings import settings_from_flags
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ICU_TEST_")
+
+    memory_limit: str = "3GB"
+    seed: int = 0
+
+
+def test_only_given_flags_override_the_environment(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("ICU_TEST_SEED", "5")
+    assert settings_from_flags(_Settings, {"seed": None}, "test").seed == 5
+    assert settings_from_flags(_Settings, {"seed": 7}, "test").seed == 7
+
+
+def test_invalid_values_name_every_flag() -> None:
+    with pytest.raises(UserError) as err:
+        settings_from_flags(_Settings, {"seed": "many", "memory_limit": 3}, "test")
+    msg = str(err.value)
+    assert msg.startswith("invalid test settings: ")
+    assert "--seed: " in msg and "--memory-limit: " in msg
