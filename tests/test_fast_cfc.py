@@ -374,3 +374,46 @@ def test_pyfunc_logged_from_fast_model_loads_in_the_service_path(tmp_path, mlflo
     got = loaded.forecast(state, iv, lengths, planned)
     assert got.shape == (len(state), 5, 18) and np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["default", "pure", "no_gate"])
+def test_general_loops_equal_ncps_for_the_specialised_layout(mode: str, monkeypatch) -> None:  # noqa: ANN001
+    """The common layout (one backbone Linear, no LSTM) runs specialised loops; the general
+    ones must still compute the same thing (they serve every other layout)."""
+    import training.fast_cfc as fast_cfc
+
+    monkeypatch.setattr(fast_cfc, "_SPECIALISED_LOOPS", False)
+    ref, fast = _pair(N_IN, UNITS, mode=mode, backbone_units=16)
+    _assert_same(ref, fast, torch.randn(B, T, N_IN))
+
+
+@pytest.mark.parametrize(
+    ("mode", "mixed", "dropout"),
+    [("default", False, 0.0), ("pure", True, 0.0), ("no_gate", False, 0.3)],
+)
+def test_training_stack_time_major_path_equals_ncps(mode: str, mixed: bool, dropout: float) -> None:
+    """training.models chains FastCfC layers and the head time-major (forward_time_major);
+    outputs and gradients equal the ncps stack's, also in training mode with dropout."""
+    from training.models import ModelConfig, build_model
+    from training.models.base import N_INPUT
+
+    cfg = {
+        "model": "cfc", "units": 16, "layers": 2, "backbone_units": 16, "mode": mode,
+        "mixed_memory": mixed, "backbone_layers": 2, "backbone_dropout": dropout,
+    }  # fmt: skip
+    torch.manual_seed(0)
+    ref = build_model(ModelConfig(**cfg, cfc_impl="ncps"))
+    fast = build_model(ModelConfig(**cfg, cfc_impl="fast"))
+    fast.load_state_dict(ref.state_dict())
+    x = torch.rand(4, 9, N_INPUT)
+    torch.manual_seed(5)
+    y_ref = ref(x)
+    torch.manual_seed(5)
+    y_fast = fast(x)
+    torch.testing.assert_close(y_fast, y_ref, **TOL)
+    y_ref.square().mean().backward()
+    y_fast.square().mean().backward()
+    for (key, p), q in zip(ref.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, **TOL, msg=lambda m, k=key: f"{k}: {m}")
+    with pytest.raises(ValueError, match="return_sequences"):
+        FastCfC(N_IN, UNITS, return_sequences=False).forward_time_major(torch.randn(T, B, N_IN))

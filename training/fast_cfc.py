@@ -33,7 +33,7 @@ from ncps.torch.cfc_cell import CfCCell, LeCun
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["FastCfC"]
+__all__ = ["FastCfC", "StackStepper"]
 
 
 def _lecun_tanh(x: Tensor) -> Tensor:
@@ -228,6 +228,10 @@ class _BufferPool:
 
 _POOL = _BufferPool()
 
+# The specialised loops of ``_FusedSequence`` for the common layout; False runs the general
+# loops instead (for tests and speed comparisons).
+_SPECIALISED_LOOPS = True
+
 
 class _Release:
     """Gives its buffers back to the pool when the autograd node holding it is freed."""
@@ -283,7 +287,16 @@ class _FusedSequence(torch.autograd.Function):
             None if act == "sigmoid" else new(seq_len, batch, z)
             for act, z in zip(spec.acts, widths, strict=True)
         ]
-        heads = new(seq_len, batch, head_w.shape[0] if spec.has_backbone else pre.shape[2])
+        # The common layout (one sigmoid-form backbone Linear, default or no_gate heads, no
+        # elapsed times, no LSTM) takes a loop specialised for it: fewer Python-level
+        # operations per step, and the heads go straight into ``probs``.
+        simple = _SPECIALISED_LOOPS and (
+            not pure and not spec.mixed and ts is None and spec.has_backbone
+            and spec.acts == ("sigmoid",)
+        )  # fmt: skip
+        heads = None if simple else new(
+            seq_len, batch, head_w.shape[0] if spec.has_backbone else pre.shape[2]
+        )  # fmt: skip
         hs = pre.new_empty(seq_len, batch, n)  # returned: never pooled
         if pure:
             expo = new(seq_len, batch, n)
@@ -303,7 +316,21 @@ class _FusedSequence(torch.autograd.Function):
             biases = [*layer_b, head_b]
 
         h, c = h0, c0
-        for t in range(seq_len):
+        if simple:
+            p1s, p2s, gs = (part.unbind(0) for part in probs.split(n, dim=2))
+            hw_t, head_wt = h_wt, weights_t[-1]
+            lerp = spec.mode != "no_gate"
+            for pre_t, act_t, prob_t, h_t, p1, p2, g in zip(
+                pre.unbind(0), acts[0].unbind(0), probs.unbind(0), hs.unbind(0), p1s, p2s, gs,
+                strict=True,
+            ):  # fmt: skip
+                z = torch.addmm(pre_t, h, hw_t, out=act_t).sigmoid_()
+                torch.addmm(head_b, z, head_wt, out=prob_t).sigmoid_()
+                if lerp:
+                    h = torch.lerp(p1, p2, g, out=h_t).mul_(2.0).sub_(1.0)
+                else:
+                    h = torch.addcmul(p1, g, p2, out=h_t).mul_(2.0).sub_(g).sub_(1.0)
+        for t in range(0 if simple else seq_len):
             if spec.mixed:
                 p = torch.addmm(lstm_pre[t], h, lstm_wt, out=l_probs[t]).sigmoid_()
                 p_in, in_gate, forget_gate, out_gate = p.split(n, dim=1)
@@ -374,6 +401,10 @@ class _FusedSequence(torch.autograd.Function):
             scratch.append(buf)
             return buf
 
+        # One backbone Linear, no LSTM (the common layout): a loop with fewer Python-level
+        # operations per step; the recurrent gradient is accumulated straight into the
+        # previous step's total with addmm_.
+        simple = _SPECIALISED_LOOPS and spec.has_backbone and not spec.mixed and len(spec.acts) == 1
         # d heads / d h for all steps at once, in place in pooled buffers.
         if pure:
             expo, z = ctx.expo, ctx.heads
@@ -388,28 +419,31 @@ class _FusedSequence(torch.autograd.Function):
             n_heads = 3 if ts is None else 4
             factor = take(seq_len, batch, n_heads, n)
             k = factor.unbind(2)
-            g_grad = take(seq_len, batch, n)
-            torch.mul(g, g, out=g_grad)
-            torch.sub(g, g_grad, out=g_grad)
+            # sigmoid_backward(d, s) = d s (1 - s) in one pass over the sequence.
+            sig_bw = torch.ops.aten.sigmoid_backward.grad_input
             d_q = k[2] if ts is None else k[3]
             if spec.mode == "no_gate":
-                torch.mul(p2, 2.0, out=d_q).sub_(1.0).mul_(g_grad)  # (2 p2 - 1) g (1 - g)
+                torch.mul(p2, 2.0, out=d_q).sub_(1.0)
+                sig_bw(d_q, g, grad_input=d_q)  # (2 p2 - 1) g (1 - g)
             else:
-                torch.sub(p2, p1, out=d_q).mul_(g_grad).mul_(2.0)  # 2 (p2 - p1) g (1 - g)
+                torch.sub(p2, p1, out=d_q).mul_(2.0)
+                sig_bw(d_q, g, grad_input=d_q)  # 2 (p2 - p1) g (1 - g)
             if ts is not None:
                 torch.mul(d_q, ts, out=k[2])
-            torch.mul(p2, p2, out=k[1])
-            torch.sub(p2, k[1], out=k[1]).mul_(g).mul_(2.0)  # 2 g p2 (1 - p2)
-            torch.mul(p1, p1, out=k[0])
-            torch.sub(p1, k[0], out=k[0]).mul_(2.0)  # 2 p1 (1 - p1)
-            if spec.mode != "no_gate":
-                k[0].addcmul_(k[0], g, value=-1.0)  # * (1 - g)
+            sig_bw(torch.add(g, g, out=k[1]), p2, grad_input=k[1])  # 2 g p2 (1 - p2)
+            if spec.mode == "no_gate":
+                sig_bw(k[0].fill_(2.0), p1, grad_input=k[0])  # 2 p1 (1 - p1)
+            else:
+                torch.mul(g, -2.0, out=k[0]).add_(2.0)
+                sig_bw(k[0], p1, grad_input=k[0])  # 2 (1 - g) p1 (1 - p1)
         n_heads = factor.shape[2]
         if spec.has_backbone:
             d_heads = take(seq_len, batch, n_heads * n)
             d_act = []
             for act, a, u in zip(spec.acts, ctx.acts, ctx.pre_acts, strict=True):
-                if act == "sigmoid":
+                if simple and act == "sigmoid":
+                    d_act.append(None)  # the loop below applies sigmoid_backward per step
+                elif act == "sigmoid":
                     d = take(*a.shape)
                     torch.mul(a, a, out=d)
                     d_act.append(torch.sub(a, d, out=d))
@@ -438,7 +472,31 @@ class _FusedSequence(torch.autograd.Function):
         # Becomes d loss / d hs[t] including the recurrent path.
         d_h_total = take(*d_hs.shape).copy_(d_hs)
         dh_next = None
-        for t in range(seq_len - 1, -1, -1):
+        if simple:
+            dh_steps = d_h_total.unbind(0)
+            da = take(batch, head_w.shape[1])
+            sig = spec.acts[0] == "sigmoid"
+            sig_bw = torch.ops.aten.sigmoid_backward.grad_input
+            for t, fac, d_head, d_head_v, d_a, d_u in zip(
+                range(seq_len - 1, -1, -1),
+                factor.unbind(0)[::-1],
+                d_heads.unbind(0)[::-1],
+                d_heads.view(seq_len, batch, n_heads, n).unbind(0)[::-1],
+                (ctx.acts[0] if sig else d_act[0]).unbind(0)[::-1],
+                d_first.unbind(0)[::-1],
+                strict=True,
+            ):
+                torch.mul(dh_steps[t].unsqueeze(1), fac, out=d_head_v)
+                torch.mm(d_head, head_w, out=da)
+                if sig:  # d_a holds the sigmoid's output here
+                    sig_bw(da, d_a, grad_input=d_u)
+                else:
+                    torch.mul(da, d_a, out=d_u)
+                if t > 0:
+                    dh_steps[t - 1].addmm_(d_u, h_weight)
+                else:
+                    dh_next = d_u @ h_weight
+        for t in range(-1 if simple else seq_len - 1, -1, -1):
             dh = d_h_total[t]
             if dh_next is not None:
                 dh.add_(dh_next)
@@ -565,13 +623,7 @@ class FastCfC(CfC):
         ts = self._timespans(timespans, seq_len, batch_size, is_batched, x)
         h, c = self._initial_state(hx, batch_size, is_batched, x)
 
-        use_fused = (
-            self.fused
-            and not self.wired_mode_enabled
-            and not (self.training and self._backbone_dropout_active())
-            and not (ts is not None and ts.requires_grad)
-        )
-        if use_fused:
+        if self._use_fused(ts):
             hs, c = self._fused(x, h, c, ts)
             h = h_out = hs[-1]
             outputs = hs
@@ -586,6 +638,28 @@ class FastCfC(CfC):
             readout = readout.squeeze(batch_dim)
             h, c = h[0], (c[0] if c is not None else None)
         return readout, ((h, c) if self.use_mixed else h)
+
+    def forward_time_major(self, x: Tensor) -> Tensor:
+        """The output sequence (T, B, output) for a time-major input (T, B, input), from a zero
+        state with unit elapsed times: ``forward(x.transpose(0, 1))[0].transpose(0, 1)`` for a
+        batch-first module returning sequences, without the layout round trips (the training
+        stack chains its layers and its head time-major: no transposed copies)."""
+        if not self.return_sequences:
+            raise ValueError("forward_time_major needs return_sequences=True")
+        h, c = self._initial_state(None, x.shape[1], True, x)
+        if self._use_fused(None):
+            hs, _ = self._fused(x, h, c, None)
+        else:
+            hs = self._loop(x, h, c, None)[0]
+        return self.fc(hs)
+
+    def _use_fused(self, ts) -> bool:
+        return (
+            self.fused
+            and not self.wired_mode_enabled
+            and not (self.training and self._backbone_dropout_active())
+            and not (ts is not None and ts.requires_grad)
+        )
 
     def _fused(self, x: Tensor, h, c, ts):
         """The plain cell through ``_FusedSequence``."""
@@ -806,3 +880,136 @@ class FastCfC(CfC):
         if self.batch_first:
             ts = ts.transpose(0, 1)
         return ts.unsqueeze(-1)
+
+
+@dataclass
+class _StepLayer:
+    """One unwired FastCfC layer prepared for single-step inference.
+
+    The first Linear (and the LSTM's two maps) act on ``cat([x, h])``, as in ncps, so one
+    matmul per Linear; weights are transposed and contiguous once, not per call.
+    """
+
+    spec: _Spec
+    xh_wt: Tensor  # (I + H, Z0): first Linear (or the fused heads without a backbone)
+    b0: Tensor
+    layers: list  # [(weight.t(), bias)] for the backbone Linears after the first
+    head_wt: Tensor | None
+    head_b: Tensor | None
+    lstm_wt: Tensor | None  # (I + H, 4H), input rows doubled, forget offset in lstm_b
+    lstm_b: Tensor | None
+    w_tau_abs: Tensor | None
+    amp: Tensor | None
+
+    @classmethod
+    def from_module(cls, rnn: FastCfC, like: Tensor) -> _StepLayer:
+        w = rnn._rewrite_weights(like, fuse_time=True)
+        lstm_wt = lstm_b = None
+        if w["spec"].mixed:
+            lstm_wt = torch.cat([w["lstm_in_w"], w["lstm_weight"]], dim=1).t().contiguous()
+            lstm_b = w["lstm_in_b"].contiguous()
+        params = w["layer_params"]
+        return cls(
+            spec=w["spec"],
+            xh_wt=torch.cat([w["pre_w"], w["h_weight"]], dim=1).t().contiguous(),
+            b0=w["pre_b"].contiguous(),
+            layers=[(params[i].t().contiguous(), params[i + 1]) for i in range(0, len(params), 2)],
+            head_wt=None if w["head_w"] is None else w["head_w"].t().contiguous(),
+            head_b=w["head_b"],
+            lstm_wt=lstm_wt,
+            lstm_b=lstm_b,
+            w_tau_abs=w["w_tau_abs"],
+            amp=w["amp"],
+        )
+
+    def __call__(self, x: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The same arithmetic as one step of ``_infer_sequence``."""
+        spec = self.spec
+        n = spec.hidden
+        if spec.mixed:
+            p_in, in_gate, forget_gate, out_gate = (
+                torch.addmm(self.lstm_b, torch.cat([x, h], 1), self.lstm_wt)
+                .sigmoid_()
+                .split(n, dim=1)
+            )
+            c = torch.addcmul(c * forget_gate, p_in.mul(2.0).sub_(1.0), in_gate)
+            h = torch.mul(c, 2.0).sigmoid_().mul_(2.0).sub_(1.0).mul_(out_gate)
+        z = torch.addmm(self.b0, torch.cat([x, h], 1), self.xh_wt)
+        if spec.has_backbone:
+            for k, act in enumerate(spec.acts):
+                if k > 0:
+                    wt, b = self.layers[k - 1]
+                    z = torch.addmm(b, z, wt)
+                z = z.sigmoid_() if act == "sigmoid" else act(z)
+            z = torch.addmm(self.head_b, z, self.head_wt)
+        if spec.mode == "pure":
+            e = torch.abs(z).add_(self.w_tau_abs).neg_().exp_()
+            return e.mul_(z).mul_(-self.amp).add_(self.amp), c
+        p1, p2, g = z.sigmoid_().split(n, dim=1)
+        if spec.mode == "no_gate":
+            return torch.addcmul(p1, g, p2).mul_(2.0).sub_(g).sub_(1.0), c
+        return torch.lerp(p1, p2, g).mul_(2.0).sub_(1.0), c
+
+
+class StackStepper:
+    """One bin of a stack of unwired ``FastCfC`` layers plus a linear head, without autograd.
+
+    Rollouts call a model once per bin for one or a few patients, where fixed per-call costs
+    (argument handling, per-layer module calls, re-validating every cached weight) outweigh
+    the arithmetic. This runs the whole stack on weights prepared once and re-prepared only
+    when a parameter changes, which is checked once per call over all layers and the head.
+    ``__call__(x, state)`` takes the stack's flat state list (``[h]`` per layer, ``[h, c]``
+    with mixed memory) and returns ``(head output, new state list)``.
+    """
+
+    def __init__(self, rnns, head: nn.Module) -> None:
+        if not isinstance(head, nn.Linear) or not all(
+            isinstance(r, FastCfC) and not r.wired_mode_enabled and isinstance(r.fc, nn.Identity)
+            for r in rnns
+        ):
+            raise TypeError("StackStepper needs unwired FastCfC layers (no proj_size) and a Linear")
+        self.rnns = list(rnns)
+        self.head = head
+        # Read through the owners' dicts: notices a replaced Parameter; ``data_ptr`` a moved or
+        # converted one; ``_version`` an in-place update (optimiser steps, load_state_dict).
+        self._slots = [
+            (m._parameters, name)
+            for owner in (*self.rnns, head)
+            for m in owner.modules()
+            for name, p in m._parameters.items()
+            if p is not None
+        ]
+        self._cached: tuple | None = None  # (key, prepared weights)
+
+    def applies(self) -> bool:
+        """Whether every layer can take the lean path in its current state (flags can change
+        after construction: ``fused``, ``train()`` with backbone dropout)."""
+        return all(r.fused and not (r.training and r._backbone_dropout_active()) for r in self.rnns)
+
+    def _prepared(self, x: Tensor) -> tuple:
+        key = (x.dtype, x.device, *((d[k].data_ptr(), d[k]._version) for d, k in self._slots))
+        cached = self._cached  # one tuple, replaced whole: safe for concurrent readers
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                layers = [_StepLayer.from_module(r, x) for r in self.rnns]
+                head = (self.head.weight.t().contiguous(), self.head.bias)
+            cached = (key, (layers, head))
+            self._cached = cached
+        return cached[1]
+
+    def __call__(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        layers, (head_wt, head_b) = self._prepared(x)
+        new: list[Tensor] = []
+        i = 0
+        h = x
+        for layer in layers:
+            if layer.spec.mixed:
+                h, c = layer(h, state[i], state[i + 1])
+                new += [h, c]
+                i += 2
+            else:
+                h, _ = layer(h, state[i], None)
+                new.append(h)
+                i += 1
+        out = torch.addmm(head_b, h, head_wt) if head_b is not None else h @ head_wt
+        return out, new

@@ -66,14 +66,19 @@ def encode(
     state = model.init_state(b, x.device, x.dtype)
     ys = []
     every: list[State] | None = [] if keep_all else None
+    # Bins before the shortest history's end are real for every row: no masking needed.
+    all_live = int(lengths.min()) if b else t
     for i in range(t):
         y, new = model.step(x[:, i], state)
-        live = i < lengths
-        # Rows whose history has ended keep the state after their last real bin.
-        state = [
-            torch.where(live.view(-1, *[1] * (n.dim() - 1)), n, o)
-            for n, o in zip(new, state, strict=True)
-        ]
+        if i < all_live:
+            state = new
+        else:
+            live = i < lengths
+            # Rows whose history has ended keep the state after their last real bin.
+            state = [
+                torch.where(live.view(-1, *[1] * (n.dim() - 1)), n, o)
+                for n, o in zip(new, state, strict=True)
+            ]
         if every is not None:
             every.append(new)
         ys.append(y)

@@ -35,6 +35,13 @@ class _NcpsStack(DynamicsModel):
         self.head = nn.Linear(out_size, N_STATE)
 
     def forward(self, x: Tensor) -> Tensor:
+        if all(hasattr(r, "forward_time_major") and r.return_sequences for r in self.rnns):
+            # FastCfC layers: chain them and the head time-major, so no layer boundary makes
+            # a transposed copy; only the (B, T, 18) result is a transposed view.
+            h = x.transpose(0, 1)
+            for rnn in self.rnns:
+                h = rnn.forward_time_major(h)
+            return self._out(x, self.head(h).transpose(0, 1))
         h = x
         for rnn in self.rnns:
             h, _ = rnn(h)
@@ -49,6 +56,10 @@ class _NcpsStack(DynamicsModel):
         return out
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        stepper = self._stepper() if not torch.is_grad_enabled() else None
+        if stepper is not None:
+            out, new = stepper(x, state)
+            return self._out(x, out), new
         h = x[:, None, :]
         new: State = []
         i = 0
@@ -62,6 +73,34 @@ class _NcpsStack(DynamicsModel):
             h, hx = rnn(h, hx)
             new.extend(hx if isinstance(hx, tuple) else [hx])
         return self._out(x, self.head(h[:, 0])), new
+
+    def _stepper(self):
+        """FastCfC's lean single-bin inference path for the whole stack, where it applies.
+
+        Rollouts call ``step`` once per bin for a few rows, where fixed per-call costs dominate;
+        other layer types (ncps CfC, LTC, wired cells) take the module calls above.
+        """
+        cached = self.__dict__.get("_lean_stepper")
+        layers = tuple(self.rnns)
+        if cached is None or cached[0] != layers or cached[1] is not self.head:
+            stepper = None
+            if any(type(r).__name__ == "FastCfC" for r in layers):
+                from training.fast_cfc import StackStepper
+
+                try:
+                    stepper = StackStepper(layers, self.head)
+                except TypeError:  # e.g. a wired cell: the module calls handle it
+                    stepper = None
+            # Not a submodule or buffer: kept out of state_dict, dropped when pickled/copied.
+            cached = (layers, self.head, stepper)
+            self.__dict__["_lean_stepper"] = cached
+        stepper = cached[2]
+        return stepper if stepper is not None and stepper.applies() else None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_lean_stepper", None)
+        return state
 
 
 def build_cfc(cfg: ModelConfig) -> DynamicsModel:
