@@ -56,8 +56,11 @@ class GatewayMiddleware:
         metrics: ServiceMetrics,
         api_key: str | None,
         max_body_bytes: int,
+        direct: dict[str, Any] | None = None,
     ) -> None:
         self.app = app
+        # POST paths served by their own ASGI callable, past the framework's routing.
+        self.direct = direct if direct is not None else {}
         self.metrics = metrics
         self.api_key = api_key.encode() if api_key else None
         self.max_body = max_body_bytes
@@ -127,7 +130,8 @@ class GatewayMiddleware:
                     )
                     return
                 receive = self._limited(receive)
-            await self.app(scope, receive, send_with_id)
+            target = self.direct.get(path) if method == "POST" else None
+            await (target or self.app)(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - t0
             route = scope.get("route")

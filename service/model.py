@@ -166,8 +166,13 @@ class ModelHolder:
             return loaded
 
 
-def run_batch(model: LoadedModel, patients: list[PatientInput]) -> list[np.ndarray]:
-    """One Forecaster call for all ``patients`` (padded to the longest history and horizon)."""
+def run_batch(
+    model: LoadedModel, patients: list[PatientInput], threads: int | None = None
+) -> list[np.ndarray]:
+    """One Forecaster call for all ``patients`` (padded to the longest history and horizon).
+
+    ``threads``: intra-op threads for this call only (the previous setting is restored).
+    """
     import torch
 
     b = len(patients)
@@ -183,8 +188,15 @@ def run_batch(model: LoadedModel, patients: list[PatientInput]) -> list[np.ndarr
         iv[i, :n] = p.interventions
         planned[i, : p.horizon] = p.planned
         lengths[i] = n
-    with torch.inference_mode():
-        out = np.asarray(model.forecaster.forecast(state, iv, lengths, planned))
+    previous = torch.get_num_threads()
+    if threads and threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            out = np.asarray(model.forecaster.forecast(state, iv, lengths, planned))
+    finally:
+        if threads and threads != previous:
+            torch.set_num_threads(previous)
     if out.shape != (b, h_max, N_STATE):
         raise RuntimeError(f"forecaster returned shape {out.shape}, expected {(b, h_max, N_STATE)}")
     return [out[i, : p.horizon] for i, p in enumerate(patients)]
@@ -210,6 +222,8 @@ class MicroBatcher:
         max_batch: int,
         on_batch: Callable[[int], None],
         in_thread: bool = False,
+        parallel_min: int | None = None,
+        parallel_threads: int = 1,
     ):
         self._holder = holder
         self._max = max_batch
@@ -217,6 +231,11 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._in_thread = in_thread
+        # A large call (the batch endpoint) is compute-bound and alone: a second intra-op
+        # thread uses the core the event loop leaves idle while it waits. Small calls stay on
+        # one thread, where threading costs more than it saves.
+        self._parallel_min = parallel_min
+        self._parallel_threads = parallel_threads
         from concurrent.futures import ThreadPoolExecutor
 
         # One thread: model calls never overlap, so the model needs no locking.
@@ -270,14 +289,21 @@ class MicroBatcher:
 
     async def _run(self, model: LoadedModel, jobs: list[_Job]) -> None:
         patients = [p for j in jobs for p in j.patients]
+        threads = (
+            self._parallel_threads
+            if self._parallel_min is not None and len(patients) >= self._parallel_min
+            else None
+        )
         if self._in_thread:
             loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self._executor, run_batch, model, patients)
+            results = await loop.run_in_executor(
+                self._executor, run_batch, model, patients, threads
+            )
         else:
             # In the loop's own thread: no thread hop and no GIL hand-offs. While the model
             # runs, new requests wait in the socket buffers and form the next batch; with one
             # core per process this is the faster choice.
-            results = run_batch(model, patients)
+            results = run_batch(model, patients, threads)
         self._on_batch(len(patients))
         k = 0
         for j in jobs:

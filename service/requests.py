@@ -9,6 +9,8 @@ same code as training); this module only reports which values they will touch.
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +30,10 @@ from features.preprocess import CLAMP_HIGH, CLAMP_LOW, DROP_HIGH, DROP_LOW
 BIN = timedelta(hours=BIN_HOURS)
 _STATE_INDEX = {n: i for i, n in enumerate(STATE_NAMES)}
 _UNITS = [STATE_BY_NAME[n].unit for n in STATE_NAMES]
+# One C-level call per bin instead of a Python-level lookup per variable (the batch endpoint
+# builds thousands of bins per request).
+_STATE_OF = operator.itemgetter(*STATE_NAMES)
+_INTERVENTIONS_OF = operator.itemgetter(*INTERVENTION_NAMES)
 
 
 class InputError(Exception):
@@ -107,12 +113,11 @@ def _history_arrays(
             )
         errors.append(_error(where, msg))
     # One comprehension per array: numpy turns the ``None`` of an absent value into NaN.
-    state = np.array(
-        [[b.values.__dict__[name] for name in STATE_NAMES] for b in history], dtype=np.float64
-    ).reshape(n, N_STATE)
+    state = np.array([_STATE_OF(b.values.__dict__) for b in history], dtype=np.float64).reshape(
+        n, N_STATE
+    )
     iv = np.array(
-        [[b.interventions.__dict__[name] for name in INTERVENTION_NAMES] for b in history],
-        dtype=np.float64,
+        [_INTERVENTIONS_OF(b.interventions.__dict__) for b in history], dtype=np.float64
     ).reshape(n, N_INTERVENTION)
     return state, iv, starts[0], errors
 
@@ -145,10 +150,12 @@ def _planned(
             ],
             [],
         )
+    # An absent (None) planned intervention is 0; the schema already refuses NaN.
     out = np.array(
-        [[step.__dict__[name] for name in INTERVENTION_NAMES] for step in plan], dtype=np.float64
+        [[0.0 if v is None else v for v in _INTERVENTIONS_OF(step.__dict__)] for step in plan],
+        dtype=np.float64,
     ).reshape(horizon, N_INTERVENTION)
-    return np.nan_to_num(out, nan=0.0), [], []
+    return out, [], []
 
 
 def _fmt_bins(bins: list[int]) -> str:
@@ -157,83 +164,95 @@ def _fmt_bins(bins: list[int]) -> str:
     return "bin " + str(bins[0]) if len(bins) == 1 else "bins " + ", ".join(map(str, bins))
 
 
-_CLAMP_LOW_L = CLAMP_LOW.tolist()
-_CLAMP_HIGH_L = CLAMP_HIGH.tolist()
+_CLAMP_LOW = np.asarray(CLAMP_LOW, dtype=np.float64)
+_CLAMP_HIGH = np.asarray(CLAMP_HIGH, dtype=np.float64)
+_CLAMP_LOW_L = _CLAMP_LOW.tolist()
+_CLAMP_HIGH_L = _CLAMP_HIGH.tolist()
+
+
+@functools.lru_cache(maxsize=16384)
+def _missing_message(kind: str, j: int, bins: tuple[int, ...]) -> str:
+    """The text of a forward-fill or imputation warning; the same few gap patterns recur in
+    every request, so their formatting is cached (a few microseconds per warning otherwise)."""
+    name = STATE_NAMES[j]
+    if kind == "forward_filled":
+        return (
+            f"{name} not measured in {_fmt_bins(list(bins))}: carried forward from its "
+            "last measurement, as in training"
+        )
+    return (
+        f"{name} not measured up to {_fmt_bins(list(bins))}: imputed from the other "
+        "variables of the bin (the training split's iterative imputer)"
+    )
+
+
+def _clamp_warning(state: np.ndarray, t: int, j: int, loc: tuple, source: str) -> dict[str, Any]:
+    name = STATE_NAMES[j]
+    v = float(state[t, j])
+    lo, hi = _CLAMP_LOW_L[j], _CLAMP_HIGH_L[j]
+    bound = lo if v < lo else hi
+    where = (
+        format_loc((*loc, "history", t, "values", name))
+        if source == "history"
+        else format_loc((*loc, "events"))
+    )
+    what = f"{name} {v!r} {_UNITS[j]}" + (
+        f" in {where}" if source == "history" else f" (mean of bin {t})"
+    )
+    return {
+        "kind": "clamped",
+        "variable": name,
+        "field": where,
+        "bins": [t],
+        "message": (
+            f"{what} is outside the plausible range [{lo:g}, {hi:g}]: "
+            f"clamped to {bound:g}, as in training"
+        ),
+    }
 
 
 def value_warnings(state: np.ndarray, loc: tuple, source: str) -> list[dict[str, Any]]:
     """Warnings naming every value the preprocessing will clamp, carry forward or impute.
 
-    Plain Python over the transposed columns: for a history of a few bins this is several
-    times faster than numpy's per-call overhead.
+    Clamp warnings come first, in bin order (as a reader scans the history), then per variable
+    the forward-filled and the imputed bins. Whole-array masks find the few columns that need a
+    warning; only those are walked in Python.
     """
-    out: list[dict[str, Any]] = []
     n = state.shape[0]
-    for j, col in enumerate(state.T.tolist()):
-        name = STATE_NAMES[j]
-        lo, hi = _CLAMP_LOW_L[j], _CLAMP_HIGH_L[j]
-        first = -1
-        missing: list[int] = []
-        for t, v in enumerate(col):
-            if v != v:  # NaN: not measured
-                missing.append(t)
-                continue
-            if first < 0:
-                first = t
-            if v < lo or v > hi:
-                bound = lo if v < lo else hi
-                where = (
-                    format_loc((*loc, "history", t, "values", name))
-                    if source == "history"
-                    else format_loc((*loc, "events"))
-                )
-                what = f"{name} {v!r} {_UNITS[j]}" + (
-                    f" in {where}" if source == "history" else f" (mean of bin {t})"
-                )
-                out.append(
-                    {
-                        "kind": "clamped",
-                        "variable": name,
-                        "field": where,
-                        "bins": [t],
-                        "message": (
-                            f"{what} is outside the plausible range [{lo:g}, {hi:g}]: "
-                            f"clamped to {bound:g}, as in training"
-                        ),
-                    }
-                )
-        if not missing:
-            continue
-        if first < 0:
-            first = n
-        ffilled = [t for t in missing if t > first]
-        imputed = missing[: len(missing) - len(ffilled)]
+    out: list[dict[str, Any]] = []
+    outside = (state < _CLAMP_LOW) | (state > _CLAMP_HIGH)  # NaN compares False
+    if outside.any():
+        for t, j in np.argwhere(outside).tolist():
+            out.append(_clamp_warning(state, t, j, loc, source))
+    nan = np.isnan(state)
+    missing_cols = np.flatnonzero(nan.any(axis=0)).tolist()
+    if not missing_cols:
+        return out
+    cols = nan.T.tolist()
+    for j in missing_cols:
+        col = cols[j]
+        # Bins before the first measurement are imputed; later gaps are carried forward.
+        first = col.index(False) if False in col else n
+        ffilled = tuple([t for t in range(first + 1, n) if col[t]])
         if ffilled:
             out.append(
                 {
                     "kind": "forward_filled",
-                    "variable": name,
-                    "bins": ffilled,
-                    "message": (
-                        f"{name} not measured in {_fmt_bins(ffilled)}: carried forward from its "
-                        "last measurement, as in training"
-                    ),
+                    "variable": STATE_NAMES[j],
+                    "bins": list(ffilled),
+                    "message": _missing_message("forward_filled", j, ffilled),
                 }
             )
-        if imputed:
+        if first:
+            imputed = tuple(range(first))
             out.append(
                 {
                     "kind": "imputed",
-                    "variable": name,
-                    "bins": imputed,
-                    "message": (
-                        f"{name} not measured up to {_fmt_bins(imputed)}: imputed from the other "
-                        "variables of the bin (the training split's iterative imputer)"
-                    ),
+                    "variable": STATE_NAMES[j],
+                    "bins": list(imputed),
+                    "message": _missing_message("imputed", j, imputed),
                 }
             )
-    # Clamp warnings first, in bin order, as a reader scans the history.
-    out.sort(key=lambda w: (w["kind"] != "clamped", w["bins"][0] if w["kind"] == "clamped" else 0))
     return out
 
 

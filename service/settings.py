@@ -8,6 +8,8 @@ by accident.
 
 from __future__ import annotations
 
+import os
+
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -53,6 +55,24 @@ class ServiceSettings(BaseSettings):
     )
     torch_threads: int = Field(
         1, ge=1, description="intra-op threads; 1 avoids oversubscription under concurrency"
+    )
+    parallel_batch_min: int = Field(
+        512,
+        ge=1,
+        description="model calls of at least this many patients (the batch endpoint) use "
+        "parallel_threads intra-op threads; smaller ones gain nothing from a second thread",
+    )
+    parallel_threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="intra-op threads for model calls of at least parallel_batch_min patients",
+    )
+    gc_gen0_threshold: int = Field(
+        50_000,
+        ge=700,
+        description="`icu-forecast serve` only: allocations between young-generation garbage "
+        "collections (Python's default of 700 makes a large batch request collect hundreds "
+        "of times while it builds its objects)",
     )
     load_retry_s: float = Field(30.0, gt=0, description="retry a failed startup load")
     log_level: str = "info"

@@ -1,0 +1,245 @@
+"""The service's performance paths give the same answers as the plain ones.
+
+Warnings computed with whole-array masks and cached messages equal a per-value reference; a
+large batch on several intra-op threads equals the same patients forecast one by one; the
+gateway's direct forecast endpoints answer like the FastAPI routes they bypass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from service_support import (
+    ForecasterSpy,
+    history_body,
+    served_model_fixture,  # noqa: F401
+    values_matrix,
+)
+
+from features.catalog import N_STATE, STATE_BY_NAME, STATE_NAMES
+from features.preprocess import CLAMP_HIGH, CLAMP_LOW, DROP_HIGH, DROP_LOW
+from service.app import create_app
+from service.model import LoadedModel
+from service.requests import _fmt_bins, format_loc, value_warnings
+from service.settings import ServiceSettings
+
+
+def reference_warnings(state: np.ndarray, loc: tuple, source: str) -> list[dict]:
+    """The warnings spelled out one value at a time (what ``value_warnings`` must equal)."""
+    units = [STATE_BY_NAME[n].unit for n in STATE_NAMES]
+    clamped, missing_warnings = [], []
+    n = state.shape[0]
+    for t in range(n):
+        for j, name in enumerate(STATE_NAMES):
+            v = float(state[t, j])
+            lo, hi = float(CLAMP_LOW[j]), float(CLAMP_HIGH[j])
+            if v != v or lo <= v <= hi:
+                continue
+            where = (
+                format_loc((*loc, "history", t, "values", name))
+                if source == "history"
+                else format_loc((*loc, "events"))
+            )
+            what = f"{name} {v!r} {units[j]}" + (
+                f" in {where}" if source == "history" else f" (mean of bin {t})"
+            )
+            bound = lo if v < lo else hi
+            clamped.append(
+                {
+                    "kind": "clamped",
+                    "variable": name,
+                    "field": where,
+                    "bins": [t],
+                    "message": f"{what} is outside the plausible range [{lo:g}, {hi:g}]: "
+                    f"clamped to {bound:g}, as in training",
+                }
+            )
+    for j, name in enumerate(STATE_NAMES):
+        observed = [t for t in range(n) if state[t, j] == state[t, j]]
+        first = observed[0] if observed else n
+        gaps = [t for t in range(first + 1, n) if t not in observed]
+        before = list(range(first))
+        if gaps:
+            missing_warnings.append(
+                {
+                    "kind": "forward_filled",
+                    "variable": name,
+                    "bins": gaps,
+                    "message": f"{name} not measured in {_fmt_bins(gaps)}: carried forward "
+                    "from its last measurement, as in training",
+                }
+            )
+        if before:
+            missing_warnings.append(
+                {
+                    "kind": "imputed",
+                    "variable": name,
+                    "bins": before,
+                    "message": f"{name} not measured up to {_fmt_bins(before)}: imputed from "
+                    "the other variables of the bin (the training split's iterative imputer)",
+                }
+            )
+    return clamped + missing_warnings
+
+
+@st.composite
+def raw_states(draw: st.DrawFn) -> np.ndarray:
+    n = draw(st.integers(1, 10))
+    seed = draw(st.integers(0, 2**32 - 1))
+    p_missing = draw(st.sampled_from([0.0, 0.3, 0.7, 1.0]))
+    rng = np.random.default_rng(seed)
+    inside = rng.uniform(CLAMP_LOW, CLAMP_HIGH, size=(n, N_STATE))
+    anywhere = rng.uniform(DROP_LOW, DROP_HIGH, size=(n, N_STATE))
+    state = np.where(rng.random((n, N_STATE)) < 0.8, inside, anywhere)
+    state[rng.random((n, N_STATE)) < p_missing] = np.nan
+    return state
+
+
+@settings(max_examples=300, deadline=None)
+@given(state=raw_states(), source=st.sampled_from(["history", "events"]))
+def test_value_warnings_equal_the_per_value_reference(state, source):
+    loc = ("body", "patients", 3)
+    assert value_warnings(state, loc, source) == reference_warnings(state, loc, source)
+    # Cached messages must not leak between calls: a second call gives fresh, equal lists.
+    first, second = value_warnings(state, loc, source), value_warnings(state, loc, source)
+    assert first == second
+    for a, b in zip(first, second, strict=True):
+        assert a is not b and a["bins"] is not b["bins"]
+
+
+def _bodies(n: int) -> list[dict]:
+    bodies = []
+    for i in range(n):
+        body = history_body(n_bins=2 + i % 4, horizon=1 + i % 3)
+        body["history"][-1]["values"]["heart_rate"] = 70.0 + 3 * i
+        bodies.append(body)
+    return bodies
+
+
+def test_parallel_large_batch_equals_single_forecasts(served_model):
+    """A batch big enough for the parallel intra-op threads forecasts each patient exactly as
+    a single request does (float64: no dependence on batch mates or thread count)."""
+    settings_ = ServiceSettings(
+        **served_model.settings_kwargs, parallel_batch_min=4, parallel_threads=2
+    )
+    app = create_app(settings_, served_model.loader)
+    holder = app.state.holder
+    inner = holder._loader
+    holder._loader = lambda: (lambda m: LoadedModel(m.info, ForecasterSpy(m.forecaster)))(inner())
+    bodies = _bodies(9)
+    with TestClient(app) as client:
+        threads = torch.get_num_threads()
+        batch = client.post("/v1/forecast/batch", json={"patients": bodies})
+        assert batch.status_code == 200, batch.text
+        assert torch.get_num_threads() == threads  # restored after the parallel call
+        calls = holder.current.forecaster.calls
+        assert calls == [9]
+        singles = [client.post("/v1/forecast", json=b).json() for b in bodies]
+    for res, single in zip(batch.json()["results"], singles, strict=True):
+        np.testing.assert_allclose(
+            values_matrix(res["forecast"]),
+            values_matrix(single["forecast"]),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        # The same warnings (their `field` differs: patients[i]... in a batch).
+        kinds = [(w["kind"], w.get("variable"), w.get("bins")) for w in res["warnings"]]
+        assert kinds == [(w["kind"], w.get("variable"), w.get("bins")) for w in single["warnings"]]
+
+
+def test_direct_endpoints_answer_like_the_routes(served_model):
+    """The gateway hands POST /v1/forecast[/batch] to the endpoints directly; the FastAPI
+    routes (kept for OpenAPI) give the same answer."""
+    app = create_app(ServiceSettings(**served_model.settings_kwargs), served_model.loader)
+    body = history_body(n_bins=3, horizon=2)
+
+    (gateway,) = [m for m in app.user_middleware if "direct" in m.kwargs]
+    table = gateway.kwargs["direct"]
+    assert set(table) == {"/v1/forecast", "/v1/forecast/batch"}
+
+    async def main() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with app.router.lifespan_context(app):
+            out = []
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                for _ in range(2):  # first direct, then (table emptied) through the routes
+                    out.append(
+                        [
+                            await c.post("/v1/forecast", json=body),
+                            await c.post("/v1/forecast/batch", json={"patients": [body, body]}),
+                        ]
+                    )
+                    table.clear()
+            return out[0], out[1]
+
+    direct, routed = asyncio.run(main())
+    for d, r in zip(direct, routed, strict=True):
+        assert d.status_code == r.status_code == 200
+        assert d.json() == r.json()
+    assert "x-request-id" in routed[0].headers  # the routes too pass the gateway
+
+
+def test_direct_endpoint_errors(served_model, caplog):
+    """Bad input is a 422 naming the field; a model failure is a 500 whose text (which may
+    quote patient values) reaches neither the client nor the log."""
+    app = create_app(ServiceSettings(**served_model.settings_kwargs), served_model.loader)
+
+    class Failing:
+        def forecast(self, *args: object) -> np.ndarray:
+            raise RuntimeError("heart_rate 123.456 broke it")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        bad = history_body()
+        bad["history"][0]["values"]["heart_rate"] = "fast"
+        resp = client.post("/v1/forecast", json=bad)
+        assert resp.status_code == 422
+        assert resp.json()["detail"][0]["field"] == "history[0].values.heart_rate"
+        resp = client.post("/v1/forecast/batch", content=b"{not json")
+        assert resp.status_code == 422
+
+        holder = app.state.holder
+        holder.current = LoadedModel(holder.current.info, Failing())
+        with caplog.at_level(logging.INFO):
+            resp = client.post("/v1/forecast", json=history_body())
+        assert resp.status_code == 500
+        assert resp.json() == {"detail": "internal error"}
+        assert "123.456" not in caplog.text and "RuntimeError" in caplog.text
+        assert 'route="/v1/forecast",status="500"' in client.get("/metrics").text
+
+
+def test_serve_mode_raises_the_young_gc_threshold(served_model):
+    before = gc.get_threshold()
+    settings_ = ServiceSettings(**served_model.settings_kwargs, gc_gen0_threshold=12_345)
+    try:
+        with TestClient(create_app(settings_, served_model.loader, freeze_gc=True)) as client:
+            assert client.get("/readyz").status_code == 200
+            assert gc.get_threshold()[0] == 12_345
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+
+
+@pytest.mark.parametrize("n", [1, 600])
+def test_run_batch_restores_threads(served_model, n):
+    from service.model import load_from_mlflow, run_batch
+    from service.requests import patient_input
+    from service.schemas import request_models
+
+    settings_ = ServiceSettings(**served_model.settings_kwargs)
+    model = load_from_mlflow(served_model.settings_kwargs["model_uri"], served_model.tracking_uri)
+    req = request_models(settings_).forecast.model_validate(history_body())
+    patients = [patient_input(req)] * n
+    before = torch.get_num_threads()
+    out = run_batch(model, patients, threads=2)
+    assert torch.get_num_threads() == before
+    single = run_batch(model, patients[:1])
+    np.testing.assert_allclose(out[-1], single[0], rtol=1e-5, atol=1e-5)
