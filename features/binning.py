@@ -340,6 +340,12 @@ def _naive(values: pd.Series, name: str) -> pd.Series:
 
 
 # ---------------------------------------------------------------------------- SQL path
+# Sums run in exact arithmetic (fixed-point decimals, integer microseconds): DuckDB adds in
+# parallel in a varying order, and with floating point the last bits, and now and then a value
+# rounded to ROUND_DECIMALS, changed between runs on large inputs. Exact sums make reruns
+# byte-identical. 10 decimals keep sub-ROUND_DECIMALS detail; 38 digits hold any clinical sum.
+_EXACT = "DECIMAL(38, 10)"
+
 def _epoch_us(expr: str) -> str:
     return f"epoch_us({expr})"
 
@@ -354,7 +360,7 @@ def state_bins_sql(events: str, stays: str) -> str:
     SELECT e.icustay_id::BIGINT AS icustay_id,
            greatest(0, floor((epoch_us(e.time) - epoch_us(s.intime)) / {BIN_US}))::INTEGER AS bin,
            e.variable,
-           round(avg(e.value), {ROUND_DECIMALS})::DOUBLE AS value,
+           round(avg(e.value::{_EXACT}), {ROUND_DECIMALS})::DOUBLE AS value,
            count(*) AS n
     FROM {events} e JOIN {stays} s ON e.icustay_id = s.icustay_id
     WHERE e.value IS NOT NULL
@@ -407,11 +413,11 @@ def coverage_bins_sql(intervals: str, stays: str) -> str:
         FROM islands GROUP BY icustay_id, variable, island
     ), parts AS (
         SELECT icustay_id, bin, variable,
-               (least(en, bin_start_us + {BIN_US}) - greatest(st, bin_start_us)) / 1e6 AS overlap
+               least(en, bin_start_us + {BIN_US}) - greatest(st, bin_start_us) AS overlap
         FROM ({_bins_of("merged", "st", "en")})
     )
     SELECT icustay_id, bin::INTEGER AS bin, variable,
-           round(sum(overlap) / {BIN_SECONDS}, {ROUND_DECIMALS})::DOUBLE AS value
+           round(sum(overlap) / {BIN_US}, {ROUND_DECIMALS})::DOUBLE AS value
     FROM parts WHERE overlap > 0
     GROUP BY ALL
     """
@@ -446,7 +452,9 @@ def volume_bins_sql(doses: str, stays: str) -> str:
         FROM ({_bins_of("spread", "cst", "cen")})
     )
     SELECT icustay_id, bin::INTEGER AS bin, variable,
-           round(sum(part), {ROUND_DECIMALS})::DOUBLE AS value
+           -- Capped so that a garbage amount cannot overflow the decimal (the clamp to the
+           -- intervention's range comes later and is far below the cap).
+           round(sum(least(part, 1e20)::{_EXACT}), {ROUND_DECIMALS})::DOUBLE AS value
     FROM (
         SELECT icustay_id, bin, variable, part FROM points
         UNION ALL
