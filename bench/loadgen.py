@@ -93,6 +93,10 @@ async def run_load(
                 await _read_response(reader)
             ready.append(1)
             await start.wait()
+            # A slow server may take longer to warm every connection up than its keep-alive
+            # timeout, closing the connections that finished first: start on fresh ones.
+            writer.close()
+            reader, writer = await asyncio.open_connection(host, port)
             while issued < max_requests and time.perf_counter() < deadline:
                 issued += 1
                 t0 = time.perf_counter()

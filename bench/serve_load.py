@@ -140,13 +140,19 @@ def server(cmd: list[str], env: dict, ready_url: str, log: Path, cpus: set[int] 
         )
     try:
         deadline = time.monotonic() + 300
+        # Several workers load their models independently, and each fresh connection may
+        # reach any of them: ready means ready on a run of fresh connections.
+        ok = 0
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd[0]} exited early; see {log}")
+            status = None
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
+                status = httpx.get(ready_url, timeout=2).status_code
+            ok = ok + 1 if status == 200 else 0
+            if ok >= 10:
+                break
+            time.sleep(0.05 if ok else 0.5)
         else:
             raise RuntimeError(f"{cmd} not ready after 300 s; see {log}")
         yield proc
@@ -189,11 +195,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--horizon", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1000, help="patients per batch request")
     ap.add_argument("--batch-seconds", type=float, default=10.0)
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="worker processes of each server (both get the same)",
+    )
+    ap.add_argument(
+        "--batch-concurrency",
+        type=int,
+        help="batch requests in flight (default 4 per worker: connections are spread over "
+        "the workers by the kernel, and a worker left without one would idle)",
+    )
     ap.add_argument("--no-mlflow", action="store_true", help="skip `mlflow models serve`")
     ap.add_argument("--server-cpus", help="pin the servers to these CPUs, e.g. 0,1")
     ap.add_argument("--work", type=Path, help="folder for the throwaway model and logs")
     args = ap.parse_args(argv)
 
+    batch_c = args.batch_concurrency or 4 * args.workers
     work = args.work or Path(tempfile.mkdtemp(prefix="icu-serve-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     cpus = {int(c) for c in args.server_cpus.split(",")} if args.server_cpus else None
@@ -217,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"model {model_uri}; {os.cpu_count()} CPUs here"
         + (f", servers pinned to {sorted(cpus)}" if cpus else "")
+        + f"; {args.workers} worker(s) per server"
         + f"; one forecast = {args.bins} history bins, K={args.horizon}",
         flush=True,
     )
@@ -224,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[LoadResult]] = {}
     port = free_port()
     cmd = [py, "-m", "pipeline.cli", "serve", "--host", HOST, "--port", str(port)]
+    cmd += ["--workers", str(args.workers)]
     with server(cmd, env, f"http://{HOST}:{port}/readyz", work / "service.log", cpus):
         ours = httpx.post(f"http://{HOST}:{port}/v1/forecast", json=one, timeout=30).json()
         results["icu-forecast serve"] = drive(
@@ -231,14 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         for r in results["icu-forecast serve"]:
             print(fmt("icu-forecast serve", r), flush=True)
-        # Batch endpoint: sequential requests of args.batch patients each.
+        # Batch endpoint: requests of args.batch patients each, several in flight.
         body = json.dumps({"patients": batch}).encode()
         res = asyncio.run(
             run_load(
                 HOST,
                 port,
                 build_request(HOST, port, "/v1/forecast/batch", body),
-                1,
+                batch_c,
                 10**6,
                 args.batch_seconds,
                 warmup=1,
@@ -246,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         batch_rate = res.requests * args.batch / res.seconds
         print(
-            f"batch endpoint: {args.batch} patients/request, {res.requests} requests, "
+            f"batch endpoint: {args.batch} patients/request, {batch_c} in flight, "
+            f"{res.requests} requests, "
             f"{batch_rate:.0f} patient forecasts/s, p50 {res.pct_ms(50):.1f} ms/request",
             flush=True,
         )
@@ -255,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         cmd = [
             py, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-            "-h", HOST, "-p", str(port),
+            "-h", HOST, "-p", str(port), "--workers", str(args.workers),
         ]  # fmt: skip
         with server(cmd, env, f"http://{HOST}:{port}/ping", work / "mlflow.log", cpus):
             theirs = httpx.post(
@@ -275,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                     HOST,
                     port,
                     build_request(HOST, port, "/invocations", body),
-                    1,
+                    batch_c,
                     10**6,
                     args.batch_seconds,
                     warmup=1,

@@ -19,7 +19,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from features.catalog import (
@@ -50,6 +50,14 @@ from service.schemas import (
     request_models,
 )
 from service.settings import ServiceSettings
+from service.workers import (
+    bump_generation,
+    mark_worker_gone,
+    read_generation,
+    run_dir,
+    watch_generation,
+    worker_settings_payload,
+)
 
 log = logging.getLogger("icu_forecast.service")
 
@@ -240,6 +248,18 @@ def create_app(
             gc.set_threshold(settings.gc_gen0_threshold, gen1, gen2)
         return loaded
 
+    # Several workers (serve --workers N): reloads are broadcast through the run folder.
+    shared = run_dir()
+    generation = {"seen": read_generation(shared) if shared else 0}
+
+    async def broadcast_reload() -> None:
+        if shared is not None:
+            generation["seen"] = bump_generation(shared)
+
+    async def reload_generation(g: int) -> None:
+        generation["seen"] = g
+        await _reload_quietly(f"broadcast {g}")
+
     async def retry_initial_load() -> None:
         while holder.current is None:
             await asyncio.sleep(settings.load_retry_s)
@@ -260,6 +280,15 @@ def create_app(
             await reload("startup")
         except ModelLoadError:
             retry = asyncio.create_task(retry_initial_load())
+        watcher = (
+            asyncio.create_task(
+                watch_generation(
+                    shared, lambda: generation["seen"], reload_generation, settings.reload_poll_s
+                )
+            )
+            if shared is not None
+            else None
+        )
         loop = asyncio.get_running_loop()
         sighup = False
         try:
@@ -276,6 +305,9 @@ def create_app(
                 loop.remove_signal_handler(signal.SIGHUP)
             if retry:
                 retry.cancel()
+            if watcher:
+                watcher.cancel()
+                mark_worker_gone()
             await batcher.stop()
             torch.set_num_threads(threads)
 
@@ -443,6 +475,8 @@ def create_app(
                 {"reloaded": False, "error": str(exc), "serving": previous},
                 502,
             )
+        # Other workers (if any) follow within reload_poll_s, each keeping its model on failure.
+        await broadcast_reload()
         return _json({"reloaded": True, "model": loaded.info.ref(), "previous": previous})
 
     @app.get("/v1/variables", response_model=list[VariableInfo], tags=["model"])
@@ -453,7 +487,7 @@ def create_app(
     @app.get("/metrics", tags=["health"])
     async def prometheus_metrics() -> Response:
         """Prometheus text format: request counts, latency histograms, model version."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
         # The forecast bodies are parsed by pydantic straight from bytes (one pass, in Rust),
@@ -472,3 +506,13 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def create_worker_app() -> FastAPI:
+    """The app of one worker under ``serve --workers N`` (uvicorn imports this factory).
+
+    The settings are the supervisor's, passed down as JSON, so CLI flags reach every worker.
+    """
+    payload = worker_settings_payload()
+    settings = ServiceSettings(**payload) if payload is not None else ServiceSettings()
+    return create_app(settings, freeze_gc=True)

@@ -19,6 +19,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--tracking-uri", default=None, help="MLflow tracking URI (env MLFLOW_TRACKING_URI)"
     )
     parser.add_argument("--log-level", default=None, help="uvicorn / service log level")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes on the port (env ICU_FORECAST_WORKERS; default 1); one "
+        "process uses one core",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
@@ -28,6 +35,7 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         "model_uri": args.model_uri,
         "mlflow_tracking_uri": args.tracking_uri,
         "log_level": args.log_level,
+        "workers": args.workers,
     }
     return settings_from_flags(ServiceSettings, given, "service")
 
@@ -45,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if settings.api_key is None:
         log.info("API_KEY not set: the API is open to anyone who can reach it")
+    if settings.workers > 1:
+        return _run_workers(settings)
     uvicorn.run(
         create_app(settings, freeze_gc=True),
         host=settings.host,
@@ -56,4 +66,36 @@ def run(args: argparse.Namespace) -> int:
         loop="auto",
         http="auto",
     )
+    return 0
+
+
+def _run_workers(settings: ServiceSettings) -> int:
+    import os
+
+    import uvicorn
+
+    from service.workers import serve_workers, worker_environment
+
+    if "parallel_threads" not in settings.model_fields_set:
+        # Each worker has its share of the cores for large batches, not all of them.
+        cpus = os.cpu_count() or 1
+        settings = settings.model_copy(
+            update={"parallel_threads": max(1, cpus // settings.workers)}
+        )
+    payload = settings.model_dump(mode="json")
+    if settings.api_key is not None:
+        payload["api_key"] = settings.api_key.get_secret_value()
+    with worker_environment(payload) as folder:
+        config = uvicorn.Config(
+            "service.app:create_worker_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            access_log=False,
+            loop="auto",
+            http="auto",
+        )
+        serve_workers(config, folder)
     return 0

@@ -75,6 +75,16 @@ class ServiceSettings(BaseSettings):
         "of times while it builds its objects)",
     )
     load_retry_s: float = Field(30.0, gt=0, description="retry a failed startup load")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="`icu-forecast serve` worker processes on one port (one Python process "
+        "uses one core); reloads and /metrics span all of them",
+    )
+    reload_poll_s: float = Field(
+        1.0, gt=0, description="with several workers: how often each checks for a reload"
+    )
     log_level: str = "info"
 
     @field_validator("log_level")

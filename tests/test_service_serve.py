@@ -116,3 +116,99 @@ def test_serve_command_and_sighup_reload(served_model, tmp_path, repo_root):
     assert "request_id=abc-1" in text and "status=200" in text and "latency_ms=" in text
     assert "status=401" in text
     assert "101.2345678" not in text
+
+
+def _metric(text: str, name: str, **labels: str) -> list[float]:
+    """Values of the samples of ``name`` whose labels include ``labels``."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            out.append(float(value))
+    return out
+
+
+@pytest.mark.slow
+def test_serve_workers_share_reloads_and_metrics(served_model, tmp_path, repo_root):
+    """`serve --workers 2`: both workers serve, /metrics counts all of them, and a reload
+    through the endpoint (one worker) or SIGHUP (the supervisor) reaches every worker."""
+    from service.model import _mlflow_store
+
+    uri = served_model.tracking_uri
+    client = MlflowClient(uri, uri)
+    name = "icu-forecast-workers-test"
+    with _mlflow_store(uri), contextlib.chdir(served_model.root):
+        v1, v2 = (
+            str(
+                client.copy_model_version(
+                    f"models:/icu-forecast-cfc/{served_model.version}", name
+                ).version
+            )
+            for _ in range(2)
+        )
+    client.set_registered_model_alias(name, "champion", v1)
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MODEL_URI": f"models:/{name}@champion",
+        "ICU_FORECAST_RELOAD_POLL_S": "0.2",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("API_KEY", None)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), "--workers", "2"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def versions(n: int = 16) -> set[str]:
+        # httpx.get opens a fresh connection each time, which may land on either worker.
+        return {httpx.get(f"{base}/v1/model").json()["version"] for _ in range(n)}
+
+    try:
+        wait_for(
+            lambda: all(httpx.get(f"{base}/readyz").status_code == 200 for _ in range(16)),
+            180,
+            "both workers ready",
+        )
+        body = history_body()
+        for _ in range(20):
+            resp = httpx.post(f"{base}/v1/forecast", json=body)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["model"]["version"] == v1
+        text = httpx.get(f"{base}/metrics").text
+        served = _metric(text, "icu_forecast_requests_total", route="/v1/forecast", status="200")
+        assert sum(served) == 20, text
+        pids = {
+            line.split('pid="')[1].split('"')[0]
+            for line in text.splitlines()
+            if line.startswith("icu_forecast_model_info{")
+        }
+        assert len(pids) == 2, text  # both workers serve, and report their model
+
+        client.set_registered_model_alias(name, "champion", v2)
+        resp = httpx.post(f"{base}/v1/model/reload")
+        assert resp.status_code == 200 and resp.json()["model"]["version"] == v2, resp.text
+        wait_for(lambda: versions() == {v2}, 60, "every worker to follow the endpoint reload")
+
+        client.set_registered_model_alias(name, "champion", v1)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: versions() == {v1}, 60, "every worker to follow SIGHUP")
+        text = httpx.get(f"{base}/metrics").text
+        assert sum(_metric(text, "icu_forecast_model_reloads_total", result="success")) == 6
+        assert _metric(text, "icu_forecast_model_loaded") == [1.0], text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert text.count("Application shutdown complete") == 2, text
