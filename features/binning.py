@@ -346,6 +346,7 @@ def _naive(values: pd.Series, name: str) -> pd.Series:
 # byte-identical. 10 decimals keep sub-ROUND_DECIMALS detail; 38 digits hold any clinical sum.
 _EXACT = "DECIMAL(38, 10)"
 
+
 def _epoch_us(expr: str) -> str:
     return f"epoch_us({expr})"
 
