@@ -250,14 +250,16 @@ def create_app(
 
     # Several workers (serve --workers N): reloads are broadcast through the run folder.
     shared = run_dir()
-    generation = {"seen": read_generation(shared) if shared else 0}
+    seen_generation = read_generation(shared) if shared else 0
 
-    async def broadcast_reload() -> None:
+    def broadcast_reload() -> None:
+        nonlocal seen_generation
         if shared is not None:
-            generation["seen"] = bump_generation(shared)
+            seen_generation = bump_generation(shared)
 
     async def reload_generation(g: int) -> None:
-        generation["seen"] = g
+        nonlocal seen_generation
+        seen_generation = g
         await _reload_quietly(f"broadcast {g}")
 
     async def retry_initial_load() -> None:
@@ -283,7 +285,7 @@ def create_app(
         watcher = (
             asyncio.create_task(
                 watch_generation(
-                    shared, lambda: generation["seen"], reload_generation, settings.reload_poll_s
+                    shared, lambda: seen_generation, reload_generation, settings.reload_poll_s
                 )
             )
             if shared is not None
@@ -476,7 +478,7 @@ def create_app(
                 502,
             )
         # Other workers (if any) follow within reload_poll_s, each keeping its model on failure.
-        await broadcast_reload()
+        broadcast_reload()
         return _json({"reloaded": True, "model": loaded.info.ref(), "previous": previous})
 
     @app.get("/v1/variables", response_model=list[VariableInfo], tags=["model"])

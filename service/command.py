@@ -55,18 +55,21 @@ def run(args: argparse.Namespace) -> int:
         log.info("API_KEY not set: the API is open to anyone who can reach it")
     if settings.workers > 1:
         return _run_workers(settings)
-    uvicorn.run(
-        create_app(settings, freeze_gc=True),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        # The service writes its own access log (request id, route, status, latency).
-        access_log=False,
-        # uvloop / httptools when installed: the fast event loop and HTTP parser.
-        loop="auto",
-        http="auto",
-    )
+    uvicorn.run(create_app(settings, freeze_gc=True), **_uvicorn_options(settings))
     return 0
+
+
+def _uvicorn_options(settings: ServiceSettings) -> dict:
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        # The service writes its own access log (request id, route, status, latency).
+        "access_log": False,
+        # uvloop / httptools when installed: the fast event loop and HTTP parser.
+        "loop": "auto",
+        "http": "auto",
+    }
 
 
 def _run_workers(settings: ServiceSettings) -> int:
@@ -89,13 +92,8 @@ def _run_workers(settings: ServiceSettings) -> int:
         config = uvicorn.Config(
             "service.app:create_worker_app",
             factory=True,
-            host=settings.host,
-            port=settings.port,
             workers=settings.workers,
-            log_level=settings.log_level,
-            access_log=False,
-            loop="auto",
-            http="auto",
+            **_uvicorn_options(settings),
         )
         serve_workers(config, folder)
     return 0

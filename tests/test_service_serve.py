@@ -34,55 +34,61 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.slow
-def test_serve_command_and_sighup_reload(served_model, tmp_path, repo_root):
+def two_versions(served_model, name: str) -> tuple[MlflowClient, str, str]:
+    """Two registered versions of the served model under ``name``; ``champion`` on the first."""
     from service.model import _mlflow_store
 
     uri = served_model.tracking_uri
     client = MlflowClient(uri, uri)
-    name = "icu-forecast-serve-test"
     with _mlflow_store(uri), contextlib.chdir(served_model.root):
-        v1 = str(
-            client.copy_model_version(
-                f"models:/icu-forecast-cfc/{served_model.version}", name
-            ).version
-        )
-        v2 = str(
-            client.copy_model_version(
-                f"models:/icu-forecast-cfc/{served_model.version}", name
-            ).version
+        v1, v2 = (
+            str(
+                client.copy_model_version(
+                    f"models:/icu-forecast-cfc/{served_model.version}", name
+                ).version
+            )
+            for _ in range(2)
         )
     client.set_registered_model_alias(name, "champion", v1)
+    return client, v1, v2
 
+
+@contextlib.contextmanager
+def serving(served_model, name, repo_root, log, env_extra: dict, *flags: str):
+    """`icu-forecast serve` as a process with its output in ``log``; yields (process, base URL)
+    and stops it with SIGTERM (killed if it does not exit within 30 s)."""
     port = free_port()
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_TRACKING_URI": served_model.tracking_uri,
         "MODEL_URI": f"models:/{name}@champion",
-        "API_KEY": "k3y",
         "PYTHONUNBUFFERED": "1",
     }
-    log = tmp_path / "serve.log"
+    for k in ("API_KEY", "PROMETHEUS_MULTIPROC_DIR"):
+        env.pop(k, None)
+    env.update(env_extra)
+    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), *flags]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=repo_root,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    auth = {"authorization": "Bearer k3y"}
+        proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_serve_command_and_sighup_reload(served_model, tmp_path, repo_root):
+    name = "icu-forecast-serve-test"
+    client, v1, v2 = two_versions(served_model, name)
+    log = tmp_path / "serve.log"
+    auth = {"authorization": "Bearer k3y"}
+    with serving(served_model, name, repo_root, log, {"API_KEY": "k3y"}) as (proc, base):
         wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, 120, "readiness")
         body = history_body()
         body["history"][0]["values"]["heart_rate"] = 101.2345678
@@ -102,13 +108,6 @@ def test_serve_command_and_sighup_reload(served_model, tmp_path, repo_root):
         )
         resp = httpx.post(f"{base}/v1/forecast", json=body, headers=auth)
         assert resp.json()["model"]["version"] == v2
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     # uvicorn shuts down gracefully, then re-raises SIGTERM, so the exit reads as that signal.
     assert proc.returncode in (0, -signal.SIGTERM), text
@@ -134,43 +133,16 @@ def _metric(text: str, name: str, **labels: str) -> list[float]:
 def test_serve_workers_share_reloads_and_metrics(served_model, tmp_path, repo_root):
     """`serve --workers 2`: both workers serve, /metrics counts all of them, and a reload
     through the endpoint (one worker) or SIGHUP (the supervisor) reaches every worker."""
-    from service.model import _mlflow_store
-
-    uri = served_model.tracking_uri
-    client = MlflowClient(uri, uri)
     name = "icu-forecast-workers-test"
-    with _mlflow_store(uri), contextlib.chdir(served_model.root):
-        v1, v2 = (
-            str(
-                client.copy_model_version(
-                    f"models:/icu-forecast-cfc/{served_model.version}", name
-                ).version
-            )
-            for _ in range(2)
-        )
-    client.set_registered_model_alias(name, "champion", v1)
-
-    port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": uri,
-        "MODEL_URI": f"models:/{name}@champion",
-        "ICU_FORECAST_RELOAD_POLL_S": "0.2",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("API_KEY", None)
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    client, v1, v2 = two_versions(served_model, name)
     log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port), "--workers", "2"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    env = {"ICU_FORECAST_RELOAD_POLL_S": "0.2"}
+    with serving(served_model, name, repo_root, log, env, "--workers", "2") as (proc, base):
 
-    def versions(n: int = 16) -> set[str]:
-        # httpx.get opens a fresh connection each time, which may land on either worker.
-        return {httpx.get(f"{base}/v1/model").json()["version"] for _ in range(n)}
+        def versions(n: int = 16) -> set[str]:
+            # httpx.get opens a fresh connection each time, which may land on either worker.
+            return {httpx.get(f"{base}/v1/model").json()["version"] for _ in range(n)}
 
-    try:
         wait_for(
             lambda: all(httpx.get(f"{base}/readyz").status_code == 200 for _ in range(16)),
             180,
@@ -202,13 +174,6 @@ def test_serve_workers_share_reloads_and_metrics(served_model, tmp_path, repo_ro
         text = httpx.get(f"{base}/metrics").text
         assert sum(_metric(text, "icu_forecast_model_reloads_total", result="success")) == 6
         assert _metric(text, "icu_forecast_model_loaded") == [1.0], text
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     text = log.read_text()
     assert proc.returncode == 0, text
     assert text.count("Application shutdown complete") == 2, text
