@@ -5,12 +5,13 @@ repeat) and medians reported, because the machine is shared. Models are the trai
 own (``training.models.build_model``: recurrent layers, linear head, residual output), at the
 paper's 2 x 128 and at a small configuration (default 1 x 32, backbone 32).
 
-    .venv/bin/python bench/train_speed.py                 # defaults: threads 1, 7 repeats
-    .venv/bin/python bench/train_speed.py --threads 2 --profile
+    .venv/bin/python bench/train_speed.py                 # torch's default threads, 7 repeats
+    .venv/bin/python bench/train_speed.py --threads 1 --profile
 
 Figures:
   train ex/s, steps/s  median wall-clock throughput of full optimisation steps (forward, MSE,
-                       backward, grad-norm clip 1.0, Adam) on batch x seq-len x 39 batches;
+                       backward, grad-norm clip 1.0, the training code's Adam:
+                       training.lit.build_optimizer) on batch x seq-len x 39 batches;
   cpu ms/step          median process CPU time per step (less sensitive to other tenants);
   rollout ms           median wall time of one 5-step recursive rollout (encode the history
                        one bin per call, then 4 fed-back steps: training.rollout), float64 as
@@ -38,6 +39,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from training.lit import build_optimizer  # noqa: E402
 from training.models import ModelConfig, build_model  # noqa: E402
 from training.models.base import N_INPUT  # noqa: E402
 from training.rollout import continue_rollout, encode  # noqa: E402
@@ -92,7 +94,7 @@ def memory_child(args: argparse.Namespace) -> None:
     name, units, layers, bb = args.memory_child
     torch.manual_seed(0)
     model = build_model(model_config(name, int(units), int(layers), int(bb)))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = build_optimizer(model.parameters(), lr=1e-3)
     batches = make_batches(3, args.batch, args.seq_len)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = _vm("VmRSS")
@@ -119,7 +121,7 @@ def bench_config(args, label: str, units: int, layers: int, bb: int, batches) ->
     for name, _, _ in IMPLS:
         torch.manual_seed(0)
         models[name] = build_model(model_config(name, units, layers, bb))
-        opts[name] = torch.optim.Adam(models[name].parameters(), lr=1e-3)
+        opts[name] = build_optimizer(models[name].parameters(), lr=1e-3)
         models[name].train()
         for x, y in batches[:2]:  # warm-up
             train_step(models[name], opts[name], x, y)
@@ -214,7 +216,12 @@ def main() -> None:
     p.add_argument("--horizon", type=int, default=5)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--steps", type=int, default=5, help="training steps per timed repeat")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch intra-op threads (default: torch's, as training uses unless --threads)",
+    )
     p.add_argument(
         "--small",
         type=int,

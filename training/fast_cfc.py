@@ -33,6 +33,8 @@ from ncps.torch.cfc_cell import CfCCell, LeCun
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from training import cfc_kernels
+
 __all__ = ["FastCfC", "StackStepper"]
 
 
@@ -231,6 +233,9 @@ _POOL = _BufferPool()
 # The specialised loops of ``_FusedSequence`` for the common layout; False runs the general
 # loops instead (for tests and speed comparisons).
 _SPECIALISED_LOOPS = True
+# The common layout runs ``cfc_kernels``' compiled loops where they built; False keeps the
+# Python loops (for tests and speed comparisons).
+_NATIVE_LOOPS = True
 
 
 class _Release:
@@ -316,7 +321,13 @@ class _FusedSequence(torch.autograd.Function):
             biases = [*layer_b, head_b]
 
         h, c = h0, c0
-        if simple:
+        kernels = _native_loops(pre) if simple else None
+        if kernels is not None:
+            kernels.forward(
+                spec.mode != "no_gate", pre.contiguous(), h0.contiguous(),
+                h_weight.contiguous(), head_w.contiguous(), head_b.contiguous(), acts[0], probs, hs,
+            )  # fmt: skip
+        elif simple:
             p1s, p2s, gs = (part.unbind(0) for part in probs.split(n, dim=2))
             hw_t, head_wt = h_wt, weights_t[-1]
             lerp = spec.mode != "no_gate"
@@ -376,6 +387,7 @@ class _FusedSequence(torch.autograd.Function):
         if not spec.mixed:
             ctx.mark_non_differentiable(c_last)
         ctx.spec = spec
+        ctx.kernels = kernels
         ctx.save_for_backward(h0, c0, ts, h_weight, lstm_weight, head_w, w_tau_abs, amp, hs,
                               *layer_w)  # fmt: skip
         ctx.acts, ctx.pre_acts, ctx.heads = acts, pre_acts, heads
@@ -391,6 +403,8 @@ class _FusedSequence(torch.autograd.Function):
     def backward(ctx, d_hs, d_c_last):
         spec: _Spec = ctx.spec
         h0, c0, ts, h_weight, lstm_weight, head_w, w_tau_abs, amp, hs, *layer_w = ctx.saved_tensors
+        if ctx.kernels is not None:
+            return _native_backward(ctx, d_hs, h0, h_weight, head_w, hs)
         seq_len, batch, n = hs.shape
         pure = spec.mode == "pure"
 
@@ -554,6 +568,43 @@ class _FusedSequence(torch.autograd.Function):
                 grads[10] = (d_h_total * amp * z * expo * t).sum((0, 1)).unsqueeze(0)
         _POOL.give(scratch)
         return tuple(grads)
+
+
+def _native_loops(like: Tensor):
+    """``cfc_kernels``' compiled loops for tensors like ``like``, when they can run them."""
+    if like.device.type != "cpu" or not _NATIVE_LOOPS:
+        return None
+    return cfc_kernels.for_dtype(like.dtype)
+
+
+def _native_backward(ctx, d_hs: Tensor, h0: Tensor, h_weight: Tensor, head_w: Tensor, hs: Tensor):
+    """``_FusedSequence.backward`` for a forward pass that ran the compiled loops."""
+    seq_len, batch, n = hs.shape
+    acts, probs, kernels = ctx.acts[0], ctx.probs, ctx.kernels
+    d_first = torch.empty_like(acts)  # returned as the gradient of ``pre``: not pooled
+    d_heads = _POOL.take(hs, seq_len, batch, probs.shape[2])
+    scratch = _POOL.take(hs, batch, acts.shape[2])
+    dh0 = torch.empty_like(hs[0])
+    kernels.backward(
+        ctx.spec.mode != "no_gate", d_hs.contiguous(), acts, probs, h_weight.contiguous(),
+        head_w.contiguous(), d_heads, d_first, dh0, scratch,
+    )  # fmt: skip
+    need = ctx.needs_input_grad
+    grads: list[Tensor | None] = [None] * 12
+    grads[1] = d_first if need[1] else None
+    grads[2] = dh0 if need[2] else None
+    if need[5]:
+        # Step t's recurrent product read hs[t - 1] (h0 at t = 0): two products instead of
+        # copying the shifted states into one buffer.
+        flat_d = d_first.view(seq_len * batch, -1)
+        grad = flat_d[batch:].t() @ hs[:-1].reshape(-1, n)
+        grads[5] = grad.addmm_(d_first[0].t(), h0)
+    if need[8]:
+        grads[8] = d_heads.view(seq_len * batch, -1).t() @ acts.view(seq_len * batch, -1)
+    if need[9]:
+        grads[9] = d_heads.sum((0, 1))
+    _POOL.give([d_heads, scratch])
+    return tuple(grads)
 
 
 def _infer_sequence(spec: _Spec, pre, h, c, ts, h_weight, lstm_pre, lstm_weight, head_w, head_b,

@@ -39,4 +39,18 @@ class LitDynamics(L.LightningModule):
         self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return build_optimizer(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def build_optimizer(params, lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam, with torch's fused kernel where every parameter's device has one.
+
+    The default Adam updates parameter by parameter with ~10 tensor operations each (22
+    tensors for a 2-layer CfC): about 1 ms per step on one CPU core, against ~0.4 ms for the
+    fused update of the same formula. bench/train_speed.py uses this too.
+    """
+    params = list(params)
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
+    )
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
