@@ -1,17 +1,25 @@
-"""A small closed-loop HTTP/1.1 load generator (keep-alive, one connection per worker).
+"""A small closed-loop HTTP/1.1 load generator (keep-alive, one connection per client).
 
-Raw asyncio streams instead of an HTTP client library: on a 2-core machine the client shares
-the CPU with the server under test, and a heavy client would measure itself. Each worker sends
-its request, reads the whole response (Content-Length or chunked), and sends the next one.
+On a 2-core machine the client shares the CPU with the server under test, and every
+microsecond it spends is taken from the server: a heavy client would measure itself. So it is
+an ``asyncio.Protocol`` per connection (no stream reader layers), it finds the end of a response
+from its ``Content-Length`` (or chunked framing) with byte searches, sends a request that is
+built once, and runs on uvloop when that is installed (``run``). Every server gets the same
+client. Each client sends its request, waits for the whole response (latency: from the write to
+the last byte), and sends the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -31,6 +39,16 @@ class LoadResult:
         return float(np.percentile(self.latencies_s, q) * 1000) if len(self.latencies_s) else 0.0
 
 
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop when it is installed (a lighter client), else on asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def build_request(host: str, port: int, path: str, body: bytes, headers: dict | None = None):
     lines = [
         f"POST {path} HTTP/1.1",
@@ -43,29 +61,102 @@ def build_request(host: str, port: int, path: str, body: bytes, headers: dict | 
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    status = int(status_line.split(" ", 2)[1])
-    headers = {}
-    for line in header_lines:
-        if ":" in line:
-            k, v = line.split(":", 1)
-            headers[k.strip().lower()] = v.strip()
-    if "content-length" in headers:
-        body = await reader.readexactly(int(headers["content-length"]))
-    elif headers.get("transfer-encoding", "").lower() == "chunked":
+class _Framing(Exception):
+    pass
+
+
+def _header(head: bytes, name: bytes) -> bytes | None:
+    """The value of header ``name`` in a lower-cased response head, if present."""
+    i = head.find(b"\r\n" + name + b":")
+    if i < 0:
+        return None
+    start = i + len(name) + 3
+    end = head.find(b"\r\n", start)
+    return head[start : end if end >= 0 else len(head)].strip()
+
+
+def _parse(buf: bytearray, until_close: bool) -> tuple[int, bytes, int] | None:
+    """``(status, body, bytes used)`` of the response at the start of ``buf``, or None if it
+    has not all arrived. ``until_close``: the connection has ended (a body without framing)."""
+    head_end = buf.find(b"\r\n\r\n")
+    if head_end < 0:
+        return None
+    start = head_end + 4
+    head = bytes(buf[:head_end]).lower()
+    status = int(head[9:12])
+    length = _header(head, b"content-length")
+    if length is not None:
+        end = start + int(length)
+        return (status, bytes(buf[start:end]), end) if len(buf) >= end else None
+    if b"chunked" in (_header(head, b"transfer-encoding") or b""):
         parts = []
+        pos = start
         while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            chunk = await reader.readexactly(size + 2)
+            line_end = buf.find(b"\r\n", pos)
+            if line_end < 0:
+                return None
+            size = int(bytes(buf[pos:line_end]).split(b";")[0], 16)
+            chunk_end = line_end + 2 + size
+            if len(buf) < chunk_end + 2:
+                return None
             if size == 0:
-                break
-            parts.append(chunk[:-2])
-        body = b"".join(parts)
-    else:
-        body = await reader.read()
-    return status, body
+                return status, b"".join(parts), chunk_end + 2
+            parts.append(bytes(buf[line_end + 2 : chunk_end]))
+            pos = chunk_end + 2
+    if until_close:
+        return status, bytes(buf[start:]), len(buf)
+    return None
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: ``await request(data)`` -> ``(status, body)``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buf = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._complete(until_close=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._complete(until_close=True)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError(f"connection closed: {exc!r}"))
+
+    def _complete(self, until_close: bool) -> None:
+        if self.waiter is None or self.waiter.done():
+            return
+        try:
+            got = _parse(self.buf, until_close)
+        except ValueError as exc:
+            self.waiter.set_exception(_Framing(f"bad response framing: {exc}"))
+            return
+        if got is not None:
+            status, body, used = got
+            del self.buf[:used]
+            self.waiter.set_result((status, body))
+
+    async def request(self, data: bytes) -> tuple[int, bytes]:
+        assert self.transport is not None
+        self.waiter = self.loop.create_future()
+        self.transport.write(data)
+        return await self.waiter
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def _connect(host: str, port: int) -> _Connection:
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(lambda: _Connection(loop), host, port)
+    return conn
 
 
 async def run_load(
@@ -77,51 +168,50 @@ async def run_load(
     max_seconds: float,
     warmup: int = 20,
 ) -> LoadResult:
-    """Closed loop: ``concurrency`` workers, until ``max_requests`` or ``max_seconds``."""
+    """Closed loop: ``concurrency`` clients, until ``max_requests`` or ``max_seconds``."""
     latencies: list[float] = []
     errors = 0
     first_error: list[str] = []
     issued = 0
     deadline = 0.0
+    clock = time.perf_counter
 
-    async def worker() -> None:
+    async def client() -> None:
         nonlocal issued, errors
-        reader, writer = await asyncio.open_connection(host, port)
+        conn = await _connect(host, port)
         try:
             for _ in range(max(1, warmup // concurrency)):
-                writer.write(request)
-                await _read_response(reader)
+                await conn.request(request)
             ready.append(1)
             await start.wait()
             # A slow server may take longer to warm every connection up than its keep-alive
             # timeout, closing the connections that finished first: start on fresh ones.
-            writer.close()
-            reader, writer = await asyncio.open_connection(host, port)
-            while issued < max_requests and time.perf_counter() < deadline:
+            conn.close()
+            conn = await _connect(host, port)
+            while issued < max_requests and clock() < deadline:
                 issued += 1
-                t0 = time.perf_counter()
-                writer.write(request)
-                status, body = await _read_response(reader)
-                latencies.append(time.perf_counter() - t0)
+                t0 = clock()
+                status, body = await conn.request(request)
+                latencies.append(clock() - t0)
                 if status != 200:
                     errors += 1
                     if not first_error:
                         first_error.append(f"{status}: {body[:300]!r}")
         finally:
-            writer.close()
+            conn.close()
 
     start = asyncio.Event()
     ready: list[int] = []
-    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
     while len(ready) < concurrency:  # connections open and warm-up requests done
         if any(t.done() for t in tasks):
-            await asyncio.gather(*tasks)  # raises the worker's error
+            await asyncio.gather(*tasks)  # raises the client's error
         await asyncio.sleep(0.01)
-    t_start = time.perf_counter()
+    t_start = clock()
     deadline = t_start + max_seconds
     start.set()
     await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - t_start
+    elapsed = clock() - t_start
     return LoadResult(
         concurrency,
         len(latencies),

@@ -15,7 +15,6 @@ Figures are printed, never asserted: this is a benchmark, not a test.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -34,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from bench.loadgen import LoadResult, build_request, run_load  # noqa: E402
+from bench.loadgen import LoadResult, build_request, run, run_load  # noqa: E402
 from features.catalog import INTERVENTION_NAMES, STATE_NAMES  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only
@@ -171,7 +170,7 @@ def drive(port: int, path: str, body: bytes, levels: list[int], n: int, secs: fl
     req = build_request(HOST, port, path, body)
     out: list[LoadResult] = []
     for c in levels:
-        out.append(asyncio.run(run_load(HOST, port, req, c, n, secs)))
+        out.append(run(run_load(HOST, port, req, c, n, secs)))
     return out
 
 
@@ -204,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--batch-concurrency",
         type=int,
-        help="batch requests in flight (default 4 per worker: connections are spread over "
-        "the workers by the kernel, and a worker left without one would idle)",
+        help="batch requests in flight (default 4 per worker: each worker has a request "
+        "waiting while the client sends or reads another)",
     )
     ap.add_argument("--no-mlflow", action="store_true", help="skip `mlflow models serve`")
     ap.add_argument("--server-cpus", help="pin the servers to these CPUs, e.g. 0,1")
@@ -254,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             print(fmt("icu-forecast serve", r), flush=True)
         # Batch endpoint: requests of args.batch patients each, several in flight.
         body = json.dumps({"patients": batch}).encode()
-        res = asyncio.run(
+        res = run(
             run_load(
                 HOST,
                 port,
@@ -292,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in results["mlflow models serve"]:
                 print(fmt("mlflow models serve", r), flush=True)
             body = json.dumps(mlflow_frame_json(batch)).encode()
-            res = asyncio.run(
+            res = run(
                 run_load(
                     HOST,
                     port,

@@ -52,6 +52,7 @@ from service.schemas import (
 from service.settings import ServiceSettings
 from service.workers import (
     bump_generation,
+    configure_worker_logging,
     mark_worker_gone,
     read_generation,
     run_dir,
@@ -196,12 +197,37 @@ class DirectEndpoint:
         await response(scope, receive, send)
 
 
+class ServiceApp(FastAPI):
+    """FastAPI with the gateway in front of all of it, the framework's own middleware included.
+
+    Every HTTP request passes the gateway first (request id, auth, body limits, access log,
+    metrics). The forecast endpoints, most of the traffic, are then answered by the gateway's
+    ``DirectEndpoint``s, so they also skip the framework's per-request layers (error,
+    telemetry and body-size middlewares: a few percent of a worker's time under load); every
+    other request continues into the whole FastAPI stack, as it did with the gateway as a
+    middleware. Lifespan events go to FastAPI directly.
+    """
+
+    gateway: GatewayMiddleware
+
+    def put_gateway_in_front(self, make: Callable[[Any], GatewayMiddleware]) -> None:
+        """``make(app)`` builds the gateway around ``app``, the FastAPI stack behind it."""
+        self.gateway = make(super().__call__)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope["app"] = self  # as FastAPI sets it, for the gateway and its direct endpoints
+            await self.gateway(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: ServiceSettings | None = None,
     loader: Loader | None = None,
     *,
     freeze_gc: bool = False,
-) -> FastAPI:
+) -> ServiceApp:
     """Build the app. ``loader`` replaces loading ``settings.model_uri`` from MLflow (tests).
 
     ``freeze_gc`` (set by ``icu-forecast serve``, which owns its process) moves everything
@@ -317,7 +343,7 @@ def create_app(
         with contextlib.suppress(ModelLoadError):
             await reload(reason)
 
-    app = FastAPI(
+    app = ServiceApp(
         title="icu-forecast",
         version="0.1.0",
         summary="K-step forecasts of 18 ICU state variables under planned interventions.",
@@ -329,12 +355,14 @@ def create_app(
     app.state.reload = reload
     # POST endpoints the gateway hands their body directly (filled in below).
     direct: dict[str, DirectEndpoint] = {}
-    app.add_middleware(
-        GatewayMiddleware,
-        metrics=metrics,
-        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
-        max_body_bytes=settings.max_body_bytes,
-        direct=direct,
+    app.put_gateway_in_front(
+        partial(
+            GatewayMiddleware,
+            metrics=metrics,
+            api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+            max_body_bytes=settings.max_body_bytes,
+            direct=direct,
+        )
     )
 
     @app.exception_handler(RequestValidationError)
@@ -510,11 +538,12 @@ def create_app(
     return app
 
 
-def create_worker_app() -> FastAPI:
+def create_worker_app() -> ServiceApp:
     """The app of one worker under ``serve --workers N`` (uvicorn imports this factory).
 
     The settings are the supervisor's, passed down as JSON, so CLI flags reach every worker.
     """
+    configure_worker_logging()
     payload = worker_settings_payload()
     settings = ServiceSettings(**payload) if payload is not None else ServiceSettings()
     return create_app(settings, freeze_gc=True)

@@ -1,9 +1,11 @@
 """The gate every HTTP request passes: request id, auth, body limits, access log, metrics.
 
-A plain ASGI middleware (not ``BaseHTTPMiddleware``) because it runs on every request and must
-stay cheap, and because it can refuse an oversized or unauthenticated request before a byte of
-the body is read. The access log carries request id, method, route, status and latency, never
-a body or a query string: requests hold health data.
+A plain ASGI app wrapping the FastAPI stack (not ``BaseHTTPMiddleware``) because it runs on every
+request and must stay cheap, and because it can refuse an oversized or unauthenticated request
+before a byte of the body is read. It sits in front of the framework's own middleware too
+(``service.app.ServiceApp``), so the forecast endpoints it answers directly skip those layers.
+The access log carries request id, method, route, status and latency, never a body or a query
+string: requests hold health data.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -87,7 +89,8 @@ class GatewayMiddleware:
         t0 = time.perf_counter()
         headers = dict(scope["headers"])
         rid_in = headers.get(b"x-request-id")
-        rid = rid_in if rid_in and _REQUEST_ID.match(rid_in) else uuid.uuid4().hex.encode()
+        # 32 random hex digits, like uuid4().hex at a third of the cost.
+        rid = rid_in if rid_in and _REQUEST_ID.match(rid_in) else secrets.token_hex(16).encode()
         rid_header = (b"x-request-id", rid)
         state = {"status": 500}
 

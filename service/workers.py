@@ -1,9 +1,12 @@
 """Running the service as several worker processes behind one port (``serve --workers N``).
 
 One Python process serves on one core: its event loop, parsing and model calls share one GIL.
-With ``--workers N`` uvicorn's supervisor forks N workers that accept on the same socket. Two
-things must then span the workers, and both go through a run folder that ``serve`` creates
-and passes down in the environment:
+With ``--workers N`` uvicorn's supervisor starts N workers; the supervisor accepts on the port
+and hands each connection to the next worker in turn (``service.dispatch``).
+Three things span the workers, all through a run folder that ``serve`` creates and passes down
+in the environment:
+
+* **connections**: the dispatcher's control socket, ``RUN_DIR/dispatch.sock``;
 
 * **reloads**: a reload (endpoint or SIGHUP to the supervisor) reaches one process. It bumps a
   generation counter in ``RUN_DIR/reload-generation``; every worker watches the counter and
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -27,11 +31,20 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from uvicorn import Config, Server
+from uvicorn.supervisors import multiprocess as uvicorn_multiprocess
+from uvicorn.supervisors.multiprocess import Process
+
+from service.dispatch import CONTROL_SOCKET, DispatchedConnections, Dispatcher, serve_on_loop
+
 log = logging.getLogger("icu_forecast.service")
 
 RUN_DIR_ENV = "ICU_FORECAST_RUN_DIR"
 SETTINGS_ENV = "ICU_FORECAST_WORKER_SETTINGS"
 PROMETHEUS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LOG_LEVEL_ENV = "ICU_FORECAST_WORKER_LOG_LEVEL"
+# The format ``icu-forecast`` (pipeline/cli.py) gives the root logger.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _GENERATION = "reload-generation"
 
 
@@ -83,10 +96,12 @@ def worker_environment(settings_payload: dict[str, Any]) -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix="icu-forecast-run-"))
     prom = folder / "prometheus"
     prom.mkdir()
-    saved = {k: os.environ.get(k) for k in (RUN_DIR_ENV, SETTINGS_ENV, PROMETHEUS_ENV)}
+    names = (RUN_DIR_ENV, SETTINGS_ENV, PROMETHEUS_ENV, LOG_LEVEL_ENV)
+    saved = {k: os.environ.get(k) for k in names}
     os.environ[RUN_DIR_ENV] = str(folder)
     os.environ[SETTINGS_ENV] = json.dumps(settings_payload)
     os.environ[PROMETHEUS_ENV] = str(prom)
+    os.environ[LOG_LEVEL_ENV] = str(logging.getLogger().getEffectiveLevel())
     try:
         yield folder
     finally:
@@ -103,6 +118,16 @@ def worker_settings_payload() -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def configure_worker_logging() -> None:
+    """Log as the supervisor does (level and format of ``icu-forecast``'s root logger).
+
+    A worker is a fresh interpreter (uvicorn spawns it) in which uvicorn sets up only its own
+    loggers: without this the access log and the service's own messages would be dropped.
+    """
+    level = int(os.environ.get(LOG_LEVEL_ENV, logging.INFO))
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+
+
 def mark_worker_gone() -> None:
     """Drop this worker's live gauges from the shared metrics (its counters stay counted)."""
     if os.environ.get(PROMETHEUS_ENV):
@@ -111,62 +136,87 @@ def mark_worker_gone() -> None:
         multiprocess.mark_process_dead(os.getpid())
 
 
-def _listen_sockets(config: Any) -> list[socket.socket]:
-    """One listening socket per worker on the same port, with SO_REUSEPORT where it exists.
+class DispatchedServer(Server):
+    """uvicorn's server for one worker, serving the connections the supervisor hands it.
 
-    Workers sharing one socket race for each new connection and an idle one tends to accept a
-    whole burst, leaving the other without clients; with a socket each, the kernel spreads
-    connections over the workers.
+    It listens on no socket of its own (``sockets=[]``): once its startup is done it registers
+    with the supervisor's dispatcher (``service.dispatch``) and runs each connection it receives
+    with uvicorn's own HTTP protocol, as it would run one it had accepted.
     """
-    if not hasattr(socket, "SO_REUSEPORT") or config.uds or config.fd is not None:
-        return [config.bind_socket()]
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    port = config.port
-    out: list[socket.socket] = []
+
+    _connections: DispatchedConnections | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=[])
+        folder = run_dir()
+        if folder is None or self.should_exit:
+            return
+        config = self.config
+        # What uvicorn's ``startup`` builds for ``loop.create_server``.
+        protocol = functools.partial(
+            config.http_protocol_class,
+            config=config,
+            server_state=self.server_state,
+            app_state=self.lifespan.state,
+        )
+        connections = DispatchedConnections(folder / CONTROL_SOCKET)
+        loop = asyncio.get_running_loop()
+        connections.start(loop, serve_on_loop(loop, protocol, config.ssl))
+        self._connections = connections
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Unregister first, so no new connection arrives while the open ones drain.
+        if self._connections is not None:
+            self._connections.stop()
+        await super().shutdown(sockets=sockets)
+
+
+class WorkerProcess(Process):
+    """uvicorn's worker process, running a ``DispatchedServer``."""
+
+    @property
+    def server(self) -> Server:
+        if self._server is None:
+            self._server = DispatchedServer(config=self.config)
+        return self._server
+
+
+@contextlib.contextmanager
+def _workers_are(cls: type[Process]) -> Iterator[None]:
+    """uvicorn's supervisor starts workers as ``multiprocess.Process`` in several places (at
+    start, in place of a dead worker, on SIGTTIN); have it start ``cls`` while it runs."""
+    original = uvicorn_multiprocess.Process
+    uvicorn_multiprocess.Process = cls  # type: ignore[misc]
     try:
-        for _ in range(config.workers):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            out.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((config.host, port))
-            port = sock.getsockname()[1]  # port 0: the others join the port the first got
-            sock.listen(config.backlog)
-            sock.set_inheritable(True)
-    except OSError:
-        for sock in out:
-            sock.close()
-        raise
-    return out
+        yield
+    finally:
+        uvicorn_multiprocess.Process = original  # type: ignore[misc]
 
 
-def serve_workers(config: Any, folder: Path) -> None:
-    """uvicorn's multi-process supervisor, with a socket per worker and SIGHUP turned into a
-    broadcast reload.
+def serve_workers(config: Config, folder: Path) -> None:
+    """uvicorn's multi-process supervisor, with connections handed out by a ``Dispatcher``
+    and SIGHUP turned into a broadcast reload.
 
     uvicorn's own SIGHUP handling restarts the workers one by one; a replacement that cannot
     load the model would still come up (not ready) and retire a worker that was serving. A
     broadcast reload keeps every worker's current model when the new one fails to load.
     """
-    from uvicorn.supervisors import Multiprocess
-    from uvicorn.supervisors.multiprocess import Process
+    listener = config.bind_socket()
+    dispatcher = Dispatcher(listener, folder / CONTROL_SOCKET, config.backlog)
 
-    socks = _listen_sockets(config)
-
-    class _Supervisor(Multiprocess):
-        def init_processes(self) -> None:
-            for i in range(self.processes_num):
-                # A replacement of a dead worker gets every socket (self.sockets) instead.
-                process = Process(self.config, [socks[i % len(socks)]])
-                process.start()
-                self.processes.append(process)
-
+    class _Supervisor(uvicorn_multiprocess.Multiprocess):
         def handle_hup(self) -> None:
             generation = bump_generation(folder)
             log.info("SIGHUP: asked all workers to reload (generation %d)", generation)
 
+        def terminate_all(self) -> None:
+            dispatcher.stop()  # hand nothing more to workers on their way out
+            super().terminate_all()
+
     try:
-        _Supervisor(config, sockets=socks).run()
+        dispatcher.start()
+        with _workers_are(WorkerProcess):
+            _Supervisor(config, sockets=[]).run()
     finally:
-        for sock in socks:
-            sock.close()
+        dispatcher.stop()
+        listener.close()

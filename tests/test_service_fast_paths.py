@@ -2,7 +2,8 @@
 
 Warnings computed with whole-array masks and cached messages equal a per-value reference; a
 large batch on several intra-op threads equals the same patients forecast one by one; the
-gateway's direct forecast endpoints answer like the FastAPI routes they bypass.
+gateway's direct forecast endpoints answer like the FastAPI routes they bypass; the micro-batcher
+gathers concurrent requests into one model call.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -27,8 +29,9 @@ from service_support import (
 
 from features.catalog import N_STATE, STATE_BY_NAME, STATE_NAMES
 from features.preprocess import CLAMP_HIGH, CLAMP_LOW, DROP_HIGH, DROP_LOW
+from service import model as service_model
 from service.app import create_app
-from service.model import LoadedModel
+from service.model import LoadedModel, MicroBatcher
 from service.requests import _fmt_bins, format_loc, value_warnings
 from service.settings import ServiceSettings
 
@@ -162,8 +165,7 @@ def test_direct_endpoints_answer_like_the_routes(served_model):
     app = create_app(ServiceSettings(**served_model.settings_kwargs), served_model.loader)
     body = history_body(n_bins=3, horizon=2)
 
-    (gateway,) = [m for m in app.user_middleware if "direct" in m.kwargs]
-    table = gateway.kwargs["direct"]
+    table = app.gateway.direct
     assert set(table) == {"/v1/forecast", "/v1/forecast/batch"}
 
     async def main() -> tuple[list[httpx.Response], list[httpx.Response]]:
@@ -243,3 +245,32 @@ def test_run_batch_restores_threads(served_model, n):
     assert torch.get_num_threads() == before
     single = run_batch(model, patients[:1])
     np.testing.assert_allclose(out[-1], single[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("max_batch", "expected"), [(256, [6, 1]), (4, [4, 2, 1])])
+def test_micro_batcher_gathers_requests_arriving_turn_after_turn(monkeypatch, max_batch, expected):
+    """Requests that reach the queue one loop turn after another share one model call (up to
+    the batch limit); a lone request goes alone, without waiting for company."""
+    calls: list[int] = []
+
+    def run_batch(model, patients, threads=None):  # noqa: ANN001
+        calls.append(len(patients))
+        return [np.zeros((1, N_STATE))] * len(patients)
+
+    monkeypatch.setattr(service_model, "run_batch", run_batch)
+    holder = SimpleNamespace(current=SimpleNamespace(info="model"))
+    batcher = MicroBatcher(holder, max_batch, on_batch=lambda n: None)
+
+    async def request(turns: int) -> None:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await batcher.submit([object()])
+
+    async def main() -> None:
+        batcher.start()
+        await asyncio.gather(*(request(t) for t in range(6)))  # one more each turn
+        await request(0)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert calls == expected

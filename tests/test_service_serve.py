@@ -131,8 +131,9 @@ def _metric(text: str, name: str, **labels: str) -> list[float]:
 
 @pytest.mark.slow
 def test_serve_workers_share_reloads_and_metrics(served_model, tmp_path, repo_root):
-    """`serve --workers 2`: both workers serve, /metrics counts all of them, and a reload
-    through the endpoint (one worker) or SIGHUP (the supervisor) reaches every worker."""
+    """`serve --workers 2`: both workers serve (the supervisor hands them the connections),
+    /metrics counts all of them, a reload through the endpoint (one worker) or SIGHUP (the
+    supervisor) reaches every worker, and the workers write the access log."""
     name = "icu-forecast-workers-test"
     client, v1, v2 = two_versions(served_model, name)
     log = tmp_path / "serve.log"
@@ -143,11 +144,17 @@ def test_serve_workers_share_reloads_and_metrics(served_model, tmp_path, repo_ro
             # httpx.get opens a fresh connection each time, which may land on either worker.
             return {httpx.get(f"{base}/v1/model").json()["version"] for _ in range(n)}
 
-        wait_for(
-            lambda: all(httpx.get(f"{base}/readyz").status_code == 200 for _ in range(16)),
-            180,
-            "both workers ready",
-        )
+        def model_pids() -> set[str]:
+            text = httpx.get(f"{base}/metrics").text
+            return {
+                line.split('pid="')[1].split('"')[0]
+                for line in text.splitlines()
+                if line.startswith("icu_forecast_model_info{")
+            }
+
+        # A worker joins the supervisor's rotation once started, so /readyz answers only for
+        # the workers already in it: wait until both report a model.
+        wait_for(lambda: len(model_pids()) == 2, 180, "both workers ready")
         body = history_body()
         for _ in range(20):
             resp = httpx.post(f"{base}/v1/forecast", json=body)
@@ -156,12 +163,6 @@ def test_serve_workers_share_reloads_and_metrics(served_model, tmp_path, repo_ro
         text = httpx.get(f"{base}/metrics").text
         served = _metric(text, "icu_forecast_requests_total", route="/v1/forecast", status="200")
         assert sum(served) == 20, text
-        pids = {
-            line.split('pid="')[1].split('"')[0]
-            for line in text.splitlines()
-            if line.startswith("icu_forecast_model_info{")
-        }
-        assert len(pids) == 2, text  # both workers serve, and report their model
 
         client.set_registered_model_alias(name, "champion", v2)
         resp = httpx.post(f"{base}/v1/model/reload")
@@ -177,3 +178,6 @@ def test_serve_workers_share_reloads_and_metrics(served_model, tmp_path, repo_ro
     text = log.read_text()
     assert proc.returncode == 0, text
     assert text.count("Application shutdown complete") == 2, text
+    # The workers log like a single process: one access line per request, and their reloads.
+    assert text.count("route=/v1/forecast status=200") == 20, text
+    assert "reload (broadcast" in text, text
