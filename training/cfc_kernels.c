@@ -13,8 +13,8 @@
  * against nothing and uses torch's thread settings).
  *
  * Compiled twice by training/cfc_kernels.py: for float, and with -DCFC_DOUBLE for double.
- * All arrays are contiguous, row-major, time-major: (T, B, width). Matrix products are written for
- * column-major BLAS: a row-major (r x c) array is a column-major (c x r) one.
+ * All arrays are contiguous, row-major, time-major: (T, B, width). Matrix products are
+ * written for column-major BLAS: a row-major (r x c) array is a column-major (c x r) one.
  */
 #include <math.h>
 #include <stdint.h>

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["Kernels", "available", "for_dtype"]
+__all__ = ["KernelError", "Kernels", "for_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +262,6 @@ def for_dtype(dtype: torch.dtype) -> Kernels | None:
                 kernels = None
             _loaded[dtype] = kernels
     return _loaded[dtype]
-
-
-def available(dtype: torch.dtype = torch.float32) -> bool:
-    return for_dtype(dtype) is not None
 
 
 if __name__ == "__main__":  # build, verify and report: python -m training.cfc_kernels
