@@ -13,8 +13,8 @@ Figures:
                        backward, grad-norm clip 1.0, the training code's Adam:
                        training.lit.build_optimizer) on batch x seq-len x 39 batches;
   cpu ms/step          median process CPU time per step (less sensitive to other tenants);
-  rollout ms           median wall time of one 5-step recursive rollout (encode the history
-                       one bin per call, then 4 fed-back steps: training.rollout), float64 as
+  rollout ms           median wall time of one 5-step recursive rollout (the history, then
+                       4 fed-back steps: training.rollout.forecast_rollout), float64 as
                        the Forecaster runs it, for 1 patient and per patient in a batch of 64;
   peak MB              training peak-RSS increase over 3 steps in a fresh process (kernel
                        VmHWM after resetting it via /proc/self/clear_refs; Linux only).
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from training.lit import build_optimizer  # noqa: E402
 from training.models import ModelConfig, build_model  # noqa: E402
 from training.models.base import N_INPUT  # noqa: E402
-from training.rollout import continue_rollout, encode  # noqa: E402
+from training.rollout import forecast_rollout  # noqa: E402
 
 N_STATE = 18
 IMPLS = (("gru", "gru", "ncps"), ("cfc-ncps", "cfc", "ncps"), ("cfc-fast", "cfc", "fast"))
@@ -78,9 +78,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x, y) -> None:
 
 def rollout(model: nn.Module, x: torch.Tensor, horizon: int) -> torch.Tensor:
     lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
-    ys, state, _ = encode(model, x, lengths)
     future = x[:, -1:, 2 * N_STATE :].expand(-1, horizon - 1, -1)
-    return continue_rollout(model, ys[:, -1], state, future)
+    return forecast_rollout(model, x, lengths, future)
 
 
 def _vm(field: str) -> int:

@@ -226,3 +226,32 @@ def test_native_loops_refuse_arguments_they_would_misread() -> None:
     ):
         with pytest.raises(ValueError, match=match):
             kernels.forward(True, *{**args, name: bad}.values())
+
+
+def test_native_stack_step_refuses_arguments_it_would_misread() -> None:
+    kernels = cfc_kernels.for_dtype(torch.float64)
+    assert kernels is not None
+    n_in, z, n, out, batch = 3, 5, 4, 2, 2
+    layers = [
+        (torch.zeros(k + n, z, dtype=torch.float64), torch.zeros(z, dtype=torch.float64),
+         torch.zeros(z, 3 * n, dtype=torch.float64), torch.zeros(3 * n, dtype=torch.float64))
+        for k in (n_in, n)
+    ]  # fmt: skip
+    out_wt, out_b = torch.zeros(n, out, dtype=torch.float64), torch.zeros(out, dtype=torch.float64)
+    stack = cfc_kernels.StackWeights(kernels, True, layers, out_wt, out_b)
+    x = torch.zeros(batch, n_in, dtype=torch.float64)
+    state = [torch.zeros(batch, n, dtype=torch.float64) for _ in layers]
+    y, new = stack.step(x, state)  # well-formed: runs
+    assert y.shape == (batch, out) and [s.shape for s in new] == [(batch, n)] * 2
+    for bad_x, bad_state, match in (
+        (torch.zeros(batch, n_in + 1, dtype=torch.float64), state, "x must be"),
+        (torch.zeros(n_in, batch, dtype=torch.float64).t(), state, "strides"),
+        (x.float(), state, "float64"),
+        (x, state[:1], "2 tensors"),
+        (x, [state[0], torch.zeros(batch, n + 1, dtype=torch.float64)], "expected shape"),
+        (x, [state[0], torch.zeros(n, batch, dtype=torch.float64).t()], "strides"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            stack.step(bad_x, bad_state)
+    with pytest.raises(ValueError, match="expected shape"):
+        cfc_kernels.StackWeights(kernels, True, layers, out_wt.t(), out_b)

@@ -197,3 +197,71 @@ def test_fast_and_ncps_rollouts_agree_in_float64() -> None:
         ys, state, _ = encode(model, x, lengths)
         outs.append(continue_rollout(model, ys[torch.arange(2), lengths - 1], state, fut))
     torch.testing.assert_close(outs[1], outs[0], **F64)
+
+
+@pytest.mark.parametrize("mode", ["default", "no_gate"])
+@pytest.mark.parametrize("batch", [1, B])
+def test_native_stack_step_runs_the_training_layout(mode: str, batch: int, monkeypatch) -> None:  # noqa: ANN001
+    """The training layout's steps run as one native call per bin (cfc_kernels), and give what
+    the torch operations and ncps give."""
+    import training.fast_cfc as fast_cfc
+    from training import cfc_kernels
+
+    calls = []
+    original = cfc_kernels.StackWeights.step
+    monkeypatch.setattr(
+        cfc_kernels.StackWeights, "step", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    ref, fast = _stacks(dtype=torch.float64, mode=mode, backbone_units=16)
+    x = torch.rand(batch, T, N_INPUT, dtype=torch.float64)
+    _assert_steps_equal(ref, fast, x, F64)
+    assert len(calls) == T  # x[:, t] is a strided slice: taken as it is, one call per bin
+    native, _ = _steps(fast, x)
+    monkeypatch.setattr(fast_cfc, "_NATIVE_LOOPS", False)
+    fast.head.bias.data = fast.head.bias.data.clone()  # new weights: the stepper re-prepares
+    torch_ops, _ = _steps(fast, x)
+    assert len(calls) == 2 * T
+    torch.testing.assert_close(native, torch_ops, **F64)
+    # Layouts the native step does not cover keep the torch operations.
+    monkeypatch.setattr(fast_cfc, "_NATIVE_LOOPS", True)
+    _, mixed = _stacks(dtype=torch.float64, mode=mode, mixed_memory=True)
+    _steps(mixed, x)
+    assert len(calls) == 2 * T
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("bounded", [True, False])
+def test_fused_forecast_equals_encode_then_continue_rollout(
+    residual: bool, bounded: bool, monkeypatch
+) -> None:  # noqa: ANN001
+    """forecast_rollout's one native call: what encode + continue_rollout step through, for
+    histories of different lengths; ncps' layers (no native path) step and agree."""
+    from training import cfc_kernels
+    from training.rollout import forecast_rollout
+
+    calls = []
+    original = cfc_kernels.StackWeights.forecast
+    monkeypatch.setattr(
+        cfc_kernels.StackWeights,
+        "forecast",
+        lambda self, *a, **k: calls.append(1) or original(self, *a, **k),
+    )
+    ref, fast = _stacks(dtype=torch.float64, backbone_units=16)
+    ref.cfg.residual = fast.cfg.residual = residual
+    x = torch.rand(B, T, N_INPUT, dtype=torch.float64)
+    lengths = torch.tensor([T, 1, 3, T, 2])
+    future = torch.rand(B, 3, 3, dtype=torch.float64)
+    bounds = (
+        (torch.full((18,), 0.3, dtype=torch.float64), torch.full((18,), 0.7, dtype=torch.float64))
+        if bounded
+        else None
+    )
+    got = forecast_rollout(fast, x, lengths, future, bounds)
+    assert len(calls) == 1 and got.shape == (B, 4, 18)
+    ys, state, _ = encode(fast, x, lengths)
+    first = ys[torch.arange(B), lengths - 1]
+    torch.testing.assert_close(got, continue_rollout(fast, first, state, future, bounds), **F64)
+    torch.testing.assert_close(got, forecast_rollout(ref, x, lengths, future, bounds), **F64)
+    assert len(calls) == 1
+    if bounded:
+        assert got.min() >= 0.3 and got.max() <= 0.7

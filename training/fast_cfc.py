@@ -1002,6 +1002,34 @@ class _StepLayer:
         return torch.lerp(p1, p2, g).mul_(2.0).sub_(1.0), c
 
 
+def _native_stack(layers: list[_StepLayer], head: tuple, like: Tensor):
+    """``cfc_kernels``' one-call step for the whole stack, when every layer has the layout of
+    its loops (one sigmoid-form backbone Linear, one head mode, no mixed memory) and they are
+    available for ``like``; else None (``StackStepper`` then issues the torch operations)."""
+    first = layers[0].spec
+    if not all(
+        not ly.spec.mixed and ly.spec.has_backbone and ly.spec.acts == ("sigmoid",)
+        and ly.spec.mode == first.mode and ly.spec.mode in ("default", "no_gate")
+        and ly.spec.hidden == first.hidden and ly.head_wt is not None
+        and ly.xh_wt.shape[1] == layers[0].xh_wt.shape[1]
+        for ly in layers
+    ):  # fmt: skip
+        return None
+    kernels = _native_loops(like)
+    if kernels is None:
+        return None
+    head_wt, head_b = head
+    if head_b is None:
+        head_b = head_wt.new_zeros(head_wt.shape[1])
+    return cfc_kernels.StackWeights(
+        kernels,
+        first.mode != "no_gate",
+        [(ly.xh_wt, ly.b0.contiguous(), ly.head_wt, ly.head_b.contiguous()) for ly in layers],
+        head_wt,
+        head_b.detach().contiguous(),
+    )
+
+
 class StackStepper:
     """One bin of a stack of unwired ``FastCfC`` layers plus a linear head, without autograd.
 
@@ -1038,18 +1066,46 @@ class StackStepper:
         return all(r.fused and not (r.training and r._backbone_dropout_active()) for r in self.rnns)
 
     def _prepared(self, x: Tensor) -> tuple:
-        key = (x.dtype, x.device, *((d[k].data_ptr(), d[k]._version) for d, k in self._slots))
+        key = (
+            x.dtype, x.device, _NATIVE_LOOPS,
+            *((d[k].data_ptr(), d[k]._version) for d, k in self._slots),
+        )  # fmt: skip
         cached = self._cached  # one tuple, replaced whole: safe for concurrent readers
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 layers = [_StepLayer.from_module(r, x) for r in self.rnns]
                 head = (self.head.weight.t().contiguous(), self.head.bias)
-            cached = (key, (layers, head))
+                native = _native_stack(layers, head, x)
+            cached = (key, (layers, head, native))
             self._cached = cached
         return cached[1]
 
+    def forecast(
+        self,
+        x: Tensor,
+        lengths: Tensor,
+        future: Tensor,
+        bounds: tuple[Tensor, Tensor] | None,
+        residual: bool,
+    ) -> Tensor | None:
+        """A whole rollout (``training.rollout.forecast_rollout``) in one native call, or None
+        where the native loops do not cover this stack."""
+        native = self._prepared(x)[2]
+        if native is None:
+            return None
+        if bounds is not None:
+            bounds = (bounds[0].to(x.dtype).contiguous(), bounds[1].to(x.dtype).contiguous())
+        return native.forecast(
+            x.contiguous(), lengths.to(torch.int64).contiguous(), future.to(x.dtype).contiguous(),
+            bounds, residual,
+        )  # fmt: skip
+
     def __call__(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        layers, (head_wt, head_b) = self._prepared(x)
+        layers, (head_wt, head_b), native = self._prepared(x)
+        if native is not None:
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            return native.step(x, [s.contiguous() for s in state])
         new: list[Tensor] = []
         i = 0
         h = x

@@ -11,7 +11,7 @@ from features.catalog import N_INTERVENTION, N_STATE
 from features.preprocess import INTERVENTION_MAX, Preprocessor, prepare_arrays
 from training.data import model_inputs
 from training.models import DynamicsModel
-from training.rollout import continue_rollout, encode, state_bounds
+from training.rollout import forecast_rollout, state_bounds
 
 
 @dataclass
@@ -103,11 +103,9 @@ class Forecaster:
         if h < 1:
             raise ValueError("planned must cover at least one forecast bin (H >= 1)")
         x = torch.from_numpy(self.prepare(state, interventions, lengths)).double()
-        t_len = torch.from_numpy(lengths)
-        ys, last_state, _ = encode(self.model, x, t_len)
-        first = ys[torch.arange(b), t_len - 1]
         plan = np.clip(np.nan_to_num(planned[:, : h - 1], nan=0.0), 0.0, INTERVENTION_MAX)
         plan_scaled = self.preprocessor.scale_interventions(plan.reshape(-1, N_INTERVENTION))
         fut = torch.as_tensor(plan_scaled.reshape(b, h - 1, N_INTERVENTION), dtype=torch.float64)
-        pred = continue_rollout(self.model, first, last_state, fut, self._bounds).numpy()
+        pred = forecast_rollout(self.model, x, torch.from_numpy(lengths), fut, self._bounds)
+        pred = pred.numpy()
         return self.preprocessor.unscale_state(pred.astype(np.float64))

@@ -115,6 +115,25 @@ def continue_rollout(
     return torch.stack(preds, dim=1)
 
 
+@torch.no_grad()
+def forecast_rollout(
+    model: DynamicsModel,
+    x: torch.Tensor,
+    lengths: torch.Tensor,
+    future_iv: torch.Tensor,
+    bounds: Bounds | None = None,
+) -> torch.Tensor:
+    """K-step rollouts from the last real bin of each history: :func:`encode` then
+    :func:`continue_rollout`, as one native call where the model has one (FastCfC stacks),
+    which computes the same steps. Returns (B, K, 18)."""
+    fused = model.fused_forecast(x, lengths, future_iv, bounds)
+    if fused is not None:
+        return fused
+    ys, state, _ = encode(model, x, lengths)
+    first = ys[torch.arange(x.shape[0]), lengths - 1]
+    return continue_rollout(model, first, state, future_iv, bounds)
+
+
 @dataclass
 class Windows:
     """K-step rollouts from every start bin s with s + K <= n - 1, all stays of a split."""

@@ -75,5 +75,12 @@ class DynamicsModel(nn.Module):
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:  # (B, 39) -> (B, 18)
         raise NotImplementedError
 
+    def fused_forecast(
+        self, x: Tensor, lengths: Tensor, future: Tensor, bounds: tuple[Tensor, Tensor] | None
+    ) -> Tensor | None:
+        """``training.rollout.forecast_rollout`` in one call, for models that have such a path
+        (FastCfC stacks with the native loops); None means: step through it."""
+        return None
+
     def _out(self, x: Tensor, delta: Tensor) -> Tensor:
         return x[..., :N_STATE] + delta if self.cfg.residual else delta

@@ -74,6 +74,14 @@ class _NcpsStack(DynamicsModel):
             new.extend(hx if isinstance(hx, tuple) else [hx])
         return self._out(x, self.head(h[:, 0])), new
 
+    def fused_forecast(
+        self, x: Tensor, lengths: Tensor, future: Tensor, bounds: tuple[Tensor, Tensor] | None
+    ) -> Tensor | None:
+        stepper = self._stepper() if not torch.is_grad_enabled() else None
+        if stepper is None:
+            return None
+        return stepper.forecast(x, lengths, future, bounds, residual=self.cfg.residual)
+
     def _stepper(self):
         """FastCfC's lean single-bin inference path for the whole stack, where it applies.
 
