@@ -39,7 +39,7 @@ class Forecaster:
         (``prepare_arrays``), row-wise imputation and min-max scaling (``Preprocessor``).
         """
         b, t, _ = state.shape
-        rows = np.concatenate([np.arange(int(n)) + i * t for i, n in enumerate(lengths)])
+        rows = np.flatnonzero(np.arange(t) < np.asarray(lengths)[:, None])  # real bins, in order
         flat_state = state.reshape(b * t, N_STATE)[rows]
         flat_iv = interventions.reshape(b * t, N_INTERVENTION)[rows]
         starts = np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)
