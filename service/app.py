@@ -31,6 +31,7 @@ from features.catalog import (
     catalog_version,
 )
 from service.events import bin_events
+from service.logs import flush_all as flush_logs
 from service.metrics import ServiceMetrics
 from service.middleware import GatewayMiddleware
 from service.model import (
@@ -144,23 +145,20 @@ def _parse(model: type[BaseModel], body: bytes) -> Any:
 
 
 def _patient_payload(p: PatientInput, values: Any) -> dict[str, Any]:
-    last = p.first_bin_start + BIN * (p.n_bins - 1)
-    rows = values.tolist()
-    plan = p.planned.tolist()
-    return {
-        "id": p.id,
-        "horizon": p.horizon,
-        "forecast": [
+    start = p.first_bin_start + BIN * (p.n_bins - 1)  # the last history bin's
+    forecast = []
+    # ``values`` and ``planned`` have one row per forecast step (``horizon``), 18 and 3 wide.
+    for k, (row, plan) in enumerate(zip(values.tolist(), p.planned.tolist(), strict=True), 1):
+        start += BIN
+        forecast.append(
             {
-                "step": k + 1,
-                "bin_start": last + BIN * (k + 1),
-                "values": dict(zip(STATE_NAMES, rows[k], strict=True)),
-                "interventions": dict(zip(INTERVENTION_NAMES, plan[k], strict=True)),
+                "step": k,
+                "bin_start": start,
+                "values": dict(zip(STATE_NAMES, row, strict=True)),
+                "interventions": dict(zip(INTERVENTION_NAMES, plan, strict=True)),
             }
-            for k in range(p.horizon)
-        ],
-        "warnings": p.warnings,
-    }
+        )
+    return {"id": p.id, "horizon": p.horizon, "forecast": forecast, "warnings": p.warnings}
 
 
 class DirectEndpoint:
@@ -338,6 +336,9 @@ def create_app(
                 mark_worker_gone()
             await batcher.stop()
             torch.set_num_threads(threads)
+            # The access lines still waiting in a batch (service.logs): uvicorn re-raises the
+            # stopping signal after this, and the process ends without logging.shutdown.
+            flush_logs()
 
     async def _reload_quietly(reason: str) -> None:
         with contextlib.suppress(ModelLoadError):
@@ -543,7 +544,7 @@ def create_worker_app() -> ServiceApp:
 
     The settings are the supervisor's, passed down as JSON, so CLI flags reach every worker.
     """
-    configure_worker_logging()
     payload = worker_settings_payload()
     settings = ServiceSettings(**payload) if payload is not None else ServiceSettings()
+    configure_worker_logging(settings.log_flush_s)
     return create_app(settings, freeze_gc=True)

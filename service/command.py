@@ -10,6 +10,10 @@ from service.settings import LOOPBACK_HOSTS, ServiceSettings
 
 log = logging.getLogger("icu_forecast.service")
 
+# uvicorn's HTTP protocol on a transport that sends each response in one write (an import
+# string: uvicorn loads it, in each worker too, and the CLI does not import uvicorn early).
+HTTP_PROTOCOL = "service.transport:CoalescingHTTPProtocol"
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
@@ -44,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.logs import batch_log_writes
 
     settings = settings_from_args(args)
     if settings.host not in LOOPBACK_HOSTS:
@@ -55,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
         log.info("API_KEY not set: the API is open to anyone who can reach it")
     if settings.workers > 1:
         return _run_workers(settings)
-    uvicorn.run(create_app(settings, freeze_gc=True), **_uvicorn_options(settings))
+    restore = batch_log_writes(settings.log_flush_s)  # one write per fraction of a second
+    try:
+        uvicorn.run(create_app(settings, freeze_gc=True), **_uvicorn_options(settings))
+    finally:
+        restore()
     return 0
 
 
@@ -68,7 +77,7 @@ def _uvicorn_options(settings: ServiceSettings) -> dict:
         "access_log": False,
         # uvloop / httptools when installed: the fast event loop and HTTP parser.
         "loop": "auto",
-        "http": "auto",
+        "http": HTTP_PROTOCOL,
     }
 
 

@@ -7,6 +7,7 @@ values live in files shared by the workers and ``/metrics`` aggregates all of th
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -19,6 +20,7 @@ class ServiceMetrics:
         self._model_labels: tuple[str, str, str] | None = None
         self.registry = CollectorRegistry()
         self._children: dict[tuple[str, str, int], tuple] = {}
+        self._warning_children: dict[str, Any] = {}
         r = self.registry
         self.requests = Counter(
             "icu_forecast_requests",
@@ -77,8 +79,12 @@ class ServiceMetrics:
         children[1].observe(seconds)
 
     def count_warnings(self, kinds: dict[str, int]) -> None:
+        children = self._warning_children
         for kind, n in kinds.items():
-            self.input_warnings.labels(kind).inc(n)
+            child = children.get(kind)
+            if child is None:
+                child = children[kind] = self.input_warnings.labels(kind)
+            child.inc(n)
 
     def set_model(self, name: str, version: str | None, run_id: str | None) -> None:
         labels = (name, version or "", run_id or "")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
+import random
 import re
-import secrets
+import sys
 import time
 from typing import Any
 
@@ -43,6 +45,36 @@ async def _send_json(send: Any, status: int, body: dict, headers: list | None = 
         }
     )
     await send({"type": "http.response.body", "body": data})
+
+
+# Request ids only tell requests apart in the logs; they guard nothing, so they need not come
+# from the OS's generator (a syscall per request): 128 bits from a per-process Mersenne
+# Twister, seeded from the OS (again in a forked child), as 32 hex digits like ``uuid4().hex``.
+_ids = random.Random()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ids.seed)
+
+
+def _new_request_id() -> bytes:
+    return b"%032x" % _ids.getrandbits(128)
+
+
+def _log_access(args: tuple) -> None:
+    """``access_log.info(line, *args)`` without its walk up the stack to find the caller (it
+    is always the gateway): the same record, for about a sixth less of the logging cost."""
+    caller = sys._getframe(1)  # held here, not in the caller's frame: no reference cycle
+    code = caller.f_code
+    record = access_log.makeRecord(
+        access_log.name,
+        logging.INFO,
+        code.co_filename,
+        caller.f_lineno,
+        "request_id=%s method=%s route=%s status=%d latency_ms=%.2f",
+        args,
+        None,
+        code.co_name,
+    )
+    access_log.handle(record)
 
 
 def _is_json(content_type: bytes) -> bool:
@@ -89,8 +121,7 @@ class GatewayMiddleware:
         t0 = time.perf_counter()
         headers = dict(scope["headers"])
         rid_in = headers.get(b"x-request-id")
-        # 32 random hex digits, like uuid4().hex at a third of the cost.
-        rid = rid_in if rid_in and _REQUEST_ID.match(rid_in) else secrets.token_hex(16).encode()
+        rid = rid_in if rid_in and _REQUEST_ID.match(rid_in) else _new_request_id()
         rid_header = (b"x-request-id", rid)
         state = {"status": 500}
 
@@ -146,14 +177,8 @@ class GatewayMiddleware:
             )
             status = state["status"]
             self.metrics.observe_request(method, template, status, elapsed)
-            access_log.info(
-                "request_id=%s method=%s route=%s status=%d latency_ms=%.2f",
-                rid.decode(),
-                method,
-                template,
-                status,
-                elapsed * 1000,
-            )
+            if access_log.isEnabledFor(logging.INFO):
+                _log_access((rid.decode(), method, template, status, elapsed * 1000))
 
     def _limited(self, receive: Any) -> Any:
         """Count body bytes as they arrive: a chunked body has no Content-Length to check."""

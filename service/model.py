@@ -122,8 +122,36 @@ def load_from_mlflow(model_uri: str, tracking_uri: str) -> LoadedModel:
         raise ModelLoadError(f"could not load {model_uri!r}: {type(exc).__name__}: {exc}") from exc
     if not callable(getattr(forecaster, "forecast", None)):
         raise ModelLoadError(f"{model_uri!r}: the python model has no forecaster.forecast")
+    _warm_up(model_uri, forecaster)
     info = ModelInfo(name, version, run_id, model_uri, checksum)
     return LoadedModel(info, forecaster)
+
+
+def _warm_up(model_uri: str, forecaster: Forecaster) -> None:
+    """One small forecast before the model serves (and before /readyz says so).
+
+    A model's first call does once-only work that later calls reuse (FastCfC compiles its
+    native loops on first use in a fresh container, and prepares its weights); without this it
+    would land on the first request. And a model that cannot forecast at all is refused here,
+    so a reload keeps the previous one serving.
+    """
+    import torch
+
+    state = np.full((1, 2, N_STATE), np.nan)
+    interventions = np.full((1, 2, N_INTERVENTION), np.nan)
+    planned = np.zeros((1, 2, N_INTERVENTION))
+    try:
+        with torch.inference_mode():
+            out = np.asarray(forecaster.forecast(state, interventions, np.array([2]), planned))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{model_uri!r}: a test forecast failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if out.shape != (1, 2, N_STATE) or not np.isfinite(out).all():
+        raise ModelLoadError(
+            f"{model_uri!r}: a test forecast gave {out.shape} values, not all finite; expected "
+            f"{(1, 2, N_STATE)} finite values"
+        )
 
 
 Loader = Callable[[], LoadedModel]

@@ -10,6 +10,7 @@ same code as training); this module only reports which values they will touch.
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,7 @@ _UNITS = [STATE_BY_NAME[n].unit for n in STATE_NAMES]
 # builds thousands of bins per request).
 _STATE_OF = operator.itemgetter(*STATE_NAMES)
 _INTERVENTIONS_OF = operator.itemgetter(*INTERVENTION_NAMES)
+_chain = itertools.chain.from_iterable
 
 
 class InputError(Exception):
@@ -112,12 +114,15 @@ def _history_arrays(
                 "with empty values for a window where nothing was charted"
             )
         errors.append(_error(where, msg))
-    # One comprehension per array: numpy turns the ``None`` of an absent value into NaN.
-    state = np.array([_STATE_OF(b.values.__dict__) for b in history], dtype=np.float64).reshape(
-        n, N_STATE
-    )
-    iv = np.array(
-        [_INTERVENTIONS_OF(b.interventions.__dict__) for b in history], dtype=np.float64
+    # One C-level lookup per bin, read by ``fromiter`` (which turns the ``None`` of an absent
+    # value into NaN) without the nested list that ``np.array`` would inspect first.
+    state = np.fromiter(
+        _chain(map(_STATE_OF, [b.values.__dict__ for b in history])), np.float64, n * N_STATE
+    ).reshape(n, N_STATE)
+    iv = np.fromiter(
+        _chain(map(_INTERVENTIONS_OF, [b.interventions.__dict__ for b in history])),
+        np.float64,
+        n * N_INTERVENTION,
     ).reshape(n, N_INTERVENTION)
     return state, iv, starts[0], errors
 
@@ -150,11 +155,13 @@ def _planned(
             ],
             [],
         )
-    # An absent (None) planned intervention is 0; the schema already refuses NaN.
-    out = np.array(
-        [[0.0 if v is None else v for v in _INTERVENTIONS_OF(step.__dict__)] for step in plan],
-        dtype=np.float64,
+    out = np.fromiter(
+        _chain(map(_INTERVENTIONS_OF, [step.__dict__ for step in plan])),
+        np.float64,
+        horizon * N_INTERVENTION,
     ).reshape(horizon, N_INTERVENTION)
+    # An absent (None, read as NaN) planned intervention is 0; the schema refuses a real NaN.
+    out[np.isnan(out)] = 0.0
     return out, [], []
 
 
@@ -170,10 +177,8 @@ _CLAMP_LOW_L = _CLAMP_LOW.tolist()
 _CLAMP_HIGH_L = _CLAMP_HIGH.tolist()
 
 
-@functools.lru_cache(maxsize=16384)
 def _missing_message(kind: str, j: int, bins: tuple[int, ...]) -> str:
-    """The text of a forward-fill or imputation warning; the same few gap patterns recur in
-    every request, so their formatting is cached (a few microseconds per warning otherwise)."""
+    """The text of a forward-fill or imputation warning."""
     name = STATE_NAMES[j]
     if kind == "forward_filled":
         return (
@@ -211,48 +216,45 @@ def _clamp_warning(state: np.ndarray, t: int, j: int, loc: tuple, source: str) -
     }
 
 
+@functools.lru_cache(maxsize=4096)
+def _column_warnings(j: int, missing: tuple[bool, ...]) -> tuple[tuple[str, tuple, str], ...]:
+    """(kind, bins, message) of the forward-fill and imputation warnings of state column ``j``
+    with the missing-value pattern ``missing`` (one flag per bin). The same few gap patterns
+    recur in every request (a lab drawn once a day leaves every other bin empty), so each is
+    worked out and its text formatted once (a few microseconds per warning otherwise)."""
+    n = len(missing)
+    # Bins before the first measurement are imputed; later gaps are carried forward.
+    first = missing.index(False) if False in missing else n
+    out: list[tuple[str, tuple, str]] = []
+    ffilled = tuple([t for t in range(first + 1, n) if missing[t]])
+    if ffilled:
+        out.append(("forward_filled", ffilled, _missing_message("forward_filled", j, ffilled)))
+    if first:
+        imputed = tuple(range(first))
+        out.append(("imputed", imputed, _missing_message("imputed", j, imputed)))
+    return tuple(out)
+
+
 def value_warnings(state: np.ndarray, loc: tuple, source: str) -> list[dict[str, Any]]:
     """Warnings naming every value the preprocessing will clamp, carry forward or impute.
 
     Clamp warnings come first, in bin order (as a reader scans the history), then per variable
-    the forward-filled and the imputed bins. Whole-array masks find the few columns that need a
+    the forward-filled and the imputed bins. Whole-array masks find the few values that need a
     warning; only those are walked in Python.
     """
-    n = state.shape[0]
     out: list[dict[str, Any]] = []
-    outside = (state < _CLAMP_LOW) | (state > _CLAMP_HIGH)  # NaN compares False
-    if outside.any():
-        for t, j in np.argwhere(outside).tolist():
+    outside = state < _CLAMP_LOW
+    outside |= state > _CLAMP_HIGH  # NaN compares False
+    bins, cols = outside.nonzero()  # row-major: in bin order
+    if bins.size:
+        for t, j in zip(bins.tolist(), cols.tolist(), strict=True):
             out.append(_clamp_warning(state, t, j, loc, source))
-    nan = np.isnan(state)
-    missing_cols = np.flatnonzero(nan.any(axis=0)).tolist()
-    if not missing_cols:
-        return out
-    cols = nan.T.tolist()
-    for j in missing_cols:
-        col = cols[j]
-        # Bins before the first measurement are imputed; later gaps are carried forward.
-        first = col.index(False) if False in col else n
-        ffilled = tuple([t for t in range(first + 1, n) if col[t]])
-        if ffilled:
-            out.append(
-                {
-                    "kind": "forward_filled",
-                    "variable": STATE_NAMES[j],
-                    "bins": list(ffilled),
-                    "message": _missing_message("forward_filled", j, ffilled),
-                }
-            )
-        if first:
-            imputed = tuple(range(first))
-            out.append(
-                {
-                    "kind": "imputed",
-                    "variable": STATE_NAMES[j],
-                    "bins": list(imputed),
-                    "message": _missing_message("imputed", j, imputed),
-                }
-            )
+    for j, missing in enumerate(np.isnan(state).T.tolist()):
+        if True not in missing:
+            continue
+        name = STATE_NAMES[j]
+        for kind, where, message in _column_warnings(j, tuple(missing)):
+            out.append({"kind": kind, "variable": name, "bins": list(where), "message": message})
     return out
 
 

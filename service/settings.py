@@ -86,6 +86,13 @@ class ServiceSettings(BaseSettings):
         1.0, gt=0, description="with several workers: how often each checks for a reload"
     )
     log_level: str = "info"
+    log_flush_s: float = Field(
+        0.2,
+        ge=0,
+        le=60,
+        description="`icu-forecast serve` only: log lines are written in batches, at most this "
+        "long after they were logged (0: every line at once)",
+    )
 
     @field_validator("log_level")
     @classmethod

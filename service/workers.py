@@ -36,6 +36,7 @@ from uvicorn.supervisors import multiprocess as uvicorn_multiprocess
 from uvicorn.supervisors.multiprocess import Process
 
 from service.dispatch import CONTROL_SOCKET, DispatchedConnections, Dispatcher, serve_on_loop
+from service.logs import batch_log_writes
 
 log = logging.getLogger("icu_forecast.service")
 
@@ -118,7 +119,7 @@ def worker_settings_payload() -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def configure_worker_logging() -> None:
+def configure_worker_logging(flush_s: float) -> None:
     """Log as the supervisor does (level and format of ``icu-forecast``'s root logger).
 
     A worker is a fresh interpreter (uvicorn spawns it) in which uvicorn sets up only its own
@@ -126,6 +127,8 @@ def configure_worker_logging() -> None:
     """
     level = int(os.environ.get(LOG_LEVEL_ENV, logging.INFO))
     logging.basicConfig(level=level, format=LOG_FORMAT)
+    # Lines written in batches, at most ``flush_s`` late (service.logs).
+    batch_log_writes(flush_s)
 
 
 def mark_worker_gone() -> None:

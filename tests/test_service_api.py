@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import httpx
 import numpy as np
@@ -221,6 +222,11 @@ def test_access_log_has_request_id_and_no_patient_values(client, caplog):
         "request_id=req-42" in m and "status=200" in m and "latency_ms=" in m for m in access
     )
     assert any(rejected.headers["x-request-id"] in m and "status=422" in m for m in access)
+    # A generated id is 32 hex digits; the record names the gateway as its source, as
+    # ``access_log.info`` there would.
+    assert re.fullmatch(r"[0-9a-f]{32}", rejected.headers["x-request-id"])
+    records = [r for r in caplog.records if r.name.endswith("access")]
+    assert all(r.filename == "middleware.py" and r.funcName == "__call__" for r in records)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for secret in ("123.456789", "43.21987", "98765.4321"):  # ...but the logs never are
         assert secret not in logged

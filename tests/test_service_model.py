@@ -125,3 +125,41 @@ def test_reload_picks_up_new_champion_and_survives_a_broken_one(served_model, re
         assert 'icu_forecast_model_reloads_total{result="failure"} 1.0' in metrics
         assert 'icu_forecast_model_reloads_total{result="success"} 2.0' in metrics
         assert f'version="{v2}"' in metrics
+
+
+def test_a_loaded_model_has_forecast_once_before_it_serves(served_model):
+    """load_from_mlflow runs a small forecast: the native loops and prepared weights exist
+    before the first request (none of it lands on that request)."""
+    from service.model import load_from_mlflow
+
+    model = load_from_mlflow(served_model.settings_kwargs["model_uri"], served_model.tracking_uri)
+    stepper = model.forecaster.model._stepper()
+    assert stepper is not None and stepper._cached is not None
+    assert stepper._cached[1][2] is not None  # the native stack: what the service runs
+
+
+def test_warm_up_refuses_a_model_that_cannot_forecast():
+    from service.model import ModelLoadError, _warm_up
+
+    class Raises:
+        def forecast(self, *args):  # noqa: ANN002, ANN202
+            raise RuntimeError("boom")
+
+    class Shaped:
+        def __init__(self, fill: float, steps: int = 2) -> None:
+            self.fill, self.steps, self.calls = fill, steps, 0
+
+        def forecast(self, state, interventions, lengths, planned):  # noqa: ANN001, ANN202
+            self.calls += 1
+            assert state.shape[0] == lengths.shape[0] == planned.shape[0] == 1
+            return np.full((1, self.steps, len(STATE_NAMES)), self.fill)
+
+    with pytest.raises(ModelLoadError, match="'m': a test forecast failed: RuntimeError: boom"):
+        _warm_up("m", Raises())
+    with pytest.raises(ModelLoadError, match="not all finite"):
+        _warm_up("m", Shaped(np.nan))
+    with pytest.raises(ModelLoadError, match=r"gave \(1, 3, 18\) values"):
+        _warm_up("m", Shaped(0.0, steps=3))
+    ok = Shaped(1.0)
+    _warm_up("m", ok)
+    assert ok.calls == 1

@@ -88,7 +88,9 @@ def test_serve_command_and_sighup_reload(served_model, tmp_path, repo_root):
     client, v1, v2 = two_versions(served_model, name)
     log = tmp_path / "serve.log"
     auth = {"authorization": "Bearer k3y"}
-    with serving(served_model, name, repo_root, log, {"API_KEY": "k3y"}) as (proc, base):
+    # Access lines are written in batches: with a long interval, only the shutdown writes them.
+    env = {"API_KEY": "k3y", "ICU_FORECAST_LOG_FLUSH_S": "30"}
+    with serving(served_model, name, repo_root, log, env) as (proc, base):
         wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, 120, "readiness")
         body = history_body()
         body["history"][0]["values"]["heart_rate"] = 101.2345678
@@ -108,12 +110,16 @@ def test_serve_command_and_sighup_reload(served_model, tmp_path, repo_root):
         )
         resp = httpx.post(f"{base}/v1/forecast", json=body, headers=auth)
         assert resp.json()["model"]["version"] == v2
+        for i in range(5):  # the last access lines, written at shutdown
+            headers = auth | {"x-request-id": f"last-{i}"}
+            assert httpx.post(f"{base}/v1/forecast", json=body, headers=headers).is_success
     text = log.read_text()
     # uvicorn shuts down gracefully, then re-raises SIGTERM, so the exit reads as that signal.
     assert proc.returncode in (0, -signal.SIGTERM), text
     assert "Application shutdown complete" in text
     assert "request_id=abc-1" in text and "status=200" in text and "latency_ms=" in text
     assert "status=401" in text
+    assert all(f"request_id=last-{i} " in text for i in range(5)), text
     assert "101.2345678" not in text
 
 
@@ -137,7 +143,7 @@ def test_serve_workers_share_reloads_and_metrics(served_model, tmp_path, repo_ro
     name = "icu-forecast-workers-test"
     client, v1, v2 = two_versions(served_model, name)
     log = tmp_path / "serve.log"
-    env = {"ICU_FORECAST_RELOAD_POLL_S": "0.2"}
+    env = {"ICU_FORECAST_RELOAD_POLL_S": "0.2", "ICU_FORECAST_LOG_FLUSH_S": "30"}
     with serving(served_model, name, repo_root, log, env, "--workers", "2") as (proc, base):
 
         def versions(n: int = 16) -> set[str]:
@@ -175,9 +181,11 @@ def test_serve_workers_share_reloads_and_metrics(served_model, tmp_path, repo_ro
         text = httpx.get(f"{base}/metrics").text
         assert sum(_metric(text, "icu_forecast_model_reloads_total", result="success")) == 6
         assert _metric(text, "icu_forecast_model_loaded") == [1.0], text
+        for _ in range(10):  # the last access lines, written at shutdown
+            assert httpx.post(f"{base}/v1/forecast", json=body).status_code == 200
     text = log.read_text()
     assert proc.returncode == 0, text
     assert text.count("Application shutdown complete") == 2, text
     # The workers log like a single process: one access line per request, and their reloads.
-    assert text.count("route=/v1/forecast status=200") == 20, text
+    assert text.count("route=/v1/forecast status=200") == 30, text
     assert "reload (broadcast" in text, text
