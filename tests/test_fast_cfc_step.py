@@ -207,6 +207,8 @@ def test_native_stack_step_runs_the_training_layout(mode: str, batch: int, monke
     import training.fast_cfc as fast_cfc
     from training import cfc_kernels
 
+    # Loaded (and self-checked, which steps too) before the calls are counted.
+    assert cfc_kernels.for_dtype(torch.float64) is not None
     calls = []
     original = cfc_kernels.StackWeights.step
     monkeypatch.setattr(
@@ -238,6 +240,7 @@ def test_fused_forecast_equals_encode_then_continue_rollout(
     from training import cfc_kernels
     from training.rollout import forecast_rollout
 
+    assert cfc_kernels.for_dtype(torch.float64) is not None  # self-checked before counting
     calls = []
     original = cfc_kernels.StackWeights.forecast
     monkeypatch.setattr(
