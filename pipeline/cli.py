@@ -22,6 +22,7 @@ from features.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "etl": ("pipeline.etl.command", "MIMIC-III tables -> 12-hour bins, preprocessor, data card"),
     "train": ("training.commands.train", "train and evaluate one model, log it to MLflow"),
+    "cv": ("training.commands.cv", "patient-grouped k-fold cross-validation against baselines"),
     "compare": ("training.commands.compare", "side-by-side table of the latest runs"),
     "promote": ("training.commands.promote", "set the 'champion' alias on the best version"),
     "serve": ("service.command", "run the forecast API (uvicorn)"),

@@ -23,7 +23,7 @@ from features.catalog import (
     STATE_NAMES,
     catalog_version,
 )
-from features.preprocess import BINS_COLUMNS, FEATURE_NAMES, Preprocessor, prepare_bins
+from features.preprocess import BINS_COLUMNS, prepare_bins
 
 # Typical physiological centre and spread of each state variable (physical units).
 _CENTRE = np.array(
@@ -107,17 +107,14 @@ def write_synthetic_etl_output(
 ) -> Path:
     """Write a tiny contract-conforming ETL output folder to ``out_dir`` and return it.
 
-    The preprocessor is fitted with ``Preprocessor.fit`` on the training rows only, exactly as
-    the ETL does, so the bins' imputed values are reproducible from their observed values.
+    State values are clamped and forward-filled within each stay (NaN before a variable's
+    first measurement), as the ETL writes them; imputation and scaling are fitted by training.
     """
     out_dir = Path(out_dir)
     raw = synthetic_raw_bins(n_stays, n_bins, seed)
     frame = prepare_bins(raw)
     split_of = _split(frame["subject_id"].to_numpy(), seed)
     frame["split"] = frame["subject_id"].map(split_of).astype("str")
-    pre, imputer = Preprocessor.fit(frame[frame["split"] == "train"], seed=seed)
-    features = frame[list(FEATURE_NAMES)].to_numpy(np.float64)
-    frame[list(FEATURE_NAMES)] = pre.impute(features)
     columns = list(BINS_COLUMNS)
     frame = frame[columns]
     for name in OBSERVED_NAMES:
@@ -125,7 +122,6 @@ def write_synthetic_etl_output(
     with atomic_dir(out_dir) as tmp:
         bins_path = tmp / "bins.parquet"
         frame.to_parquet(bins_path, index=False)
-        pre.save(tmp / "preprocessor", imputer)
         sha = hashlib.sha256(bins_path.read_bytes()).hexdigest()
         splits = {
             name: {

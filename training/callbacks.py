@@ -25,13 +25,13 @@ class History(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         self.batch_seconds += time.perf_counter() - self._t0
-        self.examples += int(batch["mask"].sum())  # next-bin targets, not padded bins
+        self.examples += int((batch["lengths"] - 1).sum())  # start bins, not padded bins
         self.steps += 1
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
         m = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch}
-        for key in ("train_loss", "val_loss"):
+        for key in ("train_loss", "val_loss", "val_rollout_mse"):
             if key in m:
                 row[key] = float(m[key])
         self.epochs.append(row)

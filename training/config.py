@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.models.base import ModelConfig
@@ -20,16 +20,33 @@ class TrainConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ICU_TRAIN_", extra="forbid")
 
     model: str = "cfc"
+    preset: Literal["default", "paper"] = Field(
+        "default",
+        description="'paper': Zong et al.'s recipe (teacher-forced one-step MSE over all values, "
+        "30 epochs, batch 64); 'default': closed-loop K-step training on measured values",
+    )
     data: Path = Path("data/processed")
+    # which stays train: the ETL's holdout split, or fold `fold` of a patient-grouped CV
+    folds: int | None = Field(None, ge=2)
+    fold: int = Field(0, ge=0)
+    cv_seed: int = Field(0, ge=0)
+    cv_pool: Literal["all", "development"] = Field(
+        "all", description="'development': folds over the ETL's train+val patients only (tuning)"
+    )
     label: str | None = Field(None, description="run label in compare (default: the model)")
-    seed: int = 0
-    # optimisation (the paper's defaults)
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    patience: int = 10
+    seed: int = Field(0, ge=0)
+    # objective (training.lit): how the model is trained and chosen
+    objective: Literal["closed_loop", "teacher_forced"] = "closed_loop"
+    rollout_k: int = Field(5, ge=1, le=20)
+    measured_only: bool = True
+    monitor: Literal["val_rollout_mse", "val_loss"] = "val_rollout_mse"
+    # optimisation
+    epochs: int = Field(150, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    patience: int = Field(20, ge=1)
     # architecture: flat flags for training.models.ModelConfig, whose defaults they take
     units: int = _ARCH.units
     layers: int = _ARCH.layers
@@ -65,6 +82,14 @@ class TrainConfig(BaseSettings):
     ks: tuple[int, ...] = (1, 2, 3, 5)
     sigmas: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: object) -> object:
+        """A preset fills the fields the caller did not set (env vars and flags still win)."""
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
+
     @field_validator("model")
     @classmethod
     def _known_model(cls, v: str) -> str:
@@ -84,3 +109,22 @@ class TrainConfig(BaseSettings):
 
     def trainer_devices(self) -> int | str:
         return int(self.devices) if str(self.devices).isdigit() else self.devices
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    "default": {},
+    # Zong et al.'s ICU case study: Adam 1e-3, batch 64, 30 epochs, 2 x 128, one-step MSE.
+    "paper": {
+        "objective": "teacher_forced",
+        "measured_only": False,
+        "monitor": "val_loss",
+        "epochs": 30,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "patience": 10,
+        "units": 128,
+        "layers": 2,
+        "backbone_dropout": 0.0,
+    },
+}

@@ -1,10 +1,17 @@
-"""bins.parquet -> per-stay sequences of model inputs and next-bin targets, padded and masked."""
+"""bins.parquet -> patients split for training -> fitted preprocessing -> padded stay batches.
+
+The imputer and scaler are fitted here, where the training patients are decided (a holdout
+split or one fold of a patient-grouped cross-validation), on those patients' bins only; every
+other patient is preprocessed with that fit. A stay's measured values are taken from the ETL
+output (``value`` where ``<var>_observed``), then prepared exactly as the service prepares a
+POSTed history (:func:`prepare_inputs`), so training and serving share one preprocessing path.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -15,10 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from features.catalog import INTERVENTION_NAMES, N_STATE, OBSERVED_NAMES, STATE_NAMES
 from features.errors import UserError
-from features.preprocess import FEATURE_NAMES, Preprocessor
+from features.preprocess import FEATURE_NAMES, Preprocessor, group_starts, prepare_arrays
 
 SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = (
+    "subject_id",
     "icustay_id",
     "bin",
     "split",
@@ -33,20 +41,43 @@ class DataError(UserError):
 
 
 @dataclass
-class StaySequences:
-    """The stays of one split as arrays, one entry per stay, in (icustay_id) order.
+class Stays:
+    """Every stay of an ETL output as raw arrays, in (icustay_id) order.
 
-    ``inputs[i]`` is (n_i, 39) model inputs for every bin of stay i (scaled state, observed mask,
-    scaled interventions); ``state[i]`` is (n_i, 18) scaled state; ``physical[i]`` the same in
-    physical units; ``raw_state[i]`` the state with NaN where not observed (what a client sends).
+    ``raw_state[i]`` (n_i, 18): the bin means that were measured, NaN elsewhere (what a client
+    POSTs); ``interventions[i]`` (n_i, 3) physical units.
     """
 
     stay_ids: np.ndarray
+    subject_ids: np.ndarray
+    split: np.ndarray  # the ETL's holdout label of each stay
+    raw_state: list[np.ndarray]
+    interventions: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.stay_ids)
+
+    def lengths(self) -> np.ndarray:
+        return np.array([len(s) for s in self.raw_state], dtype=np.int64)
+
+
+@dataclass
+class StaySequences:
+    """The stays of one part (train / val / test) as model-ready arrays, one entry per stay.
+
+    ``inputs[i]`` (n_i, 39): scaled state, observed mask, scaled interventions; ``state[i]``
+    (n_i, 18) scaled filled state; ``physical[i]`` the same in physical units; ``raw_state[i]``
+    NaN where not measured; ``observed[i]`` (n_i, 18) 1.0 where measured.
+    """
+
+    stay_ids: np.ndarray
+    subject_ids: np.ndarray
     inputs: list[np.ndarray]
     state: list[np.ndarray]
     physical: list[np.ndarray]
     raw_state: list[np.ndarray]
     interventions: list[np.ndarray]  # physical units
+    observed: list[np.ndarray] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.stay_ids)
@@ -57,40 +88,59 @@ class StaySequences:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def load_bins(data_dir: Path) -> tuple[pd.DataFrame, Preprocessor, dict]:
-    """Read and check an ETL output folder: bins frame, preprocessor, data card."""
+def load_bins(data_dir: Path) -> tuple[pd.DataFrame, dict]:
+    """Read and check an ETL output folder: the bins frame (sorted) and the data card."""
     data_dir = Path(data_dir)
     bins_path = data_dir / "bins.parquet"
     if not bins_path.is_file():
         raise DataError(f"{bins_path}: not found (run `icu-forecast etl` first or pass --data)")
-    frame = pd.read_parquet(bins_path)
+    try:
+        frame = pd.read_parquet(bins_path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{bins_path}: not a readable parquet file ({exc})") from exc
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(f"{bins_path}: missing columns {missing}")
     bad_split = sorted(set(frame["split"].astype(str)) - set(SPLITS))
     if bad_split:
         raise DataError(f"{bins_path}: column 'split' has unknown values {bad_split}")
-    nan_cols = [c for c in FEATURE_NAMES if frame[c].isna().any()]
-    if nan_cols:
-        raise DataError(f"{bins_path}: missing values in {nan_cols} (the ETL imputes them all)")
+    for col in (*STATE_NAMES, *INTERVENTION_NAMES, *OBSERVED_NAMES):
+        if not pd.api.types.is_numeric_dtype(frame[col]):
+            raise DataError(f"{bins_path}: column {col!r} is not numeric ({frame[col].dtype})")
+    if np.isinf(frame[list(FEATURE_NAMES)].to_numpy(np.float64)).any():
+        bad = [c for c in FEATURE_NAMES if np.isinf(frame[c].to_numpy(np.float64)).any()]
+        raise DataError(f"{bins_path}: infinite values in {bad}")
     frame = frame.sort_values(["icustay_id", "bin"], kind="stable").reset_index(drop=True)
     bins = frame["bin"].to_numpy()
     first = frame.groupby("icustay_id")["bin"].transform("min").to_numpy()
     rank = frame.groupby("icustay_id").cumcount().to_numpy()
     if (first != 0).any() or (bins != rank).any():
         raise DataError(f"{bins_path}: bins are not contiguous 0..n-1 within every stay")
-    pre = Preprocessor.load(data_dir / "preprocessor")
     card_path = data_dir / "data_card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     card.setdefault("bins_sha256", file_sha256(bins_path))
-    return frame, pre, card
+    return frame, card
+
+
+def stays_from_frame(frame: pd.DataFrame) -> Stays:
+    """Per-stay raw arrays from a sorted bins frame (measured values only)."""
+    observed = frame[list(OBSERVED_NAMES)].to_numpy(np.float64) > 0
+    raw = np.where(observed, frame[list(STATE_NAMES)].to_numpy(np.float64), np.nan)
+    iv = frame[list(INTERVENTION_NAMES)].to_numpy(np.float64)
+    ids = frame["icustay_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, int)
+    bounds = list(zip(starts, np.r_[starts[1:], len(ids)], strict=True))
+    return Stays(
+        stay_ids=ids[starts],
+        subject_ids=frame["subject_id"].to_numpy()[starts],
+        split=frame["split"].astype(str).to_numpy()[starts],
+        raw_state=[raw[a:b] for a, b in bounds],
+        interventions=[iv[a:b] for a, b in bounds],
+    )
 
 
 def model_inputs(
@@ -100,74 +150,211 @@ def model_inputs(
     return np.concatenate([state_scaled, observed, iv_scaled], axis=-1).astype(np.float32)
 
 
-def split_sequences(frame: pd.DataFrame, pre: Preprocessor, split: str) -> StaySequences:
-    part = frame[frame["split"].astype(str) == split]
-    physical = part[list(STATE_NAMES)].to_numpy(np.float64)
-    iv = part[list(INTERVENTION_NAMES)].to_numpy(np.float64)
-    observed = part[list(OBSERVED_NAMES)].to_numpy(np.float64)
-    scaled = pre.scale_state(physical)
-    inputs = model_inputs(scaled, observed, pre.scale_interventions(iv))
-    raw = np.where(observed > 0, physical, np.nan)
-    ids = part["icustay_id"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, int)
-    bounds = list(zip(starts, np.r_[starts[1:], len(ids)], strict=True))
+def prepare_inputs(
+    pre: Preprocessor, raw_state: np.ndarray, interventions: np.ndarray, starts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw rows (stays concatenated, ``starts`` = first row of each row's stay) -> model inputs.
+
+    Clamp, observed masks, forward-fill within each stay, zero-filled interventions, row-wise
+    imputation and min-max scaling. Returns (inputs (n, 39), filled state (n, 18) in physical
+    units, observed (n, 18)). Training, evaluation and the service all call this.
+    """
+    prepared = prepare_arrays(raw_state, interventions, starts)
+    filled = pre.impute(np.hstack([prepared.state, prepared.interventions]))
+    x = model_inputs(
+        pre.scale_state(filled[:, :N_STATE]),
+        prepared.observed,
+        pre.scale_interventions(filled[:, N_STATE:]),
+    )
+    return x, filled[:, :N_STATE], prepared.observed
+
+
+def _concat(stays: Stays, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    raw = [stays.raw_state[i] for i in idx]
+    iv = [stays.interventions[i] for i in idx]
+    if not raw:
+        return np.zeros((0, N_STATE)), np.zeros((0, len(INTERVENTION_NAMES))), np.zeros(0, int)
+    ids = np.repeat(np.arange(len(raw)), [len(r) for r in raw])
+    return np.concatenate(raw), np.concatenate(iv), group_starts(ids)
+
+
+def fit_preprocessor(stays: Stays, train_idx: np.ndarray, seed: int = 0) -> Preprocessor:
+    """Imputer + scaler fitted on the prepared bins of the stays ``train_idx`` only."""
+    raw, iv, starts = _concat(stays, np.asarray(train_idx))
+    if len(raw) == 0:
+        raise DataError("cannot fit the preprocessor: no training bins")
+    prepared = prepare_arrays(raw, iv, starts)
+    table = pd.DataFrame(
+        np.hstack([prepared.state, prepared.interventions]), columns=list(FEATURE_NAMES)
+    )
+    pre, _ = Preprocessor.fit(table, seed=seed)
+    return pre
+
+
+def build_sequences(stays: Stays, idx: np.ndarray, pre: Preprocessor) -> StaySequences:
+    """Model-ready arrays of the stays ``idx`` under the fitted preprocessor ``pre``."""
+    idx = np.asarray(idx, dtype=np.int64)
+    raw, iv, starts = _concat(stays, idx)
+    if len(raw):
+        x, filled, observed = prepare_inputs(pre, raw, iv, starts)
+        scaled = pre.scale_state(filled).astype(np.float32)
+    else:
+        x = np.zeros((0, 2 * N_STATE + len(INTERVENTION_NAMES)), np.float32)
+        filled = scaled = observed = np.zeros((0, N_STATE))
+    cuts = np.cumsum([len(stays.raw_state[i]) for i in idx])[:-1]
     return StaySequences(
-        stay_ids=ids[starts],
-        inputs=[inputs[a:b] for a, b in bounds],
-        state=[scaled[a:b].astype(np.float32) for a, b in bounds],
-        physical=[physical[a:b] for a, b in bounds],
-        raw_state=[raw[a:b] for a, b in bounds],
-        interventions=[iv[a:b] for a, b in bounds],
+        stay_ids=stays.stay_ids[idx],
+        subject_ids=stays.subject_ids[idx],
+        inputs=np.split(x, cuts) if len(idx) else [],
+        state=np.split(scaled, cuts) if len(idx) else [],
+        physical=np.split(filled, cuts) if len(idx) else [],
+        raw_state=[stays.raw_state[i] for i in idx],
+        interventions=[stays.interventions[i] for i in idx],
+        observed=np.split(observed, cuts) if len(idx) else [],
     )
 
 
-class TransitionDataset(Dataset):
-    """One item per stay with at least two bins: inputs at 0..n-2, targets at 1..n-1.
+def split_sequences(frame: pd.DataFrame, pre: Preprocessor, split: str) -> StaySequences:
+    """The stays of the ETL's holdout ``split`` under ``pre`` (e.g. a served model's)."""
+    stays = stays_from_frame(frame)
+    return build_sequences(stays, np.flatnonzero(stays.split == split), pre)
 
-    A single-bin stay has no next bin, so it holds no training target (it is still used as
-    history nowhere else either); nothing else is dropped.
+
+@dataclass(frozen=True)
+class Partition:
+    """Which stays train, validate (early stopping, model choice) and test."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    name: str = "holdout"
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+def holdout_partition(stays: Stays) -> Partition:
+    """The ETL's seeded 70/15/15 split by patient."""
+    return Partition(*(np.flatnonzero(stays.split == s) for s in SPLITS))
+
+
+CV_POOLS = ("all", "development")
+
+
+def fold_partition(
+    stays: Stays,
+    folds: int,
+    fold: int,
+    seed: int = 0,
+    val_frac: float = 0.15,
+    pool: str = "all",
+) -> Partition:
+    """Fold ``fold`` of a seeded patient-grouped ``folds``-fold cross-validation.
+
+    ``pool="all"``: over every stay (the evaluation protocol). ``pool="development"``: over the
+    ETL's train and val patients only, so the holdout test patients never influence a choice
+    (hyperparameter and default selection). Test: the patients of that fold. Validation: a
+    seeded ``val_frac`` of the remaining patients (early stopping and checkpoint choice).
+    Train: the rest. No patient is in two parts.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    if pool not in CV_POOLS:
+        raise DataError(f"cv pool must be one of {CV_POOLS}, got {pool!r}")
+    members = np.arange(len(stays)) if pool == "all" else np.flatnonzero(stays.split != "test")
+    groups = stays.subject_ids[members]
+    if not 2 <= folds <= len(np.unique(groups)):
+        raise DataError(f"--folds must be in 2..{len(np.unique(groups))}, got {folds}")
+    if not 0 <= fold < folds:
+        raise DataError(f"fold must be in 0..{folds - 1}, got {fold}")
+    splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    rest, test = list(splitter.split(np.zeros(len(members)), groups=groups))[fold]
+    rest, test = members[rest], members[test]
+    subjects = np.unique(stays.subject_ids[rest])
+    rng = np.random.default_rng([seed, fold])
+    n_val = max(1, round(val_frac * len(subjects)))
+    val_subjects = rng.choice(subjects, size=n_val, replace=False)
+    is_val = np.isin(stays.subject_ids[rest], val_subjects)
+    return Partition(
+        np.sort(rest[~is_val]),
+        np.sort(rest[is_val]),
+        np.sort(test),
+        f"{pool}-fold{fold}of{folds}-seed{seed}",
+    )
+
+
+class StayDataset(Dataset):
+    """One item per stay with at least two bins: its (n, 39) inputs.
+
+    Targets are read from the inputs themselves (the state and observed mask of the next bins),
+    so one item serves the one-step and the closed-loop objectives. A single-bin stay has no
+    next bin and therefore no target.
     """
 
     def __init__(self, seqs: StaySequences) -> None:
-        self.items = [
-            (torch.from_numpy(x[:-1]), torch.from_numpy(s[1:]))
-            for x, s in zip(seqs.inputs, seqs.state, strict=True)
-            if len(s) >= 2
-        ]
+        self.items = [torch.from_numpy(x) for x in seqs.inputs if len(x) >= 2]
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> torch.Tensor:
         return self.items[i]
 
 
-def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest stay; ``mask`` is 1 on real bins (recurrent models are causal,
-    so padding after a stay's end cannot affect its earlier predictions)."""
-    lengths = torch.tensor([len(x) for x, _ in batch])
-    t = int(lengths.max())
-    x = torch.zeros(len(batch), t, batch[0][0].shape[1])
-    y = torch.zeros(len(batch), t, N_STATE)
-    for i, (xi, yi) in enumerate(batch):
+def pad_collate(batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Right-pad stays to the longest; ``lengths`` = real bins (recurrent models are causal, so
+    padding after a stay's end cannot affect its earlier predictions)."""
+    lengths = torch.tensor([len(x) for x in batch])
+    x = batch[0].new_zeros(len(batch), int(lengths.max()), batch[0].shape[1])
+    for i, xi in enumerate(batch):
         x[i, : len(xi)] = xi
-        y[i, : len(yi)] = yi
-    mask = (torch.arange(t)[None, :] < lengths[:, None]).float()
-    return {"x": x, "y": y, "mask": mask, "lengths": lengths}
+    return {"x": x, "lengths": lengths}
 
 
 class BinsDataModule(L.LightningDataModule):
-    """Train / val / test by the ETL's split column; batches of whole stays."""
+    """Train / val / test stays of an ETL output, preprocessing fitted on the training stays.
 
-    def __init__(self, data_dir: Path | str, batch_size: int = 64, num_workers: int = 0) -> None:
+    ``folds=None`` uses the ETL's holdout split; ``folds=k, fold=i`` fold i of a seeded
+    patient-grouped k-fold cross-validation (``cv_seed``).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        folds: int | None = None,
+        fold: int = 0,
+        cv_seed: int = 0,
+        cv_pool: str = "all",
+    ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.frame, self.preprocessor, self.card = load_bins(self.data_dir)
-        self.sequences = {s: split_sequences(self.frame, self.preprocessor, s) for s in SPLITS}
+        self.folds, self.fold, self.cv_seed, self.cv_pool = folds, fold, cv_seed, cv_pool
+        self.preprocessor: Preprocessor | None = None
+        self.sequences: dict[str, StaySequences] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.preprocessor is not None:  # Lightning calls setup per stage; fit once
+            return
+        frame, self.card = load_bins(self.data_dir)
+        self.stays = stays_from_frame(frame)
+        if self.folds:
+            self.partition = fold_partition(
+                self.stays, self.folds, self.fold, self.cv_seed, pool=self.cv_pool
+            )
+        else:
+            self.partition = holdout_partition(self.stays)
+        self.preprocessor = fit_preprocessor(self.stays, self.partition.train, seed=self.cv_seed)
+        self.preprocessor.meta["partition"] = self.partition.name
+        self.sequences = {
+            s: build_sequences(self.stays, idx, self.preprocessor)
+            for s, idx in self.partition.as_dict().items()
+        }
         for s in ("train", "val"):
-            if TransitionDataset(self.sequences[s]).__len__() == 0:
+            if len(StayDataset(self.sequences[s])) == 0:
                 raise DataError(f"{self.data_dir}: split {s!r} has no stay with two or more bins")
 
     @property
@@ -176,7 +363,7 @@ class BinsDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
-            TransitionDataset(self.sequences[split]),
+            StayDataset(self.sequences[split]),
             batch_size=self.batch_size,
             shuffle=shuffle,
             collate_fn=pad_collate,

@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from features.catalog import STATE_NAMES
+from features.catalog import N_STATE, STATE_NAMES
 from features.preprocess import Preprocessor
 from training.data import StaySequences
-from training.metrics import observed_summary, per_variable, summary
+from training.metrics import per_variable, summary
 from training.models import DynamicsModel
+from training.models.direct import DirectRidge
 from training.rollout import Windows, rollout_windows, state_bounds
+from training.skill import PatientErrors, patient_errors, skill
 
 KS: tuple[int, ...] = (1, 2, 3, 5)
 SIGMAS: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05)
@@ -28,9 +30,11 @@ def sigma_label(sigma: float) -> str:
 class Evaluation:
     """Rollout errors of one model on one split.
 
-    ``scaled[K]`` holds MAE / RMSE / R2 of the K-th step of every K-step rollout (scaled space);
-    ``observed[K]`` MAE / RMSE over measured true values only; ``noise[(K, sigma)]`` the same
-    as ``scaled`` under input noise; ``per_variable`` physical-unit rows.
+    ``scaled[K]`` holds MAE / RMSE / R2 of the K-th step of every K-step rollout over every
+    value (scaled space; the paper's metric); ``observed[K]`` MAE / RMSE over measured true
+    values only (the primary metric), ``errors[K]`` the same as per-patient sums (for skill and
+    bootstrap intervals); ``noise[(K, sigma)]`` as ``scaled`` under input noise;
+    ``per_variable`` physical-unit rows (all values and measured values).
     """
 
     scaled: dict[int, dict[str, float]]
@@ -39,6 +43,19 @@ class Evaluation:
     per_variable: list[dict] = field(default_factory=list)
     windows: dict[int, Windows] = field(default_factory=dict)
     n_windows: dict[int, int] = field(default_factory=dict)
+    errors: dict[int, PatientErrors] = field(default_factory=dict)
+
+    def skill_metrics(self, reference: Evaluation, prefix: str, name: str = "skill") -> dict:
+        """``{prefix}/{name}_k{K}`` = 1 - RMSE/RMSE_reference (measured values, same windows)
+        with its paired patient-bootstrap 95% CI as ``..._lo`` / ``..._hi``."""
+        out: dict[str, float] = {}
+        for k, e in self.errors.items():
+            if k in reference.errors and e.n.sum() > 0:
+                point, lo, hi = skill(e, reference.errors[k])
+                out[f"{prefix}/{name}_k{k}"] = point
+                out[f"{prefix}/{name}_k{k}_lo"] = lo
+                out[f"{prefix}/{name}_k{k}_hi"] = hi
+        return out
 
     def metrics(self, prefix: str) -> dict[str, float]:
         """Flat metric names: ``{prefix}/rmse_k{K}``, ``noise/rmse_k{K}_sigma{S}``, ..."""
@@ -49,7 +66,7 @@ class Evaluation:
             out[f"{prefix}/n_windows_k{k}"] = float(self.n_windows.get(k, 0))
         for k, m in self.observed.items():
             for name, v in m.items():
-                out[f"{prefix}/{name}_observed_k{k}"] = v
+                out[f"{prefix}/{name}_measured_k{k}"] = v
         for (k, s), m in self.noise.items():
             out[f"noise/rmse_k{k}_sigma{sigma_label(s)}"] = m["rmse"]
             out[f"noise/mae_k{k}_sigma{sigma_label(s)}"] = m["mae"]
@@ -78,14 +95,7 @@ def evaluate(
     wins = rollout_windows(model, seqs.inputs, seqs.state, ks, bounds=bounds)
     ev = Evaluation(scaled={}, windows=wins)
     for k, w in wins.items():
-        ev.scaled[k] = summary(w.pred[:, -1], w.true[:, -1])
-        ev.n_windows[k] = len(w.stay)
-        if w.observed is not None and len(w.stay):
-            ev.observed[k] = observed_summary(w.pred[:, -1], w.true[:, -1], w.observed[:, -1])
-        pred_phys = pre.unscale_state(w.pred[:, -1]) if len(w.stay) else w.pred[:, -1]
-        true_phys = pre.unscale_state(w.true[:, -1]) if len(w.stay) else w.true[:, -1]
-        for row in per_variable(pred_phys, true_phys, STATE_NAMES):
-            ev.per_variable.append({"k": k, **row})
+        _score(ev, k, w.pred[:, -1], w.true[:, -1], w.observed, w.stay, seqs, pre)
     for s in sigmas:
         noisy = (
             wins
@@ -94,6 +104,55 @@ def evaluate(
         )
         for k, w in noisy.items():
             ev.noise[(k, s)] = summary(w.pred[:, -1], w.true[:, -1])
+    return ev
+
+
+def _score(
+    ev: Evaluation,
+    k: int,
+    pred: np.ndarray,
+    true: np.ndarray,
+    observed: np.ndarray | None,
+    stay: np.ndarray,
+    seqs: StaySequences,
+    pre: Preprocessor,
+) -> None:
+    """Errors at step K of every window: all values, measured values, per variable."""
+    ev.scaled[k] = summary(pred, true)
+    ev.n_windows[k] = len(stay)
+    if observed is None or not len(stay):
+        return
+    obs = observed[:, -1]
+    ev.errors[k] = patient_errors(pred, true, obs, seqs.subject_ids[stay])
+    ev.observed[k] = {"mae": ev.errors[k].mae, "rmse": ev.errors[k].rmse}
+    pred_phys, true_phys = pre.unscale_state(pred), pre.unscale_state(true)
+    measured = np.where(obs > 0, true_phys, np.nan)
+    for row in per_variable(pred_phys, true_phys, STATE_NAMES):
+        j = STATE_NAMES.index(row["variable"])
+        m = ~np.isnan(measured[:, j])
+        err = pred_phys[m, j] - true_phys[m, j]
+        row["rmse_measured"] = float(np.sqrt(np.mean(err**2))) if m.any() else float("nan")
+        row["mae_measured"] = float(np.mean(np.abs(err))) if m.any() else float("nan")
+        row["n_measured"] = int(m.sum())
+        ev.per_variable.append({"k": k, **row})
+
+
+def evaluate_direct(
+    direct: DirectRidge, seqs: StaySequences, pre: Preprocessor, ks: tuple[int, ...] = KS
+) -> Evaluation:
+    """The direct multi-horizon ridge on the same windows as :func:`evaluate`."""
+    lo, hi = (b.numpy() for b in state_bounds(pre))
+    ev = Evaluation(scaled={})
+    for k in ks:
+        pred, stay, start = direct.predict(seqs.inputs, k, (lo, hi))
+        pairs = list(zip(stay, start, strict=True))
+        true = np.stack([seqs.state[i][s + k] for i, s in pairs]) if len(stay) else pred
+        obs = (
+            np.stack([seqs.inputs[i][s + k, N_STATE : 2 * N_STATE] for i, s in pairs])
+            if len(stay)
+            else pred
+        )
+        _score(ev, k, pred, true.astype(np.float64), obs[:, None], stay, seqs, pre)
     return ev
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from features.catalog import N_INTERVENTION, N_STATE
-from features.preprocess import INTERVENTION_MAX, Preprocessor, prepare_arrays
-from training.data import model_inputs
+from features.preprocess import INTERVENTION_MAX, Preprocessor
+from training.data import prepare_inputs
 from training.models import DynamicsModel
 from training.rollout import forecast_rollout, state_bounds
 
@@ -43,13 +43,7 @@ class Forecaster:
         flat_state = state.reshape(b * t, N_STATE)[rows]
         flat_iv = interventions.reshape(b * t, N_INTERVENTION)[rows]
         starts = np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)
-        prepared = prepare_arrays(flat_state, flat_iv, starts)
-        filled = self.preprocessor.impute(np.hstack([prepared.state, prepared.interventions]))
-        x = model_inputs(
-            self.preprocessor.scale_state(filled[:, :N_STATE]),
-            prepared.observed,
-            self.preprocessor.scale_interventions(filled[:, N_STATE:]),
-        )
+        x, _, _ = prepare_inputs(self.preprocessor, flat_state, flat_iv, starts)
         out = np.zeros((b, t, x.shape[1]), dtype=np.float32)
         out.reshape(b * t, -1)[rows] = x
         return out

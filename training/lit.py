@@ -1,56 +1,178 @@
-"""The one LightningModule: wraps any DynamicsModel, MSE on the next bin's scaled state."""
+"""The one LightningModule: wraps any DynamicsModel and trains it for how it is used.
+
+Objectives (``objective``):
+
+* ``closed_loop`` (default): from every start bin s of every stay, the model predicts bin s+1
+  from the history, then rolls on ``rollout_k - 1`` more bins with its own clipped prediction
+  fed back (observed mask 0) and the true interventions, exactly as
+  :func:`training.rollout.continue_rollout` does at evaluation and in the service. The loss is
+  the squared error at every step 1..K, on measured target values only (``measured_only``).
+* ``teacher_forced``: the paper's recipe, one-step MSE with the true history at every bin.
+
+Validation always reports the closed-loop error (``val_loss`` is the objective's own loss,
+``val_rollout_mse`` the closed-loop measured error over steps 1..K, which early stopping and
+checkpoint choice use by default).
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import lightning as L
 import torch
 
-from training.models import DynamicsModel
+from features.catalog import N_STATE
+from training.models import DynamicsModel, ModelConfig, build_model
+
+Objective = Literal["closed_loop", "teacher_forced"]
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over real (unpadded) bins and all 18 variables."""
-    err = (pred - target) ** 2 * mask[..., None]
-    return err.sum() / (mask.sum() * pred.shape[-1]).clamp_min(1.0)
+def _targets(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled state and observed mask of every bin of padded inputs (B, T, 39)."""
+    return x[..., :N_STATE], x[..., N_STATE : 2 * N_STATE]
+
+
+def teacher_forced_errors(
+    model: DynamicsModel, x: torch.Tensor, lengths: torch.Tensor, measured_only: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of squared one-step errors and the number of values they cover."""
+    pred = model(x[:, :-1])
+    state, observed = _targets(x[:, 1:])
+    live = (torch.arange(x.shape[1] - 1, device=x.device)[None] < (lengths[:, None] - 1)).to(
+        x.dtype
+    )
+    w = live[..., None] * (observed if measured_only else torch.ones_like(observed))
+    return ((pred - state) ** 2 * w).sum(), w.sum()
+
+
+def rollout_errors(
+    model: DynamicsModel,
+    x: torch.Tensor,
+    lengths: torch.Tensor,
+    k: int,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None,
+    measured_only: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-loop K-step rollouts from every start bin: per-step squared error sums (K,)
+    and value counts (K,).
+
+    Vectorised over starts: the history is encoded once (one ``step`` per bin for the batch),
+    then all (stay, start) pairs roll on together as one batch.
+    """
+    b, t, _ = x.shape
+    state = model.init_state(b, x.device, x.dtype)
+    ys, states = [], []
+    for i in range(t - 1):
+        y, state = model.step(x[:, i], state)
+        ys.append(y)
+        states.append(state)
+    if not ys:
+        z = x.new_zeros(k)
+        return z, z
+    live = torch.arange(t - 1, device=x.device)[None] < (lengths[:, None] - 1)
+    rows, starts = live.nonzero(as_tuple=True)
+    y = torch.stack(ys, dim=1)[rows, starts]
+    st = [torch.stack([s[j] for s in states], dim=1)[rows, starts] for j in range(len(state))]
+
+    def clip(v: torch.Tensor) -> torch.Tensor:
+        return v if bounds is None else torch.maximum(torch.minimum(v, bounds[1]), bounds[0])
+
+    target_state, target_obs = _targets(x)
+    sums, counts = [], []
+    y = clip(y)
+    zeros = torch.zeros_like(y)
+    for step in range(1, k + 1):
+        if step > 1:
+            iv = x[rows, (starts + step - 1).clamp_max(t - 1), 2 * N_STATE :]
+            y, st = model.step(torch.cat([y, zeros, iv], dim=-1), st)
+            y = clip(y)
+        target = (starts + step).clamp_max(t - 1)
+        alive = ((starts + step) <= (lengths[rows] - 1)).to(x.dtype)[:, None]
+        w = alive * (target_obs[rows, target] if measured_only else torch.ones_like(y))
+        sums.append(((y - target_state[rows, target]) ** 2 * w).sum())
+        counts.append(w.sum())
+    return torch.stack(sums), torch.stack(counts)
 
 
 class LitDynamics(L.LightningModule):
-    def __init__(self, model: DynamicsModel, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+    """Builds the model from its config (so a checkpoint says what it is) and trains it."""
+
+    def __init__(
+        self,
+        model_config: dict,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        objective: Objective = "closed_loop",
+        rollout_k: int = 5,
+        measured_only: bool = True,
+        bounds: tuple[list[float], list[float]] | None = None,
+    ) -> None:
         super().__init__()
-        self.model = model
-        self.lr = lr
-        self.weight_decay = weight_decay
+        self.save_hyperparameters()
+        self.model = build_model(ModelConfig.from_dict(model_config))
+        if bounds is not None:
+            self.register_buffer("lo", torch.tensor(bounds[0], dtype=torch.float32))
+            self.register_buffer("hi", torch.tensor(bounds[1], dtype=torch.float32))
+        else:
+            self.lo = self.hi = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return masked_mse(self.model(batch["x"]), batch["y"], batch["mask"])
+    def _bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.lo is None else (self.lo, self.hi)
+
+    def _rollout(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return rollout_errors(
+            self.model,
+            batch["x"],
+            batch["lengths"],
+            self.hparams.rollout_k,
+            self._bounds(),
+            self.hparams.measured_only,
+        )
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.hparams.objective == "teacher_forced":
+            sse, n = teacher_forced_errors(
+                self.model, batch["x"], batch["lengths"], self.hparams.measured_only
+            )
+        else:
+            sums, counts = self._rollout(batch)
+            sse, n = sums.sum(), counts.sum()
+        return sse / n.clamp_min(1.0), n
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        n = int(batch["mask"].sum())
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        loss, n = self._loss(batch)
+        self.log(
+            "train_loss", loss, on_step=False, on_epoch=True, batch_size=int(n), sync_dist=True
+        )
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss = self._loss(batch)
-        n = int(batch["mask"].sum())
-        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+        loss, n = self._loss(batch)
+        self.log("val_loss", loss, on_epoch=True, batch_size=max(int(n), 1), sync_dist=True)
+        sums, counts = self._rollout(batch)
+        total = counts.sum().clamp_min(1.0)
+        self.log(
+            "val_rollout_mse",
+            sums.sum() / total,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=int(total),
+            sync_dist=True,
+        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return build_optimizer(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
 
 
-def build_optimizer(params, lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Adam:
-    """Adam, with torch's fused kernel where every parameter's device has one.
-
-    The default Adam updates parameter by parameter with ~10 tensor operations each (22
-    tensors for a 2-layer CfC): about 1 ms per step on one CPU core, against ~0.4 ms for the
-    fused update of the same formula. bench/train_speed.py uses this too.
-    """
+def build_optimizer(params, lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay; plain Adam when ``weight_decay`` is 0), fused on CPU/CUDA."""
     params = list(params)
     fused = bool(params) and all(
         p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
     )
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)

@@ -128,3 +128,28 @@ def trajectories(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def skill_vs_k(rows: list[dict], path: Path, title: str) -> Path:
+    """Skill against persistence (1 - RMSE ratio) per model against K, with 95% CI bars."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = list(dict.fromkeys(r["model"] for r in rows))
+    width = 0.8 / max(len(labels), 1)
+    for i, label in enumerate(labels):
+        mine = sorted((r for r in rows if r["model"] == label), key=lambda r: r["k"])
+        x = np.arange(len(mine)) + (i - (len(labels) - 1) / 2) * width
+        y = np.array([100 * r["skill"] for r in mine])
+        err = np.array([[y[j] - 100 * r["skill_ci"][0], 100 * r["skill_ci"][1] - y[j]]
+                        for j, r in enumerate(mine)]).T  # fmt: skip
+        ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=label)
+    ks = sorted({r["k"] for r in rows})
+    ax.axhline(0, color="k", lw=1)
+    ax.set_xticks(np.arange(len(ks)), [f"K={k}" for k in ks])
+    ax.set_ylabel("skill vs persistence (%), measured values")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,4 +1,10 @@
-"""Model registry: names per model family and the 'champion' alias."""
+"""Model registry: names per model family, the 'champion' alias, the overall champion.
+
+Each family (``icu-forecast-cfc``, ``-gru``, ``-persistence``, ...) has its own ``champion``.
+The overall champion, the best family champion by validation error at K=5 on measured values
+(baselines included), is copied to the registered model ``icu-forecast`` with the alias
+``champion``: what the service serves by default.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,25 @@ from dataclasses import dataclass
 from features.errors import UserError
 
 CHAMPION = "champion"
-SELECTION_METRIC = "val/rmse_k5"
+SELECTION_METRIC = "val/rmse_measured_k5"
+OVERALL = "icu-forecast"
+NEURAL_FAMILIES = ("cfc", "gru", "lstm", "ltc", "cfc-ncp")
 
 
 def registered_name(model: str) -> str:
     return f"icu-forecast-{model}"
+
+
+def registered_families() -> list[str]:
+    """Model families with a registered ``icu-forecast-<family>`` model."""
+    from mlflow import MlflowClient
+
+    prefix = registered_name("")
+    return sorted(
+        m.name.removeprefix(prefix)
+        for m in MlflowClient().search_registered_models(f"name LIKE '{prefix}%'")
+        if m.name.startswith(prefix)
+    )
 
 
 @dataclass
@@ -52,3 +72,58 @@ def promote(model: str = "cfc", metric: str = SELECTION_METRIC) -> Promotion:
         raise UserError(f"no version of {name!r} has a finite metric {metric!r}")
     client.set_registered_model_alias(name, CHAMPION, best.version)
     return best
+
+
+@dataclass
+class OverallChampion:
+    """The served model and what the choice rests on."""
+
+    family: str
+    name: str
+    version: str
+    run_id: str
+    metric: float
+    candidates: dict[str, Promotion]
+    persistence: float | None
+    message: str
+
+
+def promote_overall(
+    families: list[str] | tuple[str, ...], metric: str = SELECTION_METRIC
+) -> OverallChampion:
+    """``champion`` per family, then the best of them copied to ``icu-forecast@champion``.
+
+    Chosen on validation patients only. The message says plainly whether any network beats
+    persistence on that metric.
+    """
+    from mlflow import MlflowClient
+
+    candidates = {f: promote(f, metric) for f in families}
+    family, best = min(candidates.items(), key=lambda kv: kv[1].metric)
+    client = MlflowClient()
+    copied = client.copy_model_version(f"models:/{best.name}/{best.version}", OVERALL)
+    client.set_registered_model_alias(OVERALL, CHAMPION, copied.version)
+    client.set_model_version_tag(OVERALL, copied.version, "family", family)
+    client.set_model_version_tag(OVERALL, copied.version, metric, f"{best.metric:.6g}")
+    ref = candidates.get("persistence")
+    nets = {f: p for f, p in candidates.items() if f in NEURAL_FAMILIES}
+    if ref is None:
+        message = f"{family} chosen ({metric} {best.metric:.4f}); persistence was not trained"
+    elif not nets:
+        message = f"{family} chosen ({metric} {best.metric:.4f}); no network was trained"
+    else:
+        beat = [f for f, p in nets.items() if p.metric < ref.metric]
+        rel = ", ".join(f"{f} {p.metric / ref.metric:.3f}x" for f, p in nets.items())
+        message = f"{family} chosen ({metric} {best.metric:.4f}); against persistence: {rel}" + (
+            "" if beat else "; NO network beats persistence on validation"
+        )
+    return OverallChampion(
+        family,
+        OVERALL,
+        str(copied.version),
+        best.run_id,
+        best.metric,
+        candidates,
+        ref.metric if ref else None,
+        message,
+    )

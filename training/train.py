@@ -21,13 +21,15 @@ from features.catalog import catalog_version
 from training.callbacks import History, PeakMemory
 from training.config import TrainConfig
 from training.data import BinsDataModule, StaySequences
-from training.evaluate import Evaluation, evaluate, latency
+from training.evaluate import Evaluation, evaluate, evaluate_direct, latency
 from training.forecaster import Forecaster
 from training.lit import LitDynamics
 from training.models import ModelConfig, build_model, count_parameters
 from training.models.baselines import Linear
+from training.models.direct import DirectRidge
 from training.models.factory import BASELINES
 from training.registry import registered_name
+from training.rollout import state_bounds
 
 log = logging.getLogger("icu_forecast.training")
 
@@ -57,26 +59,15 @@ def fit_linear(model: Linear, seqs: StaySequences) -> dict[str, float]:
     return {"train_examples_per_s": len(x) / dt, "train_seconds": dt}
 
 
+_NOT_IN_CHECKPOINT_KEY = {
+    "resume", "tracking_uri", "register_model", "plots", "checkpoint_dir", "epochs",
+    "patience", "threads", "ks", "sigmas",
+}  # fmt: skip
+
+
 def _checkpoint_dir(cfg: TrainConfig, checksum: str) -> Path:
     key = json.dumps(
-        {
-            "cfg": cfg.model_dump(
-                mode="json",
-                exclude={
-                    "resume",
-                    "tracking_uri",
-                    "register_model",
-                    "plots",
-                    "checkpoint_dir",
-                    "epochs",
-                    "patience",
-                    "threads",
-                    "ks",
-                    "sigmas",
-                },
-            ),
-            "data": checksum,
-        },
+        {"cfg": cfg.model_dump(mode="json", exclude=_NOT_IN_CHECKPOINT_KEY), "data": checksum},
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -88,18 +79,48 @@ def _is_launcher_child() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0
 
 
+def data_module(cfg: TrainConfig) -> BinsDataModule:
+    """The DataModule of ``cfg`` with its partition decided and preprocessing fitted."""
+    dm = BinsDataModule(
+        cfg.data,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        folds=cfg.folds,
+        fold=cfg.fold,
+        cv_seed=cfg.cv_seed,
+        cv_pool=cfg.cv_pool,
+    )
+    dm.setup("fit")
+    return dm
+
+
+def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
+    lo, hi = state_bounds(dm.preprocessor, torch.float32)
+    return LitDynamics(
+        cfg.model_cfg().to_dict(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        objective=cfg.objective,
+        rollout_k=cfg.rollout_k,
+        measured_only=cfg.measured_only,
+        bounds=(lo.tolist(), hi.tolist()),
+    )
+
+
 def fit_lightning(
-    cfg: TrainConfig, model: torch.nn.Module, dm: BinsDataModule
-) -> tuple[L.Trainer, History, dict[str, float]]:
+    cfg: TrainConfig,
+    dm: BinsDataModule,
+    logger=None,  # noqa: ANN001 - any Lightning logger
+) -> tuple[L.Trainer, LitDynamics, History, dict[str, float]]:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    ckpt_dir = _checkpoint_dir(cfg, dm.checksum)
+    ckpt_dir = _checkpoint_dir(cfg, f"{dm.checksum}-{dm.partition.name}")
     last = ckpt_dir / "last.ckpt"
     if not cfg.resume and ckpt_dir.exists() and not _is_launcher_child():
         shutil.rmtree(ckpt_dir)  # a fresh run must not mix with an old one's checkpoints
     history = History()
     checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor="val_loss", save_top_k=1, save_last=True
+        dirpath=ckpt_dir, filename="best", monitor=cfg.monitor, save_top_k=1, save_last=True
     )
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
@@ -109,15 +130,14 @@ def fit_lightning(
         precision=cfg.precision,
         num_nodes=cfg.num_nodes,
         gradient_clip_val=cfg.grad_clip or None,
-        callbacks=[history, checkpoint, EarlyStopping("val_loss", patience=cfg.patience)],
-        logger=False,
+        callbacks=[history, checkpoint, EarlyStopping(cfg.monitor, patience=cfg.patience)],
+        logger=logger if logger is not None else False,
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
         deterministic=False,
     )
-    lit = LitDynamics(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    on_gpu = False
+    lit = build_lit(cfg, dm)
     with PeakMemory() as mem, warnings.catch_warnings():
         # Tiny data: Lightning's "few batches / num_workers" advice does not apply.
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -131,41 +151,78 @@ def fit_lightning(
         stats["peak_mem_mb"] = stats.pop("peak_gpu_mem_mb")
         stats["peak_rss_mb"] = mem.peak_rss / 2**20
     stats.pop("peak_gpu_mem_mb", None)
-    world = trainer.world_size
     if history.batch_seconds > 0:
         stats["train_examples_per_s"] = history.examples / history.batch_seconds
         stats["train_steps_per_s"] = history.steps / history.batch_seconds
     stats["train_seconds"] = history.batch_seconds
     stats["train_steps"] = float(history.steps)  # in this process (a resumed run: the rest)
     stats["epochs_run"] = float(trainer.current_epoch)
-    stats["world_size"] = float(world)
+    stats["world_size"] = float(trainer.world_size)
     if trainer.is_global_zero and checkpoint.best_model_path:
         best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
         lit.load_state_dict(best["state_dict"])
-        stats["best_val_loss"] = float(checkpoint.best_model_score)
-    return trainer, history, stats
+        stats["best_" + cfg.monitor] = float(checkpoint.best_model_score)
+    return trainer, lit, history, stats
 
 
 def train_model(cfg: TrainConfig) -> TrainResult:
-    """Train ``cfg.model``, evaluate it and its baselines on the same windows, log one run."""
+    """Train ``cfg.model``, evaluate it and the baselines on the same windows, log one run.
+
+    The MLflow run is open while Lightning trains (its MLFlowLogger writes the per-epoch
+    curves into it), so a crash leaves a FAILED run holding what was logged so far.
+    """
+    import mlflow
+
+    from training import tracking
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = BinsDataModule(cfg.data, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    dm = data_module(cfg)
     mcfg = cfg.model_cfg()
-    model = build_model(mcfg)
-    history: list[dict] = []
-    if cfg.model == "linear":
-        train_stats = fit_linear(model, dm.sequences["train"])
-    elif cfg.model == "persistence":
-        train_stats = {}
-    else:
-        trainer, hist, train_stats = fit_lightning(cfg, model, dm)
-        if not trainer.is_global_zero:
-            return TrainResult(None, cfg.model, label=cfg.run_label)
-        history = hist.epochs
-    model = model.cpu().float().eval()
-    return _evaluate_and_log(cfg, mcfg, model, dm, history, train_stats)
+    tracking.setup(cfg.tracking_uri, cfg.experiment)
+    tags = {
+        "code_version": tracking.code_version(),
+        "data_checksum": dm.checksum,
+        "model": cfg.model,
+        "label": cfg.run_label,
+        "partition": dm.partition.name,
+    }
+    with mlflow.start_run(run_name=f"{cfg.run_label}-seed{cfg.seed}", tags=tags) as run:
+        history: list[dict] = []
+        if cfg.model in BASELINES:
+            model = build_model(mcfg)
+            train_stats = fit_linear(model, dm.sequences["train"]) if cfg.model == "linear" else {}
+        else:
+            from lightning.pytorch.loggers import MLFlowLogger
+
+            logger = MLFlowLogger(
+                experiment_name=cfg.experiment,
+                tracking_uri=mlflow.get_tracking_uri(),
+                run_id=run.info.run_id,
+            )
+            trainer, lit, hist, train_stats = fit_lightning(cfg, dm, logger)
+            if not trainer.is_global_zero:
+                return TrainResult(None, cfg.model, label=cfg.run_label)
+            model, history = lit.model, hist.epochs
+        model = model.cpu().float().eval()
+        return _evaluate_and_log(cfg, mcfg, model, dm, history, train_stats, run.info.run_id)
+
+
+def baseline_evaluations(
+    dm: BinsDataModule, split: str, ks: tuple[int, ...], ridge_alpha: float = 1.0
+) -> dict[str, Evaluation]:
+    """Persistence, the one-step ridge and the direct K-step ridge on ``split``'s windows."""
+    pre, train, seqs = dm.preprocessor, dm.sequences["train"], dm.sequences[split]
+    out: dict[str, Evaluation] = {}
+    for name in BASELINES:
+        b = build_model(ModelConfig(model=name, ridge_alpha=ridge_alpha))
+        if isinstance(b, Linear):
+            fit_linear(b, train)
+        out[name] = evaluate(b, seqs, pre, ks)
+    direct = DirectRidge(alpha=ridge_alpha).fit(train.inputs, train.state, ks)
+    out["direct"] = evaluate_direct(direct, seqs, pre, ks)
+    return out
 
 
 def _evaluate_and_log(
@@ -175,10 +232,10 @@ def _evaluate_and_log(
     dm: BinsDataModule,
     history: list[dict],
     train_stats: dict[str, float],
+    run_id: str,
 ) -> TrainResult:
     import mlflow
 
-    from training import tracking
     from training.pyfunc import log_pyfunc, save_model_dir
 
     ks, sigmas = tuple(cfg.ks), tuple(cfg.sigmas)
@@ -186,29 +243,28 @@ def _evaluate_and_log(
     test, val = dm.sequences["test"], dm.sequences["val"]
     ev_test = evaluate(model, test, pre, ks, sigmas, seed=cfg.seed)
     ev_val = evaluate(model, val, pre, ks)
-    # The baselines on exactly the same windows, for the plot and for honest comparison.
-    baselines: dict[str, Evaluation] = {}
-    for name in BASELINES:
-        if name == cfg.model:
-            continue
-        b = build_model(ModelConfig(model=name, ridge_alpha=cfg.ridge_alpha))
-        if isinstance(b, Linear):
-            fit_linear(b, dm.sequences["train"])
-        baselines[name] = evaluate(b, test, pre, ks)
+    # Baselines on exactly the same windows: skill is only meaningful against them.
+    base_test = baseline_evaluations(dm, "test", ks, cfg.ridge_alpha)
+    base_val = baseline_evaluations(dm, "val", ks, cfg.ridge_alpha)
 
     forecaster = Forecaster(model, pre, cfg.model, config=mcfg.to_dict(), data_checksum=dm.checksum)
     metrics: dict[str, float] = {}
     metrics |= ev_test.metrics("test")
-    metrics |= {k: v for k, v in ev_val.metrics("val").items()}
-    for name, ev in baselines.items():
+    metrics |= ev_val.metrics("val")
+    metrics |= ev_test.skill_metrics(base_test["persistence"], "test")
+    metrics |= ev_val.skill_metrics(base_val["persistence"], "val")
+    for name, ev in base_test.items():
         for k, m in ev.scaled.items():
             metrics[f"baseline/{name}_rmse_k{k}"] = m["rmse"]
+        for k, m in ev.observed.items():
+            metrics[f"baseline/{name}_rmse_measured_k{k}"] = m["rmse"]
+        if name != "persistence":
+            metrics |= ev.skill_metrics(base_test["persistence"], "baseline", f"{name}_skill")
     metrics["n_params"] = float(count_parameters(model))
     metrics |= train_stats
     metrics |= latency(forecaster, test)
     metrics = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
 
-    tracking.setup(cfg.tracking_uri, cfg.experiment)
     params = cfg.model_dump(
         mode="json", exclude={"tracking_uri", "register_model", "plots", "resume"}
     )
@@ -216,55 +272,51 @@ def _evaluate_and_log(
         "label": cfg.run_label,
         "data_checksum": dm.checksum,
         "catalog_version": catalog_version(),
+        "partition": dm.partition.name,
     }
-    tags = {
-        "code_version": tracking.code_version(),
-        "data_checksum": dm.checksum,
-        "model": cfg.model,
-        "label": cfg.run_label,
-    }
+    # MLFlowLogger already logged the Trainer's hyperparameters under other names.
+    mlflow.log_params(
+        {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in params.items()}
+    )
+    for row in history:
+        step = int(row["epoch"])
+        mlflow.log_metrics({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=step)
+    mlflow.log_metrics(metrics)
+    rows = ev_test.per_variable
+    mlflow.log_table(
+        {key: [r[key] for r in rows] for key in rows[0]} if rows else {},
+        "per_variable_test.json",
+    )
     version = None
-    with mlflow.start_run(run_name=f"{cfg.run_label}-seed{cfg.seed}", tags=tags) as run:
-        mlflow.log_params(
-            {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in params.items()}
-        )
-        for row in history:
-            step = int(row["epoch"])
-            mlflow.log_metrics({f"{k}": v for k, v in row.items() if k != "epoch"}, step=step)
-        mlflow.log_metrics(metrics)
-        mlflow.log_table(
-            {
-                key: [r[key] for r in ev_test.per_variable]
-                for key in ("k", "variable", "mae", "rmse", "r2")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _write_per_variable_csv(ev_test, tmp / "per_variable_test.csv")
+        mlflow.log_artifact(str(tmp / "per_variable_test.csv"))
+        if cfg.plots:
+            _plots(cfg, ev_test, base_test, history, test, pre, tmp / "plots")
+            mlflow.log_artifacts(str(tmp / "plots"), artifact_path="plots")
+        meta = {
+            "catalog_version": catalog_version(),
+            "data_checksum": dm.checksum,
+            "model_name": cfg.model,
+            "label": cfg.run_label,
+            "seed": cfg.seed,
+            "validation": {
+                k: v for k, v in metrics.items() if k.startswith(("val/skill", "val/rmse_measured"))
             },
-            "per_variable_test.json",
+        }
+        model_dir = save_model_dir(tmp / "model_files", model, mcfg, pre, meta)
+        mlflow.log_artifact(str(model_dir / "model.pt"), artifact_path="state_dict")
+        info = log_pyfunc(
+            model_dir, registered_name(cfg.model) if cfg.register_model else None, forecaster
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            _write_per_variable_csv(ev_test, tmp / "per_variable_test.csv")
-            mlflow.log_artifact(str(tmp / "per_variable_test.csv"))
-            if cfg.plots:
-                _plots(cfg, ev_test, baselines, history, test, pre, tmp / "plots")
-                mlflow.log_artifacts(str(tmp / "plots"), artifact_path="plots")
-            meta = {
-                "catalog_version": catalog_version(),
-                "data_checksum": dm.checksum,
-                "model_name": cfg.model,
-                "label": cfg.run_label,
-                "seed": cfg.seed,
-            }
-            model_dir = save_model_dir(tmp / "model_files", model, mcfg, pre, meta)
-            mlflow.log_artifact(str(model_dir / "model.pt"), artifact_path="state_dict")
-            info = log_pyfunc(
-                model_dir, registered_name(cfg.model) if cfg.register_model else None, forecaster
-            )
-            version = info.registered_model_version
-        run_id = run.info.run_id
+        version = info.registered_model_version
     log.info(
-        "run %s: %s test RMSE %s",
+        "run %s: %s test RMSE (measured) %s, skill %s",
         run_id,
         cfg.run_label,
-        {k: round(v["rmse"], 4) for k, v in ev_test.scaled.items()},
+        {k: round(v["rmse"], 4) for k, v in ev_test.observed.items()},
+        {k: round(metrics.get(f"test/skill_k{k}", float("nan")), 3) for k in ks},
     )
     return TrainResult(
         run_id, cfg.model, str(version) if version is not None else None, metrics, cfg.run_label
@@ -289,12 +341,13 @@ def _plots(
     from training import plots
 
     out.mkdir(parents=True, exist_ok=True)
-    curves = {cfg.run_label: {k: m["rmse"] for k, m in ev.scaled.items()}}
-    curves |= {n: {k: m["rmse"] for k, m in b.scaled.items()} for n, b in baselines.items()}
+    # Measured values only: imputed "truth" favours persistence by construction.
+    curves = {cfg.run_label: {k: m["rmse"] for k, m in ev.observed.items()}}
+    curves |= {n: {k: m["rmse"] for k, m in b.observed.items()} for n, b in baselines.items()}
     plots.rmse_vs_k(
         curves,
         out / "rmse_vs_k.png",
-        f"Test RMSE vs rollout length ({cfg.run_label}, seed {cfg.seed})",
+        f"Test RMSE (measured values) vs rollout length ({cfg.run_label}, seed {cfg.seed})",
     )
     if ev.noise:
         plots.noise_curves(

@@ -173,16 +173,15 @@ def promote_step(s: DagSettings, compare: Step) -> Step:
         record = training_api.promote(s, payload)
         _write_json(out, record)
         champions = record["champions"]
-        metric = record["metric"]
+        overall = record["overall"]
+        ctx.echo(f"served by default: {overall['model_name']}@champion: {record['message']}")
         return StepResult(
             summary=record,
             tags={
                 f"champion.{m}": f"{c['model_name']}/{c['version']}" for m, c in champions.items()
-            },
-            message="; ".join(
-                f"{c['model_name']}@champion = v{c['version']} ({metric} {c['value']:.4f})"
-                for c in champions.values()
-            ),
+            }
+            | {"champion": f"{overall['family']} ({overall['model_name']}/{overall['version']})"},
+            message=record["message"],
         )
 
     return Step(
@@ -193,7 +192,7 @@ def promote_step(s: DagSettings, compare: Step) -> Step:
         outputs=(out,),
         params={"metric": training_api.selection_metric(), "alias": "champion"},
         code=TRAIN_CODE,
-        description="set the 'champion' alias on the best registered version",
+        description="'champion' per family and overall (icu-forecast@champion, served)",
     )
 
 

@@ -173,19 +173,26 @@ def compare(s: DagSettings, records: list[dict[str, Any]]) -> tuple[str, dict[st
 
 
 def promote(s: DagSettings, payload: dict[str, Any]) -> dict[str, Any]:
-    """The 'champion' alias on the best version of each trained model family."""
+    """'champion' on the best version of each trained family, and the overall champion
+    (baselines included) as ``icu-forecast@champion``, which the service serves by default."""
     from training import tracking
-    from training.registry import SELECTION_METRIC
-    from training.registry import promote as promote_family
+    from training.registry import SELECTION_METRIC, promote_overall
 
     tracking.setup(s.tracking_uri, s.experiment)
-    out: dict[str, Any] = {"metric": SELECTION_METRIC, "champions": {}}
-    for record in payload["runs"]:
-        p = promote_family(record["model"], SELECTION_METRIC)
-        out["champions"][record["model"]] = {
-            "model_name": p.name,
-            "version": p.version,
-            "run_id": p.run_id,
-            "value": p.metric,
-        }
-    return out
+    champ = promote_overall([r["model"] for r in payload["runs"]], SELECTION_METRIC)
+    return {
+        "metric": SELECTION_METRIC,
+        "champions": {
+            f: {"model_name": p.name, "version": p.version, "run_id": p.run_id, "value": p.metric}
+            for f, p in champ.candidates.items()
+        },
+        "overall": {
+            "family": champ.family,
+            "model_name": champ.name,
+            "version": champ.version,
+            "run_id": champ.run_id,
+            "value": champ.metric,
+            "persistence_value": champ.persistence,
+        },
+        "message": champ.message,
+    }

@@ -1,4 +1,4 @@
-"""``icu-forecast promote``: alias 'champion' on the best version by validation RMSE at K=5."""
+"""``icu-forecast promote``: 'champion' per family and overall, by validation error at K=5."""
 
 from __future__ import annotations
 
@@ -6,19 +6,31 @@ import argparse
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="cfc", help="model family (default cfc)")
-    parser.add_argument("--metric", default=None, help="selection metric (default val/rmse_k5)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="model families to choose from (default: every registered icu-forecast-* family)",
+    )
+    parser.add_argument(
+        "--metric", default=None, help="selection metric (default val/rmse_measured_k5)"
+    )
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
 
 
 def run(args: argparse.Namespace) -> int:
+    from features.errors import UserError
     from training import tracking
-    from training.registry import SELECTION_METRIC, promote
+    from training.registry import SELECTION_METRIC, promote_overall, registered_families
 
-    tracking.setup(args.tracking_uri)
-    p = promote(args.model, args.metric or SELECTION_METRIC)
-    print(
-        f"{p.name} version {p.version} (run {p.run_id}) is now 'champion': "
-        f"{args.metric or SELECTION_METRIC} = {p.metric:.4f}"
-    )
+    uri = tracking.setup(args.tracking_uri)
+    families = args.models or registered_families()
+    if not families:
+        raise UserError(f"no registered icu-forecast-* model in {uri}; train one first")
+    champ = promote_overall(families, args.metric or SELECTION_METRIC)
+    for p in sorted(champ.candidates.values(), key=lambda p: p.metric):
+        print(
+            f"{p.name}@champion = v{p.version} ({args.metric or SELECTION_METRIC} {p.metric:.4f})"
+        )
+    print(f"{champ.name}@champion = v{champ.version}: {champ.message}")
     return 0

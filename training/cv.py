@@ -1,0 +1,306 @@
+"""Patient-grouped k-fold cross-validation of models and baselines on exactly the same windows.
+
+For each seed and fold: the fold's patients are held out, a seeded slice of the others
+validates (early stopping, checkpoint choice), the rest trains; the imputer and scaler are
+fitted on the training patients only (:class:`training.data.BinsDataModule`). Every model
+and baseline is scored on the held-out fold's windows, on measured target values. Per seed,
+the folds cover every patient once; per-patient error sums are averaged over seeds, and
+intervals come from a paired bootstrap over patients (:mod:`training.skill`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from training.config import TrainConfig
+from training.skill import PatientErrors, mean_over_runs, rmse_ci, rmse_ratio, skill
+
+log = logging.getLogger("icu_forecast.cv")
+
+BASELINE_LABELS = ("persistence", "linear", "direct")
+REFERENCE = "persistence"
+
+# Named variants for the case-study table: label -> TrainConfig overrides.
+VARIANTS: dict[str, dict[str, object]] = {
+    "cfc": {"model": "cfc"},
+    "gru": {"model": "gru"},
+    "lstm": {"model": "lstm"},
+    "ltc": {"model": "ltc"},
+    "cfc-ncp": {"model": "cfc-ncp"},
+    # About the paper's 0.011M-parameter CfC: one layer of 16 units, a 16-unit backbone.
+    "cfc-small": {"model": "cfc", "layers": 1, "units": 16, "backbone_units": 16},
+    "cfc-paper": {"model": "cfc", "preset": "paper"},
+    "gru-paper": {"model": "gru", "preset": "paper"},
+}
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
+    """``cfc`` / ``cfc-small`` (named) or ``label=model:key=value,key=value``."""
+    if "=" not in spec.split(":")[0]:
+        if spec not in VARIANTS:
+            raise ValueError(f"unknown model {spec!r}; named ones: {', '.join(VARIANTS)}")
+        return spec, dict(VARIANTS[spec])
+    label, rest = spec.split("=", 1)
+    model, _, opts = rest.partition(":")
+    overrides: dict[str, object] = {"model": model}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        overrides[key.replace("-", "_")] = value
+    return label, overrides
+
+
+@dataclass
+class CvResult:
+    """Per-patient measured errors per (label, k) and seed, plus per-run statistics."""
+
+    folds: int
+    seeds: tuple[int, ...]
+    ks: tuple[int, ...]
+    errors: dict[tuple[str, int], list[PatientErrors]] = field(default_factory=dict)
+    rmse_all: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    n_windows: dict[tuple[str, int], int] = field(default_factory=dict)
+    stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _pool(parts: list[PatientErrors]) -> PatientErrors:
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
+
+
+def run_cv(
+    base: TrainConfig,
+    variants: dict[str, dict[str, object]],
+    folds: int = 5,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    parent_run: str | None = None,
+) -> CvResult:
+    """Train and score every variant on every fold of every seed (nested MLflow runs)."""
+    import lightning as L
+    import mlflow
+
+    from training.evaluate import evaluate
+    from training.models import count_parameters
+    from training.train import baseline_evaluations, data_module, fit_lightning
+
+    t0 = time.perf_counter()
+    ks = tuple(base.ks)
+    res = CvResult(folds, tuple(seeds), ks)
+    per_seed: dict[tuple[str, int], dict[int, list[PatientErrors]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    sq_all: dict[tuple[str, int], dict[int, list[tuple[float, int]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for seed in seeds:
+        for fold in range(folds):
+            common = {"folds": folds, "fold": fold, "cv_seed": seed, "seed": seed}
+            dm = data_module(base.model_copy(update=common))
+            evals = baseline_evaluations(dm, "test", ks, base.ridge_alpha)
+            for label, overrides in variants.items():
+                cfg = TrainConfig(
+                    **{
+                        **base.model_dump(exclude={"preset", *overrides}, exclude_unset=True),
+                        **overrides,
+                        **common,
+                        "label": label,
+                    }
+                )
+                L.seed_everything(seed, workers=True, verbose=False)
+                with mlflow.start_run(
+                    run_name=f"{label}-seed{seed}-fold{fold}",
+                    nested=parent_run is not None,
+                    tags={"label": label, "fold": str(fold), "cv_seed": str(seed)},
+                ) as run:
+                    from lightning.pytorch.loggers import MLFlowLogger
+
+                    logger = MLFlowLogger(
+                        experiment_name=base.experiment,
+                        tracking_uri=mlflow.get_tracking_uri(),
+                        run_id=run.info.run_id,
+                    )
+                    _, lit, _, stats = fit_lightning(cfg, dm, logger)
+                    model = lit.model.cpu().float().eval()
+                    ev = evaluate(model, dm.sequences["test"], dm.preprocessor, ks)
+                    fold_metrics = ev.metrics("fold_test")
+                    fold_metrics |= ev.skill_metrics(evals[REFERENCE], "fold_test")
+                    stats["n_params"] = float(count_parameters(model))
+                    mlflow.log_metrics(
+                        {k: v for k, v in (fold_metrics | stats).items() if np.isfinite(v)}
+                    )
+                    mlflow.log_params({k: str(v) for k, v in overrides.items()} | common)
+                evals[label] = ev
+                for key, value in stats.items():
+                    res.stats.setdefault(label, {}).setdefault(key, []).append(float(value))
+                log.info(
+                    "seed %d fold %d %s: skill %s",
+                    seed,
+                    fold,
+                    label,
+                    {k: round(fold_metrics.get(f"fold_test/skill_k{k}", np.nan), 3) for k in ks},
+                )
+            for label, ev in evals.items():
+                for k in ks:
+                    if k in ev.errors:
+                        per_seed[(label, k)][seed].append(ev.errors[k])
+                        n = ev.n_windows.get(k, 0)
+                        sq_all[(label, k)][seed].append((ev.scaled[k]["rmse"] ** 2 * n, n))
+    for key, by_seed in per_seed.items():
+        res.errors[key] = [_pool(parts) for parts in by_seed.values()]
+        res.n_windows[key] = int(np.mean([sum(n for _, n in v) for v in sq_all[key].values()]))
+        res.rmse_all[key] = [
+            float(np.sqrt(sum(s for s, _ in v) / max(sum(n for _, n in v), 1)))
+            for v in sq_all[key].values()
+        ]
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def report_rows(res: CvResult, n_boot: int = 2000) -> list[dict]:
+    """One row per (label, k): measured RMSE / MAE with CIs, skill against persistence with CI."""
+    rows = []
+    labels = sorted({label for label, _ in res.errors}, key=_order)
+    for label in labels:
+        for k in res.ks:
+            if (label, k) not in res.errors:
+                continue
+            runs = res.errors[(label, k)]
+            e = mean_over_runs(runs)
+            ref = mean_over_runs(res.errors[(REFERENCE, k)])
+            s, s_lo, s_hi = skill(e, ref, n_boot)
+            lo, hi = rmse_ci(e, n_boot)
+            per_seed = [r.rmse for r in runs]
+            stats = res.stats.get(label, {})
+            rows.append(
+                {
+                    "model": label,
+                    "k": k,
+                    "rmse_measured": e.rmse,
+                    "rmse_ci": [lo, hi],
+                    "rmse_measured_seed_sd": float(np.std(per_seed, ddof=1))
+                    if len(per_seed) > 1
+                    else 0.0,
+                    "mae_measured": e.mae,
+                    "rmse_all_values": float(np.mean(res.rmse_all[(label, k)])),
+                    "skill": s,
+                    "skill_ci": [s_lo, s_hi],
+                    "n_windows": res.n_windows[(label, k)],
+                    "n_patients": len(e.patients),
+                    "n_params": _mean(stats.get("n_params")),
+                    "train_examples_per_s": _mean(stats.get("train_examples_per_s")),
+                    "train_seconds": _mean(stats.get("train_seconds")),
+                    "epochs_run": _mean(stats.get("epochs_run")),
+                }
+            )
+    return rows
+
+
+def ratio_rows(res: CvResult, pairs: list[tuple[str, str]], n_boot: int = 2000) -> list[dict]:
+    """RMSE_a / RMSE_b per k on the same windows, with paired patient-bootstrap CIs."""
+    out = []
+    for a, b in pairs:
+        for k in res.ks:
+            if (a, k) in res.errors and (b, k) in res.errors:
+                r, lo, hi = rmse_ratio(
+                    mean_over_runs(res.errors[(a, k)]), mean_over_runs(res.errors[(b, k)]), n_boot
+                )
+                out.append({"a": a, "b": b, "k": k, "rmse_ratio": r, "ci": [lo, hi]})
+    return out
+
+
+def _mean(values: list[float] | None) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _order(label: str) -> tuple[int, str]:
+    return (1 if label in BASELINE_LABELS else 0, label)
+
+
+def _fmt_ci(v: float, ci: list[float], pct: bool = False) -> str:
+    if pct:
+        return f"{100 * v:+.1f}% [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+    return f"{v:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
+    ks = res.ks
+    lines = [
+        f"Patient-grouped {res.folds}-fold cross-validation, seeds {list(res.seeds)}: every model "
+        "and baseline scored on the same held-out windows. RMSE over **measured** target values "
+        "at the K-th step of closed-loop K-step rollouts (true interventions fed), scaled "
+        "(min-max, fitted per fold on its training patients). Skill = 1 - RMSE / RMSE of "
+        "persistence on the same windows. Brackets: 95% paired bootstrap over patients "
+        f"({len(rows and [1]) and rows[0]['n_patients']} patients; per-patient errors averaged "
+        "over seeds).",
+        "",
+        "| model | params | "
+        + " | ".join(f"skill K={k}" for k in ks)
+        + " | "
+        + " | ".join(f"RMSE K={k}" for k in ks)
+        + " | train ex/s |",
+        "|---|---:|" + "---:|" * (2 * len(ks)) + "---:|",
+    ]
+    by = {(r["model"], r["k"]): r for r in rows}
+    for label in dict.fromkeys(r["model"] for r in rows):
+        first = by[(label, ks[0])]
+        params = f"{first['n_params']:,.0f}" if first["n_params"] else "-"
+        skills = [
+            _fmt_ci(by[(label, k)]["skill"], by[(label, k)]["skill_ci"], pct=True)
+            if label != REFERENCE
+            else "0 (reference)"
+            for k in ks
+        ]
+        rmses = [_fmt_ci(by[(label, k)]["rmse_measured"], by[(label, k)]["rmse_ci"]) for k in ks]
+        tput = f"{first['train_examples_per_s']:,.0f}" if first["train_examples_per_s"] else "-"
+        lines.append(f"| {label} | {params} | " + " | ".join(skills + rmses) + f" | {tput} |")
+    if ratios:
+        lines += ["", "RMSE ratios on the same windows (95% paired patient bootstrap):", ""]
+        lines += ["| ratio | " + " | ".join(f"K={k}" for k in ks) + " |"]
+        lines += ["|---|" + "---:|" * len(ks)]
+        for a, b in dict.fromkeys((r["a"], r["b"]) for r in ratios):
+            cells = [
+                _fmt_ci(r["rmse_ratio"], r["ci"])
+                for k in ks
+                for r in ratios
+                if r["a"] == a and r["b"] == b and r["k"] == k
+            ]
+            lines.append(f"| {a} / {b} | " + " | ".join(cells) + " |")
+    lines += ["", f"Wall time: {res.seconds / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(res: CvResult, out: Path, pairs: list[tuple[str, str]]) -> dict:
+    """``out/report.json``, ``out/report.md`` and ``out/skill_vs_k.png``, written atomically."""
+    from features.atomic import atomic_write_text
+    from training import plots
+
+    rows = report_rows(res)
+    ratios = ratio_rows(res, pairs)
+    report = {
+        "folds": res.folds,
+        "seeds": list(res.seeds),
+        "ks": list(res.ks),
+        "reference": REFERENCE,
+        "metric": "RMSE over measured target values, scaled, K-th rollout step",
+        "rows": rows,
+        "ratios": ratios,
+        "seconds": res.seconds,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out / "report.md", to_markdown(res, rows, ratios))
+    plots.skill_vs_k(
+        [r for r in rows if r["model"] != REFERENCE],
+        out / "skill_vs_k.png",
+        f"Skill against persistence ({res.folds}-fold CV, {len(res.seeds)} seeds, 95% CI)",
+    )
+    return report
