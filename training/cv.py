@@ -87,11 +87,14 @@ def run_cv(
     """Train and score every variant on every fold of every seed (nested MLflow runs)."""
     import lightning as L
     import mlflow
+    import torch
 
     from training.evaluate import evaluate
     from training.models import count_parameters
     from training.train import baseline_evaluations, data_module, fit_lightning
 
+    if base.threads:
+        torch.set_num_threads(base.threads)
     t0 = time.perf_counter()
     ks = tuple(base.ks)
     res = CvResult(folds, tuple(seeds), ks)
@@ -198,6 +201,7 @@ def report_rows(res: CvResult, n_boot: int = 2000) -> list[dict]:
                     "n_params": _mean(stats.get("n_params")),
                     "train_examples_per_s": _mean(stats.get("train_examples_per_s")),
                     "train_seconds": _mean(stats.get("train_seconds")),
+                    "train_mem_mb": _mean(stats.get("train_mem_mb")),
                     "epochs_run": _mean(stats.get("epochs_run")),
                 }
             )
@@ -246,8 +250,8 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
         + " | ".join(f"skill K={k}" for k in ks)
         + " | "
         + " | ".join(f"RMSE K={k}" for k in ks)
-        + " | train ex/s |",
-        "|---|---:|" + "---:|" * (2 * len(ks)) + "---:|",
+        + " | train mem (MB) | train ex/s |",
+        "|---|---:|" + "---:|" * (2 * len(ks)) + "---:|---:|",
     ]
     by = {(r["model"], r["k"]): r for r in rows}
     for label in dict.fromkeys(r["model"] for r in rows):
@@ -261,7 +265,10 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
         ]
         rmses = [_fmt_ci(by[(label, k)]["rmse_measured"], by[(label, k)]["rmse_ci"]) for k in ks]
         tput = f"{first['train_examples_per_s']:,.0f}" if first["train_examples_per_s"] else "-"
-        lines.append(f"| {label} | {params} | " + " | ".join(skills + rmses) + f" | {tput} |")
+        mem = f"{first['train_mem_mb']:.1f}" if first["train_mem_mb"] else "-"
+        lines.append(
+            f"| {label} | {params} | " + " | ".join(skills + rmses) + f" | {mem} | {tput} |"
+        )
     if ratios:
         lines += ["", "RMSE ratios on the same windows (95% paired patient bootstrap):", ""]
         lines += ["| ratio | " + " | ".join(f"K={k}" for k in ks) + " |"]
@@ -274,7 +281,15 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
                 if r["a"] == a and r["b"] == b and r["k"] == k
             ]
             lines.append(f"| {a} / {b} | " + " | ".join(cells) + " |")
-    lines += ["", f"Wall time: {res.seconds / 60:.1f} min."]
+    lines += [
+        "",
+        "params: trainable parameters. train mem: one optimisation step of one training batch "
+        "as the model needs it (weights, gradients and Adam's two moments, plus every tensor "
+        "autograd saves for backward; training.footprint), not a process's RSS. train ex/s: "
+        "start bins per second of training-batch time, all models measured in this one run.",
+        "",
+        f"Wall time: {res.seconds / 60:.1f} min.",
+    ]
     return "\n".join(lines) + "\n"
 
 

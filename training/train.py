@@ -22,6 +22,7 @@ from training.callbacks import History, PeakMemory
 from training.config import TrainConfig
 from training.data import BinsDataModule, StaySequences
 from training.evaluate import Evaluation, evaluate, evaluate_direct, latency
+from training.footprint import training_step_bytes
 from training.forecaster import Forecaster
 from training.lit import LitDynamics
 from training.models import ModelConfig, build_model, count_parameters
@@ -138,6 +139,8 @@ def fit_lightning(
         deterministic=False,
     )
     lit = build_lit(cfg, dm)
+    first = next(iter(dm.train_dataloader()))
+    footprint = training_step_bytes(lambda: lit._loss(first)[0], list(lit.parameters()))
     with PeakMemory() as mem, warnings.catch_warnings():
         # Tiny data: Lightning's "few batches / num_workers" advice does not apply.
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -146,7 +149,7 @@ def fit_lightning(
             lit, datamodule=dm, ckpt_path=str(last) if cfg.resume and last.exists() else None
         )
         on_gpu = trainer.strategy.root_device.type == "cuda"
-    stats = mem.metrics()
+    stats = mem.metrics() | footprint
     if on_gpu:
         stats["peak_mem_mb"] = stats.pop("peak_gpu_mem_mb")
         stats["peak_rss_mb"] = mem.peak_rss / 2**20

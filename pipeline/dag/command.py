@@ -26,11 +26,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--tracking-uri", help="MLflow store (env MLFLOW_TRACKING_URI)")
         p.add_argument("--experiment", help="MLflow experiment (default icu-forecast)")
         p.add_argument("--models", help="comma-separated: cfc,gru,persistence,linear")
-        p.add_argument("--epochs", type=int, help=f"training epochs (default {PAPER_EPOCHS})")
+        p.add_argument("--epochs", type=int, help="maximum training epochs (default: the preset's)")
         p.add_argument(
-            "--paper", action="store_true", help=f"insist on the paper's {PAPER_EPOCHS} epochs"
+            "--paper",
+            action="store_true",
+            help=f"train with the paper's recipe ({PAPER_EPOCHS} epochs, teacher-forced)",
         )
         p.add_argument("--seed", type=int)
+        p.add_argument(
+            "--cv",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="also run the patient-grouped cross-validation (cv step; minutes)",
+        )
+        p.add_argument("--cv-folds", type=int, help="folds of the cv step (default 5)")
+        p.add_argument("--cv-seeds", type=int, help="seeds of the cv step (default 3)")
     run.add_argument(
         "--force",
         action="append",
@@ -52,13 +62,16 @@ def settings_from_args(args: argparse.Namespace) -> DagSettings:
             "models",
             "epochs",
             "seed",
+            "cv",
+            "cv_folds",
+            "cv_seeds",
         )
         if getattr(args, key, None) is not None
     }
     if getattr(args, "paper", False):
         if "epochs" in given and given["epochs"] != PAPER_EPOCHS:
             raise UserError("--paper and --epochs disagree; give one of them")
-        given["epochs"] = PAPER_EPOCHS
+        given["preset"] = "paper"
     return settings_from_flags(DagSettings, given, "DAG")
 
 

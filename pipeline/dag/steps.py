@@ -196,10 +196,44 @@ def promote_step(s: DagSettings, compare: Step) -> Step:
     )
 
 
+def cv_step(s: DagSettings) -> Step:
+    out = s.dag_dir / "cv"
+    from pipeline.dag import training_api
+
+    def action(ctx: StepContext) -> StepResult:
+        report = training_api.cross_validate(s, out)
+        ctx.echo((out / "report.md").read_text())
+        return StepResult(
+            metrics={
+                f"cv/{r['model']}/skill_k{r['k']}": r["skill"]
+                for r in report["rows"]
+                if r["model"] != report["reference"]
+            },
+            message=f"{out / 'report.md'} ({report['seconds'] / 60:.1f} min)",
+        )
+
+    params = training_api.train_params(s, "cfc") | {
+        "folds": s.cv_folds,
+        "seeds": s.cv_seeds,
+        "models": [m for m in s.models if m in training_api.NEURAL],
+    }
+    return Step(
+        "cv",
+        action,
+        needs=("etl",),
+        inputs=(s.etl_dir,),
+        outputs=(out / "report.json", out / "report.md"),
+        params=params,
+        code=TRAIN_CODE,
+        description="patient-grouped k-fold cross-validation against the baselines",
+    )
+
+
 def build_steps(s: DagSettings) -> list[Step]:
     trains = [train_step(s, m) for m in s.models]
     compare = compare_step(s, trains)
-    return [fetch_step(s), etl_step(s), *trains, compare, promote_step(s, compare)]
+    steps = [fetch_step(s), etl_step(s), *trains, compare, promote_step(s, compare)]
+    return steps + ([cv_step(s)] if s.cv else [])
 
 
 def build_dag(s: DagSettings, track: bool = True, echo: Callable[[str], None] = print) -> Dag:

@@ -20,6 +20,11 @@ NEURAL = ("cfc", "gru")
 # TrainConfig fields that only matter to gradient-trained models: changing them must not
 # invalidate the baselines' train steps.
 _NEURAL_ONLY = {
+    "preset",
+    "objective",
+    "rollout_k",
+    "measured_only",
+    "monitor",
     "epochs",
     "batch_size",
     "lr",
@@ -67,7 +72,9 @@ def train_config(s: DagSettings, model: str, data_dir: Path | None = None, **ove
         "checkpoint_dir": s.data_dir / "checkpoints",
     }
     if model in NEURAL:
-        given["epochs"] = s.epochs
+        given["preset"] = s.preset
+        if s.epochs is not None:
+            given["epochs"] = s.epochs
     return TrainConfig(**(given | overrides))
 
 
@@ -100,6 +107,36 @@ def train(s: DagSettings, model: str, ctx: StepContext) -> dict[str, Any]:
         raise RuntimeError(f"training {model} returned no MLflow run")
     _link(s, result.run_id, ctx)
     return _record(result)
+
+
+def cross_validate(s: DagSettings, out: Path) -> dict[str, Any]:
+    """The cv step: patient-grouped CV of the trained network families against baselines."""
+    import mlflow
+
+    from training import tracking
+    from training.config import TrainConfig
+    from training.cv import VARIANTS, run_cv, write_report
+
+    nets = [m for m in s.models if m in NEURAL]
+    given: dict[str, Any] = {
+        "data": s.etl_dir,
+        "tracking_uri": s.tracking_uri,
+        "experiment": s.experiment,
+        "checkpoint_dir": s.data_dir / "checkpoints",
+        "preset": s.preset,
+        "register_model": False,
+        "plots": False,
+    }
+    if s.epochs is not None:
+        given["epochs"] = s.epochs
+    base = TrainConfig(**given)
+    tracking.setup(s.tracking_uri, s.experiment)
+    variants = {m: dict(VARIANTS[m]) for m in nets}
+    with mlflow.start_run(run_name=f"cv-{s.cv_folds}fold-{s.cv_seeds}seeds", tags={"kind": "cv"}):
+        res = run_cv(base, variants, s.cv_folds, tuple(range(s.cv_seeds)), parent_run="dag")
+        report = write_report(res, out, [(a, b) for i, a in enumerate(nets) for b in nets[i + 1 :]])
+        mlflow.log_artifacts(str(out), artifact_path="cv")
+    return report
 
 
 def tiny_train(
@@ -151,7 +188,7 @@ def compare(s: DagSettings, records: list[dict[str, Any]]) -> tuple[str, dict[st
     import mlflow
 
     from training import tracking
-    from training.compare import table, to_markdown
+    from training.compare import SKILL_NOTE, table, to_markdown
 
     tracking.setup(s.tracking_uri, s.experiment)
     exp = mlflow.get_experiment_by_name(s.experiment)
@@ -164,10 +201,7 @@ def compare(s: DagSettings, records: list[dict[str, Any]]) -> tuple[str, dict[st
     label = {r["run_id"]: r["label"] for r in records}
     runs = runs.assign(label=runs["run_id"].map(label), seed=runs["params.seed"])
     frame = table(runs, [r["label"] for r in records])
-    md = (
-        "RMSE / MAE in scaled (min-max) units, K-th step of K-step rollouts on the test split; "
-        "noise = RMSE increase at sigma 0.05.\n\n" + to_markdown(frame)
-    )
+    md = SKILL_NOTE + "\n\n" + to_markdown(frame)
     payload = {"runs": records, "table": frame.to_dict(orient="records")}
     return md, payload
 

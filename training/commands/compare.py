@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     from features.atomic import atomic_write_text
     from training import tracking
-    from training.compare import latest_runs, table, to_markdown
+    from training.compare import SKILL_NOTE, latest_runs, table, to_markdown
 
     tracking.setup(args.tracking_uri, args.experiment)
     frame = table(latest_runs(args.experiment), args.models)
@@ -34,10 +34,7 @@ def run(args: argparse.Namespace) -> int:
     for _, r in frame.iterrows():
         t.add_row(*[str(v) for v in r])
     Console(width=250).print(t)
-    md = (
-        "RMSE / MAE in scaled (min-max) units, K-th step of K-step rollouts on the test split; "
-        "noise = RMSE increase at sigma 0.05; mean ± std over seeds.\n\n" + to_markdown(frame)
-    )
+    md = SKILL_NOTE + "Mean ± std over seeds.\n\n" + to_markdown(frame)
     atomic_write_text(args.out, md)
     print(f"written {args.out}")
     return 0

@@ -24,6 +24,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("outputs/cv"), help="report folder (default outputs/cv)"
     )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="also write the report as this Markdown file, with the command that made it "
+        "(e.g. docs/results.md)",
+    )
     add_train_flags(parser, exclude={"model", "seed", "label", "folds", "fold", "cv-seed"})
 
 
@@ -63,6 +70,19 @@ def run(args: argparse.Namespace) -> int:
                     f"cv/{r['model']}/skill_k{r['k']}": r["skill"],
                 }
             )
+    if args.markdown is not None:
+        import shlex
+        import sys
+
+        from features.atomic import atomic_write_text
+
+        command = "icu-forecast " + shlex.join(sys.argv[1:])
+        atomic_write_text(
+            args.markdown,
+            "# Cross-validated results\n\n"
+            f"Written by `{command}` (code {tracking.code_version()}).\n\n"
+            + (args.out / "report.md").read_text(),
+        )
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, skill_vs_k.png")
     return 0

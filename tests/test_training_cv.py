@@ -1,0 +1,110 @@
+"""``icu-forecast cv`` and the overall champion, end to end on tiny synthetic bins."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.synthetic import write_synthetic_etl_output
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--units", "8", "--layers", "1", "--backbone-units", "8", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_etl_output(
+        tmp_path_factory.mktemp("cv") / "data", n_stays=24, n_bins=9, seed=1
+    )
+
+
+def test_cv_scores_every_model_on_the_same_windows(
+    data: Path, tmp_path: Path, mlflow_uri: str
+) -> None:
+    from mlflow import MlflowClient
+
+    from pipeline.cli import main
+
+    out = tmp_path / "cv"
+    argv = ["cv", "--data", str(data), "--folds", "3", "--seeds", "2", "--epochs", "2"]
+    argv += ["--models", "gru", "small=cfc:units=4,backbone_units=4", "--out", str(out)]
+    argv += ["--checkpoint-dir", str(tmp_path / "ckpt"), *TINY]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").is_file() and (out / "skill_vs_k.png").stat().st_size > 0
+    rows = report["rows"]
+    labels = {r["model"] for r in rows}
+    assert labels == {"gru", "small", "persistence", "linear", "direct"}
+    for k in (1, 2, 3, 5):
+        at_k = [r for r in rows if r["k"] == k]
+        assert len({r["n_windows"] for r in at_k}) == 1, "same windows for every model"
+        assert len({r["n_patients"] for r in at_k}) == 1
+        for r in at_k:
+            assert set(r) >= {"model", "k", "rmse_measured", "skill", "skill_ci", "n_windows"}
+            lo, hi = r["skill_ci"]
+            if r["model"] == "persistence":
+                assert r["skill"] == 0 and lo == hi == 0
+            else:
+                assert lo <= r["skill"] <= hi
+            assert np.isfinite(r["rmse_measured"]) and r["rmse_measured"] > 0
+    # every patient with a window is tested once per seed: the pooled count is the cohort's
+    import pandas as pd
+
+    bins = pd.read_parquet(data / "bins.parquet")
+    sizes = bins.groupby(["subject_id", "icustay_id"]).size()
+    with_window = sizes[sizes >= 2].index.get_level_values("subject_id").nunique()
+    assert rows[0]["n_patients"] == with_window
+    ratios = report["ratios"]
+    assert {(r["a"], r["b"]) for r in ratios} == {("gru", "small")}
+    assert all(r["ci"][0] <= r["rmse_ratio"] <= r["ci"][1] for r in ratios)
+    # MLflow: one parent run, the folds nested under it (3 folds x 2 seeds x 2 models)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("icu-forecast")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "cv"]
+    assert len(parents) == 1
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(nested) == 12
+    assert all(r.info.status == "FINISHED" for r in nested)
+    assert any("epoch" in r.data.metrics or "val_rollout_mse" in r.data.metrics for r in nested)
+
+
+def test_bad_cv_arguments_are_one_line_errors(data: Path, tmp_path: Path, capsys) -> None:
+    from pipeline.cli import main
+
+    base = ["cv", "--data", str(data), "--out", str(tmp_path / "o")]
+    assert main([*base, "--folds", "1"]) == 2
+    assert "--folds must be at least 2" in capsys.readouterr().err
+    assert main([*base, "--models", "nosuch"]) == 2
+    assert "unknown model 'nosuch'" in capsys.readouterr().err
+
+
+def test_overall_champion_is_the_best_family_on_validation(
+    data: Path, tmp_path: Path, mlflow_uri: str
+) -> None:
+    from mlflow import MlflowClient
+
+    from pipeline.dag.training_api import tiny_train
+    from training.registry import CHAMPION, OVERALL, SELECTION_METRIC, promote_overall
+
+    records = {
+        m: tiny_train(data, m, mlflow_uri, "icu-forecast", units=8, layers=1, threads=1)
+        for m in ("persistence", "linear", "gru")
+    }
+    champ = promote_overall(list(records))
+    values = {m: r["metrics"][SELECTION_METRIC] for m, r in records.items()}
+    assert champ.family == min(values, key=values.get)
+    assert champ.metric == pytest.approx(min(values.values()))
+    assert champ.persistence == pytest.approx(values["persistence"])
+    client = MlflowClient()
+    served = client.get_model_version_by_alias(OVERALL, CHAMPION)
+    assert served.tags["family"] == champ.family
+    assert served.run_id == records[champ.family]["run_id"]
+    if values["gru"] >= values["persistence"]:
+        assert "NO network beats persistence" in champ.message
+    else:
+        assert "NO network" not in champ.message
