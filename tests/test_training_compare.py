@@ -1,4 +1,4 @@
-"""The compare table: latest run per (label, seed), mean ± sample std over seeds."""
+"""The compare table: latest run per (label, seed), skill first, mean ± sample std over seeds."""
 
 from __future__ import annotations
 
@@ -12,20 +12,26 @@ def test_table_aggregates_seeds_and_keeps_label_order() -> None:
         {
             "label": ["gru", "gru", "cfc", "persistence"],
             "seed": ["0", "1", "0", "0"],
-            "metrics.test/rmse_k1": [0.10, 0.20, 0.30, 0.40],
-            "metrics.test/rmse_k5": [0.5, 0.7, 0.6, float("nan")],
+            "metrics.test/rmse_measured_k1": [0.10, 0.20, 0.30, 0.40],
+            "metrics.test/rmse_measured_k5": [0.5, 0.7, 0.6, float("nan")],
+            "metrics.test/skill_k5": [0.05, 0.07, 0.10, float("nan")],
+            "metrics.test/skill_k5_lo": [0.01, 0.02, 0.02, float("nan")],
+            "metrics.test/skill_k5_hi": [0.09, 0.12, 0.18, float("nan")],
             "metrics.n_params": [100.0, 100.0, 10.0, 0.0],
         }
     )
     frame = table(runs, ["cfc", "gru", "gru", "persistence"])
     assert frame["model"].tolist() == ["cfc", "gru", "persistence"]
+    assert list(frame.columns[:3]) == ["model", "seeds", "skill K=1 (%)"]  # skill leads
     gru = frame.set_index("model").loc["gru"]
     assert gru["seeds"] == "2"
-    assert gru["RMSE K=1"] == "0.1500 ± 0.0707"  # sample std of 0.1, 0.2
-    assert gru["RMSE K=5"] == "0.6000 ± 0.1414"
+    assert gru["RMSE measured K=1"] == "0.1500 ± 0.0707"  # sample std of 0.1, 0.2
+    assert gru["RMSE measured K=5"] == "0.6000 ± 0.1414"
+    assert gru["skill K=5 (%)"] == "+6.0 ± 1.4"
+    cfc = frame.set_index("model").loc["cfc"]
+    assert cfc["skill K=5 (%)"] == "+10.0 [+2.0, +18.0]"  # one run: its bootstrap interval
     persistence = frame.set_index("model").loc["persistence"]
-    assert persistence["RMSE K=5"] == "-"
-    assert persistence["MAE K=1"] == "-"  # metric absent from the runs
+    assert persistence["RMSE measured K=5"] == "-"
+    assert persistence["RMSE all K=1"] == "-"  # metric absent from the runs
     md = to_markdown(frame)
-    assert md.splitlines()[0].startswith("| model | seeds | RMSE K=1")
-    assert "| cfc | 1 | 0.3000 |" in md
+    assert md.splitlines()[0].startswith("| model | seeds | skill K=1 (%)")

@@ -110,7 +110,12 @@ def _skill_cell(group: pd.DataFrame, k: int) -> str:
         lo = group.get(f"metrics.test/skill_k{k}_lo", pd.Series([math.nan])).to_numpy(float)[0]
         hi = group.get(f"metrics.test/skill_k{k}_hi", pd.Series([math.nan])).to_numpy(float)[0]
         return f"{100 * vals[0]:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-    return _cell(vals, "+.1f", 100)
+    vals = vals[np.isfinite(vals)] * 100
+    if len(vals) == 0:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:+.1f}"
+    return f"{vals.mean():+.1f} ± {vals.std(ddof=1):.1f}"
 
 
 def _label_order(label: str) -> tuple[int, str]:

@@ -61,6 +61,7 @@ class TrainConfig(BaseSettings):
     ode_unfolds: int = _ARCH.ode_unfolds
     ridge_alpha: float = _ARCH.ridge_alpha
     residual: bool = _ARCH.residual
+    zero_head: bool = _ARCH.zero_head
     # Lightning Trainer pass-through
     accelerator: str = "auto"
     devices: str = "auto"
@@ -126,5 +127,6 @@ PRESETS: dict[str, dict[str, object]] = {
         "units": 128,
         "layers": 2,
         "backbone_dropout": 0.0,
+        "zero_head": False,
     },
 }

@@ -55,6 +55,7 @@ _BOOLS = {
     "measured-only": "training loss on measured target values only (default on; paper off)",
     "mixed-memory": "CfC / LTC mixed memory (LSTM-style)",
     "residual": "predict the change from the current state (default on)",
+    "zero-head": "with --residual, start from persistence: output head initialised to 0 (on)",
     "resume": "resume from the run's last checkpoint if one exists",
     "register": "register the pyfunc as icu-forecast-<model> (default on)",
     "plots": "log plot artifacts (default on)",

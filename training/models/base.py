@@ -40,6 +40,9 @@ class ModelConfig:
     ridge_alpha: float = 1.0
     # Predict the change from the current state (output = state_t + f(inputs)); same target.
     residual: bool = True
+    # With residual: the output head starts at zero, so the untrained model is persistence and
+    # training moves away from it only as far as the (closed-loop) loss rewards.
+    zero_head: bool = True
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -30,7 +30,12 @@ def build_model(cfg: ModelConfig) -> DynamicsModel:
         raise ValueError(
             f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}"
         ) from None
-    return builder(cfg)
+    model = builder(cfg)
+    head = getattr(model, "head", None)
+    if cfg.residual and cfg.zero_head and isinstance(head, nn.Linear):
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
