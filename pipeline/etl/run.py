@@ -35,6 +35,7 @@ from features.catalog import (
 from features.errors import UserError
 from features.preprocess import BINS_COLUMNS, FEATURE_NAMES, Preprocessor, prepare_bins
 from pipeline.etl import extract, transform
+from pipeline.etl.output import PRODUCER, check_out_dir
 from pipeline.etl.settings import EtlSettings
 from pipeline.etl.split import split_subjects
 from pipeline.etl.tables import InputError, TableStats
@@ -287,6 +288,8 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     # scikit-learn takes seconds to import; do it while the tables stream (it is needed last).
     threading.Thread(target=_prefetch_sklearn, daemon=True).start()
     out = Path(settings.out)
+    # Before any work, and again before the swap (the folder may have changed meanwhile).
+    check_out_dir(out, settings.mimic_dir, settings.temp_dir)
     scratch_parent = settings.temp_dir or out.parent
     scratch_parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".etl-work-", dir=scratch_parent) as tmp:
@@ -299,6 +302,7 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
         finally:
             con.close()
     log.info("writing %s (%d stays, %d bins)", out, card["cohort"]["stays_kept"], len(frame))
+    check_out_dir(out, settings.mimic_dir, settings.temp_dir)
     with atomic_dir(out) as staging:
         bins_path = staging / "bins.parquet"
         frame.to_parquet(bins_path, index=False, compression="zstd")
@@ -306,6 +310,7 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
         pre.save(staging / "preprocessor", imputer=imputer)
         card = {
             "format": DATA_CARD_FORMAT,
+            "producer": PRODUCER,
             "catalog_version": catalog_version(),
             "bin_hours": BIN_HOURS,
             "settings": {
