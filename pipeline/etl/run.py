@@ -1,9 +1,13 @@
-"""``run_etl``: MIMIC-III tables -> ``OUT/bins.parquet``, ``OUT/preprocessor``, data card.
+"""``run_etl``: MIMIC-III tables -> ``OUT/bins.parquet`` and ``OUT/data_card.json``.
 
 Stages: stream + filter tables into DuckDB (``extract``) -> convert, drop, bin, aggregate in SQL
 (``transform``) -> complete bin grid per kept stay -> clamp / observed masks / ffill / zero-fill
-(``features.preprocess.prepare_bins``) -> split by subject -> fit the preprocessor on train
-rows -> impute every row -> write everything at once (``features.atomic.atomic_dir``).
+(``features.preprocess.prepare_bins``) -> split by subject -> write everything at once
+(``features.atomic.atomic_dir``).
+
+Nothing is fitted here: the imputer and scaler are fitted by training on the training patients
+of each split or cross-validation fold (a fit on all stays would leak the evaluated patients
+into every fold), so state values the stay has not measured yet stay NaN in ``bins.parquet``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import hashlib
 import json
 import logging
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +36,7 @@ from features.catalog import (
     catalog_version,
 )
 from features.errors import UserError
-from features.preprocess import BINS_COLUMNS, FEATURE_NAMES, Preprocessor, prepare_bins
+from features.preprocess import BINS_COLUMNS, FEATURE_NAMES, prepare_bins
 from pipeline.etl import extract, transform
 from pipeline.etl.output import PRODUCER, check_out_dir
 from pipeline.etl.settings import EtlSettings
@@ -50,7 +53,8 @@ TABLE_ORDER = (
     "INPUTEVENTS_MV",
     "PROCEDUREEVENTS_MV",
 )
-DATA_CARD_FORMAT = 1
+DATA_CARD_FORMAT = 2
+"""2: state columns keep NaN until first measured in the stay; no ``preprocessor/`` (was 1)."""
 
 
 @dataclass
@@ -59,7 +63,6 @@ class EtlResult:
 
     out_dir: Path
     bins_path: Path
-    preprocessor_dir: Path
     data_card_path: Path
     bins_sha256: str
     counts: dict[str, int] = field(default_factory=dict)
@@ -156,10 +159,8 @@ def _summary(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def build_bins(
-    con: duckdb.DuckDBPyConnection, settings: EtlSettings
-) -> tuple[pd.DataFrame, Preprocessor, object, dict]:
-    """Aggregates -> preprocessed bins frame, fitted preprocessor, sklearn imputer, card parts."""
+def build_bins(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> tuple[pd.DataFrame, dict]:
+    """Aggregates -> prepared bins frame (state NaN until first measured), card parts."""
     transform.create_stays(con)
     transform.create_state_events(con)
     transform.create_interventions(con)
@@ -200,16 +201,8 @@ def build_bins(
         frame["subject_id"].unique(), settings.train_frac, settings.val_frac, settings.seed
     )
     frame.insert(frame.columns.get_loc("bin_start") + 1, "split", frame["subject_id"].map(split_of))
-    train = frame[frame["split"] == "train"]
-    pre, imputer = Preprocessor.fit(
-        train,
-        max_iter=settings.imputer_max_iter,
-        seed=settings.seed,
-        max_rows=settings.imputer_max_rows,
-    )
-    frame[list(FEATURE_NAMES)] = pre.impute(frame[list(FEATURE_NAMES)].to_numpy(np.float64))
-    if frame[list(FEATURE_NAMES)].isna().any().any():  # pragma: no cover - a bug, not input
-        raise RuntimeError("imputation left missing values")
+    if frame[list(INTERVENTION_NAMES)].isna().any().any():  # pragma: no cover - a bug, not input
+        raise RuntimeError("interventions left missing")
 
     columns = list(BINS_COLUMNS)
     frame = frame[columns].astype(
@@ -248,7 +241,7 @@ def build_bins(
             "splits": per_split,
         },
         "bins": {"total": int(len(frame)), "per_stay": _summary(n_bins)},
-        "missingness_before_imputation": {
+        "missingness": {
             n: {
                 "not_observed": round(float(1 - observed_before[:, i].mean()), 6),
                 "missing_after_ffill": round(float(missing_after_ffill[:, i].mean()), 6),
@@ -263,7 +256,7 @@ def build_bins(
             for i, n in enumerate(STATE_NAMES)
         },
     }
-    return frame, pre, imputer, card
+    return frame, card
 
 
 def _sha256(path: Path) -> str:
@@ -274,19 +267,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _prefetch_sklearn() -> None:
-    with contextlib.suppress(Exception):
-        import sklearn.experimental.enable_iterative_imputer  # noqa: F401
-        import sklearn.impute  # noqa: F401
-        import sklearn.linear_model  # noqa: F401
-
-
 def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     """Run the whole ETL; raise :class:`features.errors.UserError` on bad input."""
     settings = settings or EtlSettings()
     start = time.perf_counter()
-    # scikit-learn takes seconds to import; do it while the tables stream (it is needed last).
-    threading.Thread(target=_prefetch_sklearn, daemon=True).start()
     out = Path(settings.out)
     # Before any work, and again before the swap (the folder may have changed meanwhile).
     check_out_dir(out, settings.mimic_dir, settings.temp_dir)
@@ -298,7 +282,7 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
         try:
             stats = _extract(con, settings)
             log.info("binning and aggregating")
-            frame, pre, imputer, card = build_bins(con, settings)
+            frame, card = build_bins(con, settings)
         finally:
             con.close()
     log.info("writing %s (%d stays, %d bins)", out, card["cohort"]["stays_kept"], len(frame))
@@ -307,7 +291,6 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
         bins_path = staging / "bins.parquet"
         frame.to_parquet(bins_path, index=False, compression="zstd")
         bins_sha = _sha256(bins_path)
-        pre.save(staging / "preprocessor", imputer=imputer)
         card = {
             "format": DATA_CARD_FORMAT,
             "producer": PRODUCER,
@@ -318,8 +301,6 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
                 "train_frac": settings.train_frac,
                 "val_frac": settings.val_frac,
                 "test_frac": round(settings.test_frac, 10),
-                "imputer_max_iter": settings.imputer_max_iter,
-                "imputer_max_rows": settings.imputer_max_rows,
             },
             "bins_sha256": bins_sha,
             **card,
@@ -335,7 +316,6 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     return EtlResult(
         out_dir=out,
         bins_path=out / "bins.parquet",
-        preprocessor_dir=out / "preprocessor",
         data_card_path=out / "data_card.json",
         bins_sha256=bins_sha,
         counts={

@@ -28,7 +28,7 @@ class EtlSettings(BaseSettings):
         description="folder with the MIMIC-III tables (.csv or .csv.gz, any case)",
     )
     out: Path = Field(default=Path("data/processed"), description="output folder")
-    seed: int = Field(default=0, description="seed of the subject split and the imputer")
+    seed: int = Field(default=0, description="seed of the train / val / test split by patient")
     train_frac: float = Field(default=0.70, gt=0, lt=1)
     val_frac: float = Field(default=0.15, ge=0, lt=1)
     threads: int = Field(default=2, ge=1, description="DuckDB / Arrow threads")
@@ -40,12 +40,6 @@ class EtlSettings(BaseSettings):
     )
     block_size_mb: int = Field(
         default=4, ge=1, le=256, description="CSV read block size; peak memory grows with it"
-    )
-    imputer_max_iter: int = Field(default=10, ge=1)
-    imputer_max_rows: int = Field(
-        default=20_000,
-        ge=100,
-        description="training rows sampled (seeded) to fit the imputer; the scaler sees all",
     )
     progress: bool = Field(default=True, description="show a progress display per table")
 
