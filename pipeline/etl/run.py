@@ -29,6 +29,7 @@ import pandas as pd
 from features.atomic import atomic_dir
 from features.binning import BIN_HOURS
 from features.catalog import (
+    INTERVENTION_BY_NAME,
     INTERVENTION_NAMES,
     OBSERVED_NAMES,
     STATE_BY_NAME,
@@ -128,6 +129,7 @@ def _extract(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> dict[str,
                 threads=settings.threads,
                 on_rows=on_rows,
             )
+            extract.clean_table(con, name, stats[name])
             if progress is not None:
                 progress.update(task, description=f"{name} done")
                 progress.stop_task(task)
@@ -159,12 +161,15 @@ def _summary(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def build_bins(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> tuple[pd.DataFrame, dict]:
+def build_bins(
+    con: duckdb.DuckDBPyConnection, settings: EtlSettings, stats: dict[str, TableStats]
+) -> tuple[pd.DataFrame, dict]:
     """Aggregates -> prepared bins frame (state NaN until first measured), card parts."""
-    transform.create_stays(con)
+    transform.create_stays(con, settings.max_stay_days)
     transform.create_state_events(con)
     transform.create_interventions(con)
     dropped = transform.dropped_counts(con)
+    iv_problems = transform.intervention_problems(con)
     wide = transform.wide_aggregates(con)
     stays_all = con.execute(
         "SELECT icustay_id, subject_id, reason FROM stays_all ORDER BY icustay_id"
@@ -193,6 +198,8 @@ def build_bins(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> tuple[p
     lo = np.array([STATE_BY_NAME[n].clamp[0] for n in STATE_NAMES])
     hi = np.array([STATE_BY_NAME[n].clamp[1] for n in STATE_NAMES])
     clamped = observed_before & ((raw_state < lo) | (raw_state > hi))
+    raw_iv = frame[list(INTERVENTION_NAMES)].to_numpy(np.float64)
+    iv_clamped = raw_iv > np.array([INTERVENTION_BY_NAME[n].max_value for n in INTERVENTION_NAMES])
 
     frame = prepare_bins(frame)
     missing_after_ffill = frame[list(STATE_NAMES)].isna().to_numpy()
@@ -255,8 +262,79 @@ def build_bins(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> tuple[p
             n: dropped[n] | {"bins_clamped": int(clamped[:, i].sum())}
             for i, n in enumerate(STATE_NAMES)
         },
+        "interventions": {
+            n: iv_problems[n] | {"bins_clamped": int(iv_clamped[:, i].sum())}
+            for i, n in enumerate(INTERVENTION_NAMES)
+        },
+        "input_problems": _input_problems(
+            stats, settings, int(kept["cut"].sum()), dropped, iv_problems, iv_clamped
+        ),
     }
     return frame, card
+
+
+def _problem(count: int, action: str, **detail) -> dict:
+    return {"count": int(count), "action": action, **{k: v for k, v in detail.items() if v}}
+
+
+def _input_problems(
+    stats: dict[str, TableStats],
+    settings: EtlSettings,
+    stays_cut: int,
+    dropped: dict[str, dict[str, int]],
+    iv_problems: dict[str, dict[str, int]],
+    iv_clamped: np.ndarray,
+) -> dict[str, dict]:
+    """Every kind of bad input the ETL repaired or dropped: how many, and what was done."""
+    dup = {n: s.duplicate_rows for n, s in stats.items() if s.duplicate_rows}
+    bad_time = {n: s.time_out_of_range_rows for n, s in stats.items() if s.time_out_of_range_rows}
+    outside = {n: d["outside_stay"] for n, d in dropped.items() if d["outside_stay"]} | {
+        n: p["outside_stay"] for n, p in iv_problems.items() if p["outside_stay"]
+    }
+    implausible = {
+        n: p["implausible_doses"] for n, p in iv_problems.items() if p["implausible_doses"]
+    }
+    clamped = {
+        n: int(iv_clamped[:, i].sum())
+        for i, n in enumerate(INTERVENTION_NAMES)
+        if iv_clamped[:, i].any()
+    }
+    return {
+        "duplicate_rows": _problem(
+            sum(dup.values()),
+            "rows identical in every column the ETL reads were kept once",
+            per_table=dup,
+        ),
+        "timestamps_out_of_range": _problem(
+            sum(bad_time.values()),
+            f"rows with a timestamp outside {extract.TIME_MIN} .. {extract.TIME_MAX} (no "
+            "timestamp type used here holds it) were dropped; in ICUSTAYS the stay was "
+            "excluded with that reason",
+            per_table=bad_time,
+        ),
+        "stays_cut_to_max_length": _problem(
+            stays_cut,
+            f"stays longer than max_stay_days = {settings.max_stay_days} were cut to their "
+            "first max_stay_days; events after the cut count as outside the stay",
+        ),
+        "events_outside_stay": _problem(
+            sum(outside.values()),
+            "state values charted before intime minus the lab window or after outtime (or the "
+            "cut), and intervention records lying entirely outside the stay, were dropped",
+            per_variable=outside,
+        ),
+        "implausible_intervention_amounts": _problem(
+            sum(implausible.values()),
+            "doses that are infinite, NaN or larger than the intervention's maximum per bin "
+            "were dropped as charting errors",
+            per_variable=implausible,
+        ),
+        "intervention_bins_clamped": _problem(
+            sum(clamped.values()),
+            "bins whose summed intervention exceeded its maximum were clamped to it",
+            per_variable=clamped,
+        ),
+    }
 
 
 def _sha256(path: Path) -> str:
@@ -282,7 +360,7 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
         try:
             stats = _extract(con, settings)
             log.info("binning and aggregating")
-            frame, card = build_bins(con, settings)
+            frame, card = build_bins(con, settings, stats)
         finally:
             con.close()
     log.info("writing %s (%d stays, %d bins)", out, card["cohort"]["stays_kept"], len(frame))
@@ -301,11 +379,17 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
                 "train_frac": settings.train_frac,
                 "val_frac": settings.val_frac,
                 "test_frac": round(settings.test_frac, 10),
+                "max_stay_days": settings.max_stay_days,
             },
             "bins_sha256": bins_sha,
             **card,
             "tables": {
-                name: {"rows_read": s.rows_read, "rows_kept": s.rows_kept}
+                name: {
+                    "rows_read": s.rows_read,
+                    "rows_kept": s.rows_kept,
+                    "duplicate_rows": s.duplicate_rows,
+                    "time_out_of_range_rows": s.time_out_of_range_rows,
+                }
                 for name, s in stats.items()
             },
             "inputs": {s.path.name: {"sha256": s.sha256, "bytes": s.bytes} for s in stats.values()},

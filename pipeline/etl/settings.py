@@ -31,6 +31,12 @@ class EtlSettings(BaseSettings):
     seed: int = Field(default=0, description="seed of the train / val / test split by patient")
     train_frac: float = Field(default=0.70, gt=0, lt=1)
     val_frac: float = Field(default=0.15, ge=0, lt=1)
+    max_stay_days: int = Field(
+        default=60,
+        ge=1,
+        le=3650,
+        description="stays longer than this are cut to their first max_stay_days (counted)",
+    )
     threads: int = Field(default=2, ge=1, description="DuckDB / Arrow threads")
     memory_limit: str = Field(
         default="3GB", description="DuckDB memory limit; beyond it DuckDB spills to temp_dir"

@@ -51,6 +51,8 @@ class TableStats:
     bytes: int = 0
     sha256: str = ""
     seconds: float = 0.0
+    duplicate_rows: int = 0  # exact duplicates of a kept row, dropped
+    time_out_of_range_rows: int = 0  # rows with a timestamp no timestamp type here can hold
 
 
 def find_table(mimic_dir: Path, name: str) -> Path:
