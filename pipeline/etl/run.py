@@ -345,6 +345,45 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _full_card(settings: EtlSettings, stats: dict[str, TableStats], parts: dict) -> dict:
+    """The data card around the parts ``build_bins`` computed (``bins_sha256`` comes last)."""
+    return {
+        "format": DATA_CARD_FORMAT,
+        "producer": PRODUCER,
+        "catalog_version": catalog_version(),
+        "bin_hours": BIN_HOURS,
+        "settings": {
+            "seed": settings.seed,
+            "train_frac": settings.train_frac,
+            "val_frac": settings.val_frac,
+            "test_frac": round(settings.test_frac, 10),
+            "max_stay_days": settings.max_stay_days,
+        },
+        "bins_sha256": None,
+        **parts,
+        "tables": {
+            name: {
+                "rows_read": s.rows_read,
+                "rows_kept": s.rows_kept,
+                "duplicate_rows": s.duplicate_rows,
+                "time_out_of_range_rows": s.time_out_of_range_rows,
+            }
+            for name, s in stats.items()
+        },
+        "inputs": {s.path.name: {"sha256": s.sha256, "bytes": s.bytes} for s in stats.values()},
+    }
+
+
+def _write(out: Path, frame: pd.DataFrame, card: dict) -> tuple[str, dict]:
+    """Write bins and card into a staging folder that replaces ``out`` at the end."""
+    with atomic_dir(out) as staging:
+        bins_path = staging / "bins.parquet"
+        frame.to_parquet(bins_path, index=False, compression="zstd")
+        card = card | {"bins_sha256": _sha256(bins_path)}
+        (staging / "data_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    return card["bins_sha256"], card
+
+
 def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     """Run the whole ETL; raise :class:`features.errors.UserError` on bad input."""
     settings = settings or EtlSettings()
@@ -352,49 +391,46 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     out = Path(settings.out)
     # Before any work, and again before the swap (the folder may have changed meanwhile).
     check_out_dir(out, settings.mimic_dir, settings.temp_dir)
+    extract.find_table(settings.mimic_dir, "ICUSTAYS")  # a missing input folder first
     scratch_parent = settings.temp_dir or out.parent
-    scratch_parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".etl-work-", dir=scratch_parent) as tmp:
+    what = "--temp-dir" if settings.temp_dir else "the folder of --out"
+    try:
+        scratch_parent.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.TemporaryDirectory(prefix=".etl-work-", dir=scratch_parent)
+    except OSError as exc:
+        why = (
+            "part of that path is a file, not a folder"
+            if isinstance(exc, FileExistsError | NotADirectoryError)
+            else exc.strerror or str(exc)
+        )
+        raise UserError(f"cannot write in {what}, {scratch_parent} ({why})") from exc
+    with scratch as tmp:
         work = Path(tmp)
         con = _connect(settings, work)
         try:
             stats = _extract(con, settings)
             log.info("binning and aggregating")
             frame, card = build_bins(con, settings, stats)
+        except duckdb.OutOfMemoryException as exc:
+            raise UserError(
+                f"DuckDB ran out of memory under --memory-limit {settings.memory_limit} "
+                f"({str(exc).splitlines()[0]}); raise the limit"
+            ) from exc
+        except duckdb.IOException as exc:
+            raise UserError(
+                f"DuckDB could not use its scratch folder in {scratch_parent} "
+                f"({str(exc).splitlines()[0]})"
+            ) from exc
         finally:
             con.close()
     log.info("writing %s (%d stays, %d bins)", out, card["cohort"]["stays_kept"], len(frame))
     check_out_dir(out, settings.mimic_dir, settings.temp_dir)
-    with atomic_dir(out) as staging:
-        bins_path = staging / "bins.parquet"
-        frame.to_parquet(bins_path, index=False, compression="zstd")
-        bins_sha = _sha256(bins_path)
-        card = {
-            "format": DATA_CARD_FORMAT,
-            "producer": PRODUCER,
-            "catalog_version": catalog_version(),
-            "bin_hours": BIN_HOURS,
-            "settings": {
-                "seed": settings.seed,
-                "train_frac": settings.train_frac,
-                "val_frac": settings.val_frac,
-                "test_frac": round(settings.test_frac, 10),
-                "max_stay_days": settings.max_stay_days,
-            },
-            "bins_sha256": bins_sha,
-            **card,
-            "tables": {
-                name: {
-                    "rows_read": s.rows_read,
-                    "rows_kept": s.rows_kept,
-                    "duplicate_rows": s.duplicate_rows,
-                    "time_out_of_range_rows": s.time_out_of_range_rows,
-                }
-                for name, s in stats.items()
-            },
-            "inputs": {s.path.name: {"sha256": s.sha256, "bytes": s.bytes} for s in stats.values()},
-        }
-        (staging / "data_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    try:
+        bins_sha, card = _write(out, frame, _full_card(settings, stats, card))
+    except OSError as exc:
+        raise UserError(
+            f"cannot write --out {out} ({exc.strerror or exc}); any previous output is unchanged"
+        ) from exc
     elapsed = time.perf_counter() - start
     log.info("ETL done in %.1f s", elapsed)
     return EtlResult(
