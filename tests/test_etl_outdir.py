@@ -159,3 +159,26 @@ def test_atomic_dir_never_replaces_a_file(tmp_path) -> None:
         (staging / "a").write_text("y")
     assert target.read_text() == "x"
     assert os.listdir(tmp_path) == ["f"]
+
+
+@pytest.mark.slow
+def test_the_dag_data_folder_gets_the_same_protection(tmp_path, mimic, capsys, mlflow_uri) -> None:
+    data = tmp_path / "data"
+    (data / "etl").mkdir(parents=True)
+    (data / "etl" / "notes.txt").write_text("not the ETL's")
+    before = snapshot(data / "etl")
+    args = ["--data-dir", str(data), "--mimic-dir", str(mimic)]
+    assert main(["dag", "run", "--until", "etl", *args]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "not an earlier ETL output" in out
+    assert snapshot(data / "etl") == before
+    # The inputs as the data folder: the ETL's folder would lie inside them.
+    inputs = snapshot(mimic)
+    assert (
+        main(["dag", "run", "--until", "etl", "--data-dir", str(mimic), "--mimic-dir", str(mimic)])
+        == 1
+    )
+    assert "overlaps the input folder" in capsys.readouterr().out
+    after = snapshot(mimic)
+    assert {k: v for k, v in after.items() if k in inputs} == inputs  # nothing lost or changed
+    assert not (mimic / "etl").exists()
