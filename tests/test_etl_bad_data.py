@@ -159,3 +159,17 @@ def test_bins_over_the_intervention_maximum_are_clamped_and_counted(tmp_path, ca
     assert cell(bins, 102, 0, "iv_fluid_ml") == 20000.0
     assert card["interventions"]["iv_fluid_ml"]["bins_clamped"] == 1
     assert card["input_problems"]["intervention_bins_clamped"]["per_variable"] == {"iv_fluid_ml": 1}
+
+
+def test_a_stay_row_written_twice_is_one_stay(tmp_path, capsys, baseline) -> None:
+    rows = tables()
+    rows["ICUSTAYS"].append(dict(rows["ICUSTAYS"][1]))  # 102 exactly twice: kept once
+    conflicting = dict(rows["ICUSTAYS"][0], outtime=h(40))  # 101 twice, disagreeing
+    rows["ICUSTAYS"].append(conflicting)
+    bins, card = run(tmp_path, rows, capsys)
+    assert (bins["icustay_id"] == 102).sum() == 2
+    assert card["input_problems"]["duplicate_rows"]["per_table"] == {"ICUSTAYS": 1}
+    cohort = card["cohort"]
+    assert cohort["icustays_rows"] == 5  # 6 rows read, one exact duplicate
+    assert cohort["excluded_by_reason"]["duplicate icustay_id"] == 1
+    assert card["tables"]["ICUSTAYS"]["rows_read"] == 6

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -388,7 +389,8 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     """Run the whole ETL; raise :class:`features.errors.UserError` on bad input."""
     settings = settings or EtlSettings()
     start = time.perf_counter()
-    out = Path(settings.out)
+    # Absolute, so that ``--out .`` has a real parent for the staging folder (links are kept).
+    out = Path(os.path.abspath(settings.out))
     # Before any work, and again before the swap (the folder may have changed meanwhile).
     check_out_dir(out, settings.mimic_dir, settings.temp_dir)
     extract.find_table(settings.mimic_dir, "ICUSTAYS")  # a missing input folder first
