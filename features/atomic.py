@@ -31,14 +31,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` are the same folder or one lies inside the other.
+
+    Compared after resolving symlinks and ``..``, so two spellings of one folder overlap.
+    """
+    ra, rb = Path(a).resolve(), Path(b).resolve()
+    return ra == rb or ra.is_relative_to(rb) or rb.is_relative_to(ra)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh staging folder; on success it replaces ``path`` as a whole.
 
     The swap is two renames (old out of the way, new in place), so a reader never sees a
     half-written folder, and an exception inside the block leaves ``path`` untouched.
+    Everything at ``path`` is replaced: callers decide whether that is theirs to replace.
+    A file at ``path`` is refused (it is never a previous output folder), and a symlink to a
+    folder is kept: the folder it points to is replaced.
     """
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a folder; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
     # mkdtemp makes 0700 folders; outputs are meant to be shared like any other folder.

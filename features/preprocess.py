@@ -9,12 +9,14 @@ The order is fixed and the same everywhere:
 5. state variables are forward-filled within a stay only (never across stays);
 6. absent interventions are zero;
 7. what is still missing is imputed row by row (IterativeImputer + BayesianRidge fitted on the
-   training split). Each row is imputed from its own bin only, so no value from a later bin can
-   reach an earlier one: this is a forecaster, MIMIC-Extract's stay-mean fill leaks the future;
-8. min-max scaling (fitted on the training split) maps to the model's space.
+   training patients of the split or fold). Each row is imputed from its own bin only, so no
+   value from a later bin can reach an earlier one: this is a forecaster, MIMIC-Extract's
+   stay-mean fill leaks the future;
+8. min-max scaling (fitted on the same training patients) maps to the model's space.
 
-Steps 7-8 live in :class:`Preprocessor`, the versioned artifact saved by the ETL and loaded by
-training and the service.
+Steps 1-6 are the ETL's (its ``bins.parquet`` keeps NaN where step 5 found nothing to carry);
+steps 7-8 live in :class:`Preprocessor`, the versioned artifact fitted by training on its
+training patients, saved with the model and loaded by the service.
 """
 
 from __future__ import annotations

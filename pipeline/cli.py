@@ -20,7 +20,7 @@ from features.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "etl": ("pipeline.etl.command", "MIMIC-III tables -> 12-hour bins, preprocessor, data card"),
+    "etl": ("pipeline.etl.command", "MIMIC-III tables -> 12-hour bins, data card"),
     "train": ("training.commands.train", "train and evaluate one model, log it to MLflow"),
     "cv": ("training.commands.cv", "patient-grouped k-fold cross-validation against baselines"),
     "compare": ("training.commands.compare", "side-by-side table of the latest runs"),

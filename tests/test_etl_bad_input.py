@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import os
+from pathlib import Path
 
 import pytest
 from etl_support import tables, write_mimic
@@ -10,8 +12,8 @@ from etl_support import tables, write_mimic
 from pipeline.cli import main
 
 
-def run_cli(mimic, out, capsys) -> tuple[int, str]:
-    code = main(["etl", "--mimic-dir", str(mimic), "--out", str(out), "--no-progress"])
+def run_cli(mimic, out, capsys, *flags: str) -> tuple[int, str]:
+    code = main(["etl", "--mimic-dir", str(mimic), "--out", str(out), "--no-progress", *flags])
     err = capsys.readouterr().err
     return code, err
 
@@ -156,3 +158,95 @@ def test_chunks_flag_quotes_and_keep_an_unterminated_last_row() -> None:
     for c in chunks:
         assert c.quoted == (b'"' in bytes(c.view()))
     assert any(c.quoted for c in chunks) and not all(c.quoted for c in chunks)
+
+
+def test_error_rows_count_from_the_start_of_the_file(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("ICU_ETL_BLOCK_SIZE_MB", "1")  # ~4 MB of rows: several blocks
+    rows = tables()
+    extra = rows["CHARTEVENTS"][0]
+    rows["CHARTEVENTS"] += [dict(extra, valuenum=80 + i % 7) for i in range(60000)]
+    bad = 45000  # 0-based among data rows: data row 45,001, far past the first block
+    rows["CHARTEVENTS"][bad] = dict(extra, valuenum="abc")
+    mimic = write_mimic(tmp_path / "m", rows)
+    code, err = run_cli(mimic, tmp_path / "out", capsys, "--threads", "2")
+    line = error_line(err)
+    assert code == 2 and "data row 45,001" in line and "'abc'" in line, line
+
+    rows["CHARTEVENTS"][bad] = dict(extra)
+    mimic = write_mimic(tmp_path / "m", rows)
+    path = mimic / "CHARTEVENTS.csv.gz"
+    lines = gzip.decompress(path.read_bytes()).decode().splitlines(True)
+    # Data row 52,001 is line 52,003 of the file: the header, and one earlier row holds a
+    # quoted line break (rows are counted, not lines).
+    lines[52002] = "1,2,3\n"
+    path.write_bytes(gzip.compress("".join(lines).encode()))
+    code, err = run_cli(mimic, tmp_path / "out", capsys)
+    line = error_line(err)
+    assert code == 2 and "data row 52,001" in line and "Expected 15 columns" in line, line
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--seed", "-1", "--seed: Input should be greater than or equal to 0"),
+        ("--memory-limit", "1KB", "below the 64 MB"),
+        ("--memory-limit", "-1GB", "is not a size"),
+        ("--memory-limit", "0%", "share of memory"),
+        ("--threads", "0", "--threads"),
+        ("--max-stay-days", "0", "--max-stay-days"),
+    ],
+)
+def test_invalid_flags(tmp_path, capsys, flag, value, message) -> None:
+    code, err = run_cli(write_mimic(tmp_path / "m"), tmp_path / "out", capsys, f"{flag}={value}")
+    assert code == 2 and message in error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_input_folder_that_is_a_file_or_unreadable(tmp_path, capsys, monkeypatch) -> None:
+    afile = tmp_path / "tables.zip"
+    afile.write_bytes(b"PK")
+    code, err = run_cli(afile, tmp_path / "out", capsys)
+    assert code == 2 and "is a file, not a folder" in error_line(err)
+
+    mimic = write_mimic(tmp_path / "m")
+    real_iterdir = Path.iterdir
+
+    def denied(self):
+        if self == mimic:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    # Run as root (CI containers), chmod 000 does not deny anything: inject the failure.
+    monkeypatch.setattr(Path, "iterdir", denied)
+    code, err = run_cli(mimic, tmp_path / "out", capsys)
+    line = error_line(err)
+    assert code == 2 and str(mimic) in line and "Permission denied" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes whatever the mode says")
+def test_unreadable_input_folder_by_mode(tmp_path, capsys) -> None:
+    mimic = write_mimic(tmp_path / "m")
+    mimic.chmod(0o000)
+    try:
+        code, err = run_cli(mimic, tmp_path / "out", capsys)
+    finally:
+        mimic.chmod(0o755)
+    assert code == 2 and "cannot be read" in error_line(err)
+
+
+def test_unwritable_output_parent(tmp_path, capsys) -> None:
+    mimic = write_mimic(tmp_path / "m")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, err = run_cli(mimic, afile / "out", capsys)
+    line = error_line(err)
+    assert code == 2 and str(afile) in line and "is a file" in line
+    assert afile.read_text() == "x"
+    # A folder nobody may create (a kernel file system): refused in one line, even for root.
+    code, err = run_cli(mimic, tmp_path / "out", capsys, "--temp-dir", "/proc/icu-etl-scratch")
+    assert code == 2 and "--temp-dir" in error_line(err)
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        code, err = run_cli(mimic, ro / "out", capsys)
+        assert code == 2 and "Permission denied" in error_line(err)

@@ -62,11 +62,16 @@ def test_output_contract(demo_out) -> None:
         assert g["bin"].tolist() == list(range(len(g)))
         steps = g["bin_start"].diff().dropna().unique()
         assert len(g) == 1 or list(steps) == [pd.Timedelta(hours=12)]
-    assert not bins.isna().any().any()
+    # Nothing imputed: a state value is missing exactly until its first measurement in the
+    # stay (forward fill within the stay); everything else is complete.
+    assert not bins.drop(columns=list(STATE_NAMES)).isna().any().any()
+    seen = bins.groupby("icustay_id")[list(OBSERVED_NAMES)].cummax().to_numpy() > 0
+    np.testing.assert_array_equal(bins[list(STATE_NAMES)].notna().to_numpy(), seen)
+    assert bins[list(STATE_NAMES)].isna().any().any()
     # Values inside the clamp ranges, interventions inside theirs, masks 0/1.
     for n in STATE_NAMES:
         lo, hi = STATE_BY_NAME[n].clamp
-        assert bins[n].between(lo, hi).all(), n
+        assert bins[n].dropna().between(lo, hi).all(), n
     for n in INTERVENTION_NAMES:
         assert bins[n].between(0, INTERVENTION_BY_NAME[n].max_value).all(), n
     assert set(np.unique(bins[list(OBSERVED_NAMES)].to_numpy())) <= {0.0, 1.0}
@@ -88,11 +93,12 @@ def test_data_card_accounts_for_all_109_stays(demo_out) -> None:
     bins = pd.read_parquet(demo_out / "bins.parquet")
     assert bins["icustay_id"].nunique() == cohort["stays_kept"]
     assert len(bins) == card["bins"]["total"]
-    assert set(card["missingness_before_imputation"]) == set(STATE_NAMES)
+    assert set(card["missingness"]) == set(STATE_NAMES)
     for n in STATE_NAMES:
         observed_share = bins[f"{n}_observed"].mean()
-        not_observed = card["missingness_before_imputation"][n]["not_observed"]
-        assert not_observed == pytest.approx(1 - observed_share, abs=1e-6)
+        missing = card["missingness"][n]
+        assert missing["not_observed"] == pytest.approx(1 - observed_share, abs=1e-6)
+        assert missing["missing_after_ffill"] == pytest.approx(bins[n].isna().mean(), abs=1e-6)
     assert set(card["inputs"]) >= {"CHARTEVENTS.csv.gz", "ICUSTAYS.csv.gz", "LABEVENTS.csv.gz"}
 
 
@@ -108,15 +114,15 @@ def test_checksums_match_the_files(demo_out, mimic_dir) -> None:
         assert info["sha256"] == listed[name], name
 
 
-def test_preprocessor_fitted_on_train_rows_only(demo_out) -> None:
+def test_nothing_is_fitted_and_training_can_fit_on_any_patients(demo_out) -> None:
+    # The imputer and scaler are fitted by training, per split or fold (issue 14): the ETL
+    # output holds only the bins and the card.
+    assert sorted(p.name for p in demo_out.iterdir()) == ["bins.parquet", "data_card.json"]
     bins = pd.read_parquet(demo_out / "bins.parquet")
-    pre = Preprocessor.load(demo_out / "preprocessor")
-    train = bins[bins["split"] == "train"][list(FEATURE_NAMES)].to_numpy()
-    allx = bins[list(FEATURE_NAMES)].to_numpy()
-    assert pre.meta["n_train_rows"] == len(train)
-    # The scaler's range is exactly the training rows' range, not the whole data set's.
-    np.testing.assert_array_equal(pre.scale_min, train.min(axis=0))
-    np.testing.assert_array_equal(pre.scale_max, train.max(axis=0))
-    assert (allx.max(axis=0) > train.max(axis=0)).any() or (
-        allx.min(axis=0) < train.min(axis=0)
-    ).any()
+    train = bins[bins["split"] == "train"]
+    pre, _ = Preprocessor.fit(train, seed=0)
+    filled = pre.impute(bins[list(FEATURE_NAMES)].to_numpy())
+    assert not np.isnan(filled).any()
+    # Measured (and forward-filled) values pass through the imputer unchanged.
+    known = bins[list(FEATURE_NAMES)].notna().to_numpy()
+    np.testing.assert_array_equal(filled[known], bins[list(FEATURE_NAMES)].to_numpy()[known])

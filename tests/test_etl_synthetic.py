@@ -47,7 +47,13 @@ def test_expected_bins(synthetic_run) -> None:
                 assert row[f"{name}_observed"] == 0.0, (stay, b, name)
     # Forward-filled within the stay: 101's bin 2 carries bin 1's heart rate.
     assert bins.loc[2, "heart_rate"] == 70.0
-    assert not bins[list(STATE_NAMES + INTERVENTION_NAMES)].isna().any().any()
+    # Not imputed: missing until first measured in the stay, and never carried across stays
+    # (102's bin 0 has no creatinine although 101's last bin has one).
+    assert bins["spo2"].isna().tolist() == [True, True, False, True, True]
+    assert bins["creatinine"].isna().tolist() == [False, False, False, True, True]
+    assert bins["lactate"].isna().all()
+    assert not bins[list(INTERVENTION_NAMES)].isna().any().any()
+    assert sorted(p.name for p in result.out_dir.iterdir()) == ["bins.parquet", "data_card.json"]
 
 
 def test_data_card_accounts_for_every_stay(synthetic_run) -> None:
@@ -66,7 +72,10 @@ def test_data_card_accounts_for_every_stay(synthetic_run) -> None:
     assert card["tables"]["CHARTEVENTS"]["rows_kept"] == 23  # the error = 1 row is gone
     assert len(card["inputs"]) == 6 and all(len(v["sha256"]) == 64 for v in card["inputs"].values())
     assert card["bins_sha256"] == result.bins_sha256
-    assert card["missingness_before_imputation"]["lactate"]["not_observed"] == 1.0
+    assert card["missingness"]["lactate"] == {"not_observed": 1.0, "missing_after_ffill": 1.0}
+    assert card["missingness"]["spo2"] == {"not_observed": 0.8, "missing_after_ffill": 0.8}
+    assert card["missingness"]["creatinine"] == {"not_observed": 0.6, "missing_after_ffill": 0.4}
+    assert card["producer"] == "icu-forecast etl" and card["format"] == 2
 
 
 @pytest.mark.parametrize(

@@ -85,10 +85,10 @@ def etl_step(s: DagSettings) -> Step:
         action,
         needs=("fetch",),
         inputs=(s.mimic_dir,),
-        outputs=(s.etl_dir / "bins.parquet", s.etl_dir / "preprocessor"),
+        outputs=(s.etl_dir / "bins.parquet", s.etl_dir / "data_card.json"),
         params=etl,
         code=("pipeline.etl", "features"),
-        description="MIMIC-III tables -> 12-hour bins, preprocessor, data card",
+        description="MIMIC-III tables -> 12-hour bins, data card",
     )
 
 

@@ -1,4 +1,4 @@
-"""The ETL: MIMIC-III tables -> 12-hour bins, the fitted preprocessor and a data card.
+"""The ETL: MIMIC-III tables -> 12-hour bins and a data card (nothing fitted here).
 
 Python API (used by the DAG)::
 

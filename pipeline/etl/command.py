@@ -11,7 +11,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     # Flags default to None: only the flags given override environment and defaults.
     parser.add_argument("--mimic-dir", help="MIMIC-III tables (default: $MIMIC_DIR or the demo)")
     parser.add_argument("--out", help="output folder (default: data/processed)")
-    parser.add_argument("--seed", type=int, help="split and imputer seed (default 0)")
+    parser.add_argument("--seed", type=int, help="seed of the split by patient (default 0)")
+    parser.add_argument(
+        "--max-stay-days", type=int, help="cut longer stays to their first N days (default 60)"
+    )
     parser.add_argument("--threads", type=int, help="DuckDB / Arrow threads (default 2)")
     parser.add_argument("--memory-limit", help="DuckDB memory limit, e.g. 3GB")
     parser.add_argument("--temp-dir", help="scratch folder (default: beside --out)")
@@ -32,6 +35,7 @@ def settings_from_args(args: argparse.Namespace):
         "mimic_dir": args.mimic_dir,
         "out": args.out,
         "seed": args.seed,
+        "max_stay_days": args.max_stay_days,
         "threads": args.threads,
         "memory_limit": args.memory_limit,
         "temp_dir": args.temp_dir,

@@ -240,6 +240,62 @@ SPECS_EMPTY: dict[str, pa.Table] = {
 }
 
 
+TIME_MIN = "1678-01-01"
+TIME_MAX = "2262-01-01"
+"""Timestamps must lie in ``[TIME_MIN, TIME_MAX)``: nanosecond timestamps (pandas, and DuckDB
+inside some functions) hold 1677-09-21 .. 2262-04-11, and the margin leaves room for the stay
+arithmetic (a maximum stay of years, the lab window). MIMIC-III's shifted dates lie in
+2100 .. 2210; anything outside the range is a corrupt value, not a date to shift."""
+
+
+def clean_table(con: duckdb.DuckDBPyConnection, name: str, stats: TableStats) -> None:
+    """Drop exact duplicate rows and rows holding an unusable timestamp, counting both.
+
+    Duplicates are rows identical in every column the ETL keeps (a line written twice would
+    otherwise count an IV bag twice). A timestamp outside ``[TIME_MIN, TIME_MAX)`` drops its
+    event row; in ICUSTAYS it flags the stay instead (``time_out_of_range``), so that the stay
+    is excluded with its reason and the cohort still accounts for every row.
+    """
+    target = f"raw_{name.lower()}"
+    columns = [r[0] for r in con.execute(f"DESCRIBE {target}").fetchall()]
+    times = [c for c in columns if pa.types.is_timestamp(SPECS[name].columns.get(c, STR))]
+    before = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0]
+    ok = (
+        " AND ".join(
+            f"({c} IS NULL OR ({c}::TIMESTAMP >= TIMESTAMP '{TIME_MIN}' "
+            f"AND {c}::TIMESTAMP < TIMESTAMP '{TIME_MAX}'))"
+            for c in times
+        )
+        or "TRUE"
+    )
+    if name == "ICUSTAYS":
+        blank = ", ".join(f"CASE WHEN {ok} THEN {c} END AS {c}" for c in times)
+        con.execute(
+            f"""CREATE OR REPLACE TABLE {target} AS
+            SELECT * REPLACE ({blank}), NOT ({ok}) AS time_out_of_range
+            FROM (SELECT DISTINCT * FROM {target})"""
+        )
+        after = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0]
+        bad = con.execute(f"SELECT count(*) FROM {target} WHERE time_out_of_range").fetchone()[0]
+    else:
+        con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT DISTINCT * FROM {target}")
+        after = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0]
+        bad = con.execute(f"SELECT count(*) FROM {target} WHERE NOT ({ok})").fetchone()[0]
+        if bad:
+            con.execute(f"DELETE FROM {target} WHERE NOT ({ok})")
+    stats.duplicate_rows = int(before - after)
+    stats.time_out_of_range_rows = int(bad)
+    if stats.duplicate_rows or bad:
+        log.warning(
+            "%s: %d exact duplicate row(s) dropped, %d row(s) with a timestamp outside %s .. %s",
+            name,
+            stats.duplicate_rows,
+            bad,
+            TIME_MIN,
+            TIME_MAX,
+        )
+
+
 def require_rows(stats: TableStats, what: str) -> None:
     if stats.rows_read == 0:
         raise InputError(f"{stats.path}: {what} has no data rows")

@@ -1,9 +1,13 @@
-"""``run_etl``: MIMIC-III tables -> ``OUT/bins.parquet``, ``OUT/preprocessor``, data card.
+"""``run_etl``: MIMIC-III tables -> ``OUT/bins.parquet`` and ``OUT/data_card.json``.
 
 Stages: stream + filter tables into DuckDB (``extract``) -> convert, drop, bin, aggregate in SQL
 (``transform``) -> complete bin grid per kept stay -> clamp / observed masks / ffill / zero-fill
-(``features.preprocess.prepare_bins``) -> split by subject -> fit the preprocessor on train
-rows -> impute every row -> write everything at once (``features.atomic.atomic_dir``).
+(``features.preprocess.prepare_bins``) -> split by subject -> write everything at once
+(``features.atomic.atomic_dir``).
+
+Nothing is fitted here: the imputer and scaler are fitted by training on the training patients
+of each split or cross-validation fold (a fit on all stays would leak the evaluated patients
+into every fold), so state values the stay has not measured yet stay NaN in ``bins.parquet``.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ import pandas as pd
 from features.atomic import atomic_dir
 from features.binning import BIN_HOURS
 from features.catalog import (
+    INTERVENTION_BY_NAME,
     INTERVENTION_NAMES,
     OBSERVED_NAMES,
     STATE_BY_NAME,
@@ -33,8 +38,9 @@ from features.catalog import (
     catalog_version,
 )
 from features.errors import UserError
-from features.preprocess import BINS_COLUMNS, FEATURE_NAMES, Preprocessor, prepare_bins
+from features.preprocess import BINS_COLUMNS, FEATURE_NAMES, prepare_bins
 from pipeline.etl import extract, transform
+from pipeline.etl.output import PRODUCER, check_out_dir
 from pipeline.etl.settings import EtlSettings
 from pipeline.etl.split import split_subjects
 from pipeline.etl.tables import InputError, TableStats
@@ -49,7 +55,8 @@ TABLE_ORDER = (
     "INPUTEVENTS_MV",
     "PROCEDUREEVENTS_MV",
 )
-DATA_CARD_FORMAT = 1
+DATA_CARD_FORMAT = 2
+"""2: state columns keep NaN until first measured in the stay; no ``preprocessor/`` (was 1)."""
 
 
 @dataclass
@@ -58,7 +65,6 @@ class EtlResult:
 
     out_dir: Path
     bins_path: Path
-    preprocessor_dir: Path
     data_card_path: Path
     bins_sha256: str
     counts: dict[str, int] = field(default_factory=dict)
@@ -124,6 +130,7 @@ def _extract(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> dict[str,
                 threads=settings.threads,
                 on_rows=on_rows,
             )
+            extract.clean_table(con, name, stats[name])
             if progress is not None:
                 progress.update(task, description=f"{name} done")
                 progress.stop_task(task)
@@ -156,13 +163,14 @@ def _summary(values: np.ndarray) -> dict[str, float]:
 
 
 def build_bins(
-    con: duckdb.DuckDBPyConnection, settings: EtlSettings
-) -> tuple[pd.DataFrame, Preprocessor, object, dict]:
-    """Aggregates -> preprocessed bins frame, fitted preprocessor, sklearn imputer, card parts."""
-    transform.create_stays(con)
+    con: duckdb.DuckDBPyConnection, settings: EtlSettings, stats: dict[str, TableStats]
+) -> tuple[pd.DataFrame, dict]:
+    """Aggregates -> prepared bins frame (state NaN until first measured), card parts."""
+    transform.create_stays(con, settings.max_stay_days)
     transform.create_state_events(con)
     transform.create_interventions(con)
     dropped = transform.dropped_counts(con)
+    iv_problems = transform.intervention_problems(con)
     wide = transform.wide_aggregates(con)
     stays_all = con.execute(
         "SELECT icustay_id, subject_id, reason FROM stays_all ORDER BY icustay_id"
@@ -191,6 +199,8 @@ def build_bins(
     lo = np.array([STATE_BY_NAME[n].clamp[0] for n in STATE_NAMES])
     hi = np.array([STATE_BY_NAME[n].clamp[1] for n in STATE_NAMES])
     clamped = observed_before & ((raw_state < lo) | (raw_state > hi))
+    raw_iv = frame[list(INTERVENTION_NAMES)].to_numpy(np.float64)
+    iv_clamped = raw_iv > np.array([INTERVENTION_BY_NAME[n].max_value for n in INTERVENTION_NAMES])
 
     frame = prepare_bins(frame)
     missing_after_ffill = frame[list(STATE_NAMES)].isna().to_numpy()
@@ -199,16 +209,8 @@ def build_bins(
         frame["subject_id"].unique(), settings.train_frac, settings.val_frac, settings.seed
     )
     frame.insert(frame.columns.get_loc("bin_start") + 1, "split", frame["subject_id"].map(split_of))
-    train = frame[frame["split"] == "train"]
-    pre, imputer = Preprocessor.fit(
-        train,
-        max_iter=settings.imputer_max_iter,
-        seed=settings.seed,
-        max_rows=settings.imputer_max_rows,
-    )
-    frame[list(FEATURE_NAMES)] = pre.impute(frame[list(FEATURE_NAMES)].to_numpy(np.float64))
-    if frame[list(FEATURE_NAMES)].isna().any().any():  # pragma: no cover - a bug, not input
-        raise RuntimeError("imputation left missing values")
+    if frame[list(INTERVENTION_NAMES)].isna().any().any():  # pragma: no cover - a bug, not input
+        raise RuntimeError("interventions left missing")
 
     columns = list(BINS_COLUMNS)
     frame = frame[columns].astype(
@@ -247,7 +249,7 @@ def build_bins(
             "splits": per_split,
         },
         "bins": {"total": int(len(frame)), "per_stay": _summary(n_bins)},
-        "missingness_before_imputation": {
+        "missingness": {
             n: {
                 "not_observed": round(float(1 - observed_before[:, i].mean()), 6),
                 "missing_after_ffill": round(float(missing_after_ffill[:, i].mean()), 6),
@@ -261,8 +263,79 @@ def build_bins(
             n: dropped[n] | {"bins_clamped": int(clamped[:, i].sum())}
             for i, n in enumerate(STATE_NAMES)
         },
+        "interventions": {
+            n: iv_problems[n] | {"bins_clamped": int(iv_clamped[:, i].sum())}
+            for i, n in enumerate(INTERVENTION_NAMES)
+        },
+        "input_problems": _input_problems(
+            stats, settings, int(kept["cut"].sum()), dropped, iv_problems, iv_clamped
+        ),
     }
-    return frame, pre, imputer, card
+    return frame, card
+
+
+def _problem(count: int, action: str, **detail) -> dict:
+    return {"count": int(count), "action": action, **{k: v for k, v in detail.items() if v}}
+
+
+def _input_problems(
+    stats: dict[str, TableStats],
+    settings: EtlSettings,
+    stays_cut: int,
+    dropped: dict[str, dict[str, int]],
+    iv_problems: dict[str, dict[str, int]],
+    iv_clamped: np.ndarray,
+) -> dict[str, dict]:
+    """Every kind of bad input the ETL repaired or dropped: how many, and what was done."""
+    dup = {n: s.duplicate_rows for n, s in stats.items() if s.duplicate_rows}
+    bad_time = {n: s.time_out_of_range_rows for n, s in stats.items() if s.time_out_of_range_rows}
+    outside = {n: d["outside_stay"] for n, d in dropped.items() if d["outside_stay"]} | {
+        n: p["outside_stay"] for n, p in iv_problems.items() if p["outside_stay"]
+    }
+    implausible = {
+        n: p["implausible_doses"] for n, p in iv_problems.items() if p["implausible_doses"]
+    }
+    clamped = {
+        n: int(iv_clamped[:, i].sum())
+        for i, n in enumerate(INTERVENTION_NAMES)
+        if iv_clamped[:, i].any()
+    }
+    return {
+        "duplicate_rows": _problem(
+            sum(dup.values()),
+            "rows identical in every column the ETL reads were kept once",
+            per_table=dup,
+        ),
+        "timestamps_out_of_range": _problem(
+            sum(bad_time.values()),
+            f"rows with a timestamp outside {extract.TIME_MIN} .. {extract.TIME_MAX} (no "
+            "timestamp type used here holds it) were dropped; in ICUSTAYS the stay was "
+            "excluded with that reason",
+            per_table=bad_time,
+        ),
+        "stays_cut_to_max_length": _problem(
+            stays_cut,
+            f"stays longer than max_stay_days = {settings.max_stay_days} were cut to their "
+            "first max_stay_days; events after the cut count as outside the stay",
+        ),
+        "events_outside_stay": _problem(
+            sum(outside.values()),
+            "state values charted before intime minus the lab window or after outtime (or the "
+            "cut), and intervention records lying entirely outside the stay, were dropped",
+            per_variable=outside,
+        ),
+        "implausible_intervention_amounts": _problem(
+            sum(implausible.values()),
+            "doses that are infinite, NaN or larger than the intervention's maximum per bin "
+            "were dropped as charting errors",
+            per_variable=implausible,
+        ),
+        "intervention_bins_clamped": _problem(
+            sum(clamped.values()),
+            "bins whose summed intervention exceeded its maximum were clamped to it",
+            per_variable=clamped,
+        ),
+    }
 
 
 def _sha256(path: Path) -> str:
@@ -273,64 +346,98 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _prefetch_sklearn() -> None:
-    with contextlib.suppress(Exception):
-        import sklearn.experimental.enable_iterative_imputer  # noqa: F401
-        import sklearn.impute  # noqa: F401
-        import sklearn.linear_model  # noqa: F401
+def _full_card(settings: EtlSettings, stats: dict[str, TableStats], parts: dict) -> dict:
+    """The data card around the parts ``build_bins`` computed (``bins_sha256`` comes last)."""
+    return {
+        "format": DATA_CARD_FORMAT,
+        "producer": PRODUCER,
+        "catalog_version": catalog_version(),
+        "bin_hours": BIN_HOURS,
+        "settings": {
+            "seed": settings.seed,
+            "train_frac": settings.train_frac,
+            "val_frac": settings.val_frac,
+            "test_frac": round(settings.test_frac, 10),
+            "max_stay_days": settings.max_stay_days,
+        },
+        "bins_sha256": None,
+        **parts,
+        "tables": {
+            name: {
+                "rows_read": s.rows_read,
+                "rows_kept": s.rows_kept,
+                "duplicate_rows": s.duplicate_rows,
+                "time_out_of_range_rows": s.time_out_of_range_rows,
+            }
+            for name, s in stats.items()
+        },
+        "inputs": {s.path.name: {"sha256": s.sha256, "bytes": s.bytes} for s in stats.values()},
+    }
+
+
+def _write(out: Path, frame: pd.DataFrame, card: dict) -> tuple[str, dict]:
+    """Write bins and card into a staging folder that replaces ``out`` at the end."""
+    with atomic_dir(out) as staging:
+        bins_path = staging / "bins.parquet"
+        frame.to_parquet(bins_path, index=False, compression="zstd")
+        card = card | {"bins_sha256": _sha256(bins_path)}
+        (staging / "data_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    return card["bins_sha256"], card
 
 
 def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     """Run the whole ETL; raise :class:`features.errors.UserError` on bad input."""
     settings = settings or EtlSettings()
     start = time.perf_counter()
-    # scikit-learn takes seconds to import; do it while the tables stream (it is needed last).
-    threading.Thread(target=_prefetch_sklearn, daemon=True).start()
-    out = Path(settings.out)
+    # Absolute, so that ``--out .`` has a real parent for the staging folder (links are kept).
+    out = Path(os.path.abspath(settings.out))
+    # Before any work, and again before the swap (the folder may have changed meanwhile).
+    check_out_dir(out, settings.mimic_dir, settings.temp_dir)
+    extract.find_table(settings.mimic_dir, "ICUSTAYS")  # a missing input folder first
     scratch_parent = settings.temp_dir or out.parent
-    scratch_parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".etl-work-", dir=scratch_parent) as tmp:
+    what = "--temp-dir" if settings.temp_dir else "the folder of --out"
+    try:
+        scratch_parent.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.TemporaryDirectory(prefix=".etl-work-", dir=scratch_parent)
+    except OSError as exc:
+        why = (
+            "part of that path is a file, not a folder"
+            if isinstance(exc, FileExistsError | NotADirectoryError)
+            else exc.strerror or str(exc)
+        )
+        raise UserError(f"cannot write in {what}, {scratch_parent} ({why})") from exc
+    with scratch as tmp:
         work = Path(tmp)
         con = _connect(settings, work)
         try:
             stats = _extract(con, settings)
             log.info("binning and aggregating")
-            frame, pre, imputer, card = build_bins(con, settings)
+            frame, card = build_bins(con, settings, stats)
+        except duckdb.OutOfMemoryException as exc:
+            raise UserError(
+                f"DuckDB ran out of memory under --memory-limit {settings.memory_limit} "
+                f"({str(exc).splitlines()[0]}); raise the limit"
+            ) from exc
+        except duckdb.IOException as exc:
+            raise UserError(
+                f"DuckDB could not use its scratch folder in {scratch_parent} "
+                f"({str(exc).splitlines()[0]})"
+            ) from exc
         finally:
             con.close()
     log.info("writing %s (%d stays, %d bins)", out, card["cohort"]["stays_kept"], len(frame))
-    with atomic_dir(out) as staging:
-        bins_path = staging / "bins.parquet"
-        frame.to_parquet(bins_path, index=False, compression="zstd")
-        bins_sha = _sha256(bins_path)
-        pre.save(staging / "preprocessor", imputer=imputer)
-        card = {
-            "format": DATA_CARD_FORMAT,
-            "catalog_version": catalog_version(),
-            "bin_hours": BIN_HOURS,
-            "settings": {
-                "seed": settings.seed,
-                "train_frac": settings.train_frac,
-                "val_frac": settings.val_frac,
-                "test_frac": round(settings.test_frac, 10),
-                "imputer_max_iter": settings.imputer_max_iter,
-                "imputer_max_rows": settings.imputer_max_rows,
-            },
-            "bins_sha256": bins_sha,
-            **card,
-            "tables": {
-                name: {"rows_read": s.rows_read, "rows_kept": s.rows_kept}
-                for name, s in stats.items()
-            },
-            "inputs": {s.path.name: {"sha256": s.sha256, "bytes": s.bytes} for s in stats.values()},
-        }
-        (staging / "data_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    check_out_dir(out, settings.mimic_dir, settings.temp_dir)
+    try:
+        bins_sha, card = _write(out, frame, _full_card(settings, stats, card))
+    except OSError as exc:
+        raise UserError(
+            f"cannot write --out {out} ({exc.strerror or exc}); any previous output is unchanged"
+        ) from exc
     elapsed = time.perf_counter() - start
     log.info("ETL done in %.1f s", elapsed)
     return EtlResult(
         out_dir=out,
         bins_path=out / "bins.parquet",
-        preprocessor_dir=out / "preprocessor",
         data_card_path=out / "data_card.json",
         bins_sha256=bins_sha,
         counts={

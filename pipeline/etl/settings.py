@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+MIN_MEMORY_BYTES = 64 * 10**6
+"""Below this DuckDB cannot hold even the demo's working set (16 MB fails, 64 MB runs)."""
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(%|[kmgt]i?b|b)", re.IGNORECASE)
 DEFAULT_MIMIC_DIR = REPO_ROOT.parent / "shared" / "data" / "mimic-iii-demo"
 
 
@@ -28,10 +43,18 @@ class EtlSettings(BaseSettings):
         description="folder with the MIMIC-III tables (.csv or .csv.gz, any case)",
     )
     out: Path = Field(default=Path("data/processed"), description="output folder")
-    seed: int = Field(default=0, description="seed of the subject split and the imputer")
+    seed: int = Field(
+        default=0, ge=0, description="seed of the train / val / test split by patient"
+    )
     train_frac: float = Field(default=0.70, gt=0, lt=1)
     val_frac: float = Field(default=0.15, ge=0, lt=1)
-    threads: int = Field(default=2, ge=1, description="DuckDB / Arrow threads")
+    max_stay_days: int = Field(
+        default=60,
+        ge=1,
+        le=3650,
+        description="stays longer than this are cut to their first max_stay_days (counted)",
+    )
+    threads: int = Field(default=2, ge=1, le=256, description="DuckDB / Arrow threads")
     memory_limit: str = Field(
         default="3GB", description="DuckDB memory limit; beyond it DuckDB spills to temp_dir"
     )
@@ -41,13 +64,28 @@ class EtlSettings(BaseSettings):
     block_size_mb: int = Field(
         default=4, ge=1, le=256, description="CSV read block size; peak memory grows with it"
     )
-    imputer_max_iter: int = Field(default=10, ge=1)
-    imputer_max_rows: int = Field(
-        default=20_000,
-        ge=100,
-        description="training rows sampled (seeded) to fit the imputer; the scaler sees all",
-    )
     progress: bool = Field(default=True, description="show a progress display per table")
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, v: str) -> str:
+        m = _SIZE.fullmatch(v.strip())
+        if m is None:
+            raise ValueError(
+                f"{v!r} is not a size: a number and a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, "
+                "TiB), e.g. 3GB, or a share of the machine's memory, e.g. 50%"
+            )
+        number, unit = float(m.group(1)), m.group(2).lower()
+        if unit == "%":
+            if not 0 < number <= 100:
+                raise ValueError(f"{v!r}: a share of memory must lie in (0, 100]%")
+            return v.strip()
+        size = number * _UNITS[unit]
+        if size < MIN_MEMORY_BYTES:
+            raise ValueError(
+                f"{v!r} is below the {MIN_MEMORY_BYTES // 10**6} MB the ETL needs to run at all"
+            )
+        return v.strip()
 
     @field_validator("mimic_dir", "out", "temp_dir")
     @classmethod

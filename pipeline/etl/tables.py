@@ -51,16 +51,26 @@ class TableStats:
     bytes: int = 0
     sha256: str = ""
     seconds: float = 0.0
+    duplicate_rows: int = 0  # exact duplicates of a kept row, dropped
+    time_out_of_range_rows: int = 0  # rows with a timestamp no timestamp type here can hold
 
 
 def find_table(mimic_dir: Path, name: str) -> Path:
     """The file of table ``name``: ``NAME.csv.gz``, ``NAME.csv``, ``name.csv.gz``, ... ."""
-    if not mimic_dir.is_dir():
+    if not mimic_dir.exists():
         raise InputError(
             f"MIMIC-III folder {mimic_dir} does not exist (set --mimic-dir or MIMIC_DIR)"
         )
+    if not mimic_dir.is_dir():
+        raise InputError(f"--mimic-dir {mimic_dir} is a file, not a folder of MIMIC-III tables")
     wanted = {f"{name.lower()}.csv.gz", f"{name.lower()}.csv"}
-    found = sorted(p for p in mimic_dir.iterdir() if p.name.lower() in wanted and p.is_file())
+    try:
+        entries = list(mimic_dir.iterdir())
+    except OSError as exc:
+        raise InputError(
+            f"MIMIC-III folder {mimic_dir} cannot be read ({exc.strerror or exc})"
+        ) from exc
+    found = sorted(p for p in entries if p.name.lower() in wanted and p.is_file())
     if not found:
         raise InputError(
             f"{mimic_dir}: table {name} not found (expected {name}.csv.gz or {name}.csv, any case)"
@@ -145,6 +155,7 @@ def resolve_columns(path: Path, header: list[str], spec: TableSpec) -> dict[str,
 
 
 _COLUMN_NO = re.compile(r"column #(\d+)")
+_ROW_NO = re.compile(r"Row #(\d+)")
 
 
 @dataclass
@@ -221,8 +232,11 @@ def _parse_options(quoted: bool) -> pcsv.ParseOptions:
     return pcsv.ParseOptions(quote_char=False, double_quote=False)
 
 
-def _arrow_error(path: Path, header: list[str], exc: Exception) -> InputError:
+def _arrow_error(path: Path, header: list[str], exc: Exception, rows_before: int) -> InputError:
+    """One line naming file, column and value; Arrow's row number counts from the start of
+    its block, so ``rows_before`` (the data rows of the earlier blocks) is added to it."""
     msg = str(exc).split("\n")[0]
+    msg = _ROW_NO.sub(lambda r: f"data row {rows_before + int(r.group(1)):,}", msg)
     m = _COLUMN_NO.search(msg)
     where = ""
     if m and int(m.group(1)) < len(header):
@@ -345,7 +359,7 @@ def stream_table(
     except InputError:
         raise
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise _arrow_error(path, header, exc) from exc
+        raise _arrow_error(path, header, exc, stats.rows_read) from exc
     except (OSError, EOFError, zlib.error, IsalError, pa.ArrowException) as exc:
         raise InputError(f"{path}: {_gzip_message(exc)}") from exc
     finally:

@@ -21,6 +21,7 @@ from features.binning import (
 
 REASON_MISSING_IDS = "missing icustay_id, subject_id or hadm_id"
 REASON_MISSING_TIMES = "missing intime or outtime"
+REASON_TIME_RANGE = "intime or outtime outside the representable range (1678 .. 2261)"
 REASON_BAD_TIMES = "outtime not after intime"
 REASON_DUPLICATE = "duplicate icustay_id"
 REASON_NO_EVENTS = "no usable state-variable events in the stay"
@@ -30,24 +31,38 @@ def _in(ids) -> str:
     return "(" + ", ".join(str(int(i)) for i in sorted(set(ids))) + ")"
 
 
-def create_stays(con: duckdb.DuckDBPyConnection) -> None:
-    """``stays_all`` (every ICUSTAYS row with an exclusion reason or NULL) and ``stays``."""
+def create_stays(con: duckdb.DuckDBPyConnection, max_stay_days: int) -> None:
+    """``stays_all`` (every ICUSTAYS row with an exclusion reason or NULL) and ``stays``.
+
+    A stay longer than ``max_stay_days`` is cut to its first ``max_stay_days`` (its ``outtime``
+    in ``stays`` becomes the cut, so later events fall outside the stay and are counted as
+    such); an outtime decades after intime is a data error that would otherwise become tens
+    of thousands of empty bins. ``stays.cut`` marks the stays cut.
+    """
+    # One microsecond short of the limit: the stay then has exactly max_stay_days * 2 bins.
+    max_us = max_stay_days * 24 * 3600 * 1_000_000 - 1
     con.execute(
         f"""
         CREATE OR REPLACE TABLE stays_all AS
         SELECT icustay_id, subject_id, hadm_id, intime, outtime,
                CASE WHEN icustay_id IS NULL OR subject_id IS NULL OR hadm_id IS NULL
                          THEN '{REASON_MISSING_IDS}'
+                    WHEN time_out_of_range THEN '{REASON_TIME_RANGE}'
                     WHEN intime IS NULL OR outtime IS NULL THEN '{REASON_MISSING_TIMES}'
                     WHEN outtime <= intime THEN '{REASON_BAD_TIMES}'
                     WHEN row_number() OVER (PARTITION BY icustay_id ORDER BY intime) > 1
                          THEN '{REASON_DUPLICATE}'
-               END AS reason
+               END AS reason,
+               epoch_us(outtime) - epoch_us(intime) > {max_us} AS cut
         FROM raw_icustays;
         CREATE OR REPLACE TABLE stays AS
-        SELECT icustay_id, subject_id, hadm_id, intime, outtime,
-               (floor((epoch_us(outtime) - epoch_us(intime)) / {BIN_US}) + 1)::INTEGER AS n_bins
-        FROM stays_all WHERE reason IS NULL;
+        SELECT icustay_id, subject_id, hadm_id, intime, out AS outtime, cut,
+               (floor((epoch_us(out) - epoch_us(intime)) / {BIN_US}) + 1)::INTEGER AS n_bins
+        FROM (
+            SELECT *, CASE WHEN cut THEN make_timestamp(epoch_us(intime) + {max_us})
+                           ELSE outtime::TIMESTAMP END AS out
+            FROM stays_all WHERE reason IS NULL
+        );
         """
     )
 
@@ -134,15 +149,26 @@ def create_state_events(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def dropped_counts(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, int]]:
-    """Per variable: values extracted, and values dropped as outside the drop range."""
+    """Per variable: values extracted, values dropped as outside the drop range, and values
+    of the cohort's stays dropped as charted outside the stay (before ``intime`` minus the
+    lab window, or after ``outtime``, or after the cut of a stay longer than the maximum)."""
+    pre_us = PRE_INTIME_HOURS * 3600 * 1_000_000
     rows = con.execute(
-        """
-        SELECT variable, count(*) AS n, count(*) FILTER (WHERE value < lo OR value > hi) AS dropped
-        FROM state_raw GROUP BY variable
+        f"""
+        SELECT r.variable, count(*) AS n,
+               count(*) FILTER (WHERE value < lo OR value > hi) AS dropped,
+               count(*) FILTER (WHERE value >= lo AND value <= hi AND s.icustay_id IS NOT NULL
+                   AND (r.time IS NULL OR epoch_us(r.time) < epoch_us(s.intime) - {pre_us}
+                        OR r.time > s.outtime)) AS outside
+        FROM state_raw r LEFT JOIN stays s ON r.icustay_id = s.icustay_id
+        GROUP BY r.variable
         """
     ).fetchall()
-    got = {r[0]: {"values": int(r[1]), "dropped": int(r[2])} for r in rows}
-    return {n: got.get(n, {"values": 0, "dropped": 0}) for n in cat.STATE_NAMES}
+    empty = {"values": 0, "dropped": 0, "outside_stay": 0}
+    got = {
+        r[0]: {"values": int(r[1]), "dropped": int(r[2]), "outside_stay": int(r[3])} for r in rows
+    }
+    return {n: got.get(n, empty) for n in cat.STATE_NAMES}
 
 
 def create_interventions(con: duckdb.DuckDBPyConnection) -> None:
@@ -193,7 +219,7 @@ def create_interventions(con: duckdb.DuckDBPyConnection) -> None:
             )
         ) WHERE kind = 1;
 
-        CREATE OR REPLACE TABLE doses AS
+        CREATE OR REPLACE TABLE doses_all AS
         SELECT icustay_id, 'iv_fluid_ml' AS variable, starttime AS start, endtime AS "end",
                amount * CASE WHEN lower(amountuom) = 'l' THEN 1000 ELSE 1 END AS amount
         FROM raw_inputevents_mv
@@ -205,8 +231,45 @@ def create_interventions(con: duckdb.DuckDBPyConnection) -> None:
         FROM raw_inputevents_cv
         WHERE itemid IN {_in(fluid.inputevents_cv)} AND amount > 0
           AND lower(coalesce(amountuom, 'ml')) = 'ml';
+
+        -- A single dose beyond the most a 12-hour bin may hold (or an infinite or NaN one) is a
+        -- charting error: it is dropped (counted by intervention_problems), not capped.
+        CREATE OR REPLACE TABLE doses AS SELECT * FROM doses_all WHERE {_plausible_dose()};
         """
     )
+
+
+def _plausible_dose() -> str:
+    fluid = cat.INTERVENTION_BY_NAME["iv_fluid_ml"]
+    return f"isfinite(amount) AND amount <= {fluid.max_value}"
+
+
+def intervention_problems(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, int]]:
+    """Per intervention, for the cohort's stays: implausible doses dropped, and records that lie
+    entirely outside their stay (outside ``[intime, outtime]``, so they reach no bin)."""
+    out = {n: {"implausible_doses": 0, "outside_stay": 0} for n in cat.INTERVENTION_NAMES}
+    for variable, n in con.execute(
+        f"""
+        SELECT variable, count(*) FROM doses_all JOIN stays USING (icustay_id)
+        WHERE NOT ({_plausible_dose()}) GROUP BY variable
+        """
+    ).fetchall():
+        out[variable]["implausible_doses"] = int(n)
+    for variable, n in con.execute(
+        """
+        SELECT variable, count(*) FROM (
+            SELECT i.variable FROM intervals i JOIN stays s USING (icustay_id)
+            WHERE i."end" <= s.intime OR i.start >= s.outtime
+            UNION ALL
+            SELECT d.variable FROM doses d JOIN stays s USING (icustay_id)
+            WHERE CASE WHEN d."end" IS NULL OR d."end" <= d.start
+                       THEN d.start < s.intime OR d.start > s.outtime
+                       ELSE d."end" <= s.intime OR d.start >= s.outtime END
+        ) GROUP BY variable
+        """
+    ).fetchall():
+        out[variable]["outside_stay"] = int(n)
+    return out
 
 
 def wide_aggregates(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
