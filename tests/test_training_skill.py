@@ -106,7 +106,7 @@ def test_direct_ridge_recovers_linear_k_step_dynamics() -> None:
         x[:, N_STATE : 2 * N_STATE] = 1.0
         inputs.append(x)
         states.append(x[:, :N_STATE].copy())
-    model = DirectRidge(alpha=1e-8).fit(inputs, states, (1, 3))
+    model = DirectRidge(alphas=(1e-8,)).fit(inputs, states, (1, 3))
     for k in (1, 3):
         pred, stay, start = model.predict(inputs, k)
         true = np.stack([states[i][s + k] for i, s in zip(stay, start, strict=True)])

@@ -28,18 +28,25 @@ def _features(inputs: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray,
     return x, np.asarray(stay, dtype=np.int64), np.asarray(start, dtype=np.int64)
 
 
-class DirectRidge:
-    """One ridge per (K, variable), fitted on measured targets; predictions clipped to bounds."""
+ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
 
-    def __init__(self, alpha: float = 1.0) -> None:
-        self.alpha = alpha
+
+class DirectRidge:
+    """One ridge per (K, variable), fitted on measured targets; predictions clipped to bounds.
+
+    The penalty of each is chosen from ``alphas`` by scikit-learn's efficient leave-one-out
+    (``RidgeCV``) on the training windows only; a large penalty shrinks towards persistence.
+    """
+
+    def __init__(self, alphas: tuple[float, ...] = ALPHAS) -> None:
+        self.alphas = alphas
         self.coef: dict[int, np.ndarray] = {}  # K -> (18, width)
         self.intercept: dict[int, np.ndarray] = {}  # K -> (18,)
 
     def fit(
         self, inputs: list[np.ndarray], state: list[np.ndarray], ks: tuple[int, ...]
     ) -> DirectRidge:
-        from sklearn.linear_model import Ridge
+        from sklearn.linear_model import RidgeCV
 
         for k in ks:
             x, stay, start = _features(inputs, k)
@@ -52,7 +59,7 @@ class DirectRidge:
                 for v in range(N_STATE):
                     m = measured[:, v]
                     if m.sum() >= 2:
-                        r = Ridge(alpha=self.alpha).fit(x[m], target[m, v])
+                        r = RidgeCV(alphas=list(self.alphas)).fit(x[m], target[m, v])
                         coef[v], icpt[v] = r.coef_, r.intercept_
             self.coef[k], self.intercept[k] = coef, icpt
         return self
