@@ -124,11 +124,7 @@ def forecast_rollout(
     bounds: Bounds | None = None,
 ) -> torch.Tensor:
     """K-step rollouts from the last real bin of each history: :func:`encode` then
-    :func:`continue_rollout`, as one native call where the model has one (FastCfC stacks),
-    which computes the same steps. Returns (B, K, 18)."""
-    fused = model.fused_forecast(x, lengths, future_iv, bounds)
-    if fused is not None:
-        return fused
+    :func:`continue_rollout`. Returns (B, K, 18)."""
     ys, state, _ = encode(model, x, lengths)
     first = ys[torch.arange(x.shape[0]), lengths - 1]
     return continue_rollout(model, first, state, future_iv, bounds)
