@@ -4,6 +4,8 @@ training chain it)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from ncps.torch import CfC as NcpsCfC
@@ -34,7 +36,16 @@ def _flat(hx) -> list[torch.Tensor]:  # noqa: ANN001
     return list(hx) if isinstance(hx, tuple) else [hx]
 
 
-def _assert_same_function(ref, ours, batch: int, mixed: bool, by_step: bool) -> None:  # noqa: ANN001
+def _assert_same_function(
+    ref,  # noqa: ANN001
+    ours,  # noqa: ANN001
+    batch: int,
+    mixed: bool,
+    by_step: bool,
+    stepping: bool = False,
+) -> None:
+    """Same outputs, final state and gradients (input, initial state, every parameter).
+    ``by_step`` chains ``step`` (inside ``stepping()`` with ``stepping``) instead of ``forward``."""
     torch.manual_seed(2)
     x = torch.randn(batch, T, N_IN, dtype=torch.float64)
     hx = _initial(batch, ref.state_size, mixed)
@@ -46,9 +57,10 @@ def _assert_same_function(ref, ours, batch: int, mixed: bool, by_step: bool) -> 
         h0 = hi if mixed else hi[0]
         if by_step:
             outs, state = [], h0
-            for t in range(T):
-                out, state = model.step(xi[:, t], state)
-                outs.append(out)
+            with model.stepping() if stepping else nullcontext():
+                for t in range(T):
+                    out, state = model.step(xi[:, t], state)
+                    outs.append(out)
             y = torch.stack(outs, dim=1)
         else:
             y, state = model(xi, h0)
@@ -77,6 +89,9 @@ class _NcpsStep:
         out, hx = self.model(x[:, None], hx)
         return out[:, 0], hx
 
+    def stepping(self) -> nullcontext:
+        return nullcontext()
+
     def zero_grad(self) -> None:
         self.model.zero_grad()
 
@@ -91,6 +106,7 @@ def test_forward_and_step_equal_ncps(mode: str, mixed: bool, batch: int) -> None
     ref, ours = _pair(UNITS, mixed, mode, backbone_units=9)
     _assert_same_function(ref, ours, batch, mixed, by_step=False)
     _assert_same_function(_NcpsStep(ref), ours, batch, mixed, by_step=True)
+    _assert_same_function(_NcpsStep(ref), ours, batch, mixed, by_step=True, stepping=True)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +131,7 @@ def test_wired_cfc_equals_ncps(mode: str, mixed: bool) -> None:
     ours.load_state_dict(ref.state_dict())
     assert ours.output_size == 4
     _assert_same_function(ref, ours, 3, mixed, by_step=False)
-    _assert_same_function(_NcpsStep(ref), ours, 3, mixed, by_step=True)
+    _assert_same_function(_NcpsStep(ref), ours, 3, mixed, by_step=True, stepping=True)
 
 
 def test_backbone_dropout_is_active_only_in_training() -> None:
@@ -139,10 +155,11 @@ def test_models_on_both_implementations_agree(model: str) -> None:
     x = torch.randn(3, 6, 2 * N_STATE + 3, dtype=torch.float64)
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-7, atol=1e-7)
     state_o, state_r = ours.init_state(3, x.device, x.dtype), ref.init_state(3, x.device, x.dtype)
-    for t in range(x.shape[1]):
-        y_o, state_o = ours.step(x[:, t], state_o)
-        y_r, state_r = ref.step(x[:, t], state_r)
-        torch.testing.assert_close(y_o, y_r, rtol=1e-7, atol=1e-7)
+    with ours.stepping(), ref.stepping():
+        for t in range(x.shape[1]):
+            y_o, state_o = ours.step(x[:, t], state_o)
+            y_r, state_r = ref.step(x[:, t], state_r)
+            torch.testing.assert_close(y_o, y_r, rtol=1e-7, atol=1e-7)
 
 
 def test_unknown_mode_is_rejected() -> None:

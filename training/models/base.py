@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -73,6 +74,11 @@ class DynamicsModel(nn.Module):
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
         return []
+
+    def stepping(self) -> AbstractContextManager:
+        """Wrap a loop of :meth:`step` calls in it: a model may prepare its weights once for
+        the loop (CfC). The parameters must not change inside; autograd works through it."""
+        return nullcontext()
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:  # (B, 39) -> (B, 18)
         raise NotImplementedError

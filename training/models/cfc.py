@@ -19,6 +19,8 @@ Autograd does the backward pass, so any loss over ``forward`` or over chained ``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -136,13 +138,14 @@ class CfCCell(nn.Module):
         )
         layers = [(m.weight, m.bias) for m in linears] + [(head_w, head_b)]
         if self._lecun:
-            # 1.7159 tanh(0.666 u): the scales move into the Linears around each activation,
-            # leaving a bare tanh (two elementwise ops fewer per layer and step, both passes).
-            layers = [
-                (w * (1.7159 if k > 0 else 1.0) * (0.666 if k < len(layers) - 1 else 1.0),
-                 b * (0.666 if k < len(layers) - 1 else 1.0))
-                for k, (w, b) in enumerate(layers)
-            ]  # fmt: skip
+            # 1.7159 tanh(0.666 u): 0.666 moves into the Linear before each activation and
+            # 1.7159 into the one after it, leaving a bare tanh (fewer ops per step).
+            last = len(layers) - 1
+            scaled = []
+            for k, (w, b) in enumerate(layers):
+                inner = 0.666 if k < last else 1.0
+                scaled.append((w * (inner * (1.7159 if k > 0 else 1.0)), b * inner))
+            layers = scaled
         (first_w, first_b), rest = layers[0], layers[1:]
         n_in = self.input_size
         rest_t = [(w.t(), b) for w, b in rest]
@@ -269,8 +272,22 @@ class CfC(nn.Module):
             self.rnn_cell = WiredCfCCell(input_size, units, mode)
             self.state_size, self.output_size = units.units, units.output_dim
         self.use_mixed = mixed_memory
+        self._weights: _Weights | None = None  # set inside stepping()
         if mixed_memory:
             self.lstm = LSTMCell(input_size, self.state_size)
+
+    @contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Within it, :meth:`step` reuses one arrangement of the cell's weights, made on entry
+        (otherwise every step makes its own): for loops of steps. The parameters must not change
+        inside (an optimiser step belongs outside); autograd works through it as usual."""
+        cell = self.rnn_cell
+        previous = self._weights
+        self._weights = cell.weights() if isinstance(cell, CfCCell) else None
+        try:
+            yield
+        finally:
+            self._weights = previous
 
     def init_hidden(self, batch: int, like: Tensor) -> Hidden:
         h = like.new_zeros(batch, self.state_size)
@@ -281,7 +298,12 @@ class CfC(nn.Module):
         h, c = hx if self.use_mixed else (hx, None)
         if self.use_mixed:
             h, c = self.lstm(x, (h, c))
-        h = self.rnn_cell(x, h)
+        w = self._weights
+        h = (
+            self.rnn_cell(x, h)
+            if w is None
+            else self.rnn_cell.recur(self.rnn_cell.project(x, w), h, w)
+        )
         return self._output(h), ((h, c) if self.use_mixed else h)
 
     def forward(self, x: Tensor, hx: Hidden | None = None) -> tuple[Tensor, Hidden]:
