@@ -165,3 +165,10 @@ def test_models_on_both_implementations_agree(model: str) -> None:
 def test_unknown_mode_is_rejected() -> None:
     with pytest.raises(ValueError, match="mode 'fast'"):
         CfC(N_IN, UNITS, mode="fast")
+
+
+def test_models_saved_with_the_former_fast_implementation_load_as_torch() -> None:
+    """``cfc_impl="fast"`` (removed; it had ncps' state-dict keys too) in a saved config."""
+    cfg = ModelConfig.from_dict({"model": "cfc", "units": 8, "cfc_impl": "fast"})
+    assert cfg.cfc_impl == "torch"
+    assert isinstance(build_model(cfg).rnns[0], CfC)

@@ -5,13 +5,16 @@ so an ncps CfC state dict loads unchanged (tests/test_cfc.py checks outputs and 
 Always at ncps' default elapsed time of 1 per step: the bins are regular (12 h), and ncps'
 per-sample timespans are broken anyway (ncps issue #83).
 
-Two things differ from ncps, both only in how the function is evaluated:
+What differs from ncps is only how the function is evaluated, for speed:
 
 * the backbone's first Linear acts on ``cat([x_t, h])``; its input part is applied to all
   steps of a sequence in one matrix product before the time loop (as is the mixed-memory
   LSTM's ``input_map``), leaving one small ``h @ W_h`` per step;
 * ``ff1``, ``ff2``, ``time_a`` and ``time_b`` are one matmul per step; with elapsed time 1,
-  ``time_a(x) * 1 + time_b(x)`` is one head whose weights are the sum of the two.
+  ``time_a(x) * 1 + time_b(x)`` is one head whose weights are the sum of the two;
+* LeCun tanh's constants are moved into the neighbouring Linears' weights;
+* these weight arrangements are made once per ``forward``, or once per loop of ``step`` calls
+  inside ``CfC.stepping()``.
 
 Autograd does the backward pass, so any loss over ``forward`` or over chained ``step`` calls
 (closed-loop training) is differentiable.
