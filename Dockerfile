@@ -8,12 +8,6 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /app
 
-# A C compiler: FastCfC builds its native training loops on first use (training/cfc_kernels.py,
-# for the CPU it runs on); without one, training falls back to slower Python loops.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/*
-
 # torch first, from the CPU index, in its own layer so code changes do not re-download it.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 

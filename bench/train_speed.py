@@ -1,36 +1,36 @@
-"""Training throughput, 5-step rollout latency and peak memory: GRU vs ncps CfC vs FastCfC.
+"""Training throughput and 5-step rollout latency: CfC against GRU, in the same run.
 
-One run, the same batches for every model, repeats interleaved (the model order rotates each
-repeat) and medians reported, because the machine is shared. Models are the training code's
-own (``training.models.build_model``: recurrent layers, linear head, residual output), at the
-paper's 2 x 128 and at a small configuration (default 1 x 32, backbone 32).
+The same batches for every model, repeats interleaved (the model order rotates each repeat)
+and medians reported, because the machine is shared. Models are the training code's own
+(``training.models.build_model``: recurrent layers, linear head, residual output), at the
+paper's 2 x 128 (CfC backbone 128).
 
-    .venv/bin/python bench/train_speed.py                 # torch's default threads, 7 repeats
-    .venv/bin/python bench/train_speed.py --threads 1 --profile
+    .venv/bin/python bench/train_speed.py                  # torch's default threads
+    .venv/bin/python bench/train_speed.py --threads 1 --models gru cfc cfc-ncps
 
-Figures:
-  train ex/s, steps/s  median wall-clock throughput of full optimisation steps (forward, MSE,
-                       backward, grad-norm clip 1.0, the training code's Adam:
-                       training.lit.build_optimizer) on batch x seq-len x 39 batches;
-  cpu ms/step          median process CPU time per step (less sensitive to other tenants);
-  rollout ms           median wall time of one 5-step recursive rollout (the history, then
-                       4 fed-back steps: training.rollout.forecast_rollout), float64 as
-                       the Forecaster runs it, for 1 patient and per patient in a batch of 64;
-  peak MB              training peak-RSS increase over 3 steps in a fresh process (kernel
-                       VmHWM after resetting it via /proc/self/clear_refs; Linux only).
+Figures (per model; "x GRU" > 1 means faster than GRU):
+  teacher-forced ex/s  full optimisation steps (forward over batch x seq-len x 39, MSE,
+                       backward, grad-norm clip 1.0, Adam) per second, times the batch size;
+  closed-loop ex/s     the same with a K-step closed-loop loss: the first seq-len - K bins
+                       encoded with ``model.step`` (autograd on), then K steps fed back from
+                       the model's own predictions (observed mask 0, true interventions),
+                       MSE on the K predictions;
+  cpu ms/step          median process CPU time per teacher-forced step (less sensitive to
+                       other tenants);
+  rollout ms           one 5-step rollout (the history, then 4 fed-back steps:
+                       ``training.rollout.forecast_rollout``), float64 as the Forecaster runs
+                       it, for 1 patient.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,23 +39,15 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.lit import build_optimizer  # noqa: E402
+from features.catalog import N_STATE  # noqa: E402
 from training.models import ModelConfig, build_model  # noqa: E402
 from training.models.base import N_INPUT  # noqa: E402
 from training.rollout import forecast_rollout  # noqa: E402
 
-N_STATE = 18
-IMPLS = (("gru", "gru", "ncps"), ("cfc-ncps", "cfc", "ncps"), ("cfc-fast", "cfc", "fast"))
+MODELS = {"gru": ("gru", "torch"), "cfc": ("cfc", "torch"), "cfc-ncps": ("cfc", "ncps")}
 
 
-def model_config(name: str, units: int, layers: int, backbone_units: int) -> ModelConfig:
-    model, impl = {n: (m, i) for n, m, i in IMPLS}[name]
-    return ModelConfig(
-        model=model, units=units, layers=layers, backbone_units=backbone_units, cfc_impl=impl
-    )
-
-
-def make_batches(n: int, batch: int, seq_len: int, seed: int = 0):
+def make_batches(n: int, batch: int, seq_len: int, seed: int = 0) -> list:
     """Inputs shaped like the model convention: scaled state, observed mask, interventions."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -68,192 +60,119 @@ def make_batches(n: int, batch: int, seq_len: int, seed: int = 0):
     return out
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x, y) -> None:
+def teacher_forced_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int):
+    return nn.functional.mse_loss(model(x), y)
+
+
+def closed_loop_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int):
+    """Encode bins 0..T-K-1 step by step, then feed back K-1 predictions; loss on K steps."""
+    start = x.shape[1] - k
+    state = model.init_state(x.shape[0], x.device, x.dtype)
+    with model.stepping():
+        for t in range(start):
+            pred, state = model.step(x[:, t], state)
+        preds = [pred]
+        mask = torch.zeros_like(pred)
+        for t in range(start, x.shape[1] - 1):
+            pred, state = model.step(torch.cat([pred, mask, x[:, t, 2 * N_STATE :]], -1), state)
+            preds.append(pred)
+    return nn.functional.mse_loss(torch.stack(preds, 1), y[:, start - 1 : -1])
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, x, y, k) -> None:
     opt.zero_grad(set_to_none=True)
-    loss = nn.functional.mse_loss(model(x), y)
-    loss.backward()
+    loss_fn(model, x, y, k).backward()
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
 
 
-def rollout(model: nn.Module, x: torch.Tensor, horizon: int) -> torch.Tensor:
-    lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
-    future = x[:, -1:, 2 * N_STATE :].expand(-1, horizon - 1, -1)
-    return forecast_rollout(model, x, lengths, future)
-
-
-def _vm(field: str) -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) * 1024
-
-
-def memory_child(args: argparse.Namespace) -> None:
-    """Runs in a fresh process: peak RSS increase of 3 training steps of one model."""
-    torch.set_num_threads(args.threads)
-    name, units, layers, bb = args.memory_child
-    torch.manual_seed(0)
-    model = build_model(model_config(name, int(units), int(layers), int(bb)))
-    opt = build_optimizer(model.parameters(), lr=1e-3)
-    batches = make_batches(3, args.batch, args.seq_len)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    base = _vm("VmRSS")
-    for x, y in batches:
-        train_step(model, opt, x, y)
-    print(json.dumps({"peak_delta_bytes": _vm("VmHWM") - base}))
-
-
-def peak_memory_mb(args: argparse.Namespace, name: str, units: int, layers: int, bb: int):
-    cmd = [
-        sys.executable, __file__, "--memory-child", name, str(units), str(layers), str(bb),
-        "--threads", str(args.threads), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-    ]  # fmt: skip
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
-        return json.loads(out.stdout.strip().splitlines()[-1])["peak_delta_bytes"] / 2**20
-    except (subprocess.CalledProcessError, OSError, ValueError, KeyError) as exc:
-        print(f"  (peak memory of {name} not measured: {exc})", file=sys.stderr)
-        return float("nan")
-
-
-def bench_config(args, label: str, units: int, layers: int, bb: int, batches) -> dict:
-    models, opts = {}, {}
-    for name, _, _ in IMPLS:
-        torch.manual_seed(0)
-        models[name] = build_model(model_config(name, units, layers, bb))
-        opts[name] = build_optimizer(models[name].parameters(), lr=1e-3)
-        models[name].train()
-        for x, y in batches[:2]:  # warm-up
-            train_step(models[name], opts[name], x, y)
-    wall = {n: [] for n in models}
-    cpu = {n: [] for n in models}
-    names = list(models)
-    for rep in range(args.repeats):
+def interleaved(names: list[str], repeats: int, run: Callable[[str], None]) -> dict:
+    """Wall and CPU seconds of ``run(name)`` per repeat, the model order rotating."""
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(repeats):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
             t0, c0 = time.perf_counter(), time.process_time()
+            run(name)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in names}
+
+
+def bench(args: argparse.Namespace) -> dict:
+    batches = make_batches(4, args.batch, args.seq_len)
+    models, opts = {}, {}
+    for name in args.models:
+        model, impl = MODELS[name]
+        torch.manual_seed(0)
+        models[name] = build_model(ModelConfig(model=model, cfc_impl=impl)).train()
+        opts[name] = torch.optim.Adam(models[name].parameters(), lr=1e-3, fused=True)
+
+    def trainer(loss_fn: Callable) -> Callable[[str], None]:
+        def run(name: str) -> None:
             for s in range(args.steps):
                 x, y = batches[s % len(batches)]
-                train_step(models[name], opts[name], x, y)
-            wall[name].append((time.perf_counter() - t0) / args.steps)
-            cpu[name].append((time.process_time() - c0) / args.steps)
+                train_step(models[name], opts[name], loss_fn, x, y, args.k)
 
-    # Rollouts in float64, eval mode, as the Forecaster runs them.
+        return run
+
+    rows: dict[str, dict] = {n: {} for n in args.models}
+    for label, loss_fn in (("tf", teacher_forced_loss), ("cl", closed_loop_loss)):
+        run = trainer(loss_fn)
+        for name in args.models:  # warm-up
+            run(name)
+        for name, (wall, cpu) in interleaved(args.models, args.repeats, run).items():
+            rows[name][f"{label}_ex_s"] = args.batch * args.steps / wall
+            rows[name][f"{label}_cpu_ms"] = 1e3 * cpu / args.steps
+
     infer = {n: copy.deepcopy(m).double().eval() for n, m in models.items()}
-    hist = batches[0][0][:, : args.history].double()
-    one, many = {n: [] for n in models}, {n: [] for n in models}
-    for name in infer:
-        rollout(infer[name], hist[:1], args.horizon)
-    for rep in range(args.repeats):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            for _ in range(3):
-                t0 = time.perf_counter()
-                rollout(infer[name], hist[:1], args.horizon)
-                one[name].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            rollout(infer[name], hist, args.horizon)
-            many[name].append((time.perf_counter() - t0) / hist.shape[0])
-
-    rows = {}
-    for name in names:
-        w = statistics.median(wall[name])
-        rows[name] = {
-            "params": sum(p.numel() for p in models[name].parameters()),
-            "ex_s": args.batch / w,
-            "steps_s": 1.0 / w,
-            "cpu_ms": 1e3 * statistics.median(cpu[name]),
-            "roll1_ms": 1e3 * statistics.median(one[name]),
-            "roll64_ms": 1e3 * statistics.median(many[name]),
-            "peak_mb": float("nan")
-            if args.no_memory
-            else peak_memory_mb(args, name, units, layers, bb),
-        }
-    if args.profile:
-        profile_fast(models["cfc-fast"], opts["cfc-fast"], batches, label)
+    hist = batches[0][0][:1, : args.history].double()
+    lengths = torch.tensor([hist.shape[1]])
+    future = hist[:, -1:, 2 * N_STATE :].expand(-1, 4, -1)
+    roll = interleaved(
+        args.models, args.repeats, lambda n: forecast_rollout(infer[n], hist, lengths, future)
+    )
+    for name, (wall, _) in roll.items():
+        rows[name]["roll_ms"] = 1e3 * wall
     return rows
-
-
-def profile_fast(model, opt, batches, label: str) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for x, y in batches:
-            train_step(model, opt, x, y)
-    print(f"\nprofile: cfc-fast {label}, {len(batches)} training steps (self CPU time)")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-
-
-def print_table(label: str, rows: dict) -> None:
-    gru = rows["gru"]
-    print(f"\n{label}")
-    head = (
-        f"{'model':10s} {'params':>8s} {'train ex/s':>10s} {'steps/s':>8s} {'x GRU':>6s} "
-        f"{'cpu ms/step':>11s} {'rollout ms (B=1)':>16s} {'x GRU':>6s} "
-        f"{'per rollout ms (B=64)':>21s} {'peak MB':>8s}"
-    )
-    print(head)
-    print("-" * len(head))
-    for name, r in rows.items():
-        print(
-            f"{name:10s} {r['params']:8d} {r['ex_s']:10.0f} {r['steps_s']:8.2f} "
-            f"{r['ex_s'] / gru['ex_s']:6.2f} {r['cpu_ms']:11.2f} {r['roll1_ms']:16.2f} "
-            f"{gru['roll1_ms'] / r['roll1_ms']:6.2f} {r['roll64_ms']:21.3f} {r['peak_mb']:8.1f}"
-        )
-    fast, ncps = rows["cfc-fast"], rows["cfc-ncps"]
-    print(
-        f"fast / ncps: training {fast['ex_s'] / ncps['ex_s']:.2f}x (cpu time "
-        f"{ncps['cpu_ms'] / fast['cpu_ms']:.2f}x), "
-        f"rollout B=1 {ncps['roll1_ms'] / fast['roll1_ms']:.2f}x"
-    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=["gru", "cfc"])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=20, help="bins per training sequence")
+    p.add_argument("--k", type=int, default=5, help="closed-loop steps")
     p.add_argument("--history", type=int, default=10, help="history bins before a rollout")
-    p.add_argument("--horizon", type=int, default=5)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--steps", type=int, default=5, help="training steps per timed repeat")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=torch.get_num_threads(),
-        help="torch intra-op threads (default: torch's, as training uses unless --threads)",
-    )
-    p.add_argument(
-        "--small",
-        type=int,
-        nargs=3,
-        default=(32, 1, 32),
-        metavar=("UNITS", "LAYERS", "BACKBONE"),
-        help="the small configuration",
-    )
-    p.add_argument("--only", choices=("paper", "small"), help="bench one configuration")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--profile", action="store_true", help="print a torch profile of cfc-fast")
-    p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
-    if args.memory_child:
-        memory_child(args)
-        return
+    if "gru" not in args.models:
+        args.models.insert(0, "gru")
     torch.set_num_threads(args.threads)
-    configs = {"paper": ("2 x 128 (backbone 128)", 128, 2, 128)}
-    u, n_layers, bb = args.small
-    configs["small"] = (f"small: {n_layers} x {u} (backbone {bb})", u, n_layers, bb)
-    if args.only:
-        configs = {args.only: configs[args.only]}
-    batches = make_batches(4, args.batch, args.seq_len)
-    load0 = os.getloadavg()
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch} x "
-        f"{args.seq_len} bins x {N_INPUT} inputs, {args.repeats} interleaved repeats x "
-        f"{args.steps} steps, medians; load average at start {load0[0]:.2f} on "
-        f"{os.cpu_count()} CPUs"
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, 2 x 128, batch "
+        f"{args.batch} x {args.seq_len} bins, closed loop K={args.k}, {args.repeats} "
+        f"interleaved repeats x {args.steps} steps, medians; load average at start "
+        f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
     )
-    for label, units, layers, bb in configs.values():
-        print_table(label, bench_config(args, label, units, layers, bb, batches))
-    print(f"\nload average at end {os.getloadavg()[0]:.2f} (other tenants inflate wall times)")
+    rows = bench(args)
+    gru = rows["gru"]
+    head = (
+        f"{'model':9s} {'teacher-forced ex/s':>19s} {'x GRU':>6s} {'cpu ms/step':>11s} "
+        f"{'closed-loop ex/s':>16s} {'x GRU':>6s} {'rollout ms':>10s} {'x GRU':>6s}"
+    )
+    print(head + "\n" + "-" * len(head))
+    for name, r in rows.items():
+        print(
+            f"{name:9s} {r['tf_ex_s']:19.0f} {r['tf_ex_s'] / gru['tf_ex_s']:6.2f} "
+            f"{r['tf_cpu_ms']:11.2f} {r['cl_ex_s']:16.0f} {r['cl_ex_s'] / gru['cl_ex_s']:6.2f} "
+            f"{r['roll_ms']:10.2f} {gru['roll_ms'] / r['roll_ms']:6.2f}"
+        )
+    print(f"load average at end {os.getloadavg()[0]:.2f} (other tenants inflate wall times)")
 
 
 if __name__ == "__main__":

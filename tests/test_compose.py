@@ -132,8 +132,7 @@ def test_dockerfile_installs_cpu_torch_and_runs_unprivileged(repo_root: Path) ->
     )
     assert re.search(r"^USER (?!root)\w+", text, re.M)
     assert 'ENTRYPOINT ["icu-forecast"]' in text
-    # FastCfC's native training loops are compiled in the container (training/cfc_kernels.py).
-    assert re.search(r"apt-get install .*\bgcc\b", text)
+    assert not re.search(r"\bgcc\b", text)  # nothing is compiled at run time
     ignored = (repo_root / ".dockerignore").read_text().split()
     for path in ("data", "mlflow.db", ".venv", ".git"):
         assert path in ignored, f".dockerignore must keep {path} out of the image"

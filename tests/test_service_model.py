@@ -127,17 +127,6 @@ def test_reload_picks_up_new_champion_and_survives_a_broken_one(served_model, re
         assert f'version="{v2}"' in metrics
 
 
-def test_a_loaded_model_has_forecast_once_before_it_serves(served_model):
-    """load_from_mlflow runs a small forecast: the native loops and prepared weights exist
-    before the first request (none of it lands on that request)."""
-    from service.model import load_from_mlflow
-
-    model = load_from_mlflow(served_model.settings_kwargs["model_uri"], served_model.tracking_uri)
-    stepper = model.forecaster.model._stepper()
-    assert stepper is not None and stepper._cached is not None
-    assert stepper._cached[1][2] is not None  # the native stack: what the service runs
-
-
 def test_warm_up_refuses_a_model_that_cannot_forecast():
     from service.model import ModelLoadError, _warm_up
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import training.fast_cfc as fast_cfc
 from features.catalog import N_STATE
 from tests.synthetic import write_synthetic_etl_output
 from training.data import BinsDataModule
@@ -47,61 +46,32 @@ def test_forecast_from_raw_history_equals_offline_rollout(setup) -> None:  # noq
         np.testing.assert_allclose(dm.preprocessor.scale_state(out), w.pred, atol=1e-5)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_forecast_is_vectorised_and_row_independent(setup, native: bool, monkeypatch) -> None:  # noqa: ANN001
-    """One model call for the whole batch (native loops), or one step call per bin for all rows
-    (without them); either way a row's forecast does not depend on the other rows."""
-    monkeypatch.setattr(fast_cfc, "_NATIVE_LOOPS", native)
+def test_forecast_is_vectorised_and_row_independent(setup) -> None:  # noqa: ANN001
+    """One step call per bin for all rows together; a row's forecast does not depend on the
+    other rows."""
     dm, fc = setup
     seqs = dm.sequences["train"]
     w = evaluate(fc.model, seqs, dm.preprocessor, (2,)).windows[2]
     state, iv, lengths, planned = _windows_as_histories(seqs, w, 2)
     calls = []
-    step, fused = fc.model.step, fc.model.fused_forecast
+    step = fc.model.step
 
     def counting_step(x, st):  # noqa: ANN001, ANN202
-        calls.append(("step", x.shape[0]))
+        calls.append(x.shape[0])
         return step(x, st)
 
-    def counting_fused(x, *args):  # noqa: ANN001, ANN002, ANN202
-        out = fused(x, *args)
-        if out is not None:
-            calls.append(("fused", x.shape[0]))
-        return out
-
-    fc.model.step, fc.model.fused_forecast = counting_step, counting_fused
+    fc.model.step = counting_step
     try:
         together = fc.forecast(state, iv, lengths, planned)
     finally:
-        del fc.model.step, fc.model.fused_forecast
-    if native:
-        assert calls == [("fused", len(lengths))]
-    else:  # one call per history bin + one per extra step
-        assert calls == [("step", len(lengths))] * (state.shape[1] + 1)
+        del fc.model.step
+    assert calls == [len(lengths)] * (state.shape[1] + 1)  # each history bin, one extra step
     for j in (0, len(lengths) // 2, len(lengths) - 1):
         n = lengths[j]
         alone = fc.forecast(
             state[j : j + 1, :n], iv[j : j + 1, :n], lengths[j : j + 1], planned[j : j + 1]
         )
         np.testing.assert_allclose(alone[0], together[j], rtol=1e-9, atol=1e-9)
-
-
-def test_native_forecast_equals_stepping_through_the_model(setup, monkeypatch) -> None:  # noqa: ANN001
-    """The one-call native rollout and the per-bin steps: same forecasts, for histories of
-    different lengths, with planned interventions, at horizons 1 and 4."""
-    dm, fc = setup
-    seqs = dm.sequences["train"]
-    for k in (1, 4):
-        w = evaluate(fc.model, seqs, dm.preprocessor, (k,)).windows[k]
-        state, iv, lengths, planned = _windows_as_histories(seqs, w, k)
-        planned[:, :, 0] = np.linspace(0, 5, len(lengths))[:, None]
-        assert len(set(lengths.tolist())) > 1
-        monkeypatch.setattr(fast_cfc, "_NATIVE_LOOPS", True)
-        native = fc.forecast(state, iv, lengths, planned)
-        monkeypatch.setattr(fast_cfc, "_NATIVE_LOOPS", False)
-        stepped = fc.forecast(state, iv, lengths, planned)
-        assert native.shape == stepped.shape == (len(lengths), k, N_STATE)
-        np.testing.assert_allclose(native, stepped, rtol=1e-10, atol=1e-10)
 
 
 def test_planned_interventions_reach_the_documented_steps(setup) -> None:  # noqa: ANN001
@@ -147,16 +117,3 @@ def test_pyfunc_frame_errors_name_the_problem() -> None:
     bad.loc[0, "step"] = 7
     with pytest.raises(ForecastInputError, match="steps must be"):
         frame_to_arrays(bad)
-
-
-def test_fast_cfc_impl_is_a_drop_in_for_ncps() -> None:
-    """``cfc_impl="fast"`` builds training.fast_cfc.FastCfC with ncps' state-dict keys."""
-    torch.manual_seed(0)
-    cfg = {"model": "cfc", "units": 8, "layers": 2, "backbone_units": 8}
-    fast = build_model(ModelConfig(**cfg, cfc_impl="fast")).double().eval()
-    ref = build_model(ModelConfig(**cfg)).double().eval()
-    assert type(fast.rnns[0]).__name__ == "FastCfC"
-    ref.load_state_dict(fast.state_dict())
-    x = torch.randn(3, 6, 2 * N_STATE + 3, dtype=torch.float64)
-    with torch.no_grad():
-        np.testing.assert_allclose(fast(x).numpy(), ref(x).numpy(), atol=1e-10)

@@ -55,7 +55,7 @@ class TrainConfig(BaseSettings):
     backbone_layers: int = _ARCH.backbone_layers
     backbone_dropout: float = _ARCH.backbone_dropout
     mixed_memory: bool = _ARCH.mixed_memory
-    cfc_impl: Literal["ncps", "fast"] = _ARCH.cfc_impl
+    cfc_impl: Literal["torch", "ncps"] = _ARCH.cfc_impl
     ncp_output: int = _ARCH.ncp_output
     ncp_sparsity: float = _ARCH.ncp_sparsity
     ode_unfolds: int = _ARCH.ode_unfolds

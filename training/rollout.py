@@ -68,20 +68,21 @@ def encode(
     every: list[State] | None = [] if keep_all else None
     # Bins before the shortest history's end are real for every row: no masking needed.
     all_live = int(lengths.min()) if b else t
-    for i in range(t):
-        y, new = model.step(x[:, i], state)
-        if i < all_live:
-            state = new
-        else:
-            live = i < lengths
-            # Rows whose history has ended keep the state after their last real bin.
-            state = [
-                torch.where(live.view(-1, *[1] * (n.dim() - 1)), n, o)
-                for n, o in zip(new, state, strict=True)
-            ]
-        if every is not None:
-            every.append(new)
-        ys.append(y)
+    with model.stepping():
+        for i in range(t):
+            y, new = model.step(x[:, i], state)
+            if i < all_live:
+                state = new
+            else:
+                live = i < lengths
+                # Rows whose history has ended keep the state after their last real bin.
+                state = [
+                    torch.where(live.view(-1, *[1] * (n.dim() - 1)), n, o)
+                    for n, o in zip(new, state, strict=True)
+                ]
+            if every is not None:
+                every.append(new)
+            ys.append(y)
     return torch.stack(ys, dim=1), state, every
 
 
@@ -107,11 +108,12 @@ def continue_rollout(
     y = clip(first)
     preds = [y]
     zeros = torch.zeros_like(first)
-    for k in range(future_iv.shape[1]):
-        x = torch.cat([y, zeros, future_iv[:, k]], dim=-1)
-        y, state = model.step(x, state)
-        y = clip(y)
-        preds.append(y)
+    with model.stepping():
+        for k in range(future_iv.shape[1]):
+            x = torch.cat([y, zeros, future_iv[:, k]], dim=-1)
+            y, state = model.step(x, state)
+            y = clip(y)
+            preds.append(y)
     return torch.stack(preds, dim=1)
 
 
@@ -124,11 +126,7 @@ def forecast_rollout(
     bounds: Bounds | None = None,
 ) -> torch.Tensor:
     """K-step rollouts from the last real bin of each history: :func:`encode` then
-    :func:`continue_rollout`, as one native call where the model has one (FastCfC stacks),
-    which computes the same steps. Returns (B, K, 18)."""
-    fused = model.fused_forecast(x, lengths, future_iv, bounds)
-    if fused is not None:
-        return fused
+    :func:`continue_rollout`. Returns (B, K, 18)."""
     ys, state, _ = encode(model, x, lengths)
     first = ys[torch.arange(x.shape[0]), lengths - 1]
     return continue_rollout(model, first, state, future_iv, bounds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -30,7 +31,7 @@ class ModelConfig:
     backbone_layers: int = 1
     backbone_dropout: float = 0.0
     mixed_memory: bool = False
-    cfc_impl: Literal["ncps", "fast"] = "fast"
+    cfc_impl: Literal["torch", "ncps"] = "torch"
     # cfc-ncp: AutoNCP wiring with this many motor neurons (the head maps them to the state)
     ncp_output: int = 18
     ncp_sparsity: float = 0.5
@@ -51,6 +52,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if known.get("cfc_impl") == "fast":  # models saved before the rename: same state dict
+            known["cfc_impl"] = "torch"
         return cls(**known)
 
 
@@ -75,15 +78,13 @@ class DynamicsModel(nn.Module):
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
         return []
 
+    def stepping(self) -> AbstractContextManager:
+        """Wrap a loop of :meth:`step` calls in it: a model may prepare its weights once for
+        the loop (CfC). The parameters must not change inside; autograd works through it."""
+        return nullcontext()
+
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:  # (B, 39) -> (B, 18)
         raise NotImplementedError
-
-    def fused_forecast(
-        self, x: Tensor, lengths: Tensor, future: Tensor, bounds: tuple[Tensor, Tensor] | None
-    ) -> Tensor | None:
-        """``training.rollout.forecast_rollout`` in one call, for models that have such a path
-        (FastCfC stacks with the native loops); None means: step through it."""
-        return None
 
     def _out(self, x: Tensor, delta: Tensor) -> Tensor:
         return x[..., :N_STATE] + delta if self.cfg.residual else delta

@@ -1,33 +1,35 @@
-"""Recurrent dynamics models: ncps CfC (plain or NCP-wired), LTC, and torch GRU / LSTM.
+"""Recurrent dynamics models: CfC (plain or NCP-wired), ncps LTC, and torch GRU / LSTM.
 
+CfC is :mod:`training.models.cfc` (``cfc_impl="torch"``) or ncps' reference (``"ncps"``).
 ncps cells are called without ``timespans``: the bins are regular (12 h), and ncps 1.0.1's
 per-sample timespans are broken (ncps issue #83), so the default elapsed time of 1 is used.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
 import torch
 from torch import Tensor, nn
 
 from features.catalog import N_STATE
 from training.models.base import N_INPUT, DynamicsModel, ModelConfig, State
+from training.models.cfc import CfC
 
 
 def _cfc_class(impl: str) -> type[nn.Module]:
-    if impl == "ncps":
-        from ncps.torch import CfC
-
+    if impl == "torch":
         return CfC
-    if impl == "fast":
-        # Imported lazily: another implementation with ncps' constructor and state-dict keys.
-        from training.fast_cfc import FastCfC
+    if impl == "ncps":  # the reference implementation, same state-dict keys
+        from ncps.torch import CfC as NcpsCfC
 
-        return FastCfC
-    raise ValueError(f"cfc_impl must be 'ncps' or 'fast', got {impl!r}")
+        return NcpsCfC
+    raise ValueError(f"cfc_impl must be 'torch' or 'ncps', got {impl!r}")
 
 
 class _NcpsStack(DynamicsModel):
-    """Layers of ncps RNNs (CfC or LTC), each fed the previous layer's output, then a head."""
+    """Layers of CfC or ncps LTC RNNs, each fed the previous layer's output, then a head."""
 
     def __init__(self, cfg: ModelConfig, layers: list[nn.Module], out_size: int) -> None:
         super().__init__(cfg)
@@ -35,13 +37,6 @@ class _NcpsStack(DynamicsModel):
         self.head = nn.Linear(out_size, N_STATE)
 
     def forward(self, x: Tensor) -> Tensor:
-        if all(hasattr(r, "forward_time_major") and r.return_sequences for r in self.rnns):
-            # FastCfC layers: chain them and the head time-major, so no layer boundary makes
-            # a transposed copy; only the (B, T, 18) result is a transposed view.
-            h = x.transpose(0, 1)
-            for rnn in self.rnns:
-                h = rnn.forward_time_major(h)
-            return self._out(x, self.head(h).transpose(0, 1))
         h = x
         for rnn in self.rnns:
             h, _ = rnn(h)
@@ -51,64 +46,36 @@ class _NcpsStack(DynamicsModel):
         out: State = []
         for rnn in self.rnns:
             out.append(torch.zeros(batch, rnn.state_size, device=device, dtype=dtype))
-            if getattr(rnn, "use_mixed", False):
+            if rnn.use_mixed:
                 out.append(torch.zeros(batch, rnn.state_size, device=device, dtype=dtype))
         return out
 
+    @contextmanager
+    def stepping(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for rnn in self.rnns:
+                if isinstance(rnn, CfC):
+                    stack.enter_context(rnn.stepping())
+            yield
+
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        stepper = self._stepper() if not torch.is_grad_enabled() else None
-        if stepper is not None:
-            out, new = stepper(x, state)
-            return self._out(x, out), new
-        h = x[:, None, :]
+        h = x
         new: State = []
         i = 0
         for rnn in self.rnns:
-            if getattr(rnn, "use_mixed", False):
+            if rnn.use_mixed:
                 hx = (state[i], state[i + 1])
                 i += 2
             else:
                 hx = state[i]
                 i += 1
-            h, hx = rnn(h, hx)
+            if isinstance(rnn, CfC):
+                h, hx = rnn.step(h, hx)
+            else:  # ncps modules take sequences: a sequence of one bin
+                out, hx = rnn(h[:, None, :], hx)
+                h = out[:, 0]
             new.extend(hx if isinstance(hx, tuple) else [hx])
-        return self._out(x, self.head(h[:, 0])), new
-
-    def fused_forecast(
-        self, x: Tensor, lengths: Tensor, future: Tensor, bounds: tuple[Tensor, Tensor] | None
-    ) -> Tensor | None:
-        stepper = self._stepper() if not torch.is_grad_enabled() else None
-        if stepper is None:
-            return None
-        return stepper.forecast(x, lengths, future, bounds, residual=self.cfg.residual)
-
-    def _stepper(self):
-        """FastCfC's lean single-bin inference path for the whole stack, where it applies.
-
-        Rollouts call ``step`` once per bin for a few rows, where fixed per-call costs dominate;
-        other layer types (ncps CfC, LTC, wired cells) take the module calls above.
-        """
-        cached = self.__dict__.get("_lean_stepper")
-        layers = tuple(self.rnns)
-        if cached is None or cached[0] != layers or cached[1] is not self.head:
-            stepper = None
-            if any(type(r).__name__ == "FastCfC" for r in layers):
-                from training.fast_cfc import StackStepper
-
-                try:
-                    stepper = StackStepper(layers, self.head)
-                except TypeError:  # e.g. a wired cell: the module calls handle it
-                    stepper = None
-            # Not a submodule or buffer: kept out of state_dict, dropped when pickled/copied.
-            cached = (layers, self.head, stepper)
-            self.__dict__["_lean_stepper"] = cached
-        stepper = cached[2]
-        return stepper if stepper is not None and stepper.applies() else None
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_lean_stepper", None)
-        return state
+        return self._out(x, self.head(h)), new
 
 
 def build_cfc(cfg: ModelConfig) -> DynamicsModel:
