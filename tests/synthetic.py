@@ -1,4 +1,4 @@
-"""Tiny synthetic ETL output (bins.parquet + preprocessor/ + data_card.json) for tests.
+"""Tiny synthetic ETL output (bins.parquet + data_card.json) for tests.
 
 Contract-conforming (docs/architecture.md) and learnable: every state variable relaxes towards
 a stay-specific set point, vasopressors raise blood pressure, ventilation raises SpO2, fluids

@@ -25,11 +25,11 @@ def _stay_bodies(served_model, k: int) -> list[tuple[dict, np.ndarray]]:
     from training.data import load_bins, split_sequences
     from training.rollout import rollout_windows, state_bounds
 
-    frame, pre, _ = load_bins(served_model.etl_dir)
-    seqs = split_sequences(frame, pre, "test")
+    frame, _ = load_bins(served_model.etl_dir)
     forecaster = load_from_mlflow(
         served_model.settings_kwargs["model_uri"], served_model.tracking_uri
     ).forecaster
+    seqs = split_sequences(frame, forecaster.preprocessor, "test")
     bounds = state_bounds(forecaster.preprocessor)
     windows = rollout_windows(forecaster.model, seqs.inputs, seqs.state, (k,), bounds=bounds)[k]
     starts = frame.groupby("icustay_id")["bin_start"].min()

@@ -71,7 +71,10 @@ def test_train_evaluate_log_and_reload(store: dict, model: str) -> None:
         for s in SIGMAS:
             assert np.isfinite(m[f"noise/rmse_k{k}_sigma{sigma_label(s)}"])
     assert m["test/rmse_k5"] > 0
-    assert np.isfinite(m["test/rmse_observed_k1"])
+    assert np.isfinite(m["test/rmse_measured_k1"])
+    for k in KS:  # skill against persistence on the same windows, with its interval
+        assert m[f"test/skill_k{k}_lo"] <= m[f"test/skill_k{k}"] <= m[f"test/skill_k{k}_hi"]
+        assert np.isfinite(m[f"baseline/direct_rmse_measured_k{k}"])
     assert np.isfinite(m["noise/rel_degradation_k5_sigma0.05"])
     assert "val/rmse_k5" in m and "n_params" in m
     if model not in ("persistence",):
@@ -96,6 +99,7 @@ def test_train_evaluate_log_and_reload(store: dict, model: str) -> None:
     pyfunc = mlflow.pyfunc.load_model(uri)
     forecaster = pyfunc.unwrap_python_model().forecaster
     dm = BinsDataModule(store["data"])
+    dm.setup("fit")
     test = dm.sequences["test"]
     k = 5
     windows = evaluate(forecaster.model, test, dm.preprocessor, (k,)).windows[k]

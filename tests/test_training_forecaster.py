@@ -19,6 +19,7 @@ from training.pyfunc import ForecastInputError, frame_to_arrays, synthetic_input
 def setup(tmp_path_factory: pytest.TempPathFactory):
     data = write_synthetic_etl_output(tmp_path_factory.mktemp("fc") / "out", n_stays=20, n_bins=9)
     dm = BinsDataModule(data)
+    dm.setup("fit")
     torch.manual_seed(0)
     model = build_model(ModelConfig(model="cfc", units=8, layers=2, backbone_units=8))
     return dm, Forecaster(model, dm.preprocessor, "cfc")

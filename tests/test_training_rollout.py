@@ -147,13 +147,14 @@ def test_rollout_clips_predictions_to_bounds_before_feeding_them_back() -> None:
 
 
 def test_state_bounds_are_the_clamp_ranges_in_scaled_space(tmp_path) -> None:  # noqa: ANN001
-    from features.preprocess import CLAMP_HIGH, CLAMP_LOW, Preprocessor
+    from features.preprocess import CLAMP_HIGH, CLAMP_LOW
     from tests.synthetic import write_synthetic_etl_output
+    from training.data import BinsDataModule
     from training.rollout import state_bounds
 
-    pre = Preprocessor.load(
-        write_synthetic_etl_output(tmp_path / "out", n_stays=8) / "preprocessor"
-    )
+    dm = BinsDataModule(write_synthetic_etl_output(tmp_path / "out", n_stays=8))
+    dm.setup("fit")
+    pre = dm.preprocessor
     lo, hi = state_bounds(pre)
     np.testing.assert_allclose(pre.unscale_state(lo.numpy()), CLAMP_LOW)
     np.testing.assert_allclose(pre.unscale_state(hi.numpy()), CLAMP_HIGH)

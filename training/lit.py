@@ -59,6 +59,18 @@ def rollout_errors(
     Vectorised over starts: the history is encoded once (one ``step`` per bin for the batch),
     then all (stay, start) pairs roll on together as one batch.
     """
+    with model.stepping():  # CfC arranges its weights once for the whole loop of steps
+        return _rollout_errors(model, x, lengths, k, bounds, measured_only)
+
+
+def _rollout_errors(
+    model: DynamicsModel,
+    x: torch.Tensor,
+    lengths: torch.Tensor,
+    k: int,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None,
+    measured_only: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     b, t, _ = x.shape
     state = model.init_state(b, x.device, x.dtype)
     ys, states = [], []
