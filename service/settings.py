@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -34,7 +35,8 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("API_KEY", "api_key"),
-        description="When set, every endpoint except /healthz and /readyz requires it.",
+        description="When set, every endpoint except /healthz and /readyz requires it. An "
+        "empty or blank value is refused (it would otherwise read as 'no key': auth off).",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -93,6 +95,17 @@ class ServiceSettings(BaseSettings):
         description="`icu-forecast serve` only: log lines are written in batches, at most this "
         "long after they were logged (0: every line at once)",
     )
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: SecretStr | None) -> SecretStr | None:
+        # ``API_KEY=""`` is a typo or an unset variable in a template, never a wish to turn auth
+        # off: that is done by leaving API_KEY out of the environment.
+        if v is not None and not v.get_secret_value().strip():
+            raise PydanticCustomError(
+                "empty_api_key", "API_KEY is set but empty; unset it to run without a key"
+            )
+        return v
 
     @field_validator("log_level")
     @classmethod

@@ -352,3 +352,39 @@ def test_settings_from_env_and_flags(monkeypatch):
     assert s.model_uri == "runs:/abc/model" and s.port == 9001
     with pytest.raises(UserError, match="port"):
         settings_from_args(parser.parse_args(["--port", "70000"]))
+
+
+@pytest.mark.parametrize("key", ["", "   ", "\t\n"])
+def test_an_empty_api_key_is_refused_not_read_as_auth_off(monkeypatch, key, repo_root):
+    """``API_KEY=""`` is a configuration error: `serve` exits 2 with one line, and starts
+    nothing (a blank key must never mean an open API)."""
+    import os
+    import subprocess
+    import sys
+
+    from features.errors import UserError
+
+    monkeypatch.setenv("API_KEY", key)
+    with pytest.raises(UserError, match="API_KEY is set but empty"):
+        import argparse
+
+        from service.command import configure, settings_from_args
+
+        parser = argparse.ArgumentParser()
+        configure(parser)
+        settings_from_args(parser.parse_args([]))
+    with pytest.raises(ValueError, match="API_KEY"):
+        ServiceSettings(api_key=key)
+    if key == "":
+        env = {**os.environ, "API_KEY": key}
+        out = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "serve", "--port", "0"],
+            cwd=repo_root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "API_KEY" in lines[0], out.stderr
