@@ -388,3 +388,100 @@ def test_an_empty_api_key_is_refused_not_read_as_auth_off(monkeypatch, key, repo
         assert out.returncode == 2, out.stderr
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and "API_KEY" in lines[0], out.stderr
+
+
+class Recorder:
+    """Wraps a Forecaster and keeps the arrays of its last call (what the model was fed)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.fed: dict[str, np.ndarray] = {}
+
+    def forecast(self, state, interventions, lengths, planned):
+        self.fed = {"state": state, "interventions": interventions, "planned": planned}
+        return self.inner.forecast(state, interventions, lengths, planned)
+
+
+@pytest.mark.parametrize("amount", [1e308, 1.7e308, 25_000.0])
+def test_events_interventions_meet_training_limits_and_the_response_tells_what_was_fed(
+    served_model, amount
+):
+    """A huge IV volume in the events form is clamped to training's maximum with a warning,
+    the plan the response reports is the one the model used, and the forecast equals the
+    history form's with the clamped value."""
+    from features.preprocess import INTERVENTION_MAX
+
+    iv_max = float(INTERVENTION_MAX[INTERVENTION_NAMES.index("iv_fluid_ml")])
+    vaso_max = float(INTERVENTION_MAX[INTERVENTION_NAMES.index("vasopressor")])
+    t0 = bin_start(0)
+    events = [
+        {"time": "2024-03-01T09:00:00Z", "variable": "heart_rate", "value": 80},
+        {"time": "2024-03-01T21:00:00Z", "variable": "temperature", "value": 37.5},
+        {"time": "2024-03-01T23:00:00Z", "variable": "iv_fluid_ml", "value": amount},
+        {"time": "2024-03-01T23:30:00Z", "variable": "iv_fluid_ml", "value": amount},
+    ]
+    with TestClient(make_app(served_model)) as c:
+        holder = c.app.state.holder
+        recorder = Recorder(holder.current.forecaster)
+        holder.current = LoadedModel(holder.current.info, recorder)
+        resp = c.post("/v1/forecast", json={"horizon": 2, "icu_intime": t0, "events": events})
+        assert resp.status_code == 200, resp.text
+        out = resp.json()
+        fed = recorder.fed
+        clamped = [w for w in out["warnings"] if w["kind"] == "clamped"]
+        assert [(w["variable"], w["bins"]) for w in clamped] == [("iv_fluid_ml", [1])], clamped
+        assert f"clamped to {iv_max:g}" in clamped[0]["message"]
+        # Reported = fed: the assumed plan is the last bin's (clamped) interventions.
+        reported = np.array(
+            [[s["interventions"][n] for n in INTERVENTION_NAMES] for s in out["forecast"]]
+        )
+        assert np.isfinite(reported).all()
+        np.testing.assert_array_equal(reported, fed["planned"][0])
+        assert reported[0, INTERVENTION_NAMES.index("iv_fluid_ml")] == iv_max
+        assert (
+            np.nanmax(fed["interventions"][..., INTERVENTION_NAMES.index("iv_fluid_ml")]) == iv_max
+        )
+        assert (
+            np.nanmax(fed["interventions"][..., INTERVENTION_NAMES.index("vasopressor")], initial=0)
+            <= vaso_max
+        )
+
+        history = {
+            "horizon": 2,
+            "history": [
+                {"bin_start": t0, "values": {"heart_rate": 80}},
+                {
+                    "bin_start": bin_start(1),
+                    "values": {"temperature": 37.5},
+                    "interventions": {"iv_fluid_ml": iv_max},
+                },
+            ],
+        }
+        ref = c.post("/v1/forecast", json=history).json()
+        np.testing.assert_allclose(
+            values_matrix(out["forecast"]), values_matrix(ref["forecast"]), rtol=1e-6
+        )
+        # The history form keeps refusing a bin above the maximum (the schema's limit).
+        history["history"][1]["interventions"]["iv_fluid_ml"] = amount
+        assert c.post("/v1/forecast", json=history).status_code == 422
+
+
+def test_overlapping_coverage_intervals_are_clamped_to_full_coverage(client):
+    """Two overlapping vasopressor intervals never feed the model more than full coverage."""
+    t0 = bin_start(0)
+    events = [
+        {"time": "2024-03-01T09:00:00Z", "variable": "heart_rate", "value": 80},
+        *(
+            {
+                "time": "2024-03-01T08:00:00Z",
+                "end_time": "2024-03-01T20:00:00Z",
+                "variable": "vasopressor",
+                "value": 1,
+            }
+            for _ in range(2)
+        ),
+    ]
+    resp = client.post("/v1/forecast", json={"horizon": 1, "icu_intime": t0, "events": events})
+    assert resp.status_code == 200, resp.text
+    step = resp.json()["forecast"][0]
+    assert 0 <= step["interventions"]["vasopressor"] <= 1.0
