@@ -1,26 +1,29 @@
-"""The FastAPI app: ``create_app(settings)`` wires settings, model holder, batcher and routes.
+"""The FastAPI app: ``create_app(settings)`` wires settings, model holder, batcher and routers.
 
-The request models are built per app from the configured limits (so the OpenAPI document shows
-them) and parse the raw body in one pydantic pass; responses are written with orjson directly,
-the response models only document them.
+The request models are built per app from the configured limits, so the OpenAPI document shows
+them; FastAPI parses and validates the bodies. Responses are written with orjson directly (the
+response models only document them). Authentication is a FastAPI security dependency on the
+protected router, so OpenAPI lists the schemes and Swagger UI's "Authorize" button works.
 """
 
 import asyncio
 import contextlib
 import gc
+import hmac
 import logging
+import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ValidationError
 
 from features.catalog import (
     BIN_HOURS,
@@ -31,7 +34,7 @@ from features.catalog import (
     catalog_version,
 )
 from service.events import bin_events
-from service.logs import flush_all as flush_logs
+from service.logs import queue_log_writes
 from service.metrics import ServiceMetrics
 from service.middleware import GatewayMiddleware
 from service.model import (
@@ -50,18 +53,15 @@ from service.schemas import (
     VariableInfo,
     request_models,
 )
-from service.settings import ServiceSettings
-from service.workers import (
-    bump_generation,
-    configure_worker_logging,
-    mark_worker_gone,
-    read_generation,
-    run_dir,
-    watch_generation,
-    worker_settings_payload,
-)
+from service.settings import RUN_DIR_ENV, SETTINGS_ENV, ServiceSettings
 
 log = logging.getLogger("icu_forecast.service")
+
+# Touched in the run folder whenever a worker loads a model. A worker started after that (a
+# replacement in uvicorn's SIGHUP restart) that cannot load one fails its startup, and uvicorn
+# keeps the worker it was to replace; a worker of the first start serves 503 and retries.
+SERVED_MARKER = "model-served"
+_STARTED_AT = time.time()
 
 
 def _json(payload: Any, status: int = 200) -> Response:
@@ -118,30 +118,12 @@ def _clean_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing or invalid API key (when API_KEY is set)"},
     413: {"description": "request body too large"},
     415: {"description": "request body is not JSON"},
     422: {"description": "invalid input; `detail` names each bad field"},
     503: {"description": "no model loaded yet"},
 }
-
-
-def _body_schema(name: str) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}},
-        }
-    }
-
-
-def _parse(model: type[BaseModel], body: bytes) -> Any:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False, include_context=False)
-        for e in errors:
-            e["loc"] = ("body", *e["loc"])
-        raise InputError(errors) from None
 
 
 def _patient_payload(p: PatientInput, values: Any) -> dict[str, Any]:
@@ -161,75 +143,50 @@ def _patient_payload(p: PatientInput, values: Any) -> dict[str, Any]:
     return {"id": p.id, "horizon": p.horizon, "forecast": forecast, "warnings": p.warnings}
 
 
-class DirectEndpoint:
-    """A POST endpoint as a bare ASGI app: read the body, call ``handler``, send its response.
-
-    The forecast endpoints take most of the traffic, and FastAPI's route machinery (exception
-    middlewares, dependency solving, request objects) cost about as much per request as
-    parsing the body does. Errors become the same responses the app's exception handlers give.
-    """
-
-    def __init__(self, handler: Callable[[bytes], Awaitable[Response]], log: logging.Logger):
-        self.handler = handler
-        self.log = log
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        try:
-            chunks = []
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return  # the client is gone: nobody to answer
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-            response = await self.handler(b"".join(chunks))
-        except InputError as exc:
-            response = _json({"detail": _clean_errors(exc.errors)}, 422)
-        except HTTPException as exc:  # e.g. 413 from the gateway's body counter
-            response = _json({"detail": exc.detail}, exc.status_code)
-        except Exception as exc:
-            # The message may quote input values: it goes to the log only by type, not by text.
-            self.log.error("unhandled %s on %s", type(exc).__name__, scope["path"])
-            response = _json({"detail": "internal error"}, 500)
-        await response(scope, receive, send)
+_api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="the API key (or send it as a Bearer token)"
+)
+_bearer = HTTPBearer(auto_error=False, description="the API key as a Bearer token")
 
 
-class ServiceApp(FastAPI):
-    """FastAPI with the gateway in front of all of it, the framework's own middleware included.
+def api_key_dependency(key: str | None) -> Any:
+    """A FastAPI security dependency that requires ``key`` (X-API-Key or Bearer), or nothing."""
+    expected = key.encode() if key else None
 
-    Every HTTP request passes the gateway first (request id, auth, body limits, access log,
-    metrics). The forecast endpoints, most of the traffic, are then answered by the gateway's
-    ``DirectEndpoint``s, so they also skip the framework's per-request layers (error,
-    telemetry and body-size middlewares: a few percent of a worker's time under load); every
-    other request continues into the whole FastAPI stack, as it did with the gateway as a
-    middleware. Lifespan events go to FastAPI directly.
-    """
+    async def require_api_key(
+        header: Annotated[str | None, Security(_api_key_header)],
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    ) -> None:
+        if expected is None:
+            return
+        given = header if header is not None else (bearer.credentials if bearer else None)
+        # Constant time: the comparison must not tell an attacker how much of a key matched.
+        if given is None or not hmac.compare_digest(given.encode(), expected):
+            raise HTTPException(
+                401,
+                "missing or invalid API key (Authorization: Bearer or X-API-Key)",
+                headers={"www-authenticate": "Bearer"},
+            )
 
-    gateway: GatewayMiddleware
+    return require_api_key
 
-    def put_gateway_in_front(self, make: Callable[[Any], GatewayMiddleware]) -> None:
-        """``make(app)`` builds the gateway around ``app``, the FastAPI stack behind it."""
-        self.gateway = make(super().__call__)
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            scope["app"] = self  # as FastAPI sets it, for the gateway and its direct endpoints
-            await self.gateway(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
+def _served_marker() -> str | None:
+    folder = os.environ.get(RUN_DIR_ENV)
+    return os.path.join(folder, SERVED_MARKER) if folder else None
 
 
 def create_app(
     settings: ServiceSettings | None = None,
     loader: Loader | None = None,
     *,
-    freeze_gc: bool = False,
-) -> ServiceApp:
+    serve: bool = False,
+) -> FastAPI:
     """Build the app. ``loader`` replaces loading ``settings.model_uri`` from MLflow (tests).
 
-    ``freeze_gc`` (set by ``icu-forecast serve``, which owns its process) moves everything
-    alive after a model load out of the garbage collector's generations.
+    ``serve`` (set by ``icu-forecast serve``, which owns its process) moves everything alive
+    after a model load out of the garbage collector's generations, and writes the log through a
+    queue (``service.logs``) that the shutdown drains.
     """
     settings = settings or ServiceSettings()
     metrics = ServiceMetrics()
@@ -237,6 +194,9 @@ def create_app(
 
     def on_change(m: LoadedModel) -> None:
         metrics.set_model(m.info.name, m.info.version, m.info.run_id)
+        marker = _served_marker()
+        if marker:
+            open(marker, "a").close()  # noqa: SIM115 - touch
 
     holder = ModelHolder(loader, on_change)
     batcher = MicroBatcher(
@@ -259,43 +219,32 @@ def create_app(
             raise
         metrics.reloads.labels("success").inc()
         log.info("reload (%s) done", reason)
-        if freeze_gc:
+        if serve:
             # Torch, MLflow and pandas leave millions of long-lived objects; a full collection
             # walking them all stalls every request for tens to hundreds of ms. Freezing moves
             # what exists now out of the collector's sight; only request garbage is scanned.
             gc.collect()
             gc.freeze()
             # And collect the young generation less often: a batch request allocates hundreds
-            # of thousands of objects that live until its response is written, and the
-            # default threshold (700) scans and promotes them again and again on the way.
+            # of thousands of objects that live until its response is written.
             _, gen1, gen2 = gc.get_threshold()
             gc.set_threshold(settings.gc_gen0_threshold, gen1, gen2)
         return loaded
 
-    # Several workers (serve --workers N): reloads are broadcast through the run folder.
-    shared = run_dir()
-    seen_generation = read_generation(shared) if shared else 0
-
-    def broadcast_reload() -> None:
-        nonlocal seen_generation
-        if shared is not None:
-            seen_generation = bump_generation(shared)
-
-    async def reload_generation(g: int) -> None:
-        nonlocal seen_generation
-        seen_generation = g
-        await _reload_quietly(f"broadcast {g}")
+    async def _reload_quietly(reason: str) -> None:
+        with contextlib.suppress(ModelLoadError):
+            await reload(reason)
 
     async def retry_initial_load() -> None:
         while holder.current is None:
             await asyncio.sleep(settings.load_retry_s)
-            with contextlib.suppress(ModelLoadError):
-                await reload("retry")
+            await _reload_quietly("retry")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import torch
 
+        stop_logging = queue_log_writes() if serve else None
         threads = torch.get_num_threads()
         # One intra-op thread: concurrency comes from batching, and more threads only fight
         # over the cores with the event loop.
@@ -305,25 +254,23 @@ def create_app(
         try:
             await reload("startup")
         except ModelLoadError:
+            marker = _served_marker()
+            if marker and os.path.exists(marker) and os.path.getmtime(marker) < _STARTED_AT:
+                # A replacement worker (uvicorn's SIGHUP restart): failing here makes uvicorn
+                # keep the worker that still serves the previous model.
+                await batcher.stop()
+                if stop_logging:
+                    stop_logging()
+                raise
             retry = asyncio.create_task(retry_initial_load())
-        watcher = (
-            asyncio.create_task(
-                watch_generation(
-                    shared, lambda: seen_generation, reload_generation, settings.reload_poll_s
-                )
-            )
-            if shared is not None
-            else None
-        )
         loop = asyncio.get_running_loop()
         sighup = False
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
+            # Only in a main thread with signals (not under a test client's portal thread).
             loop.add_signal_handler(
                 signal.SIGHUP, lambda: loop.create_task(_reload_quietly("SIGHUP"))
             )
             sighup = True
-        except (NotImplementedError, RuntimeError, ValueError, AttributeError):
-            log.debug("SIGHUP reload unavailable here (not the main thread or no signals)")
         try:
             yield
         finally:
@@ -331,20 +278,15 @@ def create_app(
                 loop.remove_signal_handler(signal.SIGHUP)
             if retry:
                 retry.cancel()
-            if watcher:
-                watcher.cancel()
-                mark_worker_gone()
+            metrics.process_exiting()
             await batcher.stop()
             torch.set_num_threads(threads)
-            # The access lines still waiting in a batch (service.logs): uvicorn re-raises the
-            # stopping signal after this, and the process ends without logging.shutdown.
-            flush_logs()
+            # uvicorn re-raises the stopping signal after this and the process ends without
+            # logging.shutdown: the lines still in the queue are written now.
+            if stop_logging:
+                stop_logging()
 
-    async def _reload_quietly(reason: str) -> None:
-        with contextlib.suppress(ModelLoadError):
-            await reload(reason)
-
-    app = ServiceApp(
+    app = FastAPI(
         title="icu-forecast",
         version="0.1.0",
         summary="K-step forecasts of 18 ICU state variables under planned interventions.",
@@ -354,16 +296,11 @@ def create_app(
     app.state.holder = holder
     app.state.metrics = metrics
     app.state.reload = reload
-    # POST endpoints the gateway hands their body directly (filled in below).
-    direct: dict[str, DirectEndpoint] = {}
-    app.put_gateway_in_front(
-        partial(
-            GatewayMiddleware,
-            metrics=metrics,
-            api_key=settings.api_key.get_secret_value() if settings.api_key else None,
-            max_body_bytes=settings.max_body_bytes,
-            direct=direct,
-        )
+    app.add_middleware(
+        GatewayMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
     )
 
     @app.exception_handler(RequestValidationError)
@@ -386,12 +323,14 @@ def create_app(
             return _json({"detail": "model not loaded yet", "error": holder.last_error}, 503)
         return m
 
-    @app.get("/healthz", tags=["health"])
+    health = APIRouter(tags=["health"])
+
+    @health.get("/healthz")
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], responses={503: {"description": "no model yet"}})
+    @health.get("/readyz", responses={503: {"description": "no model yet"}})
     async def readyz() -> Response:
         """Readiness: 200 once a model is loaded, 503 before."""
         m = _model_or_503()
@@ -412,20 +351,37 @@ def create_app(
         metrics.count_warnings(kinds)
         return info, results
 
-    async def forecast_body(body: bytes) -> Response:
+    api = APIRouter(
+        dependencies=[Depends(api_key_dependency(_secret(settings)))],
+        responses={401: _ERROR_RESPONSES[401]},
+    )
+
+    @api.post(
+        "/v1/forecast",
+        response_model=ForecastResponse,
+        tags=["forecast"],
+        responses=_ERROR_RESPONSES,
+    )
+    async def forecast(req: Annotated[ForecastRequest, Body()]) -> Response:  # type: ignore[valid-type]
+        """Forecast one patient `horizon` bins ahead, from `history` bins or raw `events`."""
         m = _model_or_503()
         if isinstance(m, Response):
             return m
-        req = _parse(ForecastRequest, body)
         p = patient_input(req, ("body",), _events)
         info, results = await _forecast([p])
         return _json(_patient_payload(p, results[0]) | {"model": info.ref()})
 
-    async def forecast_batch_body(body: bytes) -> Response:
+    @api.post(
+        "/v1/forecast/batch",
+        response_model=BatchResponse,
+        tags=["forecast"],
+        responses=_ERROR_RESPONSES,
+    )
+    async def forecast_batch(req: Annotated[BatchRequest, Body()]) -> Response:  # type: ignore[valid-type]
+        """Forecast many patients in one model call (all validated first; any error is a 422)."""
         m = _model_or_503()
         if isinstance(m, Response):
             return m
-        req = _parse(BatchRequest, body)
         patients: list[PatientInput] = []
         errors: list[dict[str, Any]] = []
         for i, r in enumerate(req.patients):
@@ -443,34 +399,7 @@ def create_app(
             }
         )
 
-    direct["/v1/forecast"] = DirectEndpoint(forecast_body, log)
-    direct["/v1/forecast/batch"] = DirectEndpoint(forecast_batch_body, log)
-
-    # The routes below document the two endpoints in OpenAPI and serve them should the gateway
-    # not be in front; requests normally reach the bodies above through ``DirectEndpoint``.
-    @app.post(
-        "/v1/forecast",
-        response_model=ForecastResponse,
-        tags=["forecast"],
-        openapi_extra=_body_schema("ForecastRequest"),
-        responses=_ERROR_RESPONSES,
-    )
-    async def forecast(request: Request) -> Response:
-        """Forecast one patient `horizon` bins ahead, from `history` bins or raw `events`."""
-        return await forecast_body(await request.body())
-
-    @app.post(
-        "/v1/forecast/batch",
-        response_model=BatchResponse,
-        tags=["forecast"],
-        openapi_extra=_body_schema("BatchForecastRequest"),
-        responses=_ERROR_RESPONSES,
-    )
-    async def forecast_batch(request: Request) -> Response:
-        """Forecast many patients in one model call (all validated first; any error is a 422)."""
-        return await forecast_batch_body(await request.body())
-
-    @app.get("/v1/model", response_model=ModelDescription, tags=["model"])
+    @api.get("/v1/model", response_model=ModelDescription, tags=["model"])
     async def model_description() -> Response:
         """The model being served, its training data checksum, and the variables it uses."""
         m = _model_or_503()
@@ -491,60 +420,64 @@ def create_app(
             }
         )
 
-    @app.post(
+    @api.post(
         "/v1/model/reload",
         tags=["model"],
         responses={502: {"description": "loading failed; the previous model keeps serving"}},
     )
     async def model_reload() -> Response:
-        """Load `MODEL_URI` again (e.g. a new `champion`); on failure the old model serves on."""
+        """Load `MODEL_URI` again (e.g. a new `champion`); on failure the old model serves on.
+
+        With several workers, a successful load here asks uvicorn's supervisor to replace the
+        workers one by one (its SIGHUP restart); each replacement loads the model before it
+        takes over, and one that cannot keeps its predecessor serving.
+        """
         previous = holder.current.info.ref() if holder.current else None
         try:
             loaded = await reload("endpoint")
         except ModelLoadError as exc:
-            return _json(
-                {"reloaded": False, "error": str(exc), "serving": previous},
-                502,
-            )
-        # Other workers (if any) follow within reload_poll_s, each keeping its model on failure.
-        broadcast_reload()
-        return _json({"reloaded": True, "model": loaded.info.ref(), "previous": previous})
+            return _json({"reloaded": False, "error": str(exc), "serving": previous}, 502)
+        restarting = os.environ.get(RUN_DIR_ENV) is not None
+        if restarting:
+            os.kill(os.getppid(), signal.SIGHUP)
+        return _json(
+            {
+                "reloaded": True,
+                "model": loaded.info.ref(),
+                "previous": previous,
+                "workers_restarting": restarting,
+            }
+        )
 
-    @app.get("/v1/variables", response_model=list[VariableInfo], tags=["model"])
+    @api.get("/v1/variables", response_model=list[VariableInfo], tags=["model"])
     async def variables() -> Response:
         """The 18 state variables and 3 interventions: units, accepted units and ranges."""
         return _json(_VARIABLES)
 
-    @app.get("/metrics", tags=["health"])
+    @api.get("/metrics", tags=["health"])
     async def prometheus_metrics() -> Response:
         """Prometheus text format: request counts, latency histograms, model version."""
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    def openapi() -> dict[str, Any]:
-        # The forecast bodies are parsed by pydantic straight from bytes (one pass, in Rust),
-        # so FastAPI does not see their models: add their schemas to the document here.
-        if app.openapi_schema is None:
-            doc = get_openapi(
-                title=app.title, version=app.version, summary=app.summary, routes=app.routes
-            )
-            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-            for model in (ForecastRequest, BatchRequest):
-                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                schemas.update(js.pop("$defs", {}))
-                schemas[model.__name__] = js
-            app.openapi_schema = doc
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.include_router(health)
+    app.include_router(api)
     return app
 
 
-def create_worker_app() -> ServiceApp:
+def _secret(settings: ServiceSettings) -> str | None:
+    return settings.api_key.get_secret_value() if settings.api_key else None
+
+
+def create_worker_app() -> FastAPI:
     """The app of one worker under ``serve --workers N`` (uvicorn imports this factory).
 
-    The settings are the supervisor's, passed down as JSON, so CLI flags reach every worker.
+    The settings are the supervisor's, passed down as JSON, so CLI flags reach every worker;
+    the worker logs as ``icu-forecast`` does (uvicorn starts it as a fresh interpreter that
+    configures only uvicorn's own loggers).
     """
-    payload = worker_settings_payload()
-    settings = ServiceSettings(**payload) if payload is not None else ServiceSettings()
-    configure_worker_logging(settings.log_flush_s)
-    return create_app(settings, freeze_gc=True)
+    payload = os.environ.get(SETTINGS_ENV)
+    settings = ServiceSettings.model_validate_json(payload) if payload else ServiceSettings()
+    from pipeline.cli import LOG_FORMAT
+
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    return create_app(settings, serve=True)

@@ -1,18 +1,21 @@
-"""``icu-forecast serve``: run the forecast API with uvicorn."""
+"""``icu-forecast serve``: run the forecast API with uvicorn (and its own ``--workers``)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
 
 from features.settings import settings_from_flags
-from service.settings import LOOPBACK_HOSTS, ServiceSettings
+from service.settings import LOOPBACK_HOSTS, RUN_DIR_ENV, SETTINGS_ENV, ServiceSettings
 
 log = logging.getLogger("icu_forecast.service")
-
-# uvicorn's HTTP protocol on a transport that sends each response in one write (an import
-# string: uvicorn loads it, in each worker too, and the CLI does not import uvicorn early).
-HTTP_PROTOCOL = "service.transport:CoalescingHTTPProtocol"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=None,
-        help="worker processes on the port (env ICU_FORECAST_WORKERS; default 1); one "
-        "process uses one core",
+        help="worker processes on the port, under uvicorn's process manager (env "
+        "ICU_FORECAST_WORKERS; default 1); one process uses one core",
     )
 
 
@@ -44,11 +47,25 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
     return settings_from_flags(ServiceSettings, given, "service")
 
 
+def uvicorn_options(settings: ServiceSettings) -> dict[str, Any]:
+    """uvicorn.run's keyword arguments for ``settings`` (public uvicorn.run parameters only)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        # The service writes its own access log (request id, route, status, latency).
+        "access_log": False,
+        # uvloop / httptools when installed: the fast event loop and HTTP parser.
+        "loop": "auto",
+        "http": "auto",
+        "timeout_keep_alive": settings.timeout_keep_alive_s,
+        "limit_concurrency": settings.limit_concurrency,
+        "timeout_worker_healthcheck": settings.worker_ready_timeout_s,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from service.app import create_app
-    from service.logs import batch_log_writes
 
     settings = settings_from_args(args)
     if settings.host not in LOOPBACK_HOSTS:
@@ -58,51 +75,53 @@ def run(args: argparse.Namespace) -> int:
         )
     if settings.api_key is None:
         log.info("API_KEY not set: the API is open to anyone who can reach it")
-    if settings.workers > 1:
-        return _run_workers(settings)
-    restore = batch_log_writes(settings.log_flush_s)  # one write per fraction of a second
-    try:
-        uvicorn.run(create_app(settings, freeze_gc=True), **_uvicorn_options(settings))
-    finally:
-        restore()
-    return 0
+    if settings.workers == 1:
+        from service.app import create_app
 
-
-def _uvicorn_options(settings: ServiceSettings) -> dict:
-    return {
-        "host": settings.host,
-        "port": settings.port,
-        "log_level": settings.log_level,
-        # The service writes its own access log (request id, route, status, latency).
-        "access_log": False,
-        # uvloop / httptools when installed: the fast event loop and HTTP parser.
-        "loop": "auto",
-        "http": HTTP_PROTOCOL,
-    }
-
-
-def _run_workers(settings: ServiceSettings) -> int:
-    import os
-
-    import uvicorn
-
-    from service.workers import serve_workers, worker_environment
-
+        uvicorn.run(create_app(settings, serve=True), **uvicorn_options(settings))
+        return 0
     if "parallel_threads" not in settings.model_fields_set:
         # Each worker has its share of the cores for large batches, not all of them.
         cpus = os.cpu_count() or 1
         settings = settings.model_copy(
             update={"parallel_threads": max(1, cpus // settings.workers)}
         )
-    payload = settings.model_dump(mode="json")
-    if settings.api_key is not None:
-        payload["api_key"] = settings.api_key.get_secret_value()
-    with worker_environment(payload) as folder:
-        config = uvicorn.Config(
+    with worker_environment(settings):
+        uvicorn.run(
             "service.app:create_worker_app",
             factory=True,
             workers=settings.workers,
-            **_uvicorn_options(settings),
+            **uvicorn_options(settings),
         )
-        serve_workers(config, folder)
     return 0
+
+
+@contextlib.contextmanager
+def worker_environment(settings: ServiceSettings) -> Iterator[str]:
+    """The run folder and environment the workers inherit (uvicorn spawns them); removed after.
+
+    The settings travel as JSON so every worker builds exactly the supervisor's settings (CLI
+    flags included); prometheus-client's multiprocess mode keeps its files in the folder.
+    """
+    folder = tempfile.mkdtemp(prefix="icu-forecast-run-")
+    prometheus = os.path.join(folder, "prometheus")
+    os.mkdir(prometheus)
+    payload = settings.model_dump(mode="json")
+    if settings.api_key is not None:
+        payload["api_key"] = settings.api_key.get_secret_value()
+    env = {
+        RUN_DIR_ENV: folder,
+        SETTINGS_ENV: json.dumps(payload),
+        "PROMETHEUS_MULTIPROC_DIR": prometheus,
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield folder
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(folder, ignore_errors=True)

@@ -4,11 +4,14 @@ Checks that need a client-facing answer come first (unknown unit, a value outsid
 range, a coverage interval without an end, events too far out), because the ETL's binning
 treats those as data errors to drop, while a client must be told. Binning itself is
 ``features.binning.bin_patient_events``, so a value lands in the bin, and is averaged, exactly as
-in training.
+in training. Interventions then meet training's limit too (``features.preprocess``'s
+``INTERVENTION_MAX``, which ``prepare_arrays`` clips to): a bin total above it is clamped here,
+with a warning, so the arrays the response describes are the ones the model is fed.
 """
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, timedelta
 from typing import Any
 
@@ -21,6 +24,7 @@ from features.catalog import (
     STATE_BY_NAME,
     STATE_NAMES,
 )
+from features.preprocess import INTERVENTION_MAX
 from service.requests import as_utc, check_drop_range, format_loc
 
 BIN = timedelta(hours=BIN_HOURS)
@@ -95,10 +99,10 @@ def bin_events(
                 ignored.append(i)
                 continue
         else:
-            if value < 0:
-                errors.append(
-                    {"loc": [*where, "value"], "msg": "must be >= 0", "type": "range_error"}
-                )
+            if not math.isfinite(value) or value < 0:
+                # Finite on input (the schema refuses inf), but a unit factor can overflow it.
+                msg = "must be >= 0" if value < 0 else "is not a finite number"
+                errors.append({"loc": [*where, "value"], "msg": msg, "type": "range_error"})
                 continue
             kind = INTERVENTION_BY_NAME[ev.variable].kind
             if ev.end_time is not None and end_time < t:
@@ -166,4 +170,34 @@ def bin_events(
     wide = bin_patient_events(rows, intime.replace(tzinfo=None), n_bins=last_bin + 1)
     state = wide[list(STATE_NAMES)].to_numpy(np.float64)
     iv = wide[list(INTERVENTION_NAMES)].to_numpy(np.float64)
+    warnings.extend(_clamp_interventions(iv, loc))
     return state, iv, intime.astimezone(UTC), errors, warnings
+
+
+def _clamp_interventions(iv: np.ndarray, loc: tuple) -> list[dict]:
+    """Clamp bin totals above training's intervention maxima in place; one warning per value.
+
+    Training clips every bin to ``[0, INTERVENTION_MAX]`` (``features.preprocess``); doing it
+    here, not only inside the model, lets the response (the assumed plan) report the value the
+    model actually used, and tells the client.
+    """
+    over = iv > INTERVENTION_MAX  # NaN (not given) compares False
+    out = []
+    for t, j in zip(*over.nonzero(), strict=True):
+        name = INTERVENTION_NAMES[j]
+        spec = INTERVENTION_BY_NAME[name]
+        out.append(
+            {
+                "kind": "clamped",
+                "variable": name,
+                "field": format_loc((*loc, "events")),
+                "bins": [int(t)],
+                "message": (
+                    f"{name} {float(iv[t, j])!r} {spec.unit} (total of bin {int(t)}) is above "
+                    f"the most a bin holds in training ({spec.max_value:g}): clamped to "
+                    f"{spec.max_value:g}, as in training"
+                ),
+            }
+        )
+    np.minimum(iv, INTERVENTION_MAX, out=iv, where=over)
+    return out

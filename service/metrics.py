@@ -1,7 +1,8 @@
 """Prometheus metrics of one app instance (own registry, so several apps can live in a test).
 
-Under ``serve --workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set before the workers start) the
-values live in files shared by the workers and ``/metrics`` aggregates all of them.
+Under ``serve --workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set before the workers start:
+prometheus-client's multiprocess mode) the values live in files shared by the workers and
+``/metrics`` from any worker aggregates all of them.
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ class ServiceMetrics:
         self._model_labels = labels
         self.model_info.labels(*labels).set(1)
         self.model_loaded.set(1)
+
+    def process_exiting(self) -> None:
+        """Drop this worker's live gauges from the shared files (its counters stay counted)."""
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
 
     def exposition(self) -> bytes:
         """The text format: this app's registry, or all workers' files in multiprocess mode."""

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -64,33 +63,12 @@ def _run_value(run: Any, *keys: str) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _mlflow_store(uri: str) -> Iterator[None]:
-    """Point MLflow's process-wide tracking and registry URIs at ``uri``, then restore them.
-
-    ``mlflow.pyfunc.load_model("models:/...")`` only reads the global URIs; restoring them keeps
-    a service embedded in another process (the tests) from redirecting that process's MLflow.
-    """
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    old_tracking = tracking_utils._tracking_uri
-    old_registry = registry_utils._registry_uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(old_tracking)
-        registry_utils._registry_uri = old_registry
-
-
 def load_from_mlflow(model_uri: str, tracking_uri: str) -> LoadedModel:
     """Resolve ``model_uri`` to one concrete version, then load exactly that version.
 
     Resolving first means the version reported is the one loaded even if the alias moves
-    while the artifacts download.
+    while the artifacts download. The store is passed to each MLflow call (no process-wide
+    URI is set), so a service embedded in another process leaves that process's MLflow alone.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -98,45 +76,47 @@ def load_from_mlflow(model_uri: str, tracking_uri: str) -> LoadedModel:
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     name, version, run_id, load_uri = model_uri, None, None, model_uri
     try:
-        with _mlflow_store(tracking_uri):
-            if model_uri.startswith("models:/"):
-                spec = model_uri.removeprefix("models:/")
-                if "@" in spec:
-                    name, alias = spec.split("@", 1)
-                    mv = client.get_model_version_by_alias(name, alias)
-                else:
-                    name, _, ver = spec.partition("/")
-                    mv = client.get_model_version(name, ver)
-                version, run_id = str(mv.version), mv.run_id
-                load_uri = f"models:/{name}/{version}"
-            pyfunc = mlflow.pyfunc.load_model(load_uri)
-            forecaster = pyfunc.unwrap_python_model().forecaster
-            if run_id is None:
-                run_id = pyfunc.metadata.run_id
-            checksum = getattr(forecaster, "data_checksum", None)
-            if checksum is None and run_id:
-                checksum = _run_value(
-                    client.get_run(run_id), "data_checksum", "data.checksum", "etl.checksum"
-                )
+        if model_uri.startswith("models:/"):
+            spec = model_uri.removeprefix("models:/")
+            if "@" in spec:
+                name, alias = spec.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, ver = spec.partition("/")
+                mv = client.get_model_version(name, ver)
+            version, run_id = str(mv.version), mv.run_id
+            # Where that version's files are: a path, or mlflow-artifacts:/ on a server.
+            load_uri = client.get_model_version_download_uri(name, version)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=load_uri, tracking_uri=tracking_uri
+        )
+        pyfunc = mlflow.pyfunc.load_model(local)
+        forecaster = pyfunc.unwrap_python_model().forecaster
+        if run_id is None:
+            run_id = pyfunc.metadata.run_id
+        checksum = getattr(forecaster, "data_checksum", None)
+        if checksum is None and run_id:
+            checksum = _run_value(
+                client.get_run(run_id), "data_checksum", "data.checksum", "etl.checksum"
+            )
     except Exception as exc:  # any failure must leave the previous model serving
         raise ModelLoadError(f"could not load {model_uri!r}: {type(exc).__name__}: {exc}") from exc
-    if not callable(getattr(forecaster, "forecast", None)):
-        raise ModelLoadError(f"{model_uri!r}: the python model has no forecaster.forecast")
-    _warm_up(model_uri, forecaster)
     info = ModelInfo(name, version, run_id, model_uri, checksum)
     return LoadedModel(info, forecaster)
 
 
-def _warm_up(model_uri: str, forecaster: Forecaster) -> None:
-    """One small forecast before the model serves (and before /readyz says so).
+def check_forecasts(model: LoadedModel) -> None:
+    """One small forecast before a model serves (and before /readyz says so).
 
-    A model's first call does once-only work that later calls reuse (FastCfC compiles its
-    native loops on first use in a fresh container, and prepares its weights); without this it
-    would land on the first request. And a model that cannot forecast at all is refused here,
-    so a reload keeps the previous one serving.
+    A model that cannot forecast at all is refused here, so a reload keeps the previous one
+    serving; and a model's first call does once-only work (preparing its weights) that would
+    otherwise land on the first request.
     """
     import torch
 
+    uri, forecaster = model.info.uri, model.forecaster
+    if not callable(getattr(forecaster, "forecast", None)):
+        raise ModelLoadError(f"{uri!r}: the python model has no forecaster.forecast")
     state = np.full((1, 2, N_STATE), np.nan)
     interventions = np.full((1, 2, N_INTERVENTION), np.nan)
     planned = np.zeros((1, 2, N_INTERVENTION))
@@ -145,11 +125,11 @@ def _warm_up(model_uri: str, forecaster: Forecaster) -> None:
             out = np.asarray(forecaster.forecast(state, interventions, np.array([2]), planned))
     except Exception as exc:
         raise ModelLoadError(
-            f"{model_uri!r}: a test forecast failed: {type(exc).__name__}: {exc}"
+            f"{uri!r}: a test forecast failed: {type(exc).__name__}: {exc}"
         ) from exc
     if out.shape != (1, 2, N_STATE) or not np.isfinite(out).all():
         raise ModelLoadError(
-            f"{model_uri!r}: a test forecast gave {out.shape} values, not all finite; expected "
+            f"{uri!r}: a test forecast gave {out.shape} values, not all finite; expected "
             f"{(1, 2, N_STATE)} finite values"
         )
 
@@ -168,13 +148,18 @@ class ModelHolder:
         self.last_error: str | None = None
         self.last_attempt: datetime | None = None
 
+    def _load_and_check(self) -> LoadedModel:
+        loaded = self._loader()
+        check_forecasts(loaded)  # whatever the loader: a model that cannot forecast never serves
+        return loaded
+
     async def reload(self) -> LoadedModel:
         """Load in a worker thread (serving goes on meanwhile); raise ModelLoadError on failure."""
         async with self._lock:
             self.last_attempt = datetime.now(UTC)
             t0 = time.perf_counter()
             try:
-                loaded = await asyncio.to_thread(self._loader)
+                loaded = await asyncio.to_thread(self._load_and_check)
             except Exception as exc:
                 self.last_error = str(exc) if isinstance(exc, ModelLoadError) else repr(exc)
                 kept = self.current.info.version if self.current else None

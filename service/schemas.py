@@ -1,5 +1,8 @@
 """Request and response models (pydantic v2), built from the variable catalog and the limits.
 
+Numbers are strict (``"horizon": true`` or ``"3"`` is a 422, not 1 or 3: a client that sends
+a string or a boolean has a bug worth hearing about); an integer is accepted where a float is,
+and ``3.0`` where an integer is (JSON Schema counts it as one).
 The request models carry every check a schema can express (known variable names, finite
 numbers, the drop range of each variable, 0..max of each intervention, list lengths), so the
 OpenAPI document tells clients exactly what is accepted and pydantic's errors name the field.
@@ -11,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from features.catalog import (
     BIN_HOURS,
@@ -23,6 +26,12 @@ from features.catalog import (
 from service.settings import ServiceSettings
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _integral_float_to_int(v: Any) -> Any:
+    """``3.0`` is an integer in JSON Schema (and so in the OpenAPI document); ``true``, ``"3"``
+    and ``3.5`` stay type errors."""
+    return int(v) if type(v) is float and v.is_integer() else v
 
 
 class _Strict(BaseModel):
@@ -35,6 +44,7 @@ def _state_values_model() -> type[BaseModel]:
             float | None,
             Field(
                 None,
+                strict=True,
                 ge=v.drop[0],
                 le=v.drop[1],
                 description=(
@@ -62,7 +72,9 @@ def _interventions_model() -> type[BaseModel]:
     fields: dict[str, Any] = {
         i.name: (
             float | None,
-            Field(None, ge=0, le=i.max_value, description=f"{i.unit}: {i.description}"),
+            Field(
+                None, strict=True, ge=0, le=i.max_value, description=f"{i.unit}: {i.description}"
+            ),
         )
         for i in INTERVENTIONS
     }
@@ -96,9 +108,10 @@ class Event(_Strict):
     time: datetime = Field(description="When the value was charted (ISO 8601; no offset = UTC).")
     variable: EventVariable  # type: ignore[valid-type]
     value: float = Field(
+        strict=True,
         description="State variables: the charted value. Coverage interventions (vasopressor, "
         "mechanical_ventilation): > 0 means it ran over [time, end_time). iv_fluid_ml: mL "
-        "given, spread over [time, end_time) or counted at `time` without end_time."
+        "given, spread over [time, end_time) or counted at `time` without end_time.",
     )
     unit: str | None = Field(
         None, description="Unit of `value`; absent means the variable's canonical unit."
@@ -194,7 +207,10 @@ def request_models(settings: ServiceSettings) -> RequestModels:
             "Exactly one of `history` and `events` (with `icu_intime`) must be given."
         ),
         id=(str | None, Field(None, max_length=128, description="echoed back (batch)")),
-        horizon=(int, Field(ge=1, le=settings.max_horizon, description="bins to forecast")),
+        horizon=(
+            Annotated[int, BeforeValidator(_integral_float_to_int)],
+            Field(strict=True, ge=1, le=settings.max_horizon, description="bins to forecast"),
+        ),
         history=history_field,
         events=(
             list[Event] | None,

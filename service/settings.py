@@ -11,9 +11,14 @@ from __future__ import annotations
 import os
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+# Set by ``icu-forecast serve --workers N`` for the worker processes uvicorn starts: the run
+# folder (shared state of one serve) and the supervisor's settings as JSON.
+RUN_DIR_ENV = "ICU_FORECAST_RUN_DIR"
+SETTINGS_ENV = "ICU_FORECAST_WORKER_SETTINGS"
 
 
 class ServiceSettings(BaseSettings):
@@ -34,7 +39,8 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("API_KEY", "api_key"),
-        description="When set, every endpoint except /healthz and /readyz requires it.",
+        description="When set, every endpoint except /healthz and /readyz requires it. An "
+        "empty or blank value is refused (it would otherwise read as 'no key': auth off).",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -79,20 +85,39 @@ class ServiceSettings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="`icu-forecast serve` worker processes on one port (one Python process "
-        "uses one core); reloads and /metrics span all of them",
+        description="`icu-forecast serve` worker processes on one port, run by uvicorn's own "
+        "process manager (one Python process uses one core); one per container is the default",
     )
-    reload_poll_s: float = Field(
-        1.0, gt=0, description="with several workers: how often each checks for a reload"
+    worker_ready_timeout_s: int = Field(
+        180,
+        ge=5,
+        description="with several workers: how long a replacement worker (SIGHUP, reload) may "
+        "take to load the model and start before uvicorn gives up and keeps the old one",
+    )
+    timeout_keep_alive_s: int = Field(
+        5, ge=1, description="close an idle keep-alive connection after this many seconds"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must arrive within this many seconds (408)"
+    )
+    limit_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="most connections and requests at once per worker; beyond it uvicorn "
+        "answers 503 (unset: no limit)",
     )
     log_level: str = "info"
-    log_flush_s: float = Field(
-        0.2,
-        ge=0,
-        le=60,
-        description="`icu-forecast serve` only: log lines are written in batches, at most this "
-        "long after they were logged (0: every line at once)",
-    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: SecretStr | None) -> SecretStr | None:
+        # ``API_KEY=""`` is a typo or an unset variable in a template, never a wish to turn auth
+        # off: that is done by leaving API_KEY out of the environment.
+        if v is not None and not v.get_secret_value().strip():
+            raise PydanticCustomError(
+                "empty_api_key", "API_KEY is set but empty; unset it to run without a key"
+            )
+        return v
 
     @field_validator("log_level")
     @classmethod

@@ -74,6 +74,37 @@ def plan(horizon: int, **values: float) -> list[dict[str, float]]:
     return [{n: values.get(n, 0.0) for n in INTERVENTION_NAMES} for _ in range(horizon)]
 
 
+@contextlib.contextmanager
+def mlflow_store(uri: str):
+    """Point MLflow's process-wide tracking and registry URIs at ``uri``, then put them back
+    (training and ``copy_model_version`` read them; the other tests must not see the change)."""
+    import mlflow
+
+    old_tracking, old_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_tracking)
+        mlflow.set_registry_uri(old_registry)
+
+
+def spied_loader(settings: Any, loader: Callable[[], Any] | None = None) -> Callable[[], Any]:
+    """The app's loader (``loader`` or MLflow's), its Forecaster wrapped in a ForecasterSpy."""
+    from functools import partial
+
+    from service.model import LoadedModel, load_from_mlflow
+
+    inner = loader or partial(load_from_mlflow, settings.model_uri, settings.mlflow_tracking_uri)
+
+    def load() -> Any:
+        m = inner()
+        return LoadedModel(m.info, ForecasterSpy(m.forecaster))
+
+    return load
+
+
 # ----------------------------------------------------------------------------- model fixture
 MODEL_NAME = "icu-forecast-cfc"
 
@@ -100,7 +131,6 @@ def train_tiny_model(root: Path) -> ServedModel:
         return _CACHE["model"]
     from mlflow import MlflowClient
 
-    from service.model import _mlflow_store
     from tests.synthetic import write_synthetic_etl_output
     from training.config import TrainConfig
     from training.train import train_model
@@ -122,7 +152,7 @@ def train_tiny_model(root: Path) -> ServedModel:
     )
     # Training sets MLflow's process-wide URIs; put them back for the other tests. The store's
     # default artifact root is ./mlruns: run from the temporary folder so it lands there.
-    with _mlflow_store(uri), contextlib.chdir(root):
+    with mlflow_store(uri), contextlib.chdir(root):
         result = train_model(cfg)
     assert result.registered_version is not None
     MlflowClient(uri, uri).set_registered_model_alias(

@@ -85,7 +85,7 @@ def test_mlflow_is_the_official_image_at_the_pinned_version(
     allowed = re.search(r"--allowed-hosts[= ](\S+)", cmd).group(1).split(",")
     assert "mlflow:5000" in allowed, "other containers reach the server as mlflow:5000"
     assert "localhost:5000" in allowed
-    assert "5000:5000" in mlflow["ports"]
+    assert mlflow["ports"] == ["127.0.0.1:5000:5000"], "published on the host's loopback only"
     assert _healthcheck_url(mlflow).startswith("http://localhost:5000/health")
 
 
@@ -108,7 +108,9 @@ def test_api_serves_the_champion_with_a_readyz_healthcheck(compose: dict[str, An
     env = _env(api)
     assert env["MODEL_URI"] == "models:/icu-forecast-cfc@champion"
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert "8000:8000" in api["ports"]
+    # The safe setup is the default: loopback on the host, and no start without a key.
+    assert api["ports"] == ["127.0.0.1:8000:8000"]
+    assert re.fullmatch(r"\$\{API_KEY:\?[^}]+\}", env["API_KEY"]), env["API_KEY"]
     assert "--host" in api["command"] and "0.0.0.0" in api["command"]
     assert _healthcheck_url(api).endswith("/readyz")
     assert api["depends_on"]["pipeline"]["condition"] == "service_completed_successfully"
@@ -149,16 +151,24 @@ def _compose_cli() -> list[str] | None:
     return [legacy] if legacy else None
 
 
-def test_compose_config_validates(repo_root: Path) -> None:
-    """`docker compose config` checks the file against Compose's schema; it needs no engine."""
+@pytest.mark.parametrize("api_key", ["a-long-random-secret", "", None])
+def test_compose_config_validates_and_needs_an_api_key(repo_root: Path, api_key) -> None:
+    """`docker compose config` checks the file against Compose's schema; it needs no engine.
+    Without a non-empty API_KEY it refuses, naming the variable."""
     cli = _compose_cli()
     if cli is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")}
+    if api_key is not None:
+        env["API_KEY"] = api_key
     out = subprocess.run(
         [*cli, "-f", str(repo_root / "docker-compose.yml"), "config", "--quiet"],
         capture_output=True,
         text=True,
         cwd=repo_root,
-        env={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp")},
+        env=env,
     )
-    assert out.returncode == 0, out.stderr
+    if api_key:
+        assert out.returncode == 0, out.stderr
+    else:
+        assert out.returncode != 0 and "API_KEY" in out.stderr, out.stderr

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from service_support import (
-    ForecasterSpy,
     bin_start,
     history_body,
     plan,
     served_model_fixture,  # noqa: F401
+    spied_loader,
     values_matrix,
 )
 
@@ -27,18 +27,8 @@ from service.settings import ServiceSettings
 
 def make_app(served_model, spy: bool = False, **overrides):
     settings = ServiceSettings(**served_model.settings_kwargs, **overrides)
-    app = create_app(settings, served_model.loader)
-    if spy:
-        # Wrap whatever the configured loader returns, so model calls can be counted.
-        holder = app.state.holder
-        inner = holder._loader
-
-        def spied() -> LoadedModel:
-            m = inner()
-            return LoadedModel(m.info, ForecasterSpy(m.forecaster))
-
-        holder._loader = spied
-    return app
+    loader = spied_loader(settings, served_model.loader) if spy else served_model.loader
+    return create_app(settings, loader)
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +115,15 @@ def test_concurrent_requests_share_model_calls(served_model):
 
     async def main() -> tuple[list[int], list[int]]:
         async with app.router.lifespan_context(app):
+            calls = app.state.holder.current.forecaster.calls
+            assert calls == [1]  # the test forecast before the model serves
+            calls.clear()
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
                 resps = await asyncio.gather(
                     *[c.post("/v1/forecast", json=history_body(horizon=2)) for _ in range(40)]
                 )
-            return [r.status_code for r in resps], list(app.state.holder.current.forecaster.calls)
+            return [r.status_code for r in resps], list(calls)
 
     statuses, calls = asyncio.run(main())
     assert statuses == [200] * 40
@@ -269,9 +262,12 @@ def test_auth_on(served_model, header):
     with TestClient(app) as c:
         assert c.get("/healthz").status_code == 200
         assert c.get("/readyz").status_code == 200
-        for path in ("/v1/model", "/v1/variables", "/metrics", "/openapi.json", "/docs"):
+        for path in ("/v1/model", "/v1/variables", "/metrics"):
             assert c.get(path).status_code == 401, path
             assert c.get(path, headers=good).status_code == 200, path
+        # The API's description is open (Swagger UI's "Authorize" button needs it); it holds
+        # no patient data.
+        assert c.get("/openapi.json").status_code == c.get("/docs").status_code == 200
         for bad in (
             {"authorization": "Bearer wrong"},
             {"authorization": "Basic s3cret-key"},
@@ -352,3 +348,252 @@ def test_settings_from_env_and_flags(monkeypatch):
     assert s.model_uri == "runs:/abc/model" and s.port == 9001
     with pytest.raises(UserError, match="port"):
         settings_from_args(parser.parse_args(["--port", "70000"]))
+
+
+@pytest.mark.parametrize("key", ["", "   ", "\t\n"])
+def test_an_empty_api_key_is_refused_not_read_as_auth_off(monkeypatch, key, repo_root):
+    """``API_KEY=""`` is a configuration error: `serve` exits 2 with one line, and starts
+    nothing (a blank key must never mean an open API)."""
+    import os
+    import subprocess
+    import sys
+
+    from features.errors import UserError
+
+    monkeypatch.setenv("API_KEY", key)
+    with pytest.raises(UserError, match="API_KEY is set but empty"):
+        import argparse
+
+        from service.command import configure, settings_from_args
+
+        parser = argparse.ArgumentParser()
+        configure(parser)
+        settings_from_args(parser.parse_args([]))
+    with pytest.raises(ValueError, match="API_KEY"):
+        ServiceSettings(api_key=key)
+    if key == "":
+        env = {**os.environ, "API_KEY": key}
+        out = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "serve", "--port", "0"],
+            cwd=repo_root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "API_KEY" in lines[0], out.stderr
+
+
+class Recorder:
+    """Wraps a Forecaster and keeps the arrays of its last call (what the model was fed)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.fed: dict[str, np.ndarray] = {}
+
+    def forecast(self, state, interventions, lengths, planned):
+        self.fed = {"state": state, "interventions": interventions, "planned": planned}
+        return self.inner.forecast(state, interventions, lengths, planned)
+
+
+@pytest.mark.parametrize("amount", [1e308, 1.7e308, 25_000.0])
+def test_events_interventions_meet_training_limits_and_the_response_tells_what_was_fed(
+    served_model, amount
+):
+    """A huge IV volume in the events form is clamped to training's maximum with a warning,
+    the plan the response reports is the one the model used, and the forecast equals the
+    history form's with the clamped value."""
+    from features.preprocess import INTERVENTION_MAX
+
+    iv_max = float(INTERVENTION_MAX[INTERVENTION_NAMES.index("iv_fluid_ml")])
+    vaso_max = float(INTERVENTION_MAX[INTERVENTION_NAMES.index("vasopressor")])
+    t0 = bin_start(0)
+    events = [
+        {"time": "2024-03-01T09:00:00Z", "variable": "heart_rate", "value": 80},
+        {"time": "2024-03-01T21:00:00Z", "variable": "temperature", "value": 37.5},
+        {"time": "2024-03-01T23:00:00Z", "variable": "iv_fluid_ml", "value": amount},
+        {"time": "2024-03-01T23:30:00Z", "variable": "iv_fluid_ml", "value": amount},
+    ]
+    with TestClient(make_app(served_model)) as c:
+        holder = c.app.state.holder
+        recorder = Recorder(holder.current.forecaster)
+        holder.current = LoadedModel(holder.current.info, recorder)
+        resp = c.post("/v1/forecast", json={"horizon": 2, "icu_intime": t0, "events": events})
+        assert resp.status_code == 200, resp.text
+        out = resp.json()
+        fed = recorder.fed
+        clamped = [w for w in out["warnings"] if w["kind"] == "clamped"]
+        assert [(w["variable"], w["bins"]) for w in clamped] == [("iv_fluid_ml", [1])], clamped
+        assert f"clamped to {iv_max:g}" in clamped[0]["message"]
+        # Reported = fed: the assumed plan is the last bin's (clamped) interventions.
+        reported = np.array(
+            [[s["interventions"][n] for n in INTERVENTION_NAMES] for s in out["forecast"]]
+        )
+        assert np.isfinite(reported).all()
+        np.testing.assert_array_equal(reported, fed["planned"][0])
+        assert reported[0, INTERVENTION_NAMES.index("iv_fluid_ml")] == iv_max
+        assert (
+            np.nanmax(fed["interventions"][..., INTERVENTION_NAMES.index("iv_fluid_ml")]) == iv_max
+        )
+        assert (
+            np.nanmax(fed["interventions"][..., INTERVENTION_NAMES.index("vasopressor")], initial=0)
+            <= vaso_max
+        )
+
+        history = {
+            "horizon": 2,
+            "history": [
+                {"bin_start": t0, "values": {"heart_rate": 80}},
+                {
+                    "bin_start": bin_start(1),
+                    "values": {"temperature": 37.5},
+                    "interventions": {"iv_fluid_ml": iv_max},
+                },
+            ],
+        }
+        ref = c.post("/v1/forecast", json=history).json()
+        np.testing.assert_allclose(
+            values_matrix(out["forecast"]), values_matrix(ref["forecast"]), rtol=1e-6
+        )
+        # The history form keeps refusing a bin above the maximum (the schema's limit).
+        history["history"][1]["interventions"]["iv_fluid_ml"] = amount
+        assert c.post("/v1/forecast", json=history).status_code == 422
+
+
+def test_overlapping_coverage_intervals_are_clamped_to_full_coverage(client):
+    """Two overlapping vasopressor intervals never feed the model more than full coverage."""
+    t0 = bin_start(0)
+    events = [
+        {"time": "2024-03-01T09:00:00Z", "variable": "heart_rate", "value": 80},
+        *(
+            {
+                "time": "2024-03-01T08:00:00Z",
+                "end_time": "2024-03-01T20:00:00Z",
+                "variable": "vasopressor",
+                "value": 1,
+            }
+            for _ in range(2)
+        ),
+    ]
+    resp = client.post("/v1/forecast", json={"horizon": 1, "icu_intime": t0, "events": events})
+    assert resp.status_code == 200, resp.text
+    step = resp.json()["forecast"][0]
+    assert 0 <= step["interventions"]["vasopressor"] <= 1.0
+
+
+def test_openapi_shows_the_api_key_schemes_on_protected_routes(served_model):
+    """Auth is a FastAPI security dependency: OpenAPI lists both ways to send the key on every
+    protected operation, and none on the health probes."""
+    with TestClient(make_app(served_model, api_key="s3cret-key")) as c:
+        doc = c.get("/openapi.json").json()
+    schemes = doc["components"]["securitySchemes"]
+    assert {s["type"] for s in schemes.values()} == {"apiKey", "http"}
+    header = next(s for s in schemes.values() if s["type"] == "apiKey")
+    assert header["in"] == "header" and header["name"] == "X-API-Key"
+    assert next(s for s in schemes.values() if s["type"] == "http")["scheme"] == "bearer"
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            names = {n for requirement in op.get("security", []) for n in requirement}
+            if path in ("/healthz", "/readyz"):
+                assert not names, (method, path)
+            else:
+                assert names == set(schemes), (method, path)
+    # The request bodies are FastAPI's own documentation of the request models.
+    body = doc["paths"]["/v1/forecast"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["$ref"].endswith("/ForecastRequest")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("horizon", True),
+        ("horizon", "3"),
+        ("horizon", 2.5),
+        ("heart_rate", "88"),
+        ("heart_rate", True),
+    ],
+)
+def test_request_types_are_strict(client, field, value):
+    body = history_body()
+    if field == "horizon":
+        body["horizon"] = value
+    else:
+        body["history"][0]["values"][field] = value
+    resp = client.post("/v1/forecast", json=body)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["detail"][0]["field"].endswith(field)
+    # An integer where a float is expected is a number, not a type error; 3.0 is an integer
+    # in JSON Schema, so the OpenAPI document accepts it too.
+    body = history_body(horizon=3.0)
+    body["history"][0]["values"]["heart_rate"] = 88
+    assert client.post("/v1/forecast", json=body).status_code == 200
+
+
+def test_model_errors_are_500_without_their_text(served_model, caplog):
+    """A model failure is a 500 whose text (which may quote patient values) reaches neither
+    the client nor the log; bad JSON stays a 422."""
+
+    class Failing:
+        def forecast(self, *args: object) -> np.ndarray:
+            raise RuntimeError("heart_rate 123.456 broke it")
+
+    with TestClient(make_app(served_model), raise_server_exceptions=False) as c:
+        assert c.post("/v1/forecast/batch", content=b"{not json").status_code == 422
+        holder = c.app.state.holder
+        holder.current = LoadedModel(holder.current.info, Failing())
+        with caplog.at_level(logging.INFO):
+            resp = c.post("/v1/forecast", json=history_body())
+        assert resp.status_code == 500
+        assert resp.json() == {"detail": "internal error"}
+        assert "123.456" not in caplog.text and "RuntimeError" in caplog.text
+        assert 'route="/v1/forecast",status="500"' in c.get("/metrics").text
+
+
+def test_a_client_gone_mid_body_is_not_a_server_error(served_model):
+    """A client that disconnects while its body is read is counted as 499, not as a 5xx; one
+    that trickles its body past body_timeout_s gets a 408."""
+    app = make_app(served_model, body_timeout_s=0.3)
+
+    async def call(messages: list[dict], delay: float = 0.0) -> list[dict]:
+        sent: list[dict] = []
+        queue = list(messages)
+
+        async def receive() -> dict:
+            if len(queue) == 1 and delay:
+                await asyncio.sleep(delay)
+            return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/forecast",
+            "raw_path": b"/v1/forecast",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        await app(scope, receive, send)
+        return sent
+
+    async def main() -> tuple[list[dict], list[dict], str]:
+        async with app.router.lifespan_context(app):
+            part = {"type": "http.request", "body": b'{"horizon": 1, ', "more_body": True}
+            gone = await call([part, {"type": "http.disconnect"}])
+            slow = await call([part, {"type": "http.request", "body": b"}"}], delay=1.0)
+            return gone, slow, app.state.metrics.exposition().decode()
+
+    gone, slow, metrics = asyncio.run(main())
+    assert [m["status"] for m in slow if m["type"] == "http.response.start"] == [408]
+    assert 'route="/v1/forecast",status="499"' in metrics, metrics
+    assert 'route="/v1/forecast",status="408"' in metrics
+    assert not re.search(r'icu_forecast_requests_total\{[^}]*status="5', metrics), metrics

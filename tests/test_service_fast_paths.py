@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 from types import SimpleNamespace
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -21,9 +19,9 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from service_support import (
-    ForecasterSpy,
     history_body,
     served_model_fixture,  # noqa: F401
+    spied_loader,
     values_matrix,
 )
 
@@ -31,7 +29,7 @@ from features.catalog import N_STATE, STATE_BY_NAME, STATE_NAMES
 from features.preprocess import CLAMP_HIGH, CLAMP_LOW, DROP_HIGH, DROP_LOW
 from service import model as service_model
 from service.app import create_app
-from service.model import LoadedModel, MicroBatcher
+from service.model import MicroBatcher
 from service.requests import _fmt_bins, format_loc, value_warnings
 from service.settings import ServiceSettings
 
@@ -134,12 +132,11 @@ def test_parallel_large_batch_equals_single_forecasts(served_model):
     settings_ = ServiceSettings(
         **served_model.settings_kwargs, parallel_batch_min=4, parallel_threads=2
     )
-    app = create_app(settings_, served_model.loader)
+    app = create_app(settings_, spied_loader(settings_, served_model.loader))
     holder = app.state.holder
-    inner = holder._loader
-    holder._loader = lambda: (lambda m: LoadedModel(m.info, ForecasterSpy(m.forecaster)))(inner())
     bodies = _bodies(9)
     with TestClient(app) as client:
+        holder.current.forecaster.calls.clear()  # the test forecast at load
         threads = torch.get_num_threads()
         batch = client.post("/v1/forecast/batch", json={"patients": bodies})
         assert batch.status_code == 200, batch.text
@@ -159,70 +156,11 @@ def test_parallel_large_batch_equals_single_forecasts(served_model):
         assert kinds == [(w["kind"], w.get("variable"), w.get("bins")) for w in single["warnings"]]
 
 
-def test_direct_endpoints_answer_like_the_routes(served_model):
-    """The gateway hands POST /v1/forecast[/batch] to the endpoints directly; the FastAPI
-    routes (kept for OpenAPI) give the same answer."""
-    app = create_app(ServiceSettings(**served_model.settings_kwargs), served_model.loader)
-    body = history_body(n_bins=3, horizon=2)
-
-    table = app.gateway.direct
-    assert set(table) == {"/v1/forecast", "/v1/forecast/batch"}
-
-    async def main() -> tuple[list[httpx.Response], list[httpx.Response]]:
-        async with app.router.lifespan_context(app):
-            out = []
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-                for _ in range(2):  # first direct, then (table emptied) through the routes
-                    out.append(
-                        [
-                            await c.post("/v1/forecast", json=body),
-                            await c.post("/v1/forecast/batch", json={"patients": [body, body]}),
-                        ]
-                    )
-                    table.clear()
-            return out[0], out[1]
-
-    direct, routed = asyncio.run(main())
-    for d, r in zip(direct, routed, strict=True):
-        assert d.status_code == r.status_code == 200
-        assert d.json() == r.json()
-    assert "x-request-id" in routed[0].headers  # the routes too pass the gateway
-
-
-def test_direct_endpoint_errors(served_model, caplog):
-    """Bad input is a 422 naming the field; a model failure is a 500 whose text (which may
-    quote patient values) reaches neither the client nor the log."""
-    app = create_app(ServiceSettings(**served_model.settings_kwargs), served_model.loader)
-
-    class Failing:
-        def forecast(self, *args: object) -> np.ndarray:
-            raise RuntimeError("heart_rate 123.456 broke it")
-
-    with TestClient(app, raise_server_exceptions=False) as client:
-        bad = history_body()
-        bad["history"][0]["values"]["heart_rate"] = "fast"
-        resp = client.post("/v1/forecast", json=bad)
-        assert resp.status_code == 422
-        assert resp.json()["detail"][0]["field"] == "history[0].values.heart_rate"
-        resp = client.post("/v1/forecast/batch", content=b"{not json")
-        assert resp.status_code == 422
-
-        holder = app.state.holder
-        holder.current = LoadedModel(holder.current.info, Failing())
-        with caplog.at_level(logging.INFO):
-            resp = client.post("/v1/forecast", json=history_body())
-        assert resp.status_code == 500
-        assert resp.json() == {"detail": "internal error"}
-        assert "123.456" not in caplog.text and "RuntimeError" in caplog.text
-        assert 'route="/v1/forecast",status="500"' in client.get("/metrics").text
-
-
 def test_serve_mode_raises_the_young_gc_threshold(served_model):
     before = gc.get_threshold()
     settings_ = ServiceSettings(**served_model.settings_kwargs, gc_gen0_threshold=12_345)
     try:
-        with TestClient(create_app(settings_, served_model.loader, freeze_gc=True)) as client:
+        with TestClient(create_app(settings_, served_model.loader, serve=True)) as client:
             assert client.get("/readyz").status_code == 200
             assert gc.get_threshold()[0] == 12_345
     finally:

@@ -19,7 +19,7 @@ from service.app import create_app
 from service.settings import ServiceSettings
 
 # Small limits keep generated histories short, so each example is cheap.
-LIMITS = {"max_history_bins": 8, "max_events": 16, "max_horizon": 6, "max_batch_patients": 4}
+LIMITS = {"max_history_bins": 8, "max_events": 16, "max_horizon": 6, "max_batch_patients": 2}
 POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
 CASES = [
     ("/v1/forecast", "POST", POSITIVE),

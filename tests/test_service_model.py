@@ -78,13 +78,13 @@ def test_parity_with_offline_rollout(served_model):
 def reload_registry(served_model):
     """A registered model of its own (so other tests' champion is untouched) with two good
     versions of the trained model and one whose artifacts are missing."""
-    from service.model import _mlflow_store
+    from service_support import mlflow_store
 
     uri = served_model.tracking_uri
     client = MlflowClient(uri, uri)
     name = f"icu-forecast-reload-{np.random.default_rng().integers(1 << 30)}"
     src = f"models:/icu-forecast-cfc/{served_model.version}"
-    with _mlflow_store(uri), contextlib.chdir(served_model.root):
+    with mlflow_store(uri), contextlib.chdir(served_model.root):
         v1 = client.copy_model_version(src, name)
         v2 = client.copy_model_version(src, name)
         broken = client.create_model_version(name, "/nonexistent/icu-forecast/model")
@@ -127,8 +127,12 @@ def test_reload_picks_up_new_champion_and_survives_a_broken_one(served_model, re
         assert f'version="{v2}"' in metrics
 
 
-def test_warm_up_refuses_a_model_that_cannot_forecast():
-    from service.model import ModelLoadError, _warm_up
+def test_a_model_that_cannot_forecast_never_replaces_the_serving_one(served_model):
+    """Whatever the loader returns runs one test forecast first: a model that raises, gives
+    non-finite values or the wrong shape is refused (502), and the previous one serves on."""
+    from service_support import history_body
+
+    from service.model import LoadedModel, ModelInfo, load_from_mlflow
 
     class Raises:
         def forecast(self, *args):  # noqa: ANN002, ANN202
@@ -136,19 +140,33 @@ def test_warm_up_refuses_a_model_that_cannot_forecast():
 
     class Shaped:
         def __init__(self, fill: float, steps: int = 2) -> None:
-            self.fill, self.steps, self.calls = fill, steps, 0
+            self.fill, self.steps = fill, steps
 
         def forecast(self, state, interventions, lengths, planned):  # noqa: ANN001, ANN202
-            self.calls += 1
-            assert state.shape[0] == lengths.shape[0] == planned.shape[0] == 1
-            return np.full((1, self.steps, len(STATE_NAMES)), self.fill)
+            return np.full((state.shape[0], self.steps, len(STATE_NAMES)), self.fill)
 
-    with pytest.raises(ModelLoadError, match="'m': a test forecast failed: RuntimeError: boom"):
-        _warm_up("m", Raises())
-    with pytest.raises(ModelLoadError, match="not all finite"):
-        _warm_up("m", Shaped(np.nan))
-    with pytest.raises(ModelLoadError, match=r"gave \(1, 3, 18\) values"):
-        _warm_up("m", Shaped(0.0, steps=3))
-    ok = Shaped(1.0)
-    _warm_up("m", ok)
-    assert ok.calls == 1
+    good = load_from_mlflow(served_model.settings_kwargs["model_uri"], served_model.tracking_uri)
+    queue = [good]
+
+    def loader() -> LoadedModel:
+        return queue.pop(0)
+
+    settings = ServiceSettings(**served_model.settings_kwargs)
+    with TestClient(create_app(settings, loader)) as c:
+        before = c.post("/v1/forecast", json=history_body())
+        assert before.status_code == 200
+        bad = [
+            (Raises(), "a test forecast failed: RuntimeError: boom"),
+            (Shaped(np.nan), "not all finite"),
+            (Shaped(0.0, steps=3), "gave (1, 3, 18) values"),
+            (object(), "has no forecaster.forecast"),
+        ]
+        for i, (forecaster, why) in enumerate(bad):
+            queue.append(LoadedModel(ModelInfo("broken", str(i), None, "m"), forecaster))
+            resp = c.post("/v1/model/reload")
+            assert resp.status_code == 502 and why in resp.json()["error"], resp.text
+            after = c.post("/v1/forecast", json=history_body())
+            assert after.status_code == 200
+            assert after.json() == before.json()  # the same model, the same answer
+        metrics = c.get("/metrics").text
+        assert f'icu_forecast_model_reloads_total{{result="failure"}} {float(len(bad))}' in metrics

@@ -1,4 +1,6 @@
-"""`icu-forecast serve` as a real process on loopback: readiness, forecasts, SIGHUP reload."""
+"""`icu-forecast serve` as a real process on loopback: readiness, forecasts, reloads that keep
+the serving model on failure, several workers under uvicorn's process manager, and an access
+log that loses no line on SIGTERM."""
 
 from __future__ import annotations
 
@@ -36,11 +38,11 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def two_versions(served_model, name: str) -> tuple[MlflowClient, str, str]:
     """Two registered versions of the served model under ``name``; ``champion`` on the first."""
-    from service.model import _mlflow_store
+    from service_support import mlflow_store
 
     uri = served_model.tracking_uri
     client = MlflowClient(uri, uri)
-    with _mlflow_store(uri), contextlib.chdir(served_model.root):
+    with mlflow_store(uri), contextlib.chdir(served_model.root):
         v1, v2 = (
             str(
                 client.copy_model_version(
@@ -88,8 +90,7 @@ def test_serve_command_and_sighup_reload(served_model, tmp_path, repo_root):
     client, v1, v2 = two_versions(served_model, name)
     log = tmp_path / "serve.log"
     auth = {"authorization": "Bearer k3y"}
-    # Access lines are written in batches: with a long interval, only the shutdown writes them.
-    env = {"API_KEY": "k3y", "ICU_FORECAST_LOG_FLUSH_S": "30"}
+    env = {"API_KEY": "k3y"}
     with serving(served_model, name, repo_root, log, env) as (proc, base):
         wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, 120, "readiness")
         body = history_body()
@@ -110,16 +111,18 @@ def test_serve_command_and_sighup_reload(served_model, tmp_path, repo_root):
         )
         resp = httpx.post(f"{base}/v1/forecast", json=body, headers=auth)
         assert resp.json()["model"]["version"] == v2
-        for i in range(5):  # the last access lines, written at shutdown
-            headers = auth | {"x-request-id": f"last-{i}"}
-            assert httpx.post(f"{base}/v1/forecast", json=body, headers=headers).is_success
+        # Many lines right before SIGTERM: the log queue must be drained at shutdown.
+        with httpx.Client() as c:
+            for i in range(200):
+                headers = auth | {"x-request-id": f"last-{i}"}
+                assert c.post(f"{base}/v1/forecast", json=body, headers=headers).is_success
     text = log.read_text()
     # uvicorn shuts down gracefully, then re-raises SIGTERM, so the exit reads as that signal.
     assert proc.returncode in (0, -signal.SIGTERM), text
     assert "Application shutdown complete" in text
     assert "request_id=abc-1" in text and "status=200" in text and "latency_ms=" in text
     assert "status=401" in text
-    assert all(f"request_id=last-{i} " in text for i in range(5)), text
+    assert all(f"request_id=last-{i} " in text for i in range(200)), text[-3000:]
     assert "101.2345678" not in text
 
 
@@ -136,31 +139,38 @@ def _metric(text: str, name: str, **labels: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_serve_workers_share_reloads_and_metrics(served_model, tmp_path, repo_root):
-    """`serve --workers 2`: both workers serve (the supervisor hands them the connections),
-    /metrics counts all of them, a reload through the endpoint (one worker) or SIGHUP (the
-    supervisor) reaches every worker, and the workers write the access log."""
+def test_serve_workers_answer_reload_and_keep_the_model_on_failure(
+    served_model, tmp_path, repo_root
+):
+    """`serve --workers 2` (uvicorn's own process manager): both workers serve, /metrics counts
+    all of them, an endpoint reload replaces every worker with one serving the new champion,
+    a broken champion changes nothing (endpoint: 502; SIGHUP: the replacement fails its start
+    and uvicorn keeps the old worker), and the workers' access lines survive SIGTERM."""
     name = "icu-forecast-workers-test"
     client, v1, v2 = two_versions(served_model, name)
+    from service_support import mlflow_store
+
+    with mlflow_store(served_model.tracking_uri):
+        broken = client.create_model_version(name, "/nonexistent/icu-forecast/model").version
     log = tmp_path / "serve.log"
-    env = {"ICU_FORECAST_RELOAD_POLL_S": "0.2", "ICU_FORECAST_LOG_FLUSH_S": "30"}
-    with serving(served_model, name, repo_root, log, env, "--workers", "2") as (proc, base):
+    with serving(served_model, name, repo_root, log, {}, "--workers", "2") as (proc, base):
 
         def versions(n: int = 16) -> set[str]:
             # httpx.get opens a fresh connection each time, which may land on either worker.
             return {httpx.get(f"{base}/v1/model").json()["version"] for _ in range(n)}
 
-        def model_pids() -> set[str]:
-            text = httpx.get(f"{base}/metrics").text
-            return {
-                line.split('pid="')[1].split('"')[0]
-                for line in text.splitlines()
-                if line.startswith("icu_forecast_model_info{")
-            }
+        def model_pids() -> dict[str, str]:
+            """pid -> version of every live worker's model, from the shared metrics."""
+            out = {}
+            for line in httpx.get(f"{base}/metrics").text.splitlines():
+                if line.startswith("icu_forecast_model_info{") and line.endswith(" 1.0"):
+                    pid = line.split('pid="')[1].split('"')[0]
+                    out[pid] = line.split('version="')[1].split('"')[0]
+            return out
 
-        # A worker joins the supervisor's rotation once started, so /readyz answers only for
-        # the workers already in it: wait until both report a model.
         wait_for(lambda: len(model_pids()) == 2, 180, "both workers ready")
+        first = model_pids()
+        assert set(first.values()) == {v1}
         body = history_body()
         for _ in range(20):
             resp = httpx.post(f"{base}/v1/forecast", json=body)
@@ -173,19 +183,26 @@ def test_serve_workers_share_reloads_and_metrics(served_model, tmp_path, repo_ro
         client.set_registered_model_alias(name, "champion", v2)
         resp = httpx.post(f"{base}/v1/model/reload")
         assert resp.status_code == 200 and resp.json()["model"]["version"] == v2, resp.text
-        wait_for(lambda: versions() == {v2}, 60, "every worker to follow the endpoint reload")
+        assert resp.json()["workers_restarting"] is True
+        wait_for(
+            lambda: (p := model_pids()) and set(p.values()) == {v2} and not set(p) & set(first),
+            180,
+            "every worker replaced by one serving v2",
+        )
+        assert versions() == {v2}
+        second = model_pids()
 
-        client.set_registered_model_alias(name, "champion", v1)
-        proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: versions() == {v1}, 60, "every worker to follow SIGHUP")
-        text = httpx.get(f"{base}/metrics").text
-        assert sum(_metric(text, "icu_forecast_model_reloads_total", result="success")) == 6
-        assert _metric(text, "icu_forecast_model_loaded") == [1.0], text
-        for _ in range(10):  # the last access lines, written at shutdown
+        client.set_registered_model_alias(name, "champion", broken)
+        resp = httpx.post(f"{base}/v1/model/reload")
+        assert resp.status_code == 502 and resp.json()["serving"]["version"] == v2, resp.text
+        proc.send_signal(signal.SIGHUP)  # uvicorn: replace each worker; this one cannot load
+        wait_for(lambda: "keeping worker" in log.read_text(), 120, "uvicorn to keep the worker")
+        assert model_pids() == second and versions() == {v2}
+        for _ in range(10):
             assert httpx.post(f"{base}/v1/forecast", json=body).status_code == 200
+        text = httpx.get(f"{base}/metrics").text
+        assert sum(_metric(text, "icu_forecast_model_reloads_total", result="failure")) >= 1
     text = log.read_text()
-    assert proc.returncode == 0, text
-    assert text.count("Application shutdown complete") == 2, text
-    # The workers log like a single process: one access line per request, and their reloads.
-    assert text.count("route=/v1/forecast status=200") == 30, text
-    assert "reload (broadcast" in text, text
+    assert proc.returncode == 0, text[-3000:]
+    # The workers log like a single process: one access line per request.
+    assert text.count("route=/v1/forecast status=200") == 30, text[-3000:]
