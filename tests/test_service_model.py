@@ -51,7 +51,7 @@ def _stay_bodies(served_model, k: int) -> list[tuple[dict, np.ndarray]]:
             dict(zip(INTERVENTION_NAMES, iv[s + 1 + j].tolist(), strict=True)) for j in range(k)
         ]
         body = {"horizon": k, "history": history, "planned_interventions": plan}
-        out.append((body, pre.unscale_state(windows.pred[w])))
+        out.append((body, forecaster.preprocessor.unscale_state(windows.pred[w])))
     return out
 
 
