@@ -68,6 +68,29 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
 
+def validation_summary(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The served model's skill against persistence on its validation patients, per K, with
+    the 95% patient-bootstrap interval (recorded in the model at training time)."""
+    metrics = config.get("validation") or {}
+    by_k: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key.startswith("val/skill_k") and key[len("val/skill_k") :].isdigit():
+            k = key[len("val/skill_k") :]
+            by_k[k] = {
+                "skill": value,
+                "skill_ci": [metrics.get(f"{key}_lo"), metrics.get(f"{key}_hi")],
+                "rmse_measured": metrics.get(f"val/rmse_measured_k{k}"),
+            }
+    if not by_k:
+        return None
+    return {
+        "split": "validation patients",
+        "reference": "persistence",
+        "metric": "1 - RMSE / RMSE of persistence, measured values, K-th rollout step",
+        "by_k": dict(sorted(by_k.items(), key=lambda kv: int(kv[0]))),
+    }
+
+
 def variables_info() -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [
         {
@@ -414,6 +437,8 @@ def create_app(
                 "uri": i.uri,
                 "data_checksum": i.data_checksum,
                 "loaded_at": i.loaded_at,
+                "family": getattr(m.forecaster, "model_name", None),
+                "validation": validation_summary(getattr(m.forecaster, "config", {}) or {}),
                 "catalog_version": catalog_version(),
                 "bin_hours": BIN_HOURS,
                 "variables": _VARIABLES,

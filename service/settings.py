@@ -32,7 +32,7 @@ class ServiceSettings(BaseSettings):
         description="MLflow tracking / registry store the model is loaded from.",
     )
     model_uri: str = Field(
-        "models:/icu-forecast-cfc@champion",
+        "models:/icu-forecast@champion",
         validation_alias=AliasChoices("MODEL_URI", "model_uri"),
         description="MLflow model URI; an alias URI is re-resolved on every reload.",
     )

@@ -106,7 +106,7 @@ def test_pipeline_is_a_one_shot_dag_run_logging_to_mlflow(compose: dict[str, Any
 def test_api_serves_the_champion_with_a_readyz_healthcheck(compose: dict[str, Any]) -> None:
     api = compose["services"]["api"]
     env = _env(api)
-    assert env["MODEL_URI"] == "models:/icu-forecast-cfc@champion"
+    assert env["MODEL_URI"] == "models:/icu-forecast@champion"
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     # The safe setup is the default: loopback on the host, and no start without a key.
     assert api["ports"] == ["127.0.0.1:8000:8000"]

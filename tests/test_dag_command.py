@@ -79,11 +79,14 @@ def test_flags_override_environment_which_overrides_defaults(
     import argparse
 
     from pipeline.dag.command import configure, settings_from_args
-    from pipeline.dag.settings import DEFAULT_EPOCHS, PAPER_EPOCHS, DagSettings
+    from pipeline.dag.settings import DagSettings
+    from pipeline.dag.training_api import train_config
 
     for var in ("MIMIC_DIR", "MLFLOW_TRACKING_URI", "ICU_DAG_EPOCHS", "ICU_DAG_MODELS"):
         monkeypatch.delenv(var, raising=False)
-    assert DagSettings().epochs == DEFAULT_EPOCHS == PAPER_EPOCHS
+    default = DagSettings()
+    assert default.epochs is None and default.preset == "default"  # the preset decides
+    assert train_config(default, "gru").objective == "closed_loop"
     assert DagSettings().tracking_uri == "sqlite:///mlflow.db"
     monkeypatch.setenv("MIMIC_DIR", str(tmp_path / "m"))
     monkeypatch.setenv("ICU_DAG_EPOCHS", "7")
@@ -94,6 +97,12 @@ def test_flags_override_environment_which_overrides_defaults(
     assert (s.mimic_dir, s.epochs, s.models) == (tmp_path / "m", 7, ("gru", "cfc"))
     s = settings_from_args(parser.parse_args(["run", "--epochs", "3", "--mimic-dir", "x"]))
     assert (s.mimic_dir, s.epochs) == (Path("x"), 3)
-    assert settings_from_args(parser.parse_args(["status", "--paper"])).epochs == PAPER_EPOCHS
+    paper = settings_from_args(parser.parse_args(["status", "--paper"]))
+    assert paper.preset == "paper"
+    cfg = train_config(paper, "cfc")
+    assert (cfg.epochs, cfg.objective, cfg.batch_size) == (7, "teacher_forced", 64)  # env epochs
+    monkeypatch.delenv("ICU_DAG_EPOCHS")
+    cfg = train_config(settings_from_args(parser.parse_args(["status", "--paper"])), "cfc")
+    assert cfg.epochs == 30
     with pytest.raises(UserError, match="--paper and --epochs disagree"):
         settings_from_args(parser.parse_args(["status", "--paper", "--epochs", "3"]))

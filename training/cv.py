@@ -42,14 +42,15 @@ VARIANTS: dict[str, dict[str, object]] = {
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
-    """``cfc`` / ``cfc-small`` (named) or ``label=model:key=value,key=value``."""
+    """``cfc`` / ``cfc-small`` (named) or ``label=model:key=value,key=value``, where ``model``
+    may also be a named variant (``tiny=cfc-small:units=8``)."""
     if "=" not in spec.split(":")[0]:
         if spec not in VARIANTS:
             raise ValueError(f"unknown model {spec!r}; named ones: {', '.join(VARIANTS)}")
         return spec, dict(VARIANTS[spec])
     label, rest = spec.split("=", 1)
     model, _, opts = rest.partition(":")
-    overrides: dict[str, object] = {"model": model}
+    overrides: dict[str, object] = dict(VARIANTS.get(model, {"model": model}))
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
         overrides[key.replace("-", "_")] = value
@@ -118,6 +119,7 @@ def run_cv(
                         "label": label,
                     }
                 )
+                dm.batch_size = cfg.batch_size  # partition and preprocessing are the fold's
                 L.seed_everything(seed, workers=True, verbose=False)
                 with mlflow.start_run(
                     run_name=f"{label}-seed{seed}-fold{fold}",

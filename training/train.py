@@ -223,7 +223,7 @@ def baseline_evaluations(
         if isinstance(b, Linear):
             fit_linear(b, train)
         out[name] = evaluate(b, seqs, pre, ks)
-    direct = DirectRidge().fit(train.inputs, train.state, ks)
+    direct = DirectRidge().fit(train.inputs, train.state, ks, groups=train.subject_ids)
     out["direct"] = evaluate_direct(direct, seqs, pre, ks)
     return out
 

@@ -34,8 +34,9 @@ ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
 class DirectRidge:
     """One ridge per (K, variable), fitted on measured targets; predictions clipped to bounds.
 
-    The penalty of each is chosen from ``alphas`` by scikit-learn's efficient leave-one-out
-    (``RidgeCV``) on the training windows only; a large penalty shrinks towards persistence.
+    The penalty of each is chosen from ``alphas`` by patient-grouped cross-validation on the
+    training windows only (windows of one patient are correlated: leave-one-window-out would
+    pick too small a penalty); a large penalty shrinks towards persistence.
     """
 
     def __init__(self, alphas: tuple[float, ...] = ALPHAS) -> None:
@@ -44,9 +45,17 @@ class DirectRidge:
         self.intercept: dict[int, np.ndarray] = {}  # K -> (18,)
 
     def fit(
-        self, inputs: list[np.ndarray], state: list[np.ndarray], ks: tuple[int, ...]
+        self,
+        inputs: list[np.ndarray],
+        state: list[np.ndarray],
+        ks: tuple[int, ...],
+        groups: np.ndarray | None = None,
     ) -> DirectRidge:
-        from sklearn.linear_model import RidgeCV
+        """``groups[i]``: the patient of stay i (default: each stay its own patient)."""
+        from sklearn.linear_model import Ridge
+        from sklearn.model_selection import GridSearchCV, GroupKFold
+
+        groups = np.arange(len(inputs)) if groups is None else np.asarray(groups)
 
         for k in ks:
             x, stay, start = _features(inputs, k)
@@ -56,11 +65,23 @@ class DirectRidge:
                 pairs = list(zip(stay, start, strict=True))
                 target = np.stack([state[i][s + k] - state[i][s] for i, s in pairs])
                 measured = np.stack([inputs[i][s + k, N_STATE : 2 * N_STATE] > 0 for i, s in pairs])
+                g = groups[stay]
                 for v in range(N_STATE):
                     m = measured[:, v]
-                    if m.sum() >= 2:
-                        r = RidgeCV(alphas=list(self.alphas)).fit(x[m], target[m, v])
-                        coef[v], icpt[v] = r.coef_, r.intercept_
+                    n_groups = len(np.unique(g[m]))
+                    if n_groups >= 3 and len(self.alphas) > 1:
+                        search = GridSearchCV(
+                            Ridge(),
+                            {"alpha": list(self.alphas)},
+                            cv=GroupKFold(n_splits=min(5, n_groups)),
+                            scoring="neg_mean_squared_error",
+                        ).fit(x[m], target[m, v], groups=g[m])
+                        r = search.best_estimator_
+                    elif m.sum() >= 2:
+                        r = Ridge(alpha=self.alphas[-1]).fit(x[m], target[m, v])
+                    else:
+                        continue
+                    coef[v], icpt[v] = r.coef_, r.intercept_
             self.coef[k], self.intercept[k] = coef, icpt
         return self
 
