@@ -597,3 +597,20 @@ def test_a_client_gone_mid_body_is_not_a_server_error(served_model):
     assert 'route="/v1/forecast",status="499"' in metrics, metrics
     assert 'route="/v1/forecast",status="408"' in metrics
     assert not re.search(r'icu_forecast_requests_total\{[^}]*status="5', metrics), metrics
+
+
+def test_model_description_reports_family_and_validation_skill(client, served_model):
+    """/v1/model says which family serves and how it did against persistence on its
+    validation patients (the numbers recorded in the model at training time)."""
+    from mlflow import MlflowClient
+
+    info = client.get("/v1/model").json()
+    assert info["family"] == "cfc"
+    validation = info["validation"]
+    assert validation["reference"] == "persistence"
+    assert set(validation["by_k"]) == {"1", "2"}  # the served model was trained with ks=(1, 2)
+    run = MlflowClient(served_model.tracking_uri).get_run(served_model.run_id).data.metrics
+    for k, row in validation["by_k"].items():
+        assert row["skill"] == pytest.approx(run[f"val/skill_k{k}"])
+        lo, hi = row["skill_ci"]
+        assert lo <= row["skill"] <= hi
