@@ -1,7 +1,8 @@
 """End to end on the demo: the DAG (few epochs), then the API serving the registered champion.
 
-`icu-forecast dag run` runs fetch (not needed: the demo copy is there) -> etl -> four train
-steps -> compare -> promote into a fresh SQLite store; a second run skips every step. Then
+`icu-forecast dag run --cv` runs fetch (not needed: the demo copy is there) -> etl -> four
+train steps -> compare -> promote, and the cross-validation step, into a fresh SQLite store;
+a second run skips every step. Then
 `icu-forecast serve` starts on loopback against ``models:/icu-forecast-cfc@champion``, gets the
 first bins of a test-split stay as a history (measured values only, as a client would send
 them), and its forecast must equal the offline K-step rollout of the same model on the ETL's
@@ -38,6 +39,7 @@ STEPS = [
     "train_linear",
     "compare",
     "promote",
+    "cv",
 ]
 
 
@@ -91,6 +93,7 @@ def test_dag_then_service_matches_offline_rollout(
 ) -> None:
     data = tmp_path / "data"
     args = ["--mimic-dir", str(mimic_dir), "--data-dir", str(data), "--epochs", "1"]
+    args += ["--cv", "--cv-folds", "2", "--cv-seeds", "1"]
     assert main(["dag", "run", *args]) == 0
     out = capsys.readouterr().out
     assert "| cfc |" in out and "| gru |" in out  # the comparison table is printed
@@ -102,7 +105,13 @@ def test_dag_then_service_matches_offline_rollout(
     status = dict(ln.split()[:2] for ln in capsys.readouterr().out.splitlines())
     assert status == dict.fromkeys(STEPS, "done")
 
-    champion = json.loads((data / "dag/champion.json").read_text())["champions"]["cfc"]
+    promoted = json.loads((data / "dag/champion.json").read_text())
+    champion = promoted["champions"]["cfc"]
+    assert promoted["overall"]["family"] in promoted["champions"]  # any family, baselines too
+    assert promoted["overall"]["model_name"] == "icu-forecast"
+    report = json.loads((data / "dag/cv/report.json").read_text())
+    assert {r["model"] for r in report["rows"]} == {"cfc", "gru", "persistence", "linear", "direct"}
+    assert report["folds"] == 2 and report["seeds"] == [0]
     assert (data / "dag/comparison.md").read_text().count("\n|") >= 5  # header + 4 models
 
     bins = pd.read_parquet(data / "etl/bins.parquet")
