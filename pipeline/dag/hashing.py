@@ -37,7 +37,7 @@ class DigestCache:
         hit = self.entries.get(key)
         if hit and hit[0] == stat.st_size and hit[1] == stat.st_mtime_ns:
             return hit[2]
-        value = _sha256(path)
+        value = sha256_file(path)
         self.entries[key] = [stat.st_size, stat.st_mtime_ns, value]
         return value
 
@@ -207,13 +207,15 @@ def code_digests(modules: Iterable[str]) -> CodeDigests:
     )
     return CodeDigests(
         files={
-            path.relative_to(root).as_posix(): _sha256(path) for path, root in sorted(files.items())
+            path.relative_to(root).as_posix(): sha256_file(path)
+            for path, root in sorted(files.items())
         },
         libraries={dist: _version(dist) for dist in libraries},
     )
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 

@@ -385,9 +385,6 @@ def stream_table(
     # Hash the rest of the file (bytes after the last block the reader needed).
     with open(path, "rb") as fh:
         fh.seek(hasher.n)
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            hasher.sha.update(chunk)
-            hasher.n += len(chunk)
-    stats.bytes = hasher.n
-    stats.sha256 = hasher.sha.hexdigest()
+        stats.sha256 = hashlib.file_digest(fh, lambda: hasher.sha).hexdigest()
+        stats.bytes = fh.tell()
     stats.seconds = time.perf_counter() - start
