@@ -148,6 +148,7 @@ def toy_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (code / "toyhelpers" / "__init__.py").write_text("")
     (code / "toyhelpers" / "util.py").write_text("from . import __name__ as limit\n")
     (code / "toyhelpers" / "limits.json").write_text("{}\n")
+    (code / "toyhelpers" / "unused.py").write_text("")  # a sibling the step never imports
     (code / "unrelated.py").write_text("")
     monkeypatch.syspath_prepend(str(code))
     for name in ("toypkg", "toyhelpers"):
@@ -176,7 +177,8 @@ def test_code_fingerprint_covers_data_files_and_imported_modules(
     dag, calls = _package_dag(tmp_path)
     dag.run()
     (toy_package / changed).write_text((toy_package / changed).read_text() + "\n# edited\n")
-    (toy_package / "unrelated.py").write_text("# not imported by the step\n")
+    for unused in ("unrelated.py", "toyhelpers/unused.py"):
+        (toy_package / unused).write_text("# not imported by the step\n")
     [decision] = _package_dag(tmp_path)[0].status()
     assert decision.status == "stale"
     assert decision.reasons == [f"code changed: {changed}"]

@@ -23,6 +23,7 @@ MISSING = "<missing>"
 # Files that never carry content a step depends on.
 _IGNORED_NAMES = {"__pycache__", ".DS_Store"}
 _COMPILED = {".pyc", ".pyo"}
+_CODE = {".py", *_COMPILED}
 
 
 class DigestCache:
@@ -125,14 +126,20 @@ def _module_file(root: Path, name: str) -> Path | None:
     return None
 
 
-def _imported_names(path: Path, root: Path) -> set[str]:
+def _imported_names(path: Path, root: Path) -> frozenset[str]:
+    stat = path.stat()
+    return _parsed_imports(path, root, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)  # every step of a DAG shares features/: parse it once
+def _parsed_imports(path: Path, root: Path, size: int, mtime_ns: int) -> frozenset[str]:
     """Every module name ``path`` imports, at module level or inside functions (lazy imports
     are dependencies too); relative imports resolved. A file that does not parse yields none:
     its content is still hashed, and running it will say what is wrong."""
     try:
         tree = ast.parse(path.read_bytes(), filename=str(path))
     except (SyntaxError, ValueError):
-        return set()
+        return frozenset()
     package = list(path.relative_to(root).parts[:-1])
     names: set[str] = set()
     for node in ast.walk(tree):
@@ -145,7 +152,7 @@ def _imported_names(path: Path, root: Path) -> set[str]:
                 base = ".".join([*prefix, base] if base else prefix)
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
-    return names
+    return frozenset(names)
 
 
 @functools.cache
@@ -189,12 +196,13 @@ def code_digests(modules: Iterable[str]) -> CodeDigests:
                 third_party.add(name.split(".")[0])
                 continue
             todo.append((found, root))
-            # Data files sit beside the module that reads them.
+            # Data files sit beside the module that reads them (its sibling modules count
+            # only when imported).
             if (found.parent / "__init__.py").is_file():
                 todo += [
                     (p, root)
                     for p in found.parent.iterdir()
-                    if p.is_file() and p.suffix not in _COMPILED and not p.name.startswith(".")
+                    if p.is_file() and p.suffix not in _CODE and not p.name.startswith(".")
                 ]
     distributions = _distributions()
     libraries = sorted(
