@@ -61,8 +61,48 @@ def _healthcheck_url(service: dict[str, Any]) -> str:
     return match.group(0)
 
 
-def test_services_exist(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"mlflow", "pipeline", "api"}
+def _app_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run the project's own image (its entrypoint is ``icu-forecast``)."""
+    return {name: s for name, s in compose["services"].items() if "build" in s}
+
+
+def _settings_from(service: dict[str, Any], cls: type, monkeypatch, **substitutes: str) -> Any:
+    """``cls`` as the program builds it inside the container: from the service's environment
+    (``${VAR...}`` references replaced by ``substitutes``) and nothing from this machine."""
+    for key in list(os.environ):
+        if key.startswith(("ICU_", "MLFLOW_", "MIMIC_", "MODEL_", "API_")):
+            monkeypatch.delenv(key)
+    for key, value in _env(service).items():
+        monkeypatch.setenv(key, substitutes.get(key, value))
+    return cls()
+
+
+def _mlflow_address(compose: dict[str, Any]) -> tuple[str, int]:
+    """Where other containers reach MLflow: its service name and the port its command binds."""
+    cmd = " ".join(compose["services"]["mlflow"]["command"])
+    return "mlflow", int(re.search(r"--port[= ](\d+)", cmd).group(1))
+
+
+def _published(service: dict[str, Any]) -> list[tuple[str, int]]:
+    """(host address, container port) of each published port ``host:hostport:port``."""
+    out = []
+    for spec in service.get("ports", []):
+        host, _, port = str(spec).rpartition(":")
+        out.append((host.rpartition(":")[0], int(port)))
+    return out
+
+
+def test_app_services_run_commands_the_cli_accepts(compose: dict[str, Any]) -> None:
+    from pipeline.cli import build_parser
+
+    commands = {
+        name: build_parser().parse_args(s["command"]) for name, s in _app_services(compose).items()
+    }
+    assert {name: args.command for name, args in commands.items()} == {
+        "pipeline": "dag",
+        "api": "serve",
+    }
+    assert commands["pipeline"].dag_command == "run"
 
 
 def test_mlflow_is_the_official_image_at_the_pinned_version(
@@ -82,37 +122,71 @@ def test_mlflow_is_the_official_image_at_the_pinned_version(
     assert "mlflow-store" in volumes and "mlflow-store" in compose["volumes"]
     if backend.startswith("sqlite:////"):
         assert backend.removeprefix("sqlite:///").startswith(volumes["mlflow-store"])
+    # The server accepts the Host header of every client: the app containers (by service
+    # name) and a browser on the host (through the published port).
+    host, port = _mlflow_address(compose)
     allowed = re.search(r"--allowed-hosts[= ](\S+)", cmd).group(1).split(",")
-    assert "mlflow:5000" in allowed, "other containers reach the server as mlflow:5000"
-    assert "localhost:5000" in allowed
-    assert mlflow["ports"] == ["127.0.0.1:5000:5000"], "published on the host's loopback only"
-    assert _healthcheck_url(mlflow).startswith("http://localhost:5000/health")
+    assert f"{host}:{port}" in allowed
+    published = _published(mlflow)
+    assert published and all(address == "127.0.0.1" for address, _ in published)
+    assert all(f"localhost:{p}" in allowed for _, p in published)
+    assert {p for _, p in published} == {port}
+    assert _healthcheck_url(mlflow).startswith(f"http://localhost:{port}/health")
 
 
-def test_pipeline_is_a_one_shot_dag_run_logging_to_mlflow(compose: dict[str, Any]) -> None:
+def test_app_services_reach_mlflow_by_its_service_name(compose, monkeypatch) -> None:
+    from pipeline.dag.settings import DagSettings
+    from service.settings import ServiceSettings
+
+    host, port = _mlflow_address(compose)
+    pipeline = _settings_from(compose["services"]["pipeline"], DagSettings, monkeypatch)
+    api = _settings_from(compose["services"]["api"], ServiceSettings, monkeypatch, API_KEY="k")
+    for uri in (pipeline.tracking_uri, api.mlflow_tracking_uri):
+        assert uri == f"http://{host}:{port}"
+
+
+def test_pipeline_reads_the_mounted_mimic_and_keeps_its_state_on_a_volume(
+    compose: dict[str, Any], repo_root: Path, monkeypatch
+) -> None:
+    from pipeline.dag.settings import DagSettings
+
     pipeline = compose["services"]["pipeline"]
-    assert pipeline["command"] == ["dag", "run"]
-    assert pipeline["build"] == "."
-    assert pipeline.get("restart") == "no"
-    env = _env(pipeline)
-    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    settings = _settings_from(pipeline, DagSettings, monkeypatch)
     mounts = _mounts(pipeline)
-    assert env["MIMIC_DIR"] in mounts, "MIMIC_DIR must point at the mounted MIMIC folder"
-    assert mounts[env["MIMIC_DIR"]] == "${MIMIC_DIR:-./data/raw/mimic-iii-demo}"
-    assert mounts["/app/data"] == "pipeline-data", "the DAG state must outlive the container"
+    assert mounts[str(settings.mimic_dir)] == "${MIMIC_DIR:-./data/raw/mimic-iii-demo}"
+    workdir = re.search(r"^WORKDIR (\S+)", (repo_root / "Dockerfile").read_text(), re.M).group(1)
+    data_dir = Path(workdir, settings.data_dir)  # a relative data_dir is under WORKDIR
+    state = next(source for target, source in mounts.items() if data_dir.is_relative_to(target))
+    assert state in compose["volumes"], "the DAG state must outlive the container"
+    assert pipeline.get("restart") == "no", "a one-shot run must not be restarted when it ends"
     assert pipeline["depends_on"]["mlflow"]["condition"] == "service_healthy"
 
 
-def test_api_serves_the_champion_with_a_readyz_healthcheck(compose: dict[str, Any]) -> None:
+def test_api_serves_the_champion_on_loopback_with_a_readyz_healthcheck(
+    compose: dict[str, Any], monkeypatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from pipeline.cli import build_parser
+    from service.app import create_app
+    from service.settings import ServiceSettings
+    from training.registry import CHAMPION, OVERALL
+
     api = compose["services"]["api"]
-    env = _env(api)
-    assert env["MODEL_URI"] == "models:/icu-forecast@champion"
-    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    # The safe setup is the default: loopback on the host, and no start without a key.
-    assert api["ports"] == ["127.0.0.1:8000:8000"]
-    assert re.fullmatch(r"\$\{API_KEY:\?[^}]+\}", env["API_KEY"]), env["API_KEY"]
-    assert "--host" in api["command"] and "0.0.0.0" in api["command"]
-    assert _healthcheck_url(api).endswith("/readyz")
+    settings = _settings_from(api, ServiceSettings, monkeypatch, API_KEY="a-long-secret")
+    # What the promote step of the pipeline marks as champion is what the API loads.
+    assert settings.model_uri == f"models:/{OVERALL}@{CHAMPION}"
+    assert settings.api_key is not None
+    args = build_parser().parse_args(api["command"])
+    assert args.host == "0.0.0.0", "inside the container it must listen beyond loopback"
+    assert _published(api) == [("127.0.0.1", args.port)], "published on the host's loopback"
+    url = _healthcheck_url(api)
+    assert url.startswith(f"http://127.0.0.1:{args.port}/")
+    # The probe answers "not ready" until a model serves (no model is loaded here).
+    client = TestClient(create_app(settings, loader=lambda: None))
+    assert client.get("/" + url.split("/", 3)[3]).status_code == 503
+    # The API key is required, not defaulted: compose refuses to start without it.
+    assert re.fullmatch(r"\$\{API_KEY:\?[^}]+\}", _env(api)["API_KEY"]), _env(api)["API_KEY"]
     assert api["depends_on"]["pipeline"]["condition"] == "service_completed_successfully"
     assert api["depends_on"]["mlflow"]["condition"] == "service_healthy"
 

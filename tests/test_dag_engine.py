@@ -130,7 +130,83 @@ def test_code_change_is_reported(toy: Toy, tmp_path: Path) -> None:
     (tmp_path / "code" / "toy_step_code.py").write_text("X = 2\n")
     toy.dag().run()
     assert toy.calls == ["a"]  # a's output is unchanged, so b, c stay cached
-    assert "code changed: toy_step_code:toy_step_code.py" in toy.output()
+    assert "code changed: toy_step_code.py" in toy.output()
+
+
+@pytest.fixture()
+def toy_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """toypkg (a step's declared code, with a .sql data file) imports toyhelpers.util, which
+    reads a .json beside it; toypkg also imports numpy (result-shaping) and pydantic (not)."""
+    code = tmp_path / "pkgcode"
+    (code / "toypkg").mkdir(parents=True)
+    (code / "toyhelpers").mkdir()
+    (code / "toypkg" / "__init__.py").write_text("")
+    (code / "toypkg" / "step.py").write_text(
+        "import numpy\nimport pydantic\n\ndef run():\n    from toyhelpers.util import limit\n"
+    )
+    (code / "toypkg" / "query.sql").write_text("SELECT 1\n")
+    (code / "toyhelpers" / "__init__.py").write_text("")
+    (code / "toyhelpers" / "util.py").write_text("from . import __name__ as limit\n")
+    (code / "toyhelpers" / "limits.json").write_text("{}\n")
+    (code / "toyhelpers" / "unused.py").write_text("")  # a sibling the step never imports
+    (code / "unrelated.py").write_text("")
+    monkeypatch.syspath_prepend(str(code))
+    for name in ("toypkg", "toyhelpers"):
+        sys.modules.pop(name, None)
+    return code
+
+
+def _package_dag(tmp_path: Path) -> tuple[Dag, list[str]]:
+    calls: list[str] = []
+    out = tmp_path / "out.txt"
+
+    def action(ctx: StepContext) -> None:
+        calls.append("s")
+        out.write_text("x")
+
+    return Dag([Step("s", action, outputs=(out,), code=("toypkg",))], tmp_path / "s.json"), calls
+
+
+@pytest.mark.parametrize(
+    "changed",
+    ["toypkg/query.sql", "toypkg/step.py", "toyhelpers/util.py", "toyhelpers/limits.json"],
+)
+def test_code_fingerprint_covers_data_files_and_imported_modules(
+    toy_package: Path, tmp_path: Path, changed: str
+) -> None:
+    dag, calls = _package_dag(tmp_path)
+    dag.run()
+    (toy_package / changed).write_text((toy_package / changed).read_text() + "\n# edited\n")
+    for unused in ("unrelated.py", "toyhelpers/unused.py"):
+        (toy_package / unused).write_text("# not imported by the step\n")
+    [decision] = _package_dag(tmp_path)[0].status()
+    assert decision.status == "stale"
+    assert decision.reasons == [f"code changed: {changed}"]
+
+
+def test_library_versions_are_recorded_and_a_change_is_named(
+    toy_package: Path, tmp_path: Path
+) -> None:
+    import importlib.metadata
+    import json
+
+    dag, _ = _package_dag(tmp_path)
+    dag.run()
+    state = json.loads((tmp_path / "s.json").read_text())
+    libraries = state["steps"]["s"]["fingerprint"]["libraries"]
+    numpy_version = importlib.metadata.version("numpy")
+    assert libraries == {"numpy": numpy_version}  # pydantic does not shape results
+    assert _package_dag(tmp_path)[0].status()[0].status == "done"
+
+    libraries["numpy"] = "1.0.0"  # as if the run had been made before an upgrade
+    (tmp_path / "s.json").write_text(json.dumps(state))
+    [decision] = _package_dag(tmp_path)[0].status()
+    assert decision.reasons == [f"library changed: numpy 1.0.0 -> {numpy_version}"]
+
+    del state["steps"]["s"]["fingerprint"]["libraries"]  # a state from before versions
+    (tmp_path / "s.json").write_text(json.dumps(state))
+    [decision] = _package_dag(tmp_path)[0].status()
+    assert decision.reasons == [f"library changed: numpy <none> -> {numpy_version}"]
 
 
 def test_failure_keeps_earlier_outputs_and_next_run_resumes(toy: Toy) -> None:

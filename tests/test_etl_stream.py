@@ -95,3 +95,17 @@ def test_bad_event_timestamp_names_file_and_column(tmp_path, capsys) -> None:
     assert code == 2 and len(lines) == 1, err
     assert "CHARTEVENTS.csv.gz" in lines[0] and "'charttime'" in lines[0]
     assert "yesterday" in lines[0]
+
+
+def test_quoted_row_longer_than_a_block_keeps_its_line_breaks(tmp_path) -> None:
+    # A quoted value with line breaks, far longer than a block: its chunk spans several reads
+    # and must still be parsed as one row, not cut at a line break inside the quotes.
+    long_value = b'"' + b"line,\n" * 2000 + b'"'
+    data = _rows(400).replace(b",plain,", b"," + long_value + b",", 3)
+    path = tmp_path / "EVENTS.csv.gz"
+    path.write_bytes(gzip.compress(data))
+    stats = TableStats("EVENTS", path)
+    got = pa.concat_tables(list(stream_table(path, SPEC, stats, block_size=256)))
+    assert got.equals(_expected(data))
+    assert stats.rows_read == 400
+    assert got.column("value").to_pylist().count(long_value[1:-1].decode()) == 3

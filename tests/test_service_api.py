@@ -226,17 +226,22 @@ def test_access_log_has_request_id_and_no_patient_values(client, caplog):
 
 
 def test_not_ready_until_loaded(served_model):
-    def failing() -> LoadedModel:
-        raise ModelLoadError("registry unreachable")
+    registry_up = False
+    load = served_model.loader or _mlflow_loader(served_model)
+
+    def flaky() -> LoadedModel:
+        if not registry_up:
+            raise ModelLoadError("registry unreachable")
+        return load()
 
     settings = ServiceSettings(**served_model.settings_kwargs, load_retry_s=3600)
-    with TestClient(create_app(settings, failing)) as c:
+    with TestClient(create_app(settings, flaky)) as c:
         assert c.get("/healthz").status_code == 200
         ready = c.get("/readyz")
         assert ready.status_code == 503 and "registry unreachable" in ready.json()["error"]
         assert c.post("/v1/forecast", json=history_body()).status_code == 503
         assert c.get("/v1/model").status_code == 503
-        c.app.state.holder._loader = served_model.loader or _mlflow_loader(served_model)
+        registry_up = True
         assert c.post("/v1/model/reload").json()["reloaded"] is True
         assert c.get("/readyz").status_code == 200
         assert c.post("/v1/forecast", json=history_body()).status_code == 200

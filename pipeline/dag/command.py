@@ -18,7 +18,9 @@ from pipeline.dag.settings import PAPER_EPOCHS, DagSettings
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dag_command", metavar="ACTION", required=True)
-    run = sub.add_parser("run", help="run the steps whose inputs, params or code changed")
+    run = sub.add_parser(
+        "run", help="run the steps whose inputs, params, code or libraries changed"
+    )
     status = sub.add_parser("status", help="show each step as done / stale / missing, and why")
     for p in (run, status):
         p.add_argument("--mimic-dir", help="MIMIC-III tables (env MIMIC_DIR)")

@@ -1,10 +1,11 @@
 """A small cached DAG: steps run in dependency order and are skipped when nothing changed.
 
 A step declares its inputs (files or folders, hashed by content), its parameters, the code it
-runs (modules whose source is hashed) and its outputs. After a successful run its fingerprint
-(input, parameter and code digests) is written to the state file; the next run skips the step
-when the fingerprint is the same and its outputs still exist, and otherwise says which input,
-parameter or code file changed. A failed step is recorded as failed, steps that need it are
+runs (modules: their files, the project files they import and the versions of the
+result-shaping libraries they import are hashed) and its outputs. After a successful run its
+fingerprint is written to the state file; the next run skips the step when the fingerprint is
+the same and its outputs still exist, and otherwise says which input, parameter, code file or
+library changed. A failed step is recorded as failed, steps that need it are
 blocked, independent steps still run, and the next run resumes from the failed step because
 everything before it is cached.
 """
@@ -35,6 +36,7 @@ from pipeline.dag.hashing import (
 STATE_FORMAT = 1
 Status = Literal["done", "stale", "missing", "failed"]
 Action = Literal["run", "skip", "blocked", "not-needed", "excluded"]
+UNRECORDED = "<none>"  # a library a fingerprint does not list (not imported, or not recorded)
 
 
 class DagError(UserError):
@@ -87,16 +89,23 @@ class Decision:
 class Fingerprint:
     inputs: dict[str, str]
     params: dict[str, Any]
-    code: dict[str, str]
+    code: dict[str, str]  # source file (path from the project root) -> sha256
+    libraries: dict[str, str] = field(default_factory=dict)  # distribution -> version
 
     def as_dict(self) -> dict[str, Any]:
-        return {"inputs": self.inputs, "params": self.params, "code": self.code}
+        return {
+            "inputs": self.inputs,
+            "params": self.params,
+            "code": self.code,
+            "libraries": self.libraries,
+        }
 
     def short(self) -> dict[str, str]:
         return {
             "inputs": combined(self.inputs),
             "params": combined(self.params),
             "code": combined(self.code),
+            "libraries": combined(self.libraries),
         }
 
 
@@ -127,6 +136,15 @@ def diff_fingerprints(old: Mapping[str, Any], new: Fingerprint) -> list[str]:
     )
     if code_changed:
         reasons.append(f"code changed: {_listing(code_changed)}")
+    # A state written before versions were recorded lacks the section: that is a change too.
+    old_libs: dict[str, str] = old.get("libraries", {})
+    libs_changed = [
+        f"{name} {old_libs.get(name, UNRECORDED)} -> {new.libraries.get(name, UNRECORDED)}"
+        for name in sorted(set(old_libs) | set(new.libraries))
+        if old_libs.get(name) != new.libraries.get(name)
+    ]
+    if libs_changed:
+        reasons.append(f"library changed: {_listing(libs_changed)}")
     return reasons
 
 
@@ -268,10 +286,12 @@ class Dag:
         return seen
 
     def fingerprint(self, step: Step, cache: DigestCache) -> Fingerprint:
+        code = code_digests(step.code)
         return Fingerprint(
             inputs=inputs_digests(step.inputs, cache),
             params=params_canonical(step.params),
-            code=code_digests(step.code),
+            code=code.files,
+            libraries=code.libraries,
         )
 
     def _decide(

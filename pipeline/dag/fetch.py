@@ -10,9 +10,9 @@ interrupted download never leaves a half-filled data folder behind.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ import httpx
 
 from features.atomic import atomic_dir
 from features.errors import UserError
+from pipeline.dag.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +59,8 @@ def folder_is_empty(folder: Path) -> bool:
     return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _download(url: str, target: Path, timeout_s: float) -> str:
     """Stream ``url`` into ``target``; return the SHA-256 of what was written."""
-    digest = hashlib.sha256()
     try:
         with (
             httpx.stream("GET", url, follow_redirects=True, timeout=timeout_s) as response,
@@ -77,11 +69,10 @@ def _download(url: str, target: Path, timeout_s: float) -> str:
             if response.status_code != 200:
                 raise FetchError(f"download of {url} failed: HTTP {response.status_code}")
             for chunk in response.iter_bytes(_CHUNK):
-                digest.update(chunk)
                 fh.write(chunk)
     except httpx.HTTPError as exc:
         raise FetchError(f"download of {url} failed: {exc}") from exc
-    return digest.hexdigest()
+    return sha256_file(target)
 
 
 def _parse_sums(text: str, source: str) -> dict[str, str]:
@@ -171,15 +162,11 @@ def fetch_demo(
                 for rel, member in by_rel.items():
                     target = staging / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    digest = hashlib.sha256()
                     with archive.open(member) as src, target.open("wb") as out:
-                        while chunk := src.read(_CHUNK):
-                            digest.update(chunk)
-                            out.write(chunk)
-                    if rel in sums and digest.hexdigest() != sums[rel]:
+                        shutil.copyfileobj(src, out, _CHUNK)
+                    if rel in sums and (got := sha256_file(target)) != sums[rel]:
                         raise FetchError(
-                            f"checksum mismatch for {rel} in {url}: expected {sums[rel]}, "
-                            f"got {digest.hexdigest()}"
+                            f"checksum mismatch for {rel} in {url}: expected {sums[rel]}, got {got}"
                         )
         log.info("extracted %d files into %s (zip sha256 %s)", len(by_rel), dest, zip_sha)
         return FetchResult(dest, downloaded=True, files=len(by_rel), zip_sha256=zip_sha)

@@ -8,17 +8,22 @@ and modification time are unchanged is not read again.
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 MISSING = "<missing>"
-_CHUNK = 1 << 20
 # Files that never carry content a step depends on.
 _IGNORED_NAMES = {"__pycache__", ".DS_Store"}
+_COMPILED = {".pyc", ".pyo"}
+_CODE = {".py", *_COMPILED}
 
 
 class DigestCache:
@@ -33,24 +38,9 @@ class DigestCache:
         hit = self.entries.get(key)
         if hit and hit[0] == stat.st_size and hit[1] == stat.st_mtime_ns:
             return hit[2]
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
-        value = digest.hexdigest()
+        value = sha256_file(path)
         self.entries[key] = [stat.st_size, stat.st_mtime_ns, value]
         return value
-
-
-def _files_under(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file()
-        and not any(
-            part in _IGNORED_NAMES or part.startswith(".") for part in p.relative_to(folder).parts
-        )
-    )
 
 
 def path_digests(path: Path, cache: DigestCache) -> dict[str, str]:
@@ -80,39 +70,162 @@ def params_canonical(params: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(params), sort_keys=True, default=str))
 
 
-def module_sources(module: str) -> list[Path]:
-    """The .py files of ``module``: one file, or every file of a package."""
+# Libraries whose version can change what a step computes (parsing, numerics, training), by
+# distribution name. A step's fingerprint records the installed version of those its code
+# imports; the others (MLflow, FastAPI, ...) only carry results and do not invalidate them.
+RESULT_LIBRARIES = frozenset(
+    {"duckdb", "lightning", "ncps", "numpy", "pandas", "pyarrow", "scikit-learn", "torch"}
+)
+NOT_INSTALLED = "<not installed>"
+
+
+@dataclass(frozen=True)
+class CodeDigests:
+    """What a step's code is: its source files (path from the project root -> sha256) and the
+    versions of the result-shaping libraries it imports (distribution -> version)."""
+
+    files: dict[str, str]
+    libraries: dict[str, str]
+
+
+def _package_root(module: str) -> tuple[Path, list[Path]]:
+    """The folder that holds ``module``'s top-level package, and the module's own files: one
+    file, or every file of a package (data files too: ``.sql``, ``.json``, ``.yaml`` ...)."""
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise ValueError(f"code module {module!r} not found")
-    origin = Path(spec.origin)
+    origin = Path(spec.origin).resolve()
+    depth = module.count(".") + (1 if spec.submodule_search_locations else 0)
+    root = origin.parents[depth]
     if spec.submodule_search_locations:
-        return sorted(
-            p
-            for loc in spec.submodule_search_locations
-            for p in Path(loc).rglob("*.py")
-            if "__pycache__" not in p.parts
+        return root, [p for p in _files_under(origin.parent) if p.suffix not in _COMPILED]
+    return root, [origin]
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and not any(
+            part in _IGNORED_NAMES or part.startswith(".") for part in p.relative_to(folder).parts
         )
-    return [origin]
+    )
 
 
-def code_digests(modules: Iterable[str]) -> dict[str, str]:
-    """``{"<module>:<relative file>": sha}`` over the source of the modules a step runs."""
-    out: dict[str, str] = {}
+def _module_file(root: Path, name: str) -> Path | None:
+    """The file under ``root`` of module ``name``, or of its longest prefix that is a module
+    (``from a.b import f`` names ``a.b.f``, which lives in ``a/b.py``); None if not local."""
+    parts = name.split(".")
+    while parts:
+        base = root.joinpath(*parts)
+        for candidate in (base / "__init__.py", base.with_suffix(".py")):
+            if candidate.is_file():
+                return candidate
+        parts.pop()
+    return None
+
+
+def _imported_names(path: Path, root: Path) -> frozenset[str]:
+    stat = path.stat()
+    return _parsed_imports(path, root, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)  # every step of a DAG shares features/: parse it once
+def _parsed_imports(path: Path, root: Path, size: int, mtime_ns: int) -> frozenset[str]:
+    """Every module name ``path`` imports, at module level or inside functions (lazy imports
+    are dependencies too); relative imports resolved. A file that does not parse yields none:
+    its content is still hashed, and running it will say what is wrong."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError):
+        return frozenset()
+    package = list(path.relative_to(root).parts[:-1])
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                prefix = package[: len(package) - node.level + 1]
+                base = ".".join([*prefix, base] if base else prefix)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return frozenset(names)
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return NOT_INSTALLED
+
+
+def code_digests(modules: Iterable[str]) -> CodeDigests:
+    """The source files ``modules`` consist of and, followed through their imports, every
+    project file they load (with the data files beside it in its package), and the versions of
+    the :data:`RESULT_LIBRARIES` any of them imports."""
+    files: dict[Path, Path] = {}  # file -> the project root it is under
+    todo: list[tuple[Path, Path]] = []
     for module in modules:
-        files = module_sources(module)
-        root = (
-            files[0].parent
-            if len(files) == 1
-            else Path(
-                importlib.util.find_spec(module).submodule_search_locations[0]  # type: ignore[union-attr]
-            )
-        )
-        for f in files:
-            out[f"{module}:{f.relative_to(root).as_posix()}"] = hashlib.sha256(
-                f.read_bytes()
-            ).hexdigest()
-    return out
+        root, own = _package_root(module)
+        todo += [(f, root) for f in own]
+    third_party: set[str] = set()
+    while todo:
+        path, root = todo.pop()
+        if path in files:
+            continue
+        files[path] = root
+        if path.suffix != ".py":
+            continue
+        # Importing a module runs the __init__ of every package above it.
+        todo += [
+            (root / folder / "__init__.py", root)
+            for folder in path.relative_to(root).parents
+            if folder != Path(".") and (root / folder / "__init__.py").is_file()
+        ]
+        for name in _imported_names(path, root):
+            found = _module_file(root, name)
+            if found is None:
+                third_party.add(name.split(".")[0])
+                continue
+            todo.append((found, root))
+            # Data files sit beside the module that reads them (its sibling modules count
+            # only when imported).
+            if (found.parent / "__init__.py").is_file():
+                todo += [
+                    (p, root)
+                    for p in found.parent.iterdir()
+                    if p.is_file() and p.suffix not in _CODE and not p.name.startswith(".")
+                ]
+    distributions = _distributions()
+    libraries = sorted(
+        {
+            dist.lower()
+            for top in third_party
+            for dist in distributions.get(top, [])
+            if dist.lower() in RESULT_LIBRARIES
+        }
+    )
+    return CodeDigests(
+        files={
+            path.relative_to(root).as_posix(): sha256_file(path)
+            for path, root in sorted(files.items())
+        },
+        libraries={dist: _version(dist) for dist in libraries},
+    )
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def combined(digests: Mapping[str, Any]) -> str:

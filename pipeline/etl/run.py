@@ -339,11 +339,8 @@ def _input_problems(
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _full_card(settings: EtlSettings, stats: dict[str, TableStats], parts: dict) -> dict:
