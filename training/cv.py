@@ -322,3 +322,24 @@ def write_report(res: CvResult, out: Path, pairs: list[tuple[str, str]]) -> dict
         f"Skill against persistence ({res.folds}-fold CV, {len(res.seeds)} seeds, 95% CI)",
     )
     return report
+
+
+def replace_section(path: Path, title: str, body: str) -> None:
+    """Write ``## title`` with ``body`` into the Markdown file ``path`` (atomically), replacing
+    that section if it is there and keeping every other section as it was."""
+    from features.atomic import atomic_write_text
+
+    path = Path(path)
+    text = path.read_text() if path.is_file() else "# Results\n"
+    lines = text.splitlines(keepends=True)
+    heading = f"## {title}"
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == heading), None)
+    block = f"{heading}\n\n{body.rstrip()}\n\n"
+    if start is None:
+        new = text.rstrip() + "\n\n" + block
+    else:
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        new = "".join(lines[:start]) + block + "".join(lines[end:])
+    atomic_write_text(path, new.rstrip() + "\n")

@@ -28,8 +28,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--markdown",
         type=Path,
         default=None,
-        help="also write the report as this Markdown file, with the command that made it "
+        help="also write the report into this Markdown file, with the command that made it "
         "(e.g. docs/results.md)",
+    )
+    parser.add_argument(
+        "--section",
+        default="Cross-validated results",
+        help="with --markdown: the '## ' section of the file to write or replace (other "
+        "sections are kept)",
     )
     add_train_flags(parser, exclude={"model", "seed", "label", "folds", "fold", "cv-seed"})
 
@@ -74,15 +80,14 @@ def run(args: argparse.Namespace) -> int:
         import shlex
         import sys
 
-        from features.atomic import atomic_write_text
+        from training.cv import replace_section
 
         command = "icu-forecast " + shlex.join(sys.argv[1:])
-        atomic_write_text(
-            args.markdown,
-            "# Cross-validated results\n\n"
+        body = (
             f"Written by `{command}` (code {tracking.code_version()}).\n\n"
-            + (args.out / "report.md").read_text(),
+            + (args.out / "report.md").read_text()
         )
+        replace_section(args.markdown, args.section, body)
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, skill_vs_k.png")
     return 0
