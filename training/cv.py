@@ -97,6 +97,8 @@ def run_cv(
 
     if base.threads:
         torch.set_num_threads(base.threads)
+    # Dozens of fits: Lightning's per-fit banner (accelerators, tips) would bury the progress.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     ks = tuple(base.ks)
     res = CvResult(folds, tuple(seeds), ks)
