@@ -112,7 +112,7 @@ def run_cv(
         for fold in range(folds):
             common = {"folds": folds, "fold": fold, "cv_seed": seed, "seed": seed}
             dm = data_module(base.model_copy(update=common))
-            evals = baseline_evaluations(dm, "test", ks, base.ridge_alpha)
+            evals = baseline_evaluations(dm, ("test",), ks, base.ridge_alpha)["test"]
             for label, overrides in variants.items():
                 cfg = TrainConfig(
                     **{

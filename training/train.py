@@ -213,18 +213,26 @@ def train_model(cfg: TrainConfig) -> TrainResult:
 
 
 def baseline_evaluations(
-    dm: BinsDataModule, split: str, ks: tuple[int, ...], ridge_alpha: float = 1.0
-) -> dict[str, Evaluation]:
-    """Persistence, the one-step ridge and the direct K-step ridge on ``split``'s windows."""
-    pre, train, seqs = dm.preprocessor, dm.sequences["train"], dm.sequences[split]
-    out: dict[str, Evaluation] = {}
+    dm: BinsDataModule,
+    splits: tuple[str, ...],
+    ks: tuple[int, ...],
+    ridge_alpha: float = 1.0,
+) -> dict[str, dict[str, Evaluation]]:
+    """Persistence, the one-step ridge and the direct K-step ridge, fitted once on the
+    training patients, on the windows of each of ``splits``: ``{split: {name: Evaluation}}``."""
+    pre, train = dm.preprocessor, dm.sequences["train"]
+    models = {}
     for name in BASELINES:
         b = build_model(ModelConfig(model=name, ridge_alpha=ridge_alpha))
         if isinstance(b, Linear):
             fit_linear(b, train)
-        out[name] = evaluate(b, seqs, pre, ks)
+        models[name] = b
     direct = DirectRidge().fit(train.inputs, train.state, ks, groups=train.subject_ids)
-    out["direct"] = evaluate_direct(direct, seqs, pre, ks)
+    out: dict[str, dict[str, Evaluation]] = {}
+    for split in splits:
+        seqs = dm.sequences[split]
+        out[split] = {name: evaluate(b, seqs, pre, ks) for name, b in models.items()}
+        out[split]["direct"] = evaluate_direct(direct, seqs, pre, ks)
     return out
 
 
@@ -247,8 +255,8 @@ def _evaluate_and_log(
     ev_test = evaluate(model, test, pre, ks, sigmas, seed=cfg.seed)
     ev_val = evaluate(model, val, pre, ks)
     # Baselines on exactly the same windows: skill is only meaningful against them.
-    base_test = baseline_evaluations(dm, "test", ks, cfg.ridge_alpha)
-    base_val = baseline_evaluations(dm, "val", ks, cfg.ridge_alpha)
+    base = baseline_evaluations(dm, ("test", "val"), ks, cfg.ridge_alpha)
+    base_test, base_val = base["test"], base["val"]
 
     forecaster = Forecaster(model, pre, cfg.model, config=mcfg.to_dict(), data_checksum=dm.checksum)
     metrics: dict[str, float] = {}
