@@ -130,3 +130,24 @@ def test_closed_loop_training_lowers_the_validation_rollout_error(tmp_path) -> N
     trainer.fit(lit, loader, loader)
     after = trainer.validate(lit, loader, verbose=False)[0]["val_rollout_mse"]
     assert after < 0.5 * before
+
+
+@pytest.mark.parametrize("model", ["gru", "cfc"])
+def test_ensemble_forecasts_the_members_mean_and_trains_each_on_its_own_rollout(model: str):
+    torch.manual_seed(0)
+    cfg = ModelConfig(model=model, units=8, backbone_units=8, ensemble=3, zero_head=False)
+    ens = build_model(cfg).double()
+    stays = _stays(3)
+    batch = pad_collate([torch.from_numpy(x).double() for x in stays])
+    states = [x[:, :N_STATE] for x in stays]
+    ens.eval()
+    wins = rollout_windows(ens, stays, states, (1,))[1]  # unclipped: the mean of the members
+    member_preds = [rollout_windows(m, stays, states, (1,))[1].pred for m in ens.members]
+    np.testing.assert_allclose(wins.pred, np.mean(member_preds, axis=0), atol=1e-12)
+    # training: the loss is the mean of the members' own closed-loop losses
+    ens.train()
+    sums, counts = rollout_errors(ens, batch["x"], batch["lengths"], 3, _bounds(), True)
+    own = [rollout_errors(m, batch["x"], batch["lengths"], 3, _bounds(), True) for m in ens.members]
+    expect = torch.stack([s for s, _ in own]).mean(dim=0)
+    torch.testing.assert_close(sums, expect)
+    torch.testing.assert_close(counts, own[0][1])

@@ -62,6 +62,7 @@ class TrainConfig(BaseSettings):
     ridge_alpha: float = _ARCH.ridge_alpha
     residual: bool = _ARCH.residual
     zero_head: bool = _ARCH.zero_head
+    ensemble: int = Field(_ARCH.ensemble, ge=1, le=16)
     # Lightning Trainer pass-through
     accelerator: str = "auto"
     devices: str = "auto"

@@ -59,6 +59,14 @@ def rollout_errors(
     Vectorised over starts: the history is encoded once (one ``step`` per bin for the batch),
     then all (stay, start) pairs roll on together as one batch.
     """
+    members = getattr(model, "members", None)
+    if members is not None and torch.is_grad_enabled():
+        # Training a deep ensemble: each member on its own rollout (independent members).
+        parts = [rollout_errors(m, x, lengths, k, bounds, measured_only) for m in members]
+        return (
+            torch.stack([p[0] for p in parts]).mean(dim=0),
+            torch.stack([p[1] for p in parts]).mean(dim=0),
+        )
     with model.stepping():  # CfC arranges its weights once for the whole loop of steps
         return _rollout_errors(model, x, lengths, k, bounds, measured_only)
 

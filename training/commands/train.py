@@ -33,6 +33,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "backbone-layers": (int, "CfC backbone layers (default 1)"),
     "backbone-dropout": (float, "CfC backbone dropout (default 0)"),
     "ncp-output": (int, "cfc-ncp: motor neurons of the AutoNCP wiring (default 18)"),
+    "ensemble": (int, "members of a deep ensemble, forecasts averaged (default 1)"),
     "ode-unfolds": (int, "LTC ODE solver unfolds (default 6)"),
     "ridge-alpha": (float, "linear baseline ridge penalty (default 1.0)"),
     "accelerator": (str, "Lightning accelerator: auto | cpu | gpu | ..."),

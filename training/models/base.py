@@ -44,6 +44,8 @@ class ModelConfig:
     # With residual: the output head starts at zero, so the untrained model is persistence and
     # training moves away from it only as far as the (closed-loop) loss rewards.
     zero_head: bool = True
+    # Members of a deep ensemble (training.models.ensemble); 1 = a single network.
+    ensemble: int = 1
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -30,6 +30,14 @@ def build_model(cfg: ModelConfig) -> DynamicsModel:
         raise ValueError(
             f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}"
         ) from None
+    if cfg.ensemble > 1 and cfg.model not in BASELINES:
+        from training.models.ensemble import Ensemble
+
+        return Ensemble(cfg, [_one(builder, cfg) for _ in range(cfg.ensemble)])
+    return _one(builder, cfg)
+
+
+def _one(builder: Callable[[ModelConfig], DynamicsModel], cfg: ModelConfig) -> DynamicsModel:
     model = builder(cfg)
     head = getattr(model, "head", None)
     if cfg.residual and cfg.zero_head and isinstance(head, nn.Linear):
