@@ -43,6 +43,7 @@ from service.model import (
     MicroBatcher,
     ModelHolder,
     ModelLoadError,
+    PatientResult,
     load_from_mlflow,
 )
 from service.requests import BIN, InputError, PatientInput, format_loc, patient_input
@@ -126,20 +127,29 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _patient_payload(p: PatientInput, values: Any) -> dict[str, Any]:
+def _patient_payload(p: PatientInput, result: PatientResult) -> dict[str, Any]:
     start = p.first_bin_start + BIN * (p.n_bins - 1)  # the last history bin's
     forecast = []
     # ``values`` and ``planned`` have one row per forecast step (``horizon``), 18 and 3 wide.
-    for k, (row, plan) in enumerate(zip(values.tolist(), p.planned.tolist(), strict=True), 1):
+    rows, plans = result.values.tolist(), p.planned.tolist()
+    bands = {key: (lo.tolist(), hi.tolist()) for key, (lo, hi) in result.intervals.items()}
+    for k, (row, plan) in enumerate(zip(rows, plans, strict=True), 1):
         start += BIN
-        forecast.append(
-            {
-                "step": k,
-                "bin_start": start,
-                "values": dict(zip(STATE_NAMES, row, strict=True)),
-                "interventions": dict(zip(INTERVENTION_NAMES, plan, strict=True)),
+        step: dict[str, Any] = {
+            "step": k,
+            "bin_start": start,
+            "values": dict(zip(STATE_NAMES, row, strict=True)),
+            "interventions": dict(zip(INTERVENTION_NAMES, plan, strict=True)),
+        }
+        if bands:
+            step["intervals"] = {
+                key: {
+                    "lower": dict(zip(STATE_NAMES, lo[k - 1], strict=True)),
+                    "upper": dict(zip(STATE_NAMES, hi[k - 1], strict=True)),
+                }
+                for key, (lo, hi) in bands.items()
             }
-        )
+        forecast.append(step)
     return {"id": p.id, "horizon": p.horizon, "forecast": forecast, "warnings": p.warnings}
 
 
