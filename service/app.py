@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated, Any
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -132,22 +133,24 @@ def _patient_payload(p: PatientInput, result: PatientResult) -> dict[str, Any]:
     forecast = []
     # ``values`` and ``planned`` have one row per forecast step (``horizon``), 18 and 3 wide.
     rows, plans = result.values.tolist(), p.planned.tolist()
-    bands = {key: (lo.tolist(), hi.tolist()) for key, (lo, hi) in result.intervals.items()}
-    for k, (row, plan) in enumerate(zip(rows, plans, strict=True), 1):
+    keys = list(result.intervals)
+    # One tolist for all bands (level-major: lower, upper): large batches spend their time here.
+    bands = np.stack([b for key in keys for b in result.intervals[key]]).tolist() if keys else []
+    for k, (row, plan) in enumerate(zip(rows, plans, strict=True)):
         start += BIN
         step: dict[str, Any] = {
-            "step": k,
+            "step": k + 1,
             "bin_start": start,
             "values": dict(zip(STATE_NAMES, row, strict=True)),
             "interventions": dict(zip(INTERVENTION_NAMES, plan, strict=True)),
         }
-        if bands:
+        if keys:
             step["intervals"] = {
                 key: {
-                    "lower": dict(zip(STATE_NAMES, lo[k - 1], strict=True)),
-                    "upper": dict(zip(STATE_NAMES, hi[k - 1], strict=True)),
+                    "lower": dict(zip(STATE_NAMES, bands[2 * i][k], strict=True)),
+                    "upper": dict(zip(STATE_NAMES, bands[2 * i + 1][k], strict=True)),
                 }
-                for key, (lo, hi) in bands.items()
+                for i, key in enumerate(keys)
             }
         forecast.append(step)
     return {"id": p.id, "horizon": p.horizon, "forecast": forecast, "warnings": p.warnings}
