@@ -140,3 +140,24 @@ def test_served_intervals_equal_offline_evaluation(client, served_model):
                 np.testing.assert_allclose(hi, offline[level][1][j, k], rtol=1e-6, atol=1e-6)
         checked += 1
     assert checked >= 3
+
+
+def test_a_model_without_calibration_serves_values_only(served_model):
+    """Models logged before intervals existed keep serving point forecasts."""
+    import dataclasses
+    from functools import partial
+
+    from service.model import LoadedModel, load_from_mlflow
+
+    settings = ServiceSettings(**served_model.settings_kwargs)
+    inner = served_model.loader or partial(
+        load_from_mlflow, settings.model_uri, settings.mlflow_tracking_uri
+    )
+
+    def load():
+        m = inner()
+        return LoadedModel(m.info, dataclasses.replace(m.forecaster, calibration=None))
+
+    with TestClient(create_app(settings, load)) as c:
+        out = c.post("/v1/forecast", json=history_body(interval_levels=[0.9])).json()
+    assert out["forecast"] and all("intervals" not in s for s in out["forecast"])
