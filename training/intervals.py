@@ -72,6 +72,15 @@ def residuals(
     return Residuals(err, d, seqs.subject_ids[w.stay])
 
 
+def calibration_residuals(
+    model: DynamicsModel, seqs: StaySequences, pre: Preprocessor, horizon: int
+) -> list[Residuals]:
+    """The residuals of steps 1..H of ``model``'s rollouts on ``seqs`` (validation stays)."""
+    ks = tuple(range(1, horizon + 1))
+    wins, raw = split_windows(model, seqs, pre, ks)
+    return [residuals(wins, raw, seqs, pre, h) for h in ks]
+
+
 def calibrate(
     model: DynamicsModel,
     seqs: StaySequences,
@@ -81,11 +90,7 @@ def calibrate(
     adaptive: str = "auto",
 ) -> Calibration:
     """Split-conformal calibration of ``model`` on ``seqs`` (validation stays), steps 1..H."""
-    ks = tuple(range(1, horizon + 1))
-    wins, raw = split_windows(model, seqs, pre, ks)
-    cal = fit_calibration(
-        [residuals(wins, raw, seqs, pre, h) for h in ks], levels, adaptive=adaptive
-    )
+    cal = fit_calibration(calibration_residuals(model, seqs, pre, horizon), levels, adaptive)
     cal.info["calibration_stays"] = len(seqs)
     return cal
 
@@ -178,13 +183,15 @@ def interval_report(
 
     ks = tuple(ks)
     horizon = max(ks)
-    cal = calibrate(model, val, pre, horizon, levels)
+    res = calibration_residuals(model, val, pre, horizon)
+    cal = fit_calibration(res, levels)
+    cal.info["calibration_stays"] = len(val)
     wins, raw = split_windows(model, test, pre, ks)
     cov = coverage(cal, wins, raw, pre, levels)
     metrics = coverage_metrics(cov, "test/")
     metrics["conformal/n_adaptive"] = float(cal.adaptive.sum())
     # What adaptivity bought: the same recipe with absolute scores, same windows.
-    absolute = calibrate(model, val, pre, horizon, levels, adaptive="never")
+    absolute = fit_calibration(res, levels, adaptive="never")
     metrics |= coverage_metrics(
         coverage(absolute, wins, raw, pre, levels), "test/", variant="_absolute"
     )
