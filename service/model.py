@@ -31,6 +31,20 @@ class Forecaster(Protocol):
     ) -> np.ndarray: ...
 
 
+def level_key(level: float) -> str:
+    """The response key of an interval level: ``0.8`` -> ``"0.8"``."""
+    return f"{level:g}"
+
+
+@dataclass
+class PatientResult:
+    """One patient's forecast: values (H, 18) and, when the model carries a calibration,
+    ``{level key: (lower, upper)}`` each (H, 18)."""
+
+    values: np.ndarray
+    intervals: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -181,10 +195,12 @@ class ModelHolder:
 
 def run_batch(
     model: LoadedModel, patients: list[PatientInput], threads: int | None = None
-) -> list[np.ndarray]:
+) -> list[PatientResult]:
     """One Forecaster call for all ``patients`` (padded to the longest history and horizon).
 
     ``threads``: intra-op threads for this call only (the previous setting is restored).
+    Intervals come from the forecaster's conformal calibration, one call for the union of the
+    levels the patients asked for (a model without one gives values only).
     """
     import torch
 
@@ -212,7 +228,31 @@ def run_batch(
             torch.set_num_threads(previous)
     if out.shape != (b, h_max, N_STATE):
         raise RuntimeError(f"forecaster returned shape {out.shape}, expected {(b, h_max, N_STATE)}")
-    return [out[i, : p.horizon] for i, p in enumerate(patients)]
+    wanted = _levels(model.forecaster, patients)
+    bands: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+    if any(wanted):
+        union = tuple(sorted({lv for w in wanted for lv in w}))
+        bands = model.forecaster.intervals(out, state, lengths, union)  # type: ignore[attr-defined]
+    return [
+        PatientResult(
+            out[i, : p.horizon],
+            {
+                level_key(lv): (bands[lv][0][i, : p.horizon], bands[lv][1][i, : p.horizon])
+                for lv in wanted[i]
+            },
+        )
+        for i, p in enumerate(patients)
+    ]
+
+
+def _levels(forecaster: Any, patients: list[PatientInput]) -> list[tuple[float, ...]]:
+    """The levels each patient gets: those asked for, else the calibration's defaults; none
+    when the model has no calibration (models logged before intervals existed)."""
+    calibration = getattr(forecaster, "calibration", None)
+    if calibration is None or not callable(getattr(forecaster, "intervals", None)):
+        return [() for _ in patients]
+    default = tuple(calibration.levels)
+    return [default if p.interval_levels is None else p.interval_levels for p in patients]
 
 
 @dataclass
@@ -264,7 +304,7 @@ class MicroBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, patients: list[PatientInput]) -> tuple[ModelInfo, list[np.ndarray]]:
+    async def submit(self, patients: list[PatientInput]) -> tuple[ModelInfo, list[PatientResult]]:
         fut = asyncio.get_running_loop().create_future()
         await self._queue.put(_Job(patients, fut))
         return await fut

@@ -78,6 +78,7 @@ class PatientInput:
     first_bin_start: datetime
     warnings: list[dict[str, Any]] = field(default_factory=list)
     id: str | None = None
+    interval_levels: tuple[float, ...] | None = None  # None: the model's default levels
 
     @property
     def n_bins(self) -> int:
@@ -289,7 +290,17 @@ def patient_input(req: Any, loc: tuple = ("body",), events_binner: Any = None) -
         raise InputError(errors)
     warnings.extend(value_warnings(state, loc, source))
     warnings.extend(plan_warnings)
-    return PatientInput(state, iv, planned, req.horizon, first, warnings, getattr(req, "id", None))
+    levels = getattr(req, "interval_levels", None)
+    return PatientInput(
+        state,
+        iv,
+        planned,
+        req.horizon,
+        first,
+        warnings,
+        getattr(req, "id", None),
+        None if levels is None else tuple(dict.fromkeys(float(x) for x in levels)),
+    )
 
 
 def check_drop_range(value: float, variable: str) -> str | None:

@@ -26,6 +26,7 @@ from features.catalog import (
 from service.settings import ServiceSettings
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+MAX_INTERVAL_LEVELS = 5
 
 
 def _integral_float_to_int(v: Any) -> Any:
@@ -133,12 +134,28 @@ class InputWarning(BaseModel):
     bins: list[int] | None = Field(None, description="history bin indices (0 = first bin)")
 
 
+class IntervalBounds(BaseModel):
+    lower: dict[str, float] = Field(description="lower bound per state variable (its unit)")
+    upper: dict[str, float] = Field(description="upper bound per state variable (its unit)")
+
+
 class ForecastStep(BaseModel):
     step: int
     bin_start: datetime
     values: dict[str, float]
     interventions: dict[str, float] = Field(
         description="the interventions fed to the model for this bin (planned or assumed)"
+    )
+    intervals: dict[str, IntervalBounds] | None = Field(
+        None,
+        description=(
+            'Conformal prediction intervals keyed by level (`"0.8"`, `"0.95"` or the '
+            "`interval_levels` asked for): with the model's calibration, the measured value "
+            "of this bin lies inside with about that probability (split-conformal on "
+            "validation patients' rollouts; docs/intervals.md). Always inside the clamp "
+            "range. Absent when the model carries no calibration or `interval_levels` is []."
+        ),
+        examples=[{"0.8": {"lower": {"heart_rate": 78.1}, "upper": {"heart_rate": 101.5}}}],
     )
 
 
@@ -232,6 +249,19 @@ def request_models(settings: ServiceSettings) -> RequestModels:
                     "When absent, the last history bin's interventions are assumed to "
                     "continue, and a warning says so."
                 ),
+            ),
+        ),
+        interval_levels=(
+            list[Annotated[float, Field(strict=True, gt=0, lt=1)]] | None,
+            Field(
+                None,
+                max_length=MAX_INTERVAL_LEVELS,
+                description=(
+                    "Coverage levels of the prediction intervals returned with each step, each "
+                    f"in (0, 1), at most {MAX_INTERVAL_LEVELS}. Absent: the model's defaults "
+                    "(0.8 and 0.95); [] returns no intervals."
+                ),
+                examples=[[0.5, 0.8, 0.95]],
             ),
         ),
     )

@@ -182,7 +182,7 @@ def test_run_batch_restores_threads(served_model, n):
     out = run_batch(model, patients, threads=2)
     assert torch.get_num_threads() == before
     single = run_batch(model, patients[:1])
-    np.testing.assert_allclose(out[-1], single[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[-1].values, single[0].values, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("max_batch", "expected"), [(256, [6, 1]), (4, [4, 2, 1])])

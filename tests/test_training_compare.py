@@ -35,3 +35,20 @@ def test_table_aggregates_seeds_and_keeps_label_order() -> None:
     assert persistence["RMSE all K=1"] == "-"  # metric absent from the runs
     md = to_markdown(frame)
     assert md.splitlines()[0].startswith("| model | seeds | skill K=1 (%)")
+
+
+def test_table_shows_interval_coverage_and_width_at_k5() -> None:
+    runs = pd.DataFrame(
+        {
+            "label": ["cfc"],
+            "seed": ["0"],
+            "metrics.test/coverage_k5_l0.8": [0.791],
+            "metrics.test/width_k5_l0.8": [0.3068],
+            "metrics.test/coverage_k5_l0.95": [0.932],
+        }
+    )
+    cfc = table(runs).set_index("model").loc["cfc"]
+    assert cfc["coverage 0.8 K=5 (%)"] == "79.1"
+    assert cfc["width 0.8 K=5"] == "0.307"
+    assert cfc["coverage 0.95 K=5 (%)"] == "93.2"
+    assert cfc["width 0.95 K=5"] == "-"

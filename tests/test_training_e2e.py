@@ -76,6 +76,12 @@ def test_train_evaluate_log_and_reload(store: dict, model: str) -> None:
         assert m[f"test/skill_k{k}_lo"] <= m[f"test/skill_k{k}"] <= m[f"test/skill_k{k}_hi"]
         assert np.isfinite(m[f"baseline/direct_rmse_measured_k{k}"])
     assert np.isfinite(m["noise/rel_degradation_k5_sigma0.05"])
+    for k in KS:  # conformal intervals: coverage and width, model and persistence
+        for lv in ("0.8", "0.95"):
+            for name in ("test/coverage", "test/width", "baseline/persistence_width"):
+                assert np.isfinite(m[f"{name}_k{k}_l{lv}"]), f"{name}_k{k}_l{lv}"
+            assert 0 <= m[f"noise/coverage_k{k}_l{lv}_sigma0.02"] <= 1
+            assert 0 <= m[f"test/coverage_k{k}_l{lv}"] <= 1
     assert "val/rmse_k5" in m and "n_params" in m
     if model not in ("persistence",):
         assert m["train_examples_per_s"] > 0
@@ -87,12 +93,18 @@ def test_train_evaluate_log_and_reload(store: dict, model: str) -> None:
     # Artifacts live next to the SQLite store, not in the current directory.
     assert run.info.artifact_uri.startswith((store["root"] / "mlruns").as_uri())
     artifacts = {f.path for f in client.list_artifacts(result.run_id)}
-    assert {"per_variable_test.json", "per_variable_test.csv", "state_dict"} <= artifacts
+    assert {
+        "per_variable_test.json", "per_variable_test.csv", "state_dict", "intervals_test.json"
+    } <= artifacts  # fmt: skip
     if model in ("cfc", "gru"):
         plots = {f.path for f in client.list_artifacts(result.run_id, "plots")}
         assert {
-            f"plots/{p}.png" for p in ("rmse_vs_k", "noise", "training_curves", "trajectories")
-        } <= plots
+            f"plots/{p}.png"
+            for p in (
+                "rmse_vs_k", "noise", "training_curves", "trajectories", "interval_coverage",
+                "interval_fans",
+            )
+        } <= plots  # fmt: skip
     # The registered pyfunc reproduces the module's offline rollouts from raw histories.
     assert result.registered_version is not None
     uri = f"models:/icu-forecast-{model}/{result.registered_version}"
@@ -119,6 +131,10 @@ def test_train_evaluate_log_and_reload(store: dict, model: str) -> None:
     np.testing.assert_allclose(
         out, dm.preprocessor.unscale_state(windows.pred), rtol=1e-5, atol=1e-4
     )
+    # The registered model carries its conformal calibration (steps 1..max K).
+    assert forecaster.calibration is not None and forecaster.calibration.horizon == max(KS)
+    lo, hi = forecaster.intervals(out, state, lengths, (0.8,))[0.8]
+    assert (lo <= out + 1e-9).all() and (out <= hi + 1e-9).all()
     assert pyfunc.metadata.get_input_schema() is not None
     if model == "gru":
         _check_pyfunc_frame(pyfunc, forecaster, state[:2], iv[:2], lengths[:2], planned[:2])

@@ -9,6 +9,7 @@ import torch
 
 from features.catalog import N_INTERVENTION, N_STATE
 from features.preprocess import INTERVENTION_MAX, Preprocessor
+from training.conformal import Calibration, history_windows
 from training.data import prepare_inputs
 from training.models import DynamicsModel
 from training.rollout import forecast_rollout, state_bounds
@@ -23,6 +24,7 @@ class Forecaster:
     model_name: str
     config: dict = field(default_factory=dict)
     data_checksum: str | None = None
+    calibration: Calibration | None = None  # conformal intervals; None: point forecasts only
 
     def __post_init__(self) -> None:
         # float64 inference: a forecast must not depend on which other rows share its batch
@@ -103,3 +105,23 @@ class Forecaster:
         pred = forecast_rollout(self.model, x, torch.from_numpy(lengths), fut, self._bounds)
         pred = pred.numpy()
         return self.preprocessor.unscale_state(pred.astype(np.float64))
+
+    def intervals(
+        self,
+        forecast: np.ndarray,
+        state: np.ndarray,
+        lengths: np.ndarray,
+        levels: tuple[float, ...] | None = None,
+    ) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+        """Conformal bands around ``forecast`` (what :meth:`forecast` returned for these
+        histories): ``{level: (lower, upper)}``, each (B, H, 18) in physical units, inside the
+        clamp range. ``levels`` default to the calibration's (0.8, 0.95); any in (0, 1).
+
+        The band's width depends on the history only through the recent variability of each
+        variable's measured values (raw ``state``, as given to :meth:`forecast`).
+        """
+        if self.calibration is None:
+            raise ValueError(f"model {self.model_name!r} has no interval calibration")
+        levels = self.calibration.levels if levels is None else levels
+        window = history_windows(state, lengths, self.calibration.lookback)
+        return self.calibration.intervals(forecast, window, levels)

@@ -153,3 +153,65 @@ def skill_vs_k(rows: list[dict], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def coverage_vs_nominal(by_k: dict[int, dict[float, float]], path: Path, title: str) -> Path:
+    """Empirical coverage against the nominal level, one line per K; the diagonal is ideal."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls=":", label="nominal")
+    for k in sorted(by_k):
+        levels = sorted(by_k[k])
+        ax.plot(levels, [by_k[k][lv] for lv in levels], marker="o", label=f"K={k}")
+    lo = min(min(c) for c in by_k.values()) if by_k else 0.5
+    ax.set_xlim(lo - 0.05, 1.0)
+    ax.set_ylim(lo - 0.05, 1.0)
+    ax.set_xlabel("nominal level")
+    ax.set_ylabel("empirical coverage (measured test values)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fan_charts(stays: list[dict], path: Path, title: str) -> Path:
+    """Per stay (row) and variable (column): the truth, the rollout from bin ``start`` and its
+    bands (widest first, lighter), measured values as dots."""
+    names = TRAJECTORY_VARIABLES
+    fig, axes = plt.subplots(
+        len(stays), len(names), figsize=(3.6 * len(names), 2.6 * len(stays)), squeeze=False
+    )
+    for r, st in enumerate(stays):
+        n = len(st["truth"])
+        s = st["start"]
+        h = len(st["forecast"])
+        steps = np.arange(s + 1, s + 1 + h)
+        for c, name in enumerate(names):
+            j = STATE_NAMES.index(name)
+            ax = axes[r, c]
+            ax.plot(np.arange(n), st["truth"][:, j], color="black", lw=1, label="truth (filled)")
+            m = st["observed"][:, j]
+            ax.plot(np.flatnonzero(m), st["truth"][m, j], "k.", ms=5, label="measured")
+            for i, (lv, (lo, hi)) in enumerate(sorted(st["bands"].items(), reverse=True)):
+                ax.fill_between(
+                    steps, lo[:, j], hi[:, j], color="tab:blue", alpha=0.15 + 0.15 * i,
+                    label=f"{lv:g} band",
+                )  # fmt: skip
+            ax.plot(steps, st["forecast"][:, j], color="tab:blue", marker="o", ms=3,
+                    label="forecast")  # fmt: skip
+            ax.axvline(s, color="grey", lw=0.8, ls=":")
+            if r == 0:
+                ax.set_title(f"{name} ({STATE_BY_NAME[name].unit})", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(st["label"], fontsize=9)
+            ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("bin (12 h)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

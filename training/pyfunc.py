@@ -35,6 +35,7 @@ import torch
 from features.catalog import INTERVENTION_NAMES, STATE_NAMES, catalog_dict, catalog_version
 from features.errors import UserError
 from features.preprocess import Preprocessor
+from training.conformal import Calibration
 from training.forecaster import Forecaster
 from training.models import ModelConfig, build_model
 
@@ -45,10 +46,19 @@ class ForecastInputError(UserError, ValueError):
     """A pyfunc input frame that does not follow the documented long format."""
 
 
+CALIBRATION_FILE = "calibration.json"
+
+
 def save_model_dir(
-    path: Path, model: torch.nn.Module, cfg: ModelConfig, pre: Preprocessor, meta: dict
+    path: Path,
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    pre: Preprocessor,
+    meta: dict,
+    calibration: Calibration | None = None,
 ) -> Path:
-    """Everything the pyfunc needs, as plain files (no pickled classes)."""
+    """Everything the pyfunc needs, as plain files (no pickled classes); with ``calibration``
+    its sorted conformal scores too (JSON floats round-trip exactly)."""
     path.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path / "model.pt")
     (path / "config.json").write_text(
@@ -56,6 +66,8 @@ def save_model_dir(
     )
     pre.save(path / "preprocessor")
     (path / "catalog.json").write_text(json.dumps(catalog_dict(), indent=1, default=str))
+    if calibration is not None:
+        (path / CALIBRATION_FILE).write_text(json.dumps(calibration.to_dict()))
     return path
 
 
@@ -70,12 +82,18 @@ def load_forecaster(path: Path) -> Forecaster:
     cfg = ModelConfig.from_dict(config["model_config"])
     model = build_model(cfg)
     model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    cal_file = path / CALIBRATION_FILE
+    # Models logged before intervals existed have none; they still forecast.
+    calibration = (
+        Calibration.from_dict(json.loads(cal_file.read_text())) if cal_file.exists() else None
+    )
     return Forecaster(
         model,
         Preprocessor.load(path / "preprocessor"),
         model_name=cfg.model,
         config=config,
         data_checksum=config.get("data_checksum"),
+        calibration=calibration,
     )
 
 

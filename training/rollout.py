@@ -144,6 +144,15 @@ class Windows:
     observed: np.ndarray | None = None  # (W, K, 18) 1 where the true value was measured
 
 
+def add_state_noise(inputs: list[np.ndarray], sigma: float, seed: int) -> list[np.ndarray]:
+    """Copies of ``inputs`` with Gaussian noise (scaled space) on the state columns only."""
+    rng = np.random.default_rng(seed)
+    inputs = [x.copy() for x in inputs]
+    for x in inputs:
+        x[:, :N_STATE] += rng.normal(0.0, sigma, (len(x), N_STATE)).astype(x.dtype)
+    return inputs
+
+
 @torch.no_grad()
 def rollout_windows(
     model: DynamicsModel,
@@ -163,10 +172,7 @@ def rollout_windows(
     """
     model.eval()
     if noise_sigma > 0:
-        rng = np.random.default_rng(seed)
-        inputs = [x.copy() for x in inputs]
-        for x in inputs:
-            x[:, :N_STATE] += rng.normal(0.0, noise_sigma, (len(x), N_STATE)).astype(x.dtype)
+        inputs = add_state_noise(inputs, noise_sigma, seed)
     x, lengths = pad_inputs(inputs, inputs[0].shape[1], model_dtype(model))
     ys, _, every = encode(model, x, lengths, keep_all=True)
     out: dict[int, Windows] = {}

@@ -24,6 +24,7 @@ from training.data import BinsDataModule, StaySequences
 from training.evaluate import Evaluation, evaluate, evaluate_direct, latency
 from training.footprint import training_step_bytes
 from training.forecaster import Forecaster
+from training.intervals import log_intervals
 from training.lit import LitDynamics
 from training.models import ModelConfig, build_model, count_parameters
 from training.models.baselines import Linear
@@ -258,8 +259,15 @@ def _evaluate_and_log(
     base = baseline_evaluations(dm, ("test", "val"), ks, cfg.ridge_alpha)
     base_test, base_val = base["test"], base["val"]
 
-    forecaster = Forecaster(model, pre, cfg.model, config=mcfg.to_dict(), data_checksum=dm.checksum)
-    metrics: dict[str, float] = {}
+    # Conformal intervals: calibrated on val, scored on test (training/intervals.py).
+    calibration, interval_metrics = log_intervals(
+        model, val, test, pre, ks, sigmas, cfg.seed, cfg.plots, f"{cfg.run_label}, seed {cfg.seed}"
+    )
+    forecaster = Forecaster(
+        model, pre, cfg.model, config=mcfg.to_dict(), data_checksum=dm.checksum,
+        calibration=calibration,
+    )  # fmt: skip
+    metrics: dict[str, float] = dict(interval_metrics)
     metrics |= ev_test.metrics("test")
     metrics |= ev_val.metrics("val")
     metrics |= ev_test.skill_metrics(base_test["persistence"], "test")
@@ -316,7 +324,7 @@ def _evaluate_and_log(
                 k: v for k, v in metrics.items() if k.startswith(("val/skill", "val/rmse_measured"))
             },
         }
-        model_dir = save_model_dir(tmp / "model_files", model, mcfg, pre, meta)
+        model_dir = save_model_dir(tmp / "model_files", model, mcfg, pre, meta, calibration)
         mlflow.log_artifact(str(model_dir / "model.pt"), artifact_path="state_dict")
         info = log_pyfunc(
             model_dir, registered_name(cfg.model) if cfg.register_model else None, forecaster

@@ -1,0 +1,76 @@
+"""What prediction intervals cost the service: the same model, intervals off vs on, in process.
+
+One app (TestClient, lifespan run, no network), the same made-up patients; each request is
+sent with ``"interval_levels": []`` (off) and without it (the model's default levels),
+interleaved, and the median and minimum server-side times are printed. The HTTP benchmark
+(bench/serve_load.py) is too noisy on a shared machine to see a 10% change.
+
+    .venv/bin/python bench/interval_cost.py --tracking-uri sqlite:///mlflow.db \\
+        --model-uri models:/icu-forecast-cfc@champion
+
+Figures are printed, never asserted: this is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+from bench.serve_load import patient  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tracking-uri", required=True)
+    ap.add_argument("--model-uri", required=True)
+    ap.add_argument("--bins", type=int, default=8)
+    ap.add_argument("--horizon", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=25, help="batch requests per arm")
+    args = ap.parse_args(argv)
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings(mlflow_tracking_uri=args.tracking_uri, model_uri=args.model_uri)
+    cases = (
+        ("one forecast", "/v1/forecast", 1, 8 * args.repeats),
+        (f"batch of {args.batch}", "/v1/forecast/batch", args.batch, args.repeats),
+    )
+    with TestClient(create_app(settings)) as client:
+        for name, path, n, repeats in cases:
+            bodies = {}
+            for arm, extra in (("off", {"interval_levels": []}), ("on", {})):
+                ps = [patient(i, args.bins, args.horizon) | extra for i in range(n)]
+                bodies[arm] = json.dumps(ps[0] if n == 1 else {"patients": ps}).encode()
+            times: dict[str, list[float]] = {"off": [], "on": []}
+            for _ in range(repeats):
+                for arm in ("off", "on"):
+                    t0 = time.perf_counter()
+                    r = client.post(
+                        path, content=bodies[arm], headers={"content-type": "application/json"}
+                    )
+                    times[arm].append(time.perf_counter() - t0)
+                    r.raise_for_status()
+            med = {a: statistics.median(t) * 1e3 for a, t in times.items()}
+            low = {a: min(t) * 1e3 for a, t in times.items()}
+            print(
+                f"{name}: median {med['off']:.2f} -> {med['on']:.2f} ms "
+                f"({100 * (med['on'] / med['off'] - 1):+.0f}%), min {low['off']:.2f} -> "
+                f"{low['on']:.2f} ms ({100 * (low['on'] / low['off'] - 1):+.0f}%)",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""Prediction intervals in the service: format, levels, validation, and offline equality."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from service_support import (
+    bin_start,
+    history_body,
+    served_model_fixture,  # noqa: F401
+)
+
+from features.catalog import INTERVENTION_NAMES, STATE_NAMES
+from service.app import create_app
+from service.settings import ServiceSettings
+
+
+@pytest.fixture(scope="module")
+def client(served_model):
+    settings = ServiceSettings(**served_model.settings_kwargs)
+    with TestClient(create_app(settings, served_model.loader)) as c:
+        yield c
+
+
+def _band(step: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
+    b = step["intervals"][key]
+    return (
+        np.array([b["lower"][n] for n in STATE_NAMES]),
+        np.array([b["upper"][n] for n in STATE_NAMES]),
+    )
+
+
+def test_default_levels_bracket_the_forecast_and_nest(client):
+    resp = client.post("/v1/forecast", json=history_body(n_bins=4, horizon=3))
+    assert resp.status_code == 200, resp.text
+    for step in resp.json()["forecast"]:
+        assert set(step["intervals"]) == {"0.8", "0.95"}
+        values = np.array([step["values"][n] for n in STATE_NAMES])
+        lo80, hi80 = _band(step, "0.8")
+        lo95, hi95 = _band(step, "0.95")
+        assert (lo95 <= lo80 + 1e-12).all() and (lo80 <= values + 1e-9).all()
+        assert (values <= hi80 + 1e-9).all() and (hi80 <= hi95 + 1e-12).all()
+        assert (hi95 > lo95).any()
+
+
+def test_levels_asked_for_are_returned_and_empty_means_none(client):
+    body = history_body(n_bins=3, horizon=2, interval_levels=[0.5, 0.9, 0.5])
+    out = client.post("/v1/forecast", json=body).json()
+    for step in out["forecast"]:
+        assert list(step["intervals"]) == ["0.5", "0.9"]
+        lo5, hi5 = _band(step, "0.5")
+        lo9, hi9 = _band(step, "0.9")
+        assert ((hi9 - lo9) >= (hi5 - lo5) - 1e-12).all()
+    out = client.post("/v1/forecast", json=history_body(interval_levels=[])).json()
+    assert all("intervals" not in s for s in out["forecast"])
+
+
+def test_batch_gives_each_patient_its_own_levels(client):
+    a = history_body(n_bins=3, horizon=2, id="a")
+    b = history_body(n_bins=5, horizon=3, id="b", interval_levels=[0.7])
+    batch = client.post("/v1/forecast/batch", json={"patients": [a, b]}).json()["results"]
+    assert set(batch[0]["forecast"][0]["intervals"]) == {"0.8", "0.95"}
+    assert set(batch[1]["forecast"][0]["intervals"]) == {"0.7"}
+    single = client.post("/v1/forecast", json=b).json()
+    for s1, s2 in zip(batch[1]["forecast"], single["forecast"], strict=True):
+        np.testing.assert_allclose(_band(s1, "0.7"), _band(s2, "0.7"), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "levels",
+    [[0.0], [1.0], [1.5], [-0.2], [0.5, 0.6, 0.7, 0.8, 0.9, 0.95], ["0.8"], [True], 0.8],
+)
+def test_bad_levels_are_a_422_naming_the_field(client, levels):
+    resp = client.post("/v1/forecast", json=history_body(interval_levels=levels))
+    assert resp.status_code == 422, resp.text
+    assert any("interval_levels" in d["field"] for d in resp.json()["detail"])
+    batch = {"patients": [history_body(), history_body(interval_levels=levels)]}
+    resp = client.post("/v1/forecast/batch", json=batch)
+    assert resp.status_code == 422
+    assert any("patients[1].interval_levels" in d["field"] for d in resp.json()["detail"])
+
+
+def test_openapi_documents_the_levels_and_the_intervals(client):
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    field = schemas["ForecastRequest"]["properties"]["interval_levels"]
+    assert "(0, 1)" in field["description"]
+    assert "intervals" in schemas["ForecastStep"]["properties"]
+    assert "IntervalBounds" in schemas
+
+
+def test_served_intervals_equal_offline_evaluation(client, served_model):
+    """The band the service returns for a test stay's history is the one offline evaluation
+    scores for the same rollout window (same calibration, same rollout), to 1e-6."""
+    from training.conformal import stay_windows
+    from training.data import BinsDataModule
+    from training.intervals import split_windows
+
+    forecaster = client.app.state.holder.current.forecaster
+    cal = forecaster.calibration
+    assert cal is not None and cal.horizon == 2  # the fixture trains with ks=(1, 2)
+    dm = BinsDataModule(served_model.etl_dir)
+    dm.setup("fit")
+    test, pre = dm.sequences["test"], dm.preprocessor
+    h = 2
+    wins, raw = split_windows(forecaster.model, test, pre, (h,))
+    w = wins[h]
+    offline_pred = pre.unscale_state(w.pred)
+    offline = cal.intervals(offline_pred, stay_windows(raw, w.stay, w.start), (0.8, 0.95))
+    checked = 0
+    for j in range(0, len(w.stay), max(1, len(w.stay) // 6)):
+        i, s = int(w.stay[j]), int(w.start[j])
+        history = []
+        for b in range(s + 1):
+            values = {
+                n: float(v)
+                for n, v in zip(STATE_NAMES, test.raw_state[i][b], strict=True)
+                if not math.isnan(v)
+            }
+            ivs = {
+                n: float(v)
+                for n, v in zip(INTERVENTION_NAMES, test.interventions[i][b], strict=True)
+                if not math.isnan(v)
+            }
+            history.append({"bin_start": bin_start(b), "values": values, "interventions": ivs})
+        nxt = np.nan_to_num(test.interventions[i][s + 1], nan=0.0)
+        planned = [dict(zip(INTERVENTION_NAMES, map(float, nxt), strict=True))] * h
+        body = {"horizon": h, "history": history, "planned_interventions": planned}
+        resp = client.post("/v1/forecast", json=body)
+        assert resp.status_code == 200, resp.text
+        for k, step in enumerate(resp.json()["forecast"]):
+            values = np.array([step["values"][n] for n in STATE_NAMES])
+            np.testing.assert_allclose(values, offline_pred[j, k], rtol=1e-6, atol=1e-6)
+            for level in (0.8, 0.95):
+                lo, hi = _band(step, f"{level:g}")
+                np.testing.assert_allclose(lo, offline[level][0][j, k], rtol=1e-6, atol=1e-6)
+                np.testing.assert_allclose(hi, offline[level][1][j, k], rtol=1e-6, atol=1e-6)
+        checked += 1
+    assert checked >= 3
+
+
+def test_a_model_without_calibration_serves_values_only(served_model):
+    """Models logged before intervals existed keep serving point forecasts."""
+    import dataclasses
+    from functools import partial
+
+    from service.model import LoadedModel, load_from_mlflow
+
+    settings = ServiceSettings(**served_model.settings_kwargs)
+    inner = served_model.loader or partial(
+        load_from_mlflow, settings.model_uri, settings.mlflow_tracking_uri
+    )
+
+    def load():
+        m = inner()
+        return LoadedModel(m.info, dataclasses.replace(m.forecaster, calibration=None))
+
+    with TestClient(create_app(settings, load)) as c:
+        out = c.post("/v1/forecast", json=history_body(interval_levels=[0.9])).json()
+    assert out["forecast"] and all("intervals" not in s for s in out["forecast"])

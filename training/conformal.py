@@ -1,0 +1,295 @@
+"""Split-conformal prediction intervals for closed-loop rollouts (docs/intervals.md).
+
+Calibration: the model's closed-loop rollouts from every start bin of the validation stays
+(the rollout the service runs, true interventions fed), scored at every step h = 1..H against
+the *measured* values of bin s + h, in physical units. For each (h, variable) the sorted
+nonconformity scores are kept, so any level can be asked for at forecast time; the interval at
+level L is ``pred +- q * scale`` with q the ``ceil((n + 1) L)``-th smallest score (the
+finite-sample correction of split conformal), clipped to the clamp (plausible) range. When
+``ceil((n + 1) L) > n`` the calibration cannot support the level and the interval is the whole
+clamp range (honest, if useless).
+
+Scores are normalised per variable where it pays (``adaptive``): ``scale`` is the recent
+variability of the variable's measured values in the history (:func:`recent_variability`)
+plus a floor, so a stable patient gets a narrower band than an unstable one. Whether it pays is
+decided per variable on the calibration stays alone (two-fold by stay: calibrate on one half,
+compare the mean widths on the other), never on test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from features.catalog import N_STATE, STATE_NAMES
+from features.preprocess import CLAMP_HIGH, CLAMP_LOW
+
+DEFAULT_LEVELS: tuple[float, ...] = (0.8, 0.95)
+LOOKBACK = 4  # history bins (2 days) for the difficulty estimate
+FORMAT_VERSION = 1
+
+
+def level_label(level: float) -> str:
+    """``0.8`` -> ``"0.8"`` (metric names and the service's response keys)."""
+    return f"{level:g}"
+
+
+def conformal_quantile(
+    sorted_scores: np.ndarray, level: float, cum_weights: np.ndarray | None = None
+) -> float:
+    """The ``ceil((n + 1) * level)``-th smallest score; ``inf`` when that exceeds n.
+
+    With exchangeable calibration and test scores, ``score <= q`` holds with probability at
+    least ``level`` (and at most ``level + 1 / (n + 1)`` without ties). With ``cum_weights``
+    (cumulative weights of the sorted scores) the weighted version: the smallest score whose
+    cumulative weight reaches ``level`` times (total + the mean weight, for the test point);
+    unit weights give the unweighted rule exactly.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level must be in (0, 1), got {level}")
+    n = len(sorted_scores)
+    if n == 0:
+        return math.inf
+    if cum_weights is None:
+        k = math.ceil((n + 1) * level - 1e-9)  # 1e-9: (n+1)*0.8 must not round up past k
+        return float(sorted_scores[k - 1]) if k <= n else math.inf
+    total = cum_weights[-1] * (n + 1) / n
+    i = int(np.searchsorted(cum_weights, level * total - 1e-9 * total, side="left"))
+    return float(sorted_scores[i]) if i < n else math.inf
+
+
+def recent_variability(window: np.ndarray) -> np.ndarray:
+    """Mean absolute change between successive measured values, per row and variable.
+
+    ``window`` (N, L, 18): the last L history bins (physical units, NaN = not measured, rows
+    shorter than L padded with NaN in front). Values are clamped to the plausible range first,
+    so one unit error cannot blow a band up. Gaps are bridged (a change between two measured
+    values with unmeasured bins between counts once); fewer than two measured values give 0.
+    """
+    v = np.clip(np.asarray(window, dtype=np.float64), CLAMP_LOW, CLAMP_HIGH)
+    prev = np.full(v.shape[::2], np.nan)
+    total = np.zeros(prev.shape)
+    count = np.zeros(prev.shape)
+    for t in range(v.shape[1]):
+        cur = v[:, t]
+        both = ~np.isnan(cur) & ~np.isnan(prev)
+        total += np.where(both, np.abs(cur - prev), 0.0)
+        count += both
+        prev = np.where(np.isnan(cur), prev, cur)
+    return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+
+
+def history_windows(state: np.ndarray, lengths: np.ndarray, lookback: int = LOOKBACK) -> np.ndarray:
+    """The last ``lookback`` bins of each padded history (B, T, 18) -> (B, lookback, 18)."""
+    state = np.asarray(state, dtype=np.float64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    idx = lengths[:, None] - lookback + np.arange(lookback)  # (B, L), negative = before bin 0
+    rows = np.arange(len(lengths))[:, None]
+    out = state[rows, np.clip(idx, 0, None)]
+    out[idx < 0] = np.nan
+    return out
+
+
+def stay_windows(
+    raw_state: Sequence[np.ndarray], stay: np.ndarray, start: np.ndarray, lookback: int = LOOKBACK
+) -> np.ndarray:
+    """:func:`history_windows` for rollouts from bin ``start`` of stay ``stay`` (offline)."""
+    out = np.full((len(stay), lookback, N_STATE), np.nan)
+    for j, (i, s) in enumerate(zip(stay, start, strict=True)):
+        lo = max(0, s + 1 - lookback)
+        part = raw_state[i][lo : s + 1]
+        out[j, lookback - len(part) :] = part
+    return out
+
+
+@dataclass
+class Calibration:
+    """Sorted nonconformity scores per forecast step and variable, and how to scale them.
+
+    ``scores[h][j]``: step h + 1, variable j, ascending; ``cum_weights[h][j]`` their cumulative
+    weights (each stay's windows weigh 1 in all, so a few long stays do not dominate).
+    ``adaptive[j]``: scores of variable j are ``|residual| / (recent_variability + floor[j])``;
+    otherwise plain ``|residual|``. Steps after ``horizon`` reuse the last step's scores: they
+    are not calibrated.
+    """
+
+    scores: list[list[np.ndarray]]
+    cum_weights: list[list[np.ndarray]]
+    adaptive: np.ndarray
+    floor: np.ndarray
+    lookback: int = LOOKBACK
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+    info: dict = field(default_factory=dict)
+    _q: dict[float, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def horizon(self) -> int:
+        return len(self.scores)
+
+    def quantiles(self, level: float) -> np.ndarray:
+        """(H, 18) score quantiles at ``level`` (cached: the service asks for few levels)."""
+        q = self._q.get(level)
+        if q is None:
+            q = np.array(
+                [
+                    [conformal_quantile(s, level, c) for s, c in zip(ss, cc, strict=True)]
+                    for ss, cc in zip(self.scores, self.cum_weights, strict=True)
+                ]
+            )
+            self._q[level] = q
+        return q
+
+    def scale(self, window: np.ndarray) -> np.ndarray:
+        """(N, 18) multipliers of the score quantiles for histories ending in ``window``."""
+        d = recent_variability(window)
+        return np.where(self.adaptive, d + self.floor, 1.0)
+
+    def intervals(
+        self, pred: np.ndarray, window: np.ndarray, levels: Sequence[float]
+    ) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+        """``{level: (lower, upper)}``, each (N, H', 18) physical, around ``pred`` (N, H', 18).
+
+        ``window`` (N, lookback, 18): the histories' last bins (:func:`history_windows`).
+        """
+        pred = np.asarray(pred, dtype=np.float64)
+        scale = self.scale(window)[:, None, :]
+        steps = np.minimum(np.arange(pred.shape[1]), self.horizon - 1)
+        out = {}
+        for level in levels:
+            half = self.quantiles(float(level))[steps][None] * scale
+            lo = np.maximum(pred - half, CLAMP_LOW)
+            hi = np.minimum(pred + half, CLAMP_HIGH)
+            out[float(level)] = (lo, hi)
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "variables": list(STATE_NAMES),
+            "lookback": self.lookback,
+            "levels": list(self.levels),
+            "adaptive": [bool(a) for a in self.adaptive],
+            "floor": [float(f) for f in self.floor],
+            "scores": [[s.tolist() for s in step] for step in self.scores],
+            "cum_weights": [[c.tolist() for c in step] for step in self.cum_weights],
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"calibration format {d.get('format_version')!r} not supported")
+        if list(d["variables"]) != list(STATE_NAMES):
+            raise ValueError("calibration variables differ from this code's catalog")
+        return cls(
+            scores=[[np.asarray(s, dtype=np.float64) for s in step] for step in d["scores"]],
+            cum_weights=[
+                [np.asarray(c, dtype=np.float64) for c in step] for step in d["cum_weights"]
+            ],
+            adaptive=np.asarray(d["adaptive"], dtype=bool),
+            floor=np.asarray(d["floor"], dtype=np.float64),
+            lookback=int(d["lookback"]),
+            levels=tuple(float(x) for x in d["levels"]),
+            info=dict(d.get("info", {})),
+        )
+
+
+@dataclass
+class Residuals:
+    """Calibration material of step h: |residual| (N, 18) physical, NaN where the truth was not
+    measured; the recent variability of each window's history (N, 18); each window's group
+    (stay) for the two-fold choice of ``adaptive``."""
+
+    abs_err: np.ndarray
+    variability: np.ndarray
+    group: np.ndarray
+
+
+def fit_calibration(
+    residuals: list[Residuals],
+    levels: tuple[float, ...] = DEFAULT_LEVELS,
+    adaptive: str | np.ndarray = "auto",
+    lookback: int = LOOKBACK,
+) -> Calibration:
+    """Calibrate from the residuals of steps 1..H (``residuals[h - 1]``).
+
+    ``adaptive``: ``"auto"`` (per variable, two-fold on the groups), ``"never"``, ``"always"``,
+    or an explicit (18,) boolean array.
+    """
+    floor = _floor(residuals)
+    if isinstance(adaptive, str):
+        if adaptive == "auto":
+            chosen = _choose_adaptive(residuals, floor, levels)
+        elif adaptive in ("never", "always"):
+            chosen = np.full(N_STATE, adaptive == "always")
+        else:
+            raise ValueError(f"adaptive must be auto, never or always, got {adaptive!r}")
+    else:
+        chosen = np.asarray(adaptive, dtype=bool)
+    scored = [_scores(r, chosen, floor) for r in residuals]
+    scores = [[s for s, _ in step] for step in scored]
+    cum = [[c for _, c in step] for step in scored]
+    info = {
+        "n_scores": [[int(len(s)) for s in step] for step in scores],
+        "n_groups": int(len(np.unique(np.concatenate([r.group for r in residuals])))),
+    }
+    return Calibration(scores, cum, chosen, floor, lookback, tuple(levels), info)
+
+
+def _floor(residuals: list[Residuals]) -> np.ndarray:
+    """Per variable: the mean recent variability over the calibration windows (so a history
+    with no measured change still gets a typical band); 1 where it is 0 (then adaptive is the
+    same as absolute)."""
+    d = np.concatenate([r.variability for r in residuals])
+    f = d.mean(axis=0) if len(d) else np.zeros(N_STATE)
+    return np.where(f > 0, f, 1.0)
+
+
+def _scores(
+    r: Residuals, adaptive: np.ndarray, floor: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per variable: sorted scores of the measured values and their cumulative weights, each
+    group's values weighing 1 in all."""
+    scale = np.where(adaptive, r.variability + floor, 1.0)
+    s = r.abs_err / scale
+    out = []
+    for j in range(N_STATE):
+        m = ~np.isnan(s[:, j])
+        _, inv, counts = np.unique(r.group[m], return_inverse=True, return_counts=True)
+        w = 1.0 / counts[inv]
+        order = np.argsort(s[m, j], kind="stable")
+        out.append((s[m, j][order], np.cumsum(w[order])))
+    return out
+
+
+def _choose_adaptive(
+    residuals: list[Residuals], floor: np.ndarray, levels: tuple[float, ...]
+) -> np.ndarray:
+    """Adaptive for variable j when, calibrated on one half of the groups, its mean interval
+    width on the other half (both ways round, all steps and levels) is smaller than the
+    absolute score's. Needs no data beyond the calibration set."""
+    groups = np.unique(np.concatenate([r.group for r in residuals]))
+    if len(groups) < 4:
+        return np.zeros(N_STATE, dtype=bool)
+    fold_of = {g: i % 2 for i, g in enumerate(groups)}
+    width = {False: np.zeros(N_STATE), True: np.zeros(N_STATE)}
+    for mode in (False, True):
+        flags = np.full(N_STATE, mode)
+        for r in residuals:
+            fold = np.array([fold_of[g] for g in r.group], dtype=int)
+            for a in (0, 1):
+                cal, ev = fold == a, fold != a
+                half = Residuals(r.abs_err[cal], r.variability[cal], r.group[cal])
+                scores = _scores(half, flags, floor)
+                scale = np.where(flags, r.variability[ev] + floor, 1.0)
+                measured = ~np.isnan(r.abs_err[ev])
+                for level in levels:
+                    q = np.array([conformal_quantile(s, level, c) for s, c in scores])
+                    # A level the half cannot support counts as no width for both modes.
+                    w = np.where(measured & np.isfinite(q), 2 * q * scale, 0.0)
+                    n = np.maximum(measured.sum(axis=0), 1)
+                    width[mode] += w.sum(axis=0) / n
+    return width[True] < width[False]

@@ -1,0 +1,294 @@
+"""Conformal intervals of a trained model: calibrate on validation, score on test, log.
+
+:func:`interval_report` is the one call training makes: it calibrates the model (and
+persistence, the naive reference band) on the validation stays' closed-loop rollouts, measures
+coverage and width on the test stays (clean and under the noise grid), logs the metrics, a
+per-variable table and the plots, and returns the model's :class:`Calibration` for the pyfunc.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from features.catalog import N_STATE, STATE_NAMES
+from features.preprocess import Preprocessor
+from training.conformal import (
+    DEFAULT_LEVELS,
+    LOOKBACK,
+    Calibration,
+    Residuals,
+    fit_calibration,
+    level_label,
+    recent_variability,
+    stay_windows,
+)
+from training.data import StaySequences
+from training.models import DynamicsModel
+from training.rollout import Windows, add_state_noise, rollout_windows, state_bounds
+
+# Coverage against nominal is plotted over these levels (the calibration serves any level).
+PLOT_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def split_windows(
+    model: DynamicsModel,
+    seqs: StaySequences,
+    pre: Preprocessor,
+    ks: Sequence[int],
+    noise_sigma: float = 0.0,
+    seed: int = 0,
+) -> tuple[dict[int, Windows], list[np.ndarray]]:
+    """Closed-loop rollouts from every start bin (float64, clamped, as the Forecaster runs)
+    and the raw histories they start from (noisy ones when ``noise_sigma`` > 0: the band's
+    difficulty estimate sees the same noisy history as the model)."""
+    model = copy.deepcopy(model).double().eval()
+    inputs, raw = seqs.inputs, seqs.raw_state
+    if noise_sigma > 0:
+        inputs = add_state_noise(inputs, noise_sigma, seed)
+        # The same noise in physical units, on the measured values only.
+        raw = [
+            r + (x[:, :N_STATE] - s[:, :N_STATE]) * pre.state_range
+            for r, x, s in zip(raw, inputs, seqs.inputs, strict=True)
+        ]
+        raw = [np.where(np.isnan(r0), np.nan, r) for r0, r in zip(seqs.raw_state, raw, strict=True)]
+    wins = rollout_windows(model, inputs, seqs.state, tuple(ks), bounds=state_bounds(pre))
+    return wins, raw
+
+
+def residuals(
+    wins: dict[int, Windows], raw: list[np.ndarray], seqs: StaySequences, pre: Preprocessor, h: int
+) -> Residuals:
+    """|residual| at step h of the h-step windows (physical, NaN where not measured)."""
+    w = wins[h]
+    pred = pre.unscale_state(w.pred[:, h - 1])
+    true = pre.unscale_state(w.true[:, h - 1])
+    err = np.where(w.observed[:, h - 1] > 0, np.abs(pred - true), np.nan)
+    d = recent_variability(stay_windows(raw, w.stay, w.start, LOOKBACK))
+    return Residuals(err, d, seqs.subject_ids[w.stay])
+
+
+def calibration_residuals(
+    model: DynamicsModel, seqs: StaySequences, pre: Preprocessor, horizon: int
+) -> list[Residuals]:
+    """The residuals of steps 1..H of ``model``'s rollouts on ``seqs`` (validation stays)."""
+    ks = tuple(range(1, horizon + 1))
+    wins, raw = split_windows(model, seqs, pre, ks)
+    return [residuals(wins, raw, seqs, pre, h) for h in ks]
+
+
+def calibrate(
+    model: DynamicsModel,
+    seqs: StaySequences,
+    pre: Preprocessor,
+    horizon: int,
+    levels: tuple[float, ...] = DEFAULT_LEVELS,
+    adaptive: str = "auto",
+) -> Calibration:
+    """Split-conformal calibration of ``model`` on ``seqs`` (validation stays), steps 1..H."""
+    cal = fit_calibration(calibration_residuals(model, seqs, pre, horizon), levels, adaptive)
+    cal.info["calibration_stays"] = len(seqs)
+    return cal
+
+
+@dataclass
+class Coverage:
+    """Coverage and width of one band on one split: ``summary[(K, level)]`` pooled over the
+    measured values of every variable (width in scaled min-max units, comparable across
+    variables), ``rows`` per (K, level, variable) in physical units."""
+
+    summary: dict[tuple[int, float], dict[str, float]]
+    rows: list[dict]
+
+
+def coverage(
+    cal: Calibration,
+    wins: dict[int, Windows],
+    raw: list[np.ndarray],
+    pre: Preprocessor,
+    levels: Sequence[float],
+) -> Coverage:
+    """Empirical coverage and mean width at the K-th step of every K-step window."""
+    summary: dict[tuple[int, float], dict[str, float]] = {}
+    rows: list[dict] = []
+    span = pre.state_range
+    for k, w in wins.items():
+        if not len(w.stay):
+            continue
+        pred = pre.unscale_state(w.pred)
+        true = pre.unscale_state(w.true[:, k - 1])
+        measured = w.observed[:, k - 1] > 0
+        bands = cal.intervals(pred, stay_windows(raw, w.stay, w.start, cal.lookback), levels)
+        for level, (lo, hi) in bands.items():
+            lo, hi = lo[:, k - 1], hi[:, k - 1]
+            inside = (true >= lo) & (true <= hi)
+            width = hi - lo
+            n = int(measured.sum())
+            summary[(k, level)] = {
+                "coverage": float(inside[measured].mean()) if n else float("nan"),
+                "width": float((width / span)[measured].mean()) if n else float("nan"),
+                "n": float(n),
+            }
+            for j, name in enumerate(STATE_NAMES):
+                m = measured[:, j]
+                rows.append(
+                    {
+                        "k": k,
+                        "level": level,
+                        "variable": name,
+                        "coverage": float(inside[m, j].mean()) if m.any() else float("nan"),
+                        "width": float(width[m, j].mean()) if m.any() else float("nan"),
+                        "n_measured": int(m.sum()),
+                        "adaptive": bool(cal.adaptive[j]),
+                    }
+                )
+    return Coverage(summary, rows)
+
+
+def coverage_metrics(
+    cov: Coverage, prefix: str, suffix: str = "", variant: str = ""
+) -> dict[str, float]:
+    """``{prefix}coverage{variant}_k{K}_l{L}{suffix}`` and the same for ``width``."""
+    out = {}
+    for (k, level), m in cov.summary.items():
+        tag = f"k{k}_l{level_label(level)}{suffix}"
+        out[f"{prefix}coverage{variant}_{tag}"] = m["coverage"]
+        out[f"{prefix}width{variant}_{tag}"] = m["width"]
+    return out
+
+
+def interval_report(
+    model: DynamicsModel,
+    val: StaySequences,
+    test: StaySequences,
+    pre: Preprocessor,
+    ks: Sequence[int],
+    sigmas: Sequence[float] = (),
+    seed: int = 0,
+    levels: tuple[float, ...] = DEFAULT_LEVELS,
+    plots_dir: Path | None = None,
+    title: str = "",
+) -> tuple[Calibration, dict[str, float], list[dict]]:
+    """Calibrate ``model`` and persistence on ``val``, score both on ``test``.
+
+    Returns the model's calibration, the metrics (``test/``, ``noise/``, ``baseline/``
+    persistence and the non-adaptive alternative's ``test/width_absolute_...``) and the
+    per-variable rows; writes the plots into ``plots_dir`` when given.
+    """
+    from training.models import ModelConfig, build_model
+
+    ks = tuple(ks)
+    horizon = max(ks)
+    res = calibration_residuals(model, val, pre, horizon)
+    cal = fit_calibration(res, levels)
+    cal.info["calibration_stays"] = len(val)
+    wins, raw = split_windows(model, test, pre, ks)
+    cov = coverage(cal, wins, raw, pre, levels)
+    metrics = coverage_metrics(cov, "test/")
+    metrics["conformal/n_adaptive"] = float(cal.adaptive.sum())
+    # What adaptivity bought: the same recipe with absolute scores, same windows.
+    absolute = fit_calibration(res, levels, adaptive="never")
+    metrics |= coverage_metrics(
+        coverage(absolute, wins, raw, pre, levels), "test/", variant="_absolute"
+    )
+    for s in sigmas:
+        if s <= 0:
+            continue
+        noisy, noisy_raw = split_windows(model, test, pre, ks, s, seed)
+        metrics |= coverage_metrics(
+            coverage(cal, noisy, noisy_raw, pre, levels), "noise/", f"_sigma{s:g}"
+        )
+    persistence = build_model(ModelConfig(model="persistence"))
+    p_cal = calibrate(persistence, val, pre, horizon, levels)
+    p_wins, p_raw = split_windows(persistence, test, pre, ks)
+    metrics |= coverage_metrics(
+        coverage(p_cal, p_wins, p_raw, pre, levels), "baseline/persistence_"
+    )
+    if plots_dir is not None:
+        _plots(cal, wins, raw, test, pre, plots_dir, title)
+    return cal, metrics, cov.rows
+
+
+def _plots(
+    cal: Calibration,
+    wins: dict[int, Windows],
+    raw: list[np.ndarray],
+    test: StaySequences,
+    pre: Preprocessor,
+    out: Path,
+    title: str,
+) -> None:
+    from training import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    grid = coverage(cal, wins, raw, pre, PLOT_LEVELS).summary
+    plots.coverage_vs_nominal(
+        {
+            k: {lv: grid[(k, lv)]["coverage"] for lv in PLOT_LEVELS}
+            for k in wins
+            if (k, 0.5) in grid
+        },
+        out / "interval_coverage.png",
+        f"Test coverage of the conformal bands ({title})",
+    )
+    k = max(wins)
+    w = wins[k]
+    stays = []
+    for i in np.argsort([-len(s) for s in test.state]):
+        starts = w.start[w.stay == i]
+        if len(starts) == 0:
+            continue
+        s = int(starts[len(starts) // 2])
+        j = int(np.flatnonzero((w.stay == i) & (w.start == s))[0])
+        pred = pre.unscale_state(w.pred[j : j + 1])
+        bands = cal.intervals(pred, stay_windows(raw, [i], [s], cal.lookback), cal.levels)
+        stays.append(
+            {
+                "truth": test.physical[i],
+                "observed": ~np.isnan(test.raw_state[i]),
+                "start": s,
+                "forecast": pred[0],
+                "bands": {lv: (lo[0], hi[0]) for lv, (lo, hi) in bands.items()},
+                "label": f"test stay {len(stays) + 1}",
+            }
+        )
+        if len(stays) == 3:
+            break
+    if stays:
+        plots.fan_charts(stays, out / "interval_fans.png", f"Test stays: {k}-step bands ({title})")
+
+
+def log_intervals(
+    model: DynamicsModel,
+    val: StaySequences,
+    test: StaySequences,
+    pre: Preprocessor,
+    ks: Sequence[int],
+    sigmas: Sequence[float],
+    seed: int,
+    plots: bool,
+    title: str,
+) -> tuple[Calibration, dict[str, float]]:
+    """:func:`interval_report` inside the active MLflow run: logs the per-variable table
+    (``intervals_test.json``) and the plots (``plots/interval_*.png``); returns the
+    calibration and the metrics for the caller to log with the rest."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plots" if plots else None
+        cal, metrics, rows = interval_report(
+            model, val, test, pre, ks, sigmas, seed, plots_dir=out, title=title
+        )
+        if rows:
+            mlflow.log_table(
+                {key: [r[key] for r in rows] for key in rows[0]}, "intervals_test.json"
+            )
+        if out is not None and out.exists():
+            mlflow.log_artifacts(str(out), artifact_path="plots")
+    return cal, metrics
