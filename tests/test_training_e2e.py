@@ -208,12 +208,15 @@ def test_compare_and_promote_cli(store: dict) -> None:
     text = out.read_text()
     for model in store["results"]:
         assert f"| {model} |" in text
-    assert "RMSE K=5" in text
-    assert main(["promote", "--model", "gru"]) == 0
+    assert "skill K=5 (%)" in text and "RMSE measured K=5" in text
+    assert main(["promote", "--models", "gru", "persistence"]) == 0
     from mlflow import MlflowClient
 
-    mv = MlflowClient().get_model_version_by_alias("icu-forecast-gru", "champion")
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias("icu-forecast-gru", "champion")
     assert str(mv.version) == store["results"]["gru"].registered_version
+    served = client.get_model_version_by_alias("icu-forecast", "champion")
+    assert served.tags["family"] in ("gru", "persistence")
 
 
 def test_resume_continues_from_last_checkpoint(store: dict) -> None:

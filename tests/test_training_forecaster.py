@@ -21,7 +21,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     dm = BinsDataModule(data)
     dm.setup("fit")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(model="cfc", units=8, layers=2, backbone_units=8))
+    # zero_head off: an untrained network must not be persistence, or plans could not matter
+    model = build_model(
+        ModelConfig(model="cfc", units=8, layers=2, backbone_units=8, zero_head=False)
+    )
     return dm, Forecaster(model, dm.preprocessor, "cfc")
 
 

@@ -184,6 +184,11 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = data_module(cfg)
     mcfg = cfg.model_cfg()
+    if _is_launcher_child():
+        # A DDP worker started by Lightning's launcher: it trains its share; rank 0 (the
+        # original process) owns the MLflow run, evaluates and logs.
+        fit_lightning(cfg, dm)
+        return TrainResult(None, cfg.model, label=cfg.run_label)
     tracking.setup(cfg.tracking_uri, cfg.experiment)
     tags = {
         "code_version": tracking.code_version(),
