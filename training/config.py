@@ -128,6 +128,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "units": 128,
         "layers": 2,
         "backbone_dropout": 0.0,
+        "backbone_units": 128,
         "zero_head": False,
+        "ensemble": 1,
     },
 }
