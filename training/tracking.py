@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+from features.leftovers import host, process_gone
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "icu-forecast"
+# Which process owns a run: a run still RUNNING whose process is gone was killed.
+TAG_PID = "icu_forecast.pid"
+TAG_HOST = "icu_forecast.host"
 
 
 def tracking_uri(explicit: str | None = None) -> str:
@@ -30,8 +41,54 @@ def setup(uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str:
         # A concurrent run may create it meanwhile; set_experiment below then just selects it.
         with contextlib.suppress(MlflowException):
             mlflow.create_experiment(experiment, artifact_location=location)
-    mlflow.set_experiment(experiment)
+    exp = mlflow.set_experiment(experiment)
+    # Every run this process starts through the fluent API carries its owner (MLflow adds the
+    # tags of MLFLOW_RUN_CONTEXT to each new run).
+    context = json.loads(os.environ.get("MLFLOW_RUN_CONTEXT") or "{}")
+    os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps(context | owner_tags())
+    end_abandoned_runs(mlflow.MlflowClient(resolved), [exp.experiment_id])
     return resolved
+
+
+def owner_tags() -> dict[str, str]:
+    """Run tags naming this process, so a later run can tell when it was killed."""
+    return {TAG_PID: str(os.getpid()), TAG_HOST: host()}
+
+
+def end_abandoned_runs(client: Any, experiment_ids: Iterable[str]) -> int:
+    """Mark KILLED the RUNNING runs of ``experiment_ids`` whose process is gone.
+
+    A run killed with its process (``kill -9``, a lost machine) would otherwise stay RUNNING
+    forever. Only runs that name their process (:func:`owner_tags`) on this machine are
+    judged; others are left as they are. Returns how many runs were marked.
+    """
+    ids = list(experiment_ids)
+    if not ids:
+        return 0
+    marked = 0
+    runs = client.search_runs(ids, filter_string="attributes.status = 'RUNNING'", max_results=5000)
+    for run in runs:
+        tags = run.data.tags
+        pid = tags.get(TAG_PID, "")
+        if tags.get(TAG_HOST) != host() or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if not process_gone(int(pid), run.info.start_time / 1000):
+            continue
+        client.set_tag(
+            run.info.run_id,
+            "icu_forecast.ended",
+            f"process {pid} on {host()} stopped without ending the run; "
+            f"marked KILLED by process {os.getpid()}",
+        )
+        client.set_terminated(run.info.run_id, status="KILLED")
+        log.warning(
+            "MLflow run %s (%s) was left RUNNING by process %s, which is gone: marked KILLED",
+            run.info.run_id,
+            run.info.run_name,
+            pid,
+        )
+        marked += 1
+    return marked
 
 
 def artifact_location(uri: str) -> str | None:

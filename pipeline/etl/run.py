@@ -27,7 +27,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from features.atomic import atomic_dir
+from features import leftovers
+from features.atomic import atomic_dir, recover
 from features.binning import BIN_HOURS
 from features.catalog import (
     INTERVENTION_BY_NAME,
@@ -55,6 +56,7 @@ TABLE_ORDER = (
     "INPUTEVENTS_MV",
     "PROCEDUREEVENTS_MV",
 )
+SCRATCH_PREFIX = ".etl-work-"
 DATA_CARD_FORMAT = 2
 """2: state columns keep NaN until first measured in the stay; no ``preprocessor/`` (was 1)."""
 
@@ -398,7 +400,13 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     what = "--temp-dir" if settings.temp_dir else "the folder of --out"
     try:
         scratch_parent.mkdir(parents=True, exist_ok=True)
-        scratch = tempfile.TemporaryDirectory(prefix=".etl-work-", dir=scratch_parent)
+        # Scratch and staging of an earlier ETL that was killed (only ours: by name and a
+        # finished owner process), and the previous output if the kill split its swap.
+        leftovers.remove_stale(scratch_parent, SCRATCH_PREFIX)
+        recover(out)
+        scratch = tempfile.TemporaryDirectory(
+            prefix=SCRATCH_PREFIX + leftovers.owner_mark(), dir=scratch_parent
+        )
     except OSError as exc:
         why = (
             "part of that path is a file, not a folder"
