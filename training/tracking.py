@@ -27,6 +27,47 @@ def tracking_uri(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The absolute path of a ``sqlite:///`` store's file (relative to this folder), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    name = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return None if name in ("", ":memory:") else Path(os.path.abspath(name))
+
+
+def describe(uri: str) -> str:
+    """``uri`` as a user should see it: a relative SQLite path also as the file it means."""
+    db = sqlite_file(uri)
+    return f"{uri} ({db})" if db is not None and str(db) != uri.removeprefix("sqlite:///") else uri
+
+
+def missing_store(uri: str) -> str | None:
+    """Why ``uri`` names no store (a SQLite file that does not exist), else None.
+
+    Connecting to a SQLite URI creates an empty database, so commands that only read (serve,
+    compare, dag status) check first instead of leaving an empty ``mlflow.db`` wherever they
+    were started.
+    """
+    db = sqlite_file(uri)
+    if db is None or db.exists():
+        return None
+    return (
+        f"no MLflow store at {db} (tracking URI {uri}); run from the folder that holds it or "
+        "set MLFLOW_TRACKING_URI / --tracking-uri"
+    )
+
+
+def require_store(uri: str | None = None) -> str:
+    """The resolved URI of an existing store; a :class:`UserError` naming the file if none."""
+    from features.errors import UserError
+
+    resolved = tracking_uri(uri)
+    why = missing_store(resolved)
+    if why:
+        raise UserError(why)
+    return resolved
+
+
 def setup(uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Point MLflow (tracking and registry) at ``uri`` and select the experiment."""
     import mlflow

@@ -83,8 +83,14 @@ def _print_status(decisions: list) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.dag.steps import build_dag
+    from training.tracking import describe
 
     settings = settings_from_args(args)
+    # Relative defaults (data, sqlite:///mlflow.db) depend on the folder it is started from.
+    print(
+        f"dag: data folder {settings.data_dir.resolve()}, MIMIC-III tables "
+        f"{settings.mimic_dir.resolve()}, MLflow store {describe(settings.tracking_uri)}"
+    )
     if args.dag_command == "status":
         dag = build_dag(settings, track=False)
         _print_status(dag.status())
