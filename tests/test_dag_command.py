@@ -79,11 +79,11 @@ def test_flags_override_environment_which_overrides_defaults(
     import argparse
 
     from pipeline.dag.command import configure, settings_from_args
-    from pipeline.dag.settings import DEFAULT_EPOCHS, PAPER_EPOCHS, DagSettings
+    from pipeline.dag.settings import PAPER_EPOCHS, DagSettings
 
     for var in ("MIMIC_DIR", "MLFLOW_TRACKING_URI", "ICU_DAG_EPOCHS", "ICU_DAG_MODELS"):
         monkeypatch.delenv(var, raising=False)
-    assert DagSettings().epochs == DEFAULT_EPOCHS == PAPER_EPOCHS
+    assert (DagSettings().epochs, DagSettings().preset) == (None, "default")
     assert DagSettings().tracking_uri == "sqlite:///mlflow.db"
     monkeypatch.setenv("MIMIC_DIR", str(tmp_path / "m"))
     monkeypatch.setenv("ICU_DAG_EPOCHS", "7")
@@ -94,6 +94,8 @@ def test_flags_override_environment_which_overrides_defaults(
     assert (s.mimic_dir, s.epochs, s.models) == (tmp_path / "m", 7, ("gru", "cfc"))
     s = settings_from_args(parser.parse_args(["run", "--epochs", "3", "--mimic-dir", "x"]))
     assert (s.mimic_dir, s.epochs) == (Path("x"), 3)
-    assert settings_from_args(parser.parse_args(["status", "--paper"])).epochs == PAPER_EPOCHS
+    assert settings_from_args(parser.parse_args(["status", "--paper"])).preset == "paper"
+    paper = settings_from_args(parser.parse_args(["status", "--paper", "--epochs", "30"]))
+    assert (paper.preset, paper.epochs) == ("paper", PAPER_EPOCHS)
     with pytest.raises(UserError, match="--paper and --epochs disagree"):
         settings_from_args(parser.parse_args(["status", "--paper", "--epochs", "3"]))
