@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from features import leftovers
 from features.leftovers import host, process_gone
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,38 @@ def require_store(uri: str | None = None) -> str:
     return resolved
 
 
+def create_store(uri: str) -> None:
+    """Create a SQLite store that does not exist yet as a whole, or not at all.
+
+    MLflow builds a new SQLite database by running its schema migrations one statement at a
+    time; a process killed in the middle leaves a half-built file on which every later run
+    fails ("table ... already exists"). So the database is built under a temporary name
+    (owner-marked: a killed build is removed by the next) and linked into place when complete.
+    """
+    db = sqlite_file(uri)
+    if db is None or db.exists():
+        return
+    from mlflow import MlflowClient
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{db.name}."
+    leftovers.remove_stale(db.parent, prefix)
+    tmp = db.with_name(f"{prefix}{leftovers.owner_mark()}tmp")
+    try:
+        MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            os.link(tmp, db)
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            leftover.unlink(missing_ok=True)
+
+
 def setup(uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Point MLflow (tracking and registry) at ``uri`` and select the experiment."""
     import mlflow
 
     resolved = tracking_uri(uri)
+    create_store(resolved)
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or resolved)
     location = artifact_location(resolved)

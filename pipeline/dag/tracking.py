@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.dag.engine import Decision, Fingerprint, Step, StepResult
-from training.tracking import end_abandoned_runs, owner_tags
+from training.tracking import create_store, end_abandoned_runs, owner_tags
 
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
@@ -35,6 +35,7 @@ class MlflowTracker:
         # The store is first touched here, after the request was validated.
         from mlflow.tracking import MlflowClient
 
+        create_store(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         exp = self.client.get_experiment_by_name(self.experiment)
         self.experiment_id = (
