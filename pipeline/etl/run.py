@@ -328,8 +328,9 @@ def _input_problems(
         ),
         "implausible_intervention_amounts": _problem(
             sum(implausible.values()),
-            "doses that are infinite, NaN or larger than the intervention's maximum per bin "
-            "were dropped as charting errors",
+            "doses that are negative, infinite, NaN or larger than the intervention's maximum "
+            "per bin, and CareVue vasopressor rates that are negative, infinite or NaN, were "
+            "dropped as charting errors",
             per_variable=implausible,
         ),
         "intervention_bins_clamped": _problem(
