@@ -92,7 +92,7 @@ def test_dag_to_mlflow_server_then_serve_the_champion(tmp_path: Path, mimic_dir:
             timeout=900,
         )
         assert dag.returncode == 0, dag.stdout[-3000:] + dag.stderr[-3000:]
-        assert f"MLflow store {server}" in dag.stdout.splitlines()[0]
+        assert f"MLflow store {server}" in dag.stderr.splitlines()[0]
         # Everything went to the server: no store or artifacts where the DAG ran (its data
         # and the training checkpoints only).
         assert {p.name for p in pipeline.iterdir()} <= {"data", "outputs"}

@@ -61,7 +61,7 @@ def test_the_printed_dag_commands_see_what_the_quick_start_made(
         ["bash", "-c", status_line], cwd=elsewhere, env=env, capture_output=True, text=True
     )
     assert status.returncode == 0, status.stderr
-    steps = [line.split() for line in status.stdout.splitlines()[1:]]
+    steps = [line.split() for line in status.stdout.splitlines()]
     assert [s[0] for s in steps] == ["fetch", "etl", "train_persistence", "compare", "promote"]
     assert all(s[1] == "done" for s in steps), status.stdout
     rerun = subprocess.run(

@@ -40,7 +40,7 @@ def test_compare_and_promote_without_a_store_name_it_and_create_nothing(tmp_path
 def test_dag_status_says_where_it_looks_and_creates_nothing(tmp_path: Path) -> None:
     res = _cli(["dag", "status"], tmp_path, MIMIC_DIR=str(tmp_path / "absent"))
     assert res.returncode == 0, res.stderr
-    first = res.stdout.splitlines()[0]
+    first = res.stderr.splitlines()[0]
     assert f"data folder {tmp_path / 'data'}" in first
     assert f"MLflow store sqlite:///mlflow.db ({tmp_path / 'mlflow.db'})" in first
     assert not (tmp_path / "mlflow.db").exists()

@@ -9,6 +9,7 @@ icu-forecast dag status                   # each step: done / stale / missing / 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from features.errors import UserError
@@ -87,9 +88,11 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     # Relative defaults (data, sqlite:///mlflow.db) depend on the folder it is started from.
+    # On stderr: stdout stays the status table / step lines that scripts read.
     print(
         f"dag: data folder {settings.data_dir.resolve()}, MIMIC-III tables "
-        f"{settings.mimic_dir.resolve()}, MLflow store {describe(settings.tracking_uri)}"
+        f"{settings.mimic_dir.resolve()}, MLflow store {describe(settings.tracking_uri)}",
+        file=sys.stderr,
     )
     if args.dag_command == "status":
         dag = build_dag(settings, track=False)

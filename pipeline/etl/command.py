@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from features.settings import settings_from_flags
 
@@ -48,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.etl.run import run_etl
 
     settings = settings_from_args(args)
-    print(f"MIMIC-III tables: {settings.mimic_dir.resolve()}  output: {settings.out.resolve()}")
+    print(
+        f"MIMIC-III tables: {settings.mimic_dir.resolve()}  output: {settings.out.resolve()}",
+        file=sys.stderr,
+    )
     result = run_etl(settings)
     c = result.counts
     print(

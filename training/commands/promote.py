@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from training.registry import SELECTION_METRIC, promote_overall, registered_families
 
     uri = tracking.require_store(args.tracking_uri)
-    print(f"MLflow store: {tracking.describe(uri)}")
+    print(f"MLflow store: {tracking.describe(uri)}", file=sys.stderr)
     tracking.setup(uri)
     families = args.models or registered_families()
     if not families:

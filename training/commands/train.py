@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from features.settings import settings_from_flags
 from training.models import MODEL_NAMES
@@ -109,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     # Said first: from another folder, relative defaults point somewhere unexpected.
     print(
         f"data: {Path(cfg.data).resolve()}  MLflow store: "
-        f"{tracking.describe(tracking.tracking_uri(cfg.tracking_uri))}"
+        f"{tracking.describe(tracking.tracking_uri(cfg.tracking_uri))}",
+        file=sys.stderr,
     )
     result = train_model(cfg)
     if result.run_id is None:  # a non-zero DDP rank: rank 0 reports
