@@ -9,12 +9,21 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from features import leftovers
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename.
+
+    Temporary files of earlier writers of ``path`` that were killed are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}."
+    leftovers.remove_stale(path.parent, prefix)
+    fd, tmp = tempfile.mkstemp(
+        prefix=prefix + leftovers.owner_mark(), suffix=".tmp", dir=path.parent
+    )
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -56,7 +65,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file, not a folder; refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    recover(path)
+    mark = leftovers.owner_mark()
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-{mark}", dir=path.parent))
     # mkdtemp makes 0700 folders; outputs are meant to be shared like any other folder.
     staging.chmod(0o755)
     try:
@@ -66,9 +77,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
     old = None
     if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{mark}", dir=path.parent))
         os.rmdir(old)
         os.replace(path, old)
     os.replace(staging, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(path: str | os.PathLike) -> None:
+    """Clean up after an :func:`atomic_dir` of ``path`` whose process was killed.
+
+    Its staging folder goes. A kill between the two renames of the swap leaves no ``path``
+    but the previous output set aside as ``.<name>.old-*``: that is put back, so the output is
+    the last complete one rather than lost.
+    """
+    path = Path(path)
+    old = leftovers.stale(path.parent, f".{path.name}.old-")
+    if old and not os.path.lexists(path):
+        newest = max(old, key=lambda p: p.lstat().st_mtime)
+        os.replace(newest, path)
+        old.remove(newest)
+    for leftover in old + leftovers.stale(path.parent, f".{path.name}.staging-"):
+        leftovers.remove(leftover)

@@ -75,6 +75,15 @@ def run(args: argparse.Namespace) -> int:
         )
     if settings.api_key is None:
         log.info("API_KEY not set: the API is open to anyone who can reach it")
+    from training import tracking
+
+    log.info(
+        "serving %s from MLflow store %s",
+        settings.model_uri,
+        tracking.describe(settings.mlflow_tracking_uri),
+    )
+    if why := tracking.missing_store(settings.mlflow_tracking_uri):
+        log.warning("%s; /readyz stays 503 until a model can be loaded", why)
     if settings.workers == 1:
         from service.app import create_app
 

@@ -87,6 +87,10 @@ def load_from_mlflow(model_uri: str, tracking_uri: str) -> LoadedModel:
     import mlflow
     from mlflow import MlflowClient
 
+    from training import tracking
+
+    if why := tracking.missing_store(tracking_uri):
+        raise ModelLoadError(f"could not load {model_uri!r}: {why}")
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     name, version, run_id, load_uri = model_uri, None, None, model_uri
     try:
@@ -114,7 +118,10 @@ def load_from_mlflow(model_uri: str, tracking_uri: str) -> LoadedModel:
                 client.get_run(run_id), "data_checksum", "data.checksum", "etl.checksum"
             )
     except Exception as exc:  # any failure must leave the previous model serving
-        raise ModelLoadError(f"could not load {model_uri!r}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"could not load {model_uri!r} from MLflow store {tracking.describe(tracking_uri)}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     info = ModelInfo(name, version, run_id, model_uri, checksum)
     return LoadedModel(info, forecaster)
 

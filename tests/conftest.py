@@ -52,7 +52,12 @@ def _fresh_mlflow_globals() -> Iterator[None]:
 
 
 def _reset_mlflow_globals() -> None:
-    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+    for name in (
+        "MLFLOW_EXPERIMENT_ID",
+        "MLFLOW_EXPERIMENT_NAME",
+        "MLFLOW_RUN_ID",
+        "MLFLOW_RUN_CONTEXT",
+    ):
         os.environ.pop(name, None)
     if "mlflow" not in sys.modules:  # nothing to reset, and importing it costs seconds
         return

@@ -135,15 +135,15 @@ def test_max_stay_days_flag_cuts_and_counts(tmp_path, capsys, baseline) -> None:
     assert baseline[1]["values"]["spo2"]["outside_stay"] == 0
 
 
-@pytest.mark.parametrize("amount", ["inf", "1e308", "nan", "-inf", "25000"])
+@pytest.mark.parametrize("amount", ["inf", "1e308", "nan", "-inf", "-5", "25000"])
 def test_implausible_dose_is_dropped_and_counted(tmp_path, capsys, amount) -> None:
     rows = tables()
     rows["INPUTEVENTS_MV"][2] = dict(rows["INPUTEVENTS_MV"][2], amount=amount)
     bins, card = run(tmp_path, rows, capsys)
     assert cell(bins, 102, 0, "iv_fluid_ml") == 0.0
     assert cell(bins, 102, 1, "iv_fluid_ml") == 0.0
-    # A negative amount is no dose (amount > 0 is required); "nan" reads as a missing amount.
-    expected = 0 if amount in ("-inf", "nan") else 1
+    # A negative amount is an implausible dose too (counted); "nan" reads as a missing amount.
+    expected = 0 if amount == "nan" else 1
     assert card["interventions"]["iv_fluid_ml"]["implausible_doses"] == expected
     assert card["input_problems"]["implausible_intervention_amounts"]["count"] == expected
 
@@ -173,3 +173,16 @@ def test_a_stay_row_written_twice_is_one_stay(tmp_path, capsys, baseline) -> Non
     assert cohort["icustays_rows"] == 5  # 6 rows read, one exact duplicate
     assert cohort["excluded_by_reason"]["duplicate icustay_id"] == 1
     assert card["tables"]["ICUSTAYS"]["rows_read"] == 6
+
+
+@pytest.mark.parametrize("rate", ["inf", "-inf", "-1"])
+def test_implausible_vasopressor_rate_is_dropped_and_counted(tmp_path, capsys, rate) -> None:
+    rows = tables()
+    rows["INPUTEVENTS_CV"][1] = dict(rows["INPUTEVENTS_CV"][1], rate=rate)  # the stop at 14 h
+    bins, card = run(tmp_path, rows, capsys)
+    # The infusion from 12 h then runs its 4-hour maximum instead of stopping at 14 h.
+    assert cell(bins, 101, 1, "vasopressor") == pytest.approx(4 / 12)
+    assert card["interventions"]["vasopressor"]["implausible_doses"] == 1
+    assert card["input_problems"]["implausible_intervention_amounts"]["per_variable"] == {
+        "vasopressor": 1
+    }

@@ -9,6 +9,7 @@ icu-forecast dag status                   # each step: done / stale / missing / 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from features.errors import UserError
@@ -85,8 +86,16 @@ def _print_status(decisions: list) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.dag.steps import build_dag
+    from training.tracking import describe
 
     settings = settings_from_args(args)
+    # Relative defaults (data, sqlite:///mlflow.db) depend on the folder it is started from.
+    # On stderr: stdout stays the status table / step lines that scripts read.
+    print(
+        f"dag: data folder {settings.data_dir.resolve()}, MIMIC-III tables "
+        f"{settings.mimic_dir.resolve()}, MLflow store {describe(settings.tracking_uri)}",
+        file=sys.stderr,
+    )
     if args.dag_command == "status":
         dag = build_dag(settings, track=False)
         _print_status(dag.status())

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 import httpx
 
+from features import leftovers
 from features.atomic import atomic_dir
 from features.errors import UserError
 from pipeline.dag.hashing import sha256_file
@@ -127,7 +128,11 @@ def fetch_demo(
             "point --mimic-dir at a MIMIC-III folder or at an empty folder to download into"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".zip", dir=dest.parent)
+    prefix = f".{dest.name}.download-"
+    leftovers.remove_stale(dest.parent, prefix)  # the zip of a download that was killed
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=prefix + leftovers.owner_mark(), suffix=".zip", dir=dest.parent
+    )
     os.close(fd)
     tmp_zip = Path(tmp_name)
     try:

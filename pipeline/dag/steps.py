@@ -241,5 +241,5 @@ def build_dag(s: DagSettings, track: bool = True, echo: Callable[[str], None] = 
     if track:
         from pipeline.dag.tracking import MlflowTracker
 
-        tracker = MlflowTracker(s.tracking_uri, s.dag_experiment)
+        tracker = MlflowTracker(s.tracking_uri, s.dag_experiment, (s.experiment,))
     return Dag(build_steps(s), s.state_path, tracker=tracker, echo=echo)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.dag.engine import Decision, Fingerprint, Step, StepResult
+from training.tracking import create_store, end_abandoned_runs, owner_tags
 
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
@@ -20,9 +21,13 @@ _MAX_PARAM = 500  # MLflow's limit on a param value is 6000 chars; keep the tabl
 
 
 class MlflowTracker:
-    def __init__(self, tracking_uri: str, experiment: str) -> None:
+    def __init__(
+        self, tracking_uri: str, experiment: str, also_experiments: tuple[str, ...] = ()
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
+        # Where the steps' own runs go (training): their abandoned runs are ended too.
+        self.also_experiments = also_experiments
         self.experiment_id: str | None = None
         self.dag_run_id: str | None = None
 
@@ -30,14 +35,19 @@ class MlflowTracker:
         # The store is first touched here, after the request was validated.
         from mlflow.tracking import MlflowClient
 
+        create_store(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         exp = self.client.get_experiment_by_name(self.experiment)
         self.experiment_id = (
             exp.experiment_id if exp is not None else self.client.create_experiment(self.experiment)
         )
+        others = [self.client.get_experiment_by_name(e) for e in self.also_experiments]
+        end_abandoned_runs(
+            self.client, [self.experiment_id, *(e.experiment_id for e in others if e)]
+        )
         run = self.client.create_run(
             self.experiment_id,
-            tags={TAG_RUN_NAME: "dag", "dag.kind": "dag", "host": platform.node()},
+            tags={TAG_RUN_NAME: "dag", "dag.kind": "dag", "host": platform.node()} | owner_tags(),
         )
         self.dag_run_id = run.info.run_id
         self._log_params(self.dag_run_id, params)
@@ -50,6 +60,7 @@ class MlflowTracker:
             "dag.step": step.name,
             "dag.action": decision.action,
             "dag.reason": "; ".join(decision.reasons)[:5000],
+            **owner_tags(),
         }
         if self.dag_run_id:
             tags[TAG_PARENT] = self.dag_run_id

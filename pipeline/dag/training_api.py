@@ -171,6 +171,10 @@ def missing_run(s: DagSettings, run_id: str | None) -> str | None:
     """Why a recorded training run is unusable (gone from the store), or None."""
     if not run_id:
         return "no MLflow run recorded"
+    from training import tracking
+
+    if why := tracking.missing_store(s.tracking_uri):
+        return why
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from features.settings import settings_from_flags
 
@@ -47,7 +48,12 @@ def settings_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from pipeline.etl.run import run_etl
 
-    result = run_etl(settings_from_args(args))
+    settings = settings_from_args(args)
+    print(
+        f"MIMIC-III tables: {settings.mimic_dir.resolve()}  output: {settings.out.resolve()}",
+        file=sys.stderr,
+    )
+    result = run_etl(settings)
     c = result.counts
     print(
         f"wrote {result.out_dir}: {c['stays_kept']} stays kept of {c['icustays_rows']} "

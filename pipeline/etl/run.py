@@ -27,7 +27,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from features.atomic import atomic_dir
+from features import leftovers
+from features.atomic import atomic_dir, recover
 from features.binning import BIN_HOURS
 from features.catalog import (
     INTERVENTION_BY_NAME,
@@ -55,6 +56,7 @@ TABLE_ORDER = (
     "INPUTEVENTS_MV",
     "PROCEDUREEVENTS_MV",
 )
+SCRATCH_PREFIX = ".etl-work-"
 DATA_CARD_FORMAT = 2
 """2: state columns keep NaN until first measured in the stay; no ``preprocessor/`` (was 1)."""
 
@@ -326,8 +328,9 @@ def _input_problems(
         ),
         "implausible_intervention_amounts": _problem(
             sum(implausible.values()),
-            "doses that are infinite, NaN or larger than the intervention's maximum per bin "
-            "were dropped as charting errors",
+            "doses that are negative, infinite, NaN or larger than the intervention's maximum "
+            "per bin, and CareVue vasopressor rates that are negative, infinite or NaN, were "
+            "dropped as charting errors",
             per_variable=implausible,
         ),
         "intervention_bins_clamped": _problem(
@@ -395,7 +398,13 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     what = "--temp-dir" if settings.temp_dir else "the folder of --out"
     try:
         scratch_parent.mkdir(parents=True, exist_ok=True)
-        scratch = tempfile.TemporaryDirectory(prefix=".etl-work-", dir=scratch_parent)
+        # Scratch and staging of an earlier ETL that was killed (only ours: by name and a
+        # finished owner process), and the previous output if the kill split its swap.
+        leftovers.remove_stale(scratch_parent, SCRATCH_PREFIX)
+        recover(out)
+        scratch = tempfile.TemporaryDirectory(
+            prefix=SCRATCH_PREFIX + leftovers.owner_mark(), dir=scratch_parent
+        )
     except OSError as exc:
         why = (
             "part of that path is a file, not a folder"

@@ -196,6 +196,9 @@ def create_interventions(con: duckdb.DuckDBPyConnection) -> None:
                    lead(charttime) OVER (PARTITION BY icustay_id, itemid
                                          ORDER BY charttime, coalesce(rate, 0) > 0) AS next_t
             FROM raw_inputevents_cv WHERE itemid IN {_in(vaso.inputevents_cv)}
+              -- an infinite, NaN or negative rate is a charting error, neither on nor off
+              -- (dropped; counted by intervention_problems)
+              AND (rate IS NULL OR {_plausible_rate()})
         ) WHERE rate > 0
         UNION ALL
         -- Ventilation: each charted setting extends the episode to the next event of the stay
@@ -223,17 +226,17 @@ def create_interventions(con: duckdb.DuckDBPyConnection) -> None:
         SELECT icustay_id, 'iv_fluid_ml' AS variable, starttime AS start, endtime AS "end",
                amount * CASE WHEN lower(amountuom) = 'l' THEN 1000 ELSE 1 END AS amount
         FROM raw_inputevents_mv
-        WHERE itemid IN {_in(fluid.inputevents_mv)} AND amount > 0
+        WHERE itemid IN {_in(fluid.inputevents_mv)} AND amount <> 0
           AND coalesce(statusdescription, '') <> 'Rewritten'
           AND lower(coalesce(amountuom, 'ml')) IN ('ml', 'l')
         UNION ALL
         SELECT icustay_id, 'iv_fluid_ml', charttime, NULL::TIMESTAMP, amount
         FROM raw_inputevents_cv
-        WHERE itemid IN {_in(fluid.inputevents_cv)} AND amount > 0
+        WHERE itemid IN {_in(fluid.inputevents_cv)} AND amount <> 0
           AND lower(coalesce(amountuom, 'ml')) = 'ml';
 
-        -- A single dose beyond the most a 12-hour bin may hold (or an infinite or NaN one) is a
-        -- charting error: it is dropped (counted by intervention_problems), not capped.
+        -- A single dose beyond the most a 12-hour bin may hold (or a negative, infinite or NaN
+        -- one) is a charting error: it is dropped (counted by intervention_problems), not capped.
         CREATE OR REPLACE TABLE doses AS SELECT * FROM doses_all WHERE {_plausible_dose()};
         """
     )
@@ -241,17 +244,27 @@ def create_interventions(con: duckdb.DuckDBPyConnection) -> None:
 
 def _plausible_dose() -> str:
     fluid = cat.INTERVENTION_BY_NAME["iv_fluid_ml"]
-    return f"isfinite(amount) AND amount <= {fluid.max_value}"
+    return f"isfinite(amount) AND amount > 0 AND amount <= {fluid.max_value}"
+
+
+def _plausible_rate() -> str:
+    return "isfinite(rate) AND rate >= 0"
 
 
 def intervention_problems(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, int]]:
     """Per intervention, for the cohort's stays: implausible doses dropped, and records that lie
     entirely outside their stay (outside ``[intime, outtime]``, so they reach no bin)."""
     out = {n: {"implausible_doses": 0, "outside_stay": 0} for n in cat.INTERVENTION_NAMES}
+    vaso = cat.INTERVENTION_BY_NAME["vasopressor"]
     for variable, n in con.execute(
         f"""
-        SELECT variable, count(*) FROM doses_all JOIN stays USING (icustay_id)
-        WHERE NOT ({_plausible_dose()}) GROUP BY variable
+        SELECT variable, count(*) FROM (
+            SELECT icustay_id, variable FROM doses_all WHERE NOT ({_plausible_dose()})
+            UNION ALL
+            SELECT icustay_id, 'vasopressor' FROM raw_inputevents_cv
+            WHERE itemid IN {_in(vaso.inputevents_cv)} AND rate IS NOT NULL
+              AND NOT ({_plausible_rate()})
+        ) JOIN stays USING (icustay_id) GROUP BY variable
         """
     ).fetchall():
         out[variable]["implausible_doses"] = int(n)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -26,7 +27,9 @@ def run(args: argparse.Namespace) -> int:
     from training import tracking
     from training.compare import SKILL_NOTE, latest_runs, table, to_markdown
 
-    tracking.setup(args.tracking_uri, args.experiment)
+    uri = tracking.require_store(args.tracking_uri)
+    print(f"MLflow store: {tracking.describe(uri)}", file=sys.stderr)
+    tracking.setup(uri, args.experiment)
     frame = table(latest_runs(args.experiment), args.models)
     t = Table(title=f"icu-forecast: test split, latest run per model and seed ({args.experiment})")
     for col in frame.columns:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +24,9 @@ def run(args: argparse.Namespace) -> int:
     from training import tracking
     from training.registry import SELECTION_METRIC, promote_overall, registered_families
 
-    uri = tracking.setup(args.tracking_uri)
+    uri = tracking.require_store(args.tracking_uri)
+    print(f"MLflow store: {tracking.describe(uri)}", file=sys.stderr)
+    tracking.setup(uri)
     families = args.models or registered_families()
     if not families:
         raise UserError(f"no registered icu-forecast-* model in {uri}; train one first")

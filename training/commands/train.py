@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from features.settings import settings_from_flags
 from training.models import MODEL_NAMES
@@ -101,9 +102,18 @@ def settings_from_args(args: argparse.Namespace):  # noqa: ANN201
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from training import tracking
     from training.train import train_model
 
     cfg = settings_from_args(args)
+    # Said first: from another folder, relative defaults point somewhere unexpected.
+    print(
+        f"data: {Path(cfg.data).resolve()}  MLflow store: "
+        f"{tracking.describe(tracking.tracking_uri(cfg.tracking_uri))}",
+        file=sys.stderr,
+    )
     result = train_model(cfg)
     if result.run_id is None:  # a non-zero DDP rank: rank 0 reports
         return 0
