@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     given |= {"register_model": False, "plots": False}
     base = settings_from_flags(TrainConfig, given, "cv")
     tracking.setup(base.tracking_uri, base.experiment)
+    code = tracking.code_version()  # the code that runs, not the code when the report is written
     labels = list(variants)
     pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
     with mlflow.start_run(
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
         command = "icu-forecast " + shlex.join(sys.argv[1:])
         body = (
-            f"Written by `{command}` (code {tracking.code_version()}).\n\n"
+            f"Written by `{command}` (code {code}).\n\n"
             + (args.out / "report.md").read_text()
         )
         replace_section(args.markdown, args.section, body)
