@@ -172,3 +172,15 @@ def test_models_saved_with_the_former_fast_implementation_load_as_torch() -> Non
     cfg = ModelConfig.from_dict({"model": "cfc", "units": 8, "cfc_impl": "fast"})
     assert cfg.cfc_impl == "torch"
     assert isinstance(build_model(cfg).rnns[0], CfC)
+
+
+def test_a_model_saved_before_ensembles_existed_loads_as_one_network(tmp_path) -> None:
+    """A config from before ``ensemble`` and ``zero_head`` (a registered champion) rebuilds the
+    single network it was, so its state dict loads."""
+    old = {k: v for k, v in ModelConfig(model="gru", units=8, ensemble=1).to_dict().items()}
+    del old["ensemble"], old["zero_head"]
+    state = build_model(ModelConfig(model="gru", units=8, ensemble=1)).state_dict()
+    rebuilt = build_model(ModelConfig.from_dict(old))
+    rebuilt.load_state_dict(state)  # strict: same keys and shapes
+    assert ModelConfig.from_dict(old).ensemble == 1
+    assert ModelConfig.from_dict({**old, "ensemble": 3}).ensemble == 3  # a saved value wins

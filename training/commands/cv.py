@@ -84,10 +84,7 @@ def run(args: argparse.Namespace) -> int:
         from training.cv import replace_section
 
         command = "icu-forecast " + shlex.join(sys.argv[1:])
-        body = (
-            f"Written by `{command}` (code {code}).\n\n"
-            + (args.out / "report.md").read_text()
-        )
+        body = f"Written by `{command}` (code {code}).\n\n" + (args.out / "report.md").read_text()
         replace_section(args.markdown, args.section, body)
     print((args.out / "report.md").read_text())
     print(f"wrote {args.out}/report.json, report.md, skill_vs_k.png")

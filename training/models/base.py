@@ -58,7 +58,12 @@ class ModelConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if known.get("cfc_impl") == "fast":  # models saved before the rename: same state dict
             known["cfc_impl"] = "torch"
-        return cls(**known)
+        # A config saved before a field existed means what the code did then (a single
+        # network, default head init), not today's default: its state dict must still load.
+        return cls(**(_BEFORE_FIELD_EXISTED | known))
+
+
+_BEFORE_FIELD_EXISTED = {"ensemble": 1, "zero_head": False}
 
 
 class DynamicsModel(nn.Module):
