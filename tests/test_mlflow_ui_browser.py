@@ -223,14 +223,28 @@ def test_runs_and_rmse_k5_are_shown_and_compare_view_opens(
         if top > height:
             break
     assert row is not None, f"{METRIC} row not found in the compare view's metrics table"
-    cells = browser.execute_script(
-        "return [...document.querySelectorAll("
-        "'.ReactVirtualized__Grid__innerScrollContainer > div')]"
-        ".filter(e => e.style.top === arguments[0]).map(e => e.innerText.trim());",
+    # The value columns are a second virtualised grid that renders a moment later than the
+    # name column (the more metrics a run has, the later): read the row until it is complete.
+    # Scroll every grid to just above the row so the value grid renders it too (its rendered
+    # window can start a row later than the name column's).
+    browser.execute_script(
+        "document.querySelectorAll('.ReactVirtualized__Grid')"
+        ".forEach(e => { e.scrollTop = Math.max(0, parseFloat(arguments[0]) - 200); });",
         row,
     )
-    assert cells[0] == METRIC, cells
-    shown = set(cells[1:])
+    cells: list[str] = []
+    for _ in range(40):
+        cells = browser.execute_script(
+            "return [...document.querySelectorAll("
+            "'.ReactVirtualized__Grid__innerScrollContainer > div')]"
+            ".filter(e => e.style.top === arguments[0]).map(e => e.innerText.trim());",
+            row,
+        )
+        if len([c for c in cells if c != METRIC]) >= len(values):
+            break
+        time.sleep(0.25)
+    # The name cell was found at this row's offset above; the rest are the runs' values.
+    shown = {c for c in cells if c != METRIC}
     for model, value in values.items():
         assert shown & set(_fmt_prefixes(value)), f"{model} {METRIC}={value} not in {cells}"
     print(f"screenshots: {tmp_path}/runs_with_metric.png, {shot}; compare row: {cells}")
