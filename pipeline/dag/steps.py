@@ -115,7 +115,7 @@ def train_step(s: DagSettings, model: str) -> Step:
                 f"{record['model_name']} version {record['version']}",
             },
             message=f"run {record['run_id']}, {record['model_name']} v{record['version']}, "
-            f"test/rmse_k5 {record['metrics'].get('test/rmse_k5', float('nan')):.4f}",
+            f"test skill K=5 {record['metrics'].get('test/skill_k5', float('nan')):+.3f}",
         )
 
     def run_exists() -> str | None:
