@@ -15,6 +15,13 @@ from features.catalog import STATE_BY_NAME, STATE_NAMES  # noqa: E402
 TRAJECTORY_VARIABLES = ("heart_rate", "mbp", "spo2", "creatinine")
 
 
+def _save(fig, path: Path, dpi: int = 120, rect: tuple | None = None) -> Path:  # noqa: ANN001
+    fig.tight_layout(**({"rect": rect} if rect else {}))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def rmse_vs_k(curves: dict[str, dict[int, float]], path: Path, title: str) -> Path:
     """One line per model: test RMSE (scaled) of the K-th rollout step against K."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -34,10 +41,7 @@ def rmse_vs_k(curves: dict[str, dict[int, float]], path: Path, title: str) -> Pa
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def noise_curves(noise: dict[tuple[int, float], float], path: Path, title: str) -> Path:
@@ -57,10 +61,7 @@ def noise_curves(noise: dict[tuple[int, float], float], path: Path, title: str) 
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right")
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.92, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, rect=(0, 0, 0.92, 1))
 
 
 def training_curves(history: list[dict], path: Path, title: str) -> Path:
@@ -75,10 +76,7 @@ def training_curves(history: list[dict], path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def trajectories(
@@ -124,10 +122,7 @@ def trajectories(
             ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=7, loc="best")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def skill_vs_k(rows: list[dict], path: Path, title: str) -> Path:
@@ -149,10 +144,7 @@ def skill_vs_k(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def coverage_vs_nominal(by_k: dict[int, dict[float, float]], path: Path, title: str) -> Path:
@@ -170,10 +162,7 @@ def coverage_vs_nominal(by_k: dict[int, dict[float, float]], path: Path, title: 
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def fan_charts(stays: list[dict], path: Path, title: str) -> Path:
@@ -211,7 +200,4 @@ def fan_charts(stays: list[dict], path: Path, title: str) -> Path:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110, rect=(0, 0.05, 1, 1))
