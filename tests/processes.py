@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,3 +27,22 @@ def wait_until_ok(
         if proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"{what} did not become ready:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def running(
+    cmd: list[str], cwd: Path, env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen]:
+    """``cmd`` as a process with its output in ``log``; stopped with SIGTERM on exit (killed if
+    it does not exit within 30 s)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -8,20 +8,16 @@ the tests run, so the same three processes run here directly (docs/dag.md)."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from service_support import history_body
 
-from tests.processes import wait_until_ok
+from tests.processes import running, wait_until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -32,21 +28,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextmanager
-def _process(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> Iterator[Any]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_dag_to_mlflow_server_then_serve_the_champion(tmp_path: Path, mimic_dir: Path) -> None:
@@ -63,7 +44,7 @@ def test_dag_to_mlflow_server_then_serve_the_champion(tmp_path: Path, mimic_dir:
         "--serve-artifacts", "--artifacts-destination", str(store / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    with _process(mlflow_cmd, store, env, tmp_path / "mlflow.log") as mlflow_proc:
+    with running(mlflow_cmd, store, env, tmp_path / "mlflow.log") as mlflow_proc:
         wait_until_ok(mlflow_proc, f"{server}/health", 120, tmp_path / "mlflow.log", "mlflow")
         pipeline = tmp_path / "pipeline"  # the pipeline's own folder: no store, no artifacts
         pipeline.mkdir()
@@ -106,7 +87,7 @@ def test_dag_to_mlflow_server_then_serve_the_champion(tmp_path: Path, mimic_dir:
         ]  # fmt: skip
         elsewhere = tmp_path / "serve"
         elsewhere.mkdir()
-        with _process(serve_cmd, elsewhere, env, tmp_path / "serve.log") as serve_proc:
+        with running(serve_cmd, elsewhere, env, tmp_path / "serve.log") as serve_proc:
             base = f"http://127.0.0.1:{serve_port}"
             wait_until_ok(serve_proc, f"{base}/readyz", 180, tmp_path / "serve.log", "serve")
             resp = httpx.post(f"{base}/v1/forecast", json=history_body(horizon=3), timeout=60)

@@ -8,7 +8,6 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -16,6 +15,8 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 from service_support import history_body, served_model_fixture  # noqa: F401
+
+from tests.processes import running
 
 
 def free_port() -> int:
@@ -71,17 +72,8 @@ def serving(served_model, name, repo_root, log, env_extra: dict, *flags: str):
     env.update(env_extra)
     cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), *flags]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with running(cmd, repo_root, env, log) as proc:
         yield proc, f"http://127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from training.config import TrainConfig
-from training.skill import PatientErrors, mean_over_runs, rmse_ci, rmse_ratio, skill
+from training.skill import PatientErrors, mean_over_runs, pool, rmse_ci, rmse_ratio, skill
 
 log = logging.getLogger("icu_forecast.cv")
 
@@ -75,13 +75,6 @@ class CvResult:
     n_windows: dict[tuple[str, int], int] = field(default_factory=dict)
     stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-def _pool(parts: list[PatientErrors]) -> PatientErrors:
-    out = parts[0]
-    for p in parts[1:]:
-        out = out + p
-    return out
 
 
 def run_cv(
@@ -168,7 +161,7 @@ def run_cv(
                         n = ev.n_windows.get(k, 0)
                         sq_all[(label, k)][seed].append((ev.scaled[k]["rmse"] ** 2 * n, n))
     for key, by_seed in per_seed.items():
-        res.errors[key] = [_pool(parts) for parts in by_seed.values()]
+        res.errors[key] = [pool(parts) for parts in by_seed.values()]
         res.n_windows[key] = int(np.mean([sum(n for _, n in v) for v in sq_all[key].values()]))
         res.rmse_all[key] = [
             float(np.sqrt(sum(s for s, _ in v) / max(sum(n for _, n in v), 1)))

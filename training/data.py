@@ -9,7 +9,6 @@ POSTed history (:func:`prepare_inputs`), so training and serving share one prepr
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from features.catalog import INTERVENTION_NAMES, N_STATE, OBSERVED_NAMES, STATE_NAMES
+from features.checksum import sha256_file
 from features.errors import UserError
 from features.preprocess import FEATURE_NAMES, Preprocessor, group_starts, prepare_arrays
 
@@ -87,11 +87,6 @@ class StaySequences:
         return int(sum(max(len(s) - 1, 0) for s in self.state))
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def load_bins(data_dir: Path) -> tuple[pd.DataFrame, dict]:
     """Read and check an ETL output folder: the bins frame (sorted) and the data card."""
     data_dir = Path(data_dir)
@@ -122,7 +117,7 @@ def load_bins(data_dir: Path) -> tuple[pd.DataFrame, dict]:
         raise DataError(f"{bins_path}: bins are not contiguous 0..n-1 within every stay")
     card_path = data_dir / "data_card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    card.setdefault("bins_sha256", file_sha256(bins_path))
+    card.setdefault("bins_sha256", sha256_file(bins_path))
     return frame, card
 
 

@@ -61,11 +61,17 @@ def patient_errors(
     )
 
 
+def pool(parts: list[PatientErrors]) -> PatientErrors:
+    """Per-patient sums added up (e.g. the folds of one seed)."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
+
+
 def mean_over_runs(runs: list[PatientErrors]) -> PatientErrors:
     """Average per-patient sums over repeated runs (seeds) of the same patients."""
-    pooled = runs[0]
-    for r in runs[1:]:
-        pooled = pooled + r
+    pooled = pool(runs)
     k = len(runs)
     return PatientErrors(pooled.patients, pooled.sse / k, pooled.sae / k, pooled.n / k)
 

@@ -22,8 +22,8 @@ import httpx
 
 from features import leftovers
 from features.atomic import atomic_dir
+from features.checksum import sha256_file
 from features.errors import UserError
-from pipeline.dag.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 

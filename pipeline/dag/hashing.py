@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from features.checksum import sha256_file
+
 MISSING = "<missing>"
 # Files that never carry content a step depends on.
 _IGNORED_NAMES = {"__pycache__", ".DS_Store"}
@@ -220,12 +222,6 @@ def code_digests(modules: Iterable[str]) -> CodeDigests:
         },
         libraries={dist: _version(dist) for dist in libraries},
     )
-
-
-def sha256_file(path: Path) -> str:
-    """The SHA-256 of a file's bytes, as hex."""
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def combined(digests: Mapping[str, Any]) -> str:

@@ -13,7 +13,6 @@ into every fold), so state values the stay has not measured yet stay NaN in ``bi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from features.catalog import (
     STATE_NAMES,
     catalog_version,
 )
+from features.checksum import sha256_file
 from features.errors import UserError
 from features.preprocess import BINS_COLUMNS, FEATURE_NAMES, prepare_bins
 from pipeline.etl import extract, transform
@@ -341,11 +341,6 @@ def _input_problems(
     }
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def _full_card(settings: EtlSettings, stats: dict[str, TableStats], parts: dict) -> dict:
     """The data card around the parts ``build_bins`` computed (``bins_sha256`` comes last)."""
     return {
@@ -380,7 +375,7 @@ def _write(out: Path, frame: pd.DataFrame, card: dict) -> tuple[str, dict]:
     with atomic_dir(out) as staging:
         bins_path = staging / "bins.parquet"
         frame.to_parquet(bins_path, index=False, compression="zstd")
-        card = card | {"bins_sha256": _sha256(bins_path)}
+        card = card | {"bins_sha256": sha256_file(bins_path)}
         (staging / "data_card.json").write_text(json.dumps(card, indent=1) + "\n")
     return card["bins_sha256"], card
 
