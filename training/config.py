@@ -62,6 +62,7 @@ class TrainConfig(BaseSettings):
     ridge_alpha: float = _ARCH.ridge_alpha
     residual: bool = _ARCH.residual
     zero_head: bool = _ARCH.zero_head
+    level_memory: bool = _ARCH.level_memory
     ensemble: int = Field(_ARCH.ensemble, ge=1, le=16)
     # Lightning Trainer pass-through
     accelerator: str = "auto"
@@ -130,6 +131,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "backbone_dropout": 0.0,
         "backbone_units": 128,
         "zero_head": False,
+        "level_memory": False,
         "ensemble": 1,
     },
 }

@@ -58,6 +58,7 @@ _BOOLS = {
     "mixed-memory": "CfC / LTC mixed memory (LSTM-style)",
     "residual": "predict the change from the current state (default on)",
     "zero-head": "with --residual, start from persistence: output head initialised to 0 (on)",
+    "level-memory": "networks: learned per-variable pull towards the measured level (on)",
     "resume": "resume from the run's last checkpoint if one exists",
     "register": "register the pyfunc as icu-forecast-<model> (default on)",
     "plots": "log plot artifacts (default on)",

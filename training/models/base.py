@@ -46,6 +46,9 @@ class ModelConfig:
     # With residual: the output head starts at zero, so the untrained model is persistence and
     # training moves away from it only as far as the (closed-loop) loss rewards.
     zero_head: bool = True
+    # Keep each variable's measured level (EWMAs, stay mean) beside a network's state and learn
+    # a per-variable pull towards it (training.models.level).
+    level_memory: bool = True
     # Members of a deep ensemble (training.models.ensemble); 1 = a single network.
     ensemble: int = 5
     extra: dict = field(default_factory=dict)
@@ -63,7 +66,7 @@ class ModelConfig:
         return cls(**(_BEFORE_FIELD_EXISTED | known))
 
 
-_BEFORE_FIELD_EXISTED = {"ensemble": 1, "zero_head": False}
+_BEFORE_FIELD_EXISTED = {"ensemble": 1, "zero_head": False, "level_memory": False}
 
 
 class DynamicsModel(nn.Module):

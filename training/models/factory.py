@@ -43,6 +43,10 @@ def _one(builder: Callable[[ModelConfig], DynamicsModel], cfg: ModelConfig) -> D
     if cfg.residual and cfg.zero_head and isinstance(head, nn.Linear):
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
+    if cfg.level_memory and cfg.model not in BASELINES:
+        from training.models.level import LevelMemory
+
+        return LevelMemory(cfg, model)
     return model
 
 

@@ -1,0 +1,110 @@
+"""The per-variable level memory (training.models.level) around the networks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from features.catalog import N_STATE
+from training.lit import rollout_errors
+from training.models import ModelConfig, build_model
+from training.models.level import LevelMemory
+from training.rollout import encode, forecast_rollout
+
+N_IN = 2 * N_STATE + 3
+
+
+def _history(rng: np.random.Generator, b: int, t: int) -> torch.Tensor:
+    x = torch.as_tensor(rng.random((b, t, N_IN)))
+    x[..., N_STATE : 2 * N_STATE] = torch.as_tensor(rng.random((b, t, N_STATE)) < 0.6).double()
+    return x
+
+
+def _with_gain(model: torch.nn.Module, value: float) -> torch.nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LevelMemory):
+                m.gain.fill_(value)
+    return model
+
+
+@pytest.mark.parametrize("name", ["cfc", "gru"])
+def test_untrained_network_with_level_memory_is_persistence(name: str) -> None:
+    rng = np.random.default_rng(0)
+    model = build_model(ModelConfig(model=name, units=8, backbone_units=8, ensemble=2)).double()
+    x = _history(rng, 3, 6)
+    lengths = torch.tensor([6, 4, 2])
+    pred = forecast_rollout(model, x, lengths, torch.as_tensor(rng.random((3, 4, 3))))
+    last = x[torch.arange(3), lengths - 1, :N_STATE]
+    torch.testing.assert_close(pred, last[:, None].expand_as(pred))
+
+
+def test_the_pull_is_towards_measured_values_only() -> None:
+    """Unmeasured (carried-forward) values and fed-back predictions never move the level."""
+    model = _with_gain(build_model(ModelConfig(model="gru", units=4, ensemble=1)).double(), 0.01)
+    x = torch.zeros(1, 5, N_IN, dtype=torch.float64)
+    x[0, :3, :N_STATE] = 0.2
+    x[0, :3, N_STATE : 2 * N_STATE] = 1.0  # measured at 0.2 three times
+    x[0, 3:, :N_STATE] = 0.9  # then 0.9, but not measured (imputed)
+    free = build_model(ModelConfig(model="gru", units=4, ensemble=1, level_memory=False))
+    free.load_state_dict(model.inner.state_dict())
+    free.double()
+    ys, _, _ = encode(model, x, torch.tensor([5]))
+    base, _, _ = encode(free, x, torch.tensor([5]))
+    # At the last bin the level is 0.2 (all three measurements), the state 0.9: pulled down.
+    assert (ys[0, -1] < base[0, -1]).all()
+    # At bin 0 the only measurement is the value itself: no pull.
+    torch.testing.assert_close(ys[0, 0], base[0, 0])
+    pred = forecast_rollout(model, x, torch.tensor([5]), torch.zeros(1, 9, 3, dtype=x.dtype))
+    gap = (pred[0, :, 0] - base[0, -1, 0]).abs()
+    # The rollout relaxes towards the measured level, monotonically, without overshooting it.
+    assert (pred[0, 1:, 0] <= pred[0, :-1, 0]).all()
+    assert (pred[0, :, 0] >= 0.2 - 1e-9).all() and gap[-1] > gap[0]
+
+
+def test_levels_use_only_bins_up_to_t() -> None:
+    rng = np.random.default_rng(1)
+    model = _with_gain(build_model(ModelConfig(model="cfc", units=8, ensemble=1)).double(), 0.03)
+    x = _history(rng, 1, 8)
+    y = x.clone()
+    y[0, 5:] = torch.as_tensor(rng.random((3, N_IN)))
+    a, _, _ = encode(model, x, torch.tensor([8]))
+    b, _, _ = encode(model, y, torch.tensor([8]))
+    torch.testing.assert_close(a[0, :5], b[0, :5])
+    assert not torch.allclose(a[0, 5:], b[0, 5:])
+
+
+def test_closed_loop_training_learns_a_pull_on_mean_reverting_data() -> None:
+    """Noisy readings around a per-stay level: persistence carries the noise forward; the
+    closed-loop loss drives the gains up and the K-step error below persistence's."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(2)
+    b, t = 32, 12
+    level = rng.random((b, 1, N_STATE)) * 0.6 + 0.2
+    x = torch.zeros(b, t, N_IN, dtype=torch.float32)
+    x[..., :N_STATE] = torch.as_tensor(level + rng.normal(0, 0.08, (b, t, N_STATE))).float()
+    x[..., N_STATE : 2 * N_STATE] = 1.0
+    lengths = torch.full((b,), t)
+    model = build_model(ModelConfig(model="gru", units=8, ensemble=1))
+    persistence = build_model(ModelConfig(model="persistence"))
+    before, counts = rollout_errors(persistence, x, lengths, 3, None)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        sums, n = rollout_errors(model, x, lengths, 3, None)
+        (sums.sum() / n.sum()).backward()
+        opt.step()
+    with torch.no_grad():
+        after, _ = rollout_errors(model, x, lengths, 3, None)
+    assert model.gain.detach().sum() > 0
+    assert (after / counts < 0.8 * before / counts).all()
+
+
+def test_a_model_saved_before_level_memory_existed_loads_without_it() -> None:
+    old = ModelConfig(model="cfc", units=8, backbone_units=8, ensemble=1).to_dict()
+    del old["level_memory"]
+    state = build_model(ModelConfig(**old, level_memory=False)).state_dict()
+    rebuilt = build_model(ModelConfig.from_dict(old))
+    rebuilt.load_state_dict(state)  # strict: same keys and shapes
+    assert not isinstance(rebuilt, LevelMemory)
