@@ -20,7 +20,6 @@ from features.catalog import N_STATE
 
 HALF_LIVES = (1.0, 3.0)  # bins
 ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
-# Columns of a variable's design: state, mask, interventions of bins t..t+K-1, history.
 N_HISTORY = len(HALF_LIVES) + 2  # EWMAs, running mean, bin index
 
 
@@ -35,11 +34,10 @@ def history_features(x: np.ndarray) -> np.ndarray:
     state = x[:, :N_STATE].astype(np.float64)
     measured = (x[:, N_STATE : 2 * N_STATE] > 0).astype(np.float64)
     n = len(x)
-    decay = [0.5 ** (1.0 / h) for h in HALF_LIVES]
-    num = np.zeros((len(decay), N_STATE))
-    den = np.zeros((len(decay), N_STATE))
-    ewma = np.empty((n, len(decay), N_STATE))
-    d = np.asarray(decay)[:, None]
+    d = 0.5 ** (1.0 / np.asarray(HALF_LIVES))[:, None]  # per-bin decay of each EWMA
+    num = np.zeros((len(HALF_LIVES), N_STATE))
+    den = np.zeros((len(HALF_LIVES), N_STATE))
+    ewma = np.empty((n, len(HALF_LIVES), N_STATE))
     for t in range(n):
         num = d * num + (1 - d) * measured[t] * state[t]
         den = d * den + (1 - d) * measured[t]
@@ -47,9 +45,10 @@ def history_features(x: np.ndarray) -> np.ndarray:
     csum, ccount = np.cumsum(measured * state, 0), np.cumsum(measured, 0)
     mean = np.where(ccount > 0, csum / np.maximum(ccount, 1.0), state)
     out = np.empty((n, N_STATE, N_HISTORY))
-    out[:, :, : len(decay)] = (ewma - state[:, None, :]).transpose(0, 2, 1)
-    out[:, :, len(decay)] = mean - state
-    out[:, :, len(decay) + 1] = np.arange(n)[:, None] / 10.0  # ~1 over a long stay
+    h = len(HALF_LIVES)
+    out[:, :, :h] = (ewma - state[:, None, :]).transpose(0, 2, 1)
+    out[:, :, h] = mean - state
+    out[:, :, h + 1] = np.arange(n)[:, None] / 10.0  # of the order of the other columns
     return out
 
 
