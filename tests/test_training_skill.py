@@ -112,3 +112,65 @@ def test_direct_ridge_recovers_linear_k_step_dynamics() -> None:
         true = np.stack([states[i][s + k] for i, s in zip(stay, start, strict=True)])
         assert np.abs(pred - true).max() < 1e-5
         assert len(stay) == sum(len(x) - k for x in inputs)  # every window, rollout order
+
+
+def _noisy_levels(
+    n_stays: int, n_bins: int, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Noisy measurements around a per-stay level, some bins unmeasured (forward-filled)."""
+    rng = np.random.default_rng(seed)
+    inputs, states = [], []
+    for _ in range(n_stays):
+        level = rng.normal(0.5, 0.1, N_STATE)
+        y = level + rng.normal(0, 0.1, (n_bins, N_STATE))
+        measured = rng.uniform(size=(n_bins, N_STATE)) < 0.7
+        measured[0] = True
+        filled = y.copy()
+        for t in range(1, n_bins):
+            filled[t] = np.where(measured[t], y[t], filled[t - 1])
+        x = np.zeros((n_bins, 2 * N_STATE + 3))
+        x[:, :N_STATE], x[:, N_STATE : 2 * N_STATE] = filled, measured
+        x[:, 2 * N_STATE :] = rng.uniform(0, 1, (n_bins, 3))
+        inputs.append(x)
+        states.append(filled)
+    return inputs, states
+
+
+def test_direct_ridge_history_uses_no_future_bins() -> None:
+    """A window's prediction depends on its stay's bins up to t and the interventions of bins
+    t..t+K-1 only: rewriting everything later leaves it unchanged, rewriting the past does not."""
+    inputs, states = _noisy_levels(30, 10, seed=1)
+    model = DirectRidge(alphas=(1e-3,)).fit(inputs, states, (2,))
+    s, k = 4, 2
+    base, stay, start = model.predict(inputs, k)
+    w = int(np.flatnonzero((stay == 0) & (start == s))[0])
+
+    rng = np.random.default_rng(2)
+    future = [x.copy() for x in inputs]
+    future[0][s + 1 :, : 2 * N_STATE] = rng.uniform(0, 1, future[0][s + 1 :, : 2 * N_STATE].shape)
+    future[0][s + k :, 2 * N_STATE :] = rng.uniform(0, 1, future[0][s + k :, 2 * N_STATE :].shape)
+    assert np.array_equal(model.predict(future, k)[0][w], base[w])
+
+    past = [x.copy() for x in inputs]
+    past[0][:s, :N_STATE] += 0.3
+    assert np.abs(model.predict(past, k)[0][w] - base[w]).min() > 1e-6
+
+
+def test_direct_ridge_beats_persistence_on_noisy_levels() -> None:
+    """Noisy measurements around a stay's level: the best forecast is that level, which the
+    stay's measured history estimates; persistence carries the last noise forward. Scored on
+    held-out stays, measured targets only. (A design without the history summaries, shrinking
+    the state at t towards the population mean, reached about 0.10 skill here.)"""
+    train, train_states = _noisy_levels(60, 12, seed=3)
+    test, test_states = _noisy_levels(30, 12, seed=4)
+    model = DirectRidge().fit(train, train_states, (1, 3))
+    for k in (1, 3):
+        pred, stay, start = model.predict(test, k)
+        true = np.stack([test_states[i][s + k] for i, s in zip(stay, start, strict=True)])
+        now = np.stack([test_states[i][s] for i, s in zip(stay, start, strict=True)])
+        obs = np.stack(
+            [test[i][s + k, N_STATE : 2 * N_STATE] > 0 for i, s in zip(stay, start, strict=True)]
+        )
+        rmse = np.sqrt(np.mean((pred - true)[obs] ** 2))
+        rmse_persistence = np.sqrt(np.mean((now - true)[obs] ** 2))
+        assert 1 - rmse / rmse_persistence > 0.15
