@@ -14,41 +14,25 @@ baseline: a dynamics model that sees the whole history should do at least this w
 from __future__ import annotations
 
 import numpy as np
+import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from features.catalog import N_STATE
+from training.models.level import HALF_LIVES, measured_levels
 
-HALF_LIVES = (1.0, 3.0)  # bins
 ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
 N_HISTORY = len(HALF_LIVES) + 2  # EWMAs, running mean, bin index
 
 
 def history_features(x: np.ndarray) -> np.ndarray:
-    """(n, 18, N_HISTORY) summaries of each variable's history up to and including bin t.
-
-    The EWMAs and the running mean average measured values only (a forward-filled value is
-    not new information); before a variable's first measurement they equal the state at t, so
-    their difference from it is 0. The recurrence runs over bins and is vectorised over
-    variables; row t reads rows <= t only.
-    """
+    """(n, 18, N_HISTORY) summaries of each variable's history up to and including bin t: the
+    measured levels of :mod:`training.models.level` (the networks' level memory, one
+    definition) minus the state at t, and the bin index. Row t reads rows <= t only."""
     state = x[:, :N_STATE].astype(np.float64)
-    measured = (x[:, N_STATE : 2 * N_STATE] > 0).astype(np.float64)
-    n = len(x)
-    d = 0.5 ** (1.0 / np.asarray(HALF_LIVES))[:, None]  # per-bin decay of each EWMA
-    num = np.zeros((len(HALF_LIVES), N_STATE))
-    den = np.zeros((len(HALF_LIVES), N_STATE))
-    ewma = np.empty((n, len(HALF_LIVES), N_STATE))
-    for t in range(n):
-        num = d * num + (1 - d) * measured[t] * state[t]
-        den = d * den + (1 - d) * measured[t]
-        ewma[t] = np.where(den > 0, num / np.maximum(den, 1e-300), state[t])
-    csum, ccount = np.cumsum(measured * state, 0), np.cumsum(measured, 0)
-    mean = np.where(ccount > 0, csum / np.maximum(ccount, 1.0), state)
-    out = np.empty((n, N_STATE, N_HISTORY))
-    h = len(HALF_LIVES)
-    out[:, :, :h] = (ewma - state[:, None, :]).transpose(0, 2, 1)
-    out[:, :, h] = mean - state
-    out[:, :, h + 1] = np.arange(n)[:, None] / 10.0  # of the order of the other columns
+    levels = measured_levels(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
+    out = np.empty((len(x), N_STATE, N_HISTORY))
+    out[:, :, :-1] = (levels - state[:, None, :]).transpose(0, 2, 1)
+    out[:, :, -1] = np.arange(len(x))[:, None] / 10.0  # of the order of the other columns
     return out
 
 

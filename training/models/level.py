@@ -36,6 +36,47 @@ HALF_LIVES = (1.0, 3.0)  # bins of 12 h
 _GAIN_SCALE = 10.0
 
 
+def _decays(dtype: torch.dtype) -> Tensor:
+    return torch.tensor([0.5 ** (1.0 / h) for h in HALF_LIVES], dtype=dtype).view(1, -1, 1)
+
+
+def update_levels(memory: State, x: Tensor) -> tuple[State, Tensor]:
+    """One bin of the level recurrence, batched: ``memory`` = [EWMA weighted sums, EWMA
+    weights (B, len(HALF_LIVES), 18), sum and count of measured values (B, 18)], ``x`` (B, 39)
+    the model input. Returns the new memory and the levels (B, len(HALF_LIVES) + 1, 18); a
+    variable never measured so far has level = its state at t."""
+    num, den, total, count = memory
+    s, m = x[:, :N_STATE], x[:, N_STATE : 2 * N_STATE]
+    d = _decays(x.dtype).to(x.device)
+    num = d * num + (1 - d) * (m * s)[:, None]
+    den = d * den + (1 - d) * m[:, None]
+    total, count = total + m * s, count + m
+    levels = torch.cat(
+        [
+            torch.where(den > 0, num / den.clamp_min(1e-12), s[:, None]),
+            torch.where(count > 0, total / count.clamp_min(1.0), s)[:, None],
+        ],
+        dim=1,
+    )
+    return [num, den, total, count], levels
+
+
+def empty_levels(batch: int, device: torch.device, dtype: torch.dtype) -> State:
+    ew = torch.zeros(batch, len(HALF_LIVES), N_STATE, device=device, dtype=dtype)
+    total = torch.zeros(batch, N_STATE, device=device, dtype=dtype)
+    return [ew, ew.clone(), total, total.clone()]
+
+
+def measured_levels(x: Tensor) -> Tensor:
+    """Levels after every bin of one stay's inputs (n, 39): (n, len(HALF_LIVES) + 1, 18)."""
+    memory = empty_levels(1, x.device, x.dtype)
+    out = []
+    for t in range(len(x)):
+        memory, levels = update_levels(memory, x[t : t + 1])
+        out.append(levels[0])
+    return torch.stack(out) if out else x.new_zeros(0, len(HALF_LIVES) + 1, N_STATE)
+
+
 class LevelMemory(DynamicsModel):
     """``inner``'s forecast plus a learned, per-variable pull towards the measured levels."""
 
@@ -43,22 +84,11 @@ class LevelMemory(DynamicsModel):
         super().__init__(cfg)
         self.inner = inner
         self.recurrent = True
-        alpha = [1.0 - 0.5 ** (1.0 / h) for h in HALF_LIVES]
-        self.register_buffer("alpha", torch.tensor(alpha).view(1, -1, 1), persistent=False)
         self.gain = nn.Parameter(torch.zeros(len(HALF_LIVES) + 1, N_STATE))
         self._n_inner = len(inner.init_state(1, torch.device("cpu"), torch.float32))
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
-        ew = torch.zeros(batch, len(HALF_LIVES), N_STATE, device=device, dtype=dtype)
-        total = torch.zeros(batch, N_STATE, device=device, dtype=dtype)
-        # weighted sums and weights of the EWMAs, then sum and count of all measured values
-        return [
-            *self.inner.init_state(batch, device, dtype),
-            ew,
-            ew.clone(),
-            total,
-            total.clone(),
-        ]
+        return [*self.inner.init_state(batch, device, dtype), *empty_levels(batch, device, dtype)]
 
     @contextmanager
     def stepping(self) -> Iterator[None]:
@@ -66,19 +96,7 @@ class LevelMemory(DynamicsModel):
             yield
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        inner_state, (num, den, total, count) = state[: self._n_inner], state[self._n_inner :]
-        s, m = x[:, :N_STATE], x[:, N_STATE : 2 * N_STATE]
-        a = self.alpha.to(x.dtype)
-        num = (1 - a) * num + a * (m * s)[:, None]
-        den = (1 - a) * den + a * m[:, None]
-        total, count = total + m * s, count + m
-        levels = torch.cat(
-            [
-                torch.where(den > 0, num / den.clamp_min(1e-12), s[:, None]),
-                torch.where(count > 0, total / count.clamp_min(1.0), s)[:, None],
-            ],
-            dim=1,
-        )
-        y, inner_new = self.inner.step(x, inner_state)
-        pull = (_GAIN_SCALE * self.gain.to(x.dtype) * (levels - s[:, None])).sum(dim=1)
-        return y + pull, [*inner_new, num, den, total, count]
+        memory, levels = update_levels(state[self._n_inner :], x)
+        y, inner_new = self.inner.step(x, state[: self._n_inner])
+        pull = (_GAIN_SCALE * self.gain.to(x.dtype) * (levels - x[:, None, :N_STATE])).sum(dim=1)
+        return y + pull, [*inner_new, *memory]
