@@ -71,26 +71,13 @@ def _item_map() -> pd.DataFrame:
             if itemid in gcs_parts:
                 continue
             conv = next((c for c in var.conversions if itemid in c.itemids), None)
-            if conv is not None:
-                rows.append(
-                    (itemid, "chart", var.name, lo, hi, conv.scale, conv.offset, True, None)
-                )
+            if conv is not None:  # (scale, offset, always, above)
+                how = (conv.scale, conv.offset, True, None)
             elif when_above is not None:
-                rows.append(
-                    (
-                        itemid,
-                        "chart",
-                        var.name,
-                        lo,
-                        hi,
-                        when_above.scale,
-                        when_above.offset,
-                        False,
-                        when_above.also_when_above,
-                    )
-                )
+                how = (when_above.scale, when_above.offset, False, when_above.also_when_above)
             else:
-                rows.append((itemid, "chart", var.name, lo, hi, 1.0, 0.0, False, None))
+                how = (1.0, 0.0, False, None)
+            rows.append((itemid, "chart", var.name, lo, hi, *how))
         for itemid in var.lab_itemids:
             rows.append((itemid, "lab", var.name, lo, hi, 1.0, 0.0, False, None))
     return pd.DataFrame(
