@@ -61,12 +61,6 @@ def settings_from_args(args: argparse.Namespace) -> DagSettings:
     return settings_from_namespace(DagSettings, args, "DAG", preset="paper")
 
 
-def _print_status(decisions: list) -> None:
-    width = max(len(d.step) for d in decisions)
-    for d in decisions:
-        print(f"{d.step:<{width}}  {d.status:<8} {'; '.join(d.reasons)}")
-
-
 def run(args: argparse.Namespace) -> int:
     from pipeline.dag.steps import build_dag
     from training.tracking import describe
@@ -80,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if args.dag_command == "status":
-        dag = build_dag(settings, track=False)
-        _print_status(dag.status())
+        decisions = build_dag(settings, track=False).status()
+        width = max(len(d.step) for d in decisions)
+        for d in decisions:
+            print(f"{d.step:<{width}}  {d.status:<8} {'; '.join(d.reasons)}")
         return 0
     dag = build_dag(settings, track=True)
     force = {f.strip() for spec in args.force for f in spec.split(",") if f.strip()}

@@ -13,6 +13,7 @@ into every fold), so state values the stay has not measured yet stay NaN in ``bi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -118,11 +119,7 @@ def _extract(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> dict[str,
     with _progress(settings.progress) as progress:
         for name in TABLE_ORDER:
             task = progress.add_task(name, total=None) if progress is not None else None
-
-            def on_rows(n: int, task=task) -> None:
-                if progress is not None:
-                    progress.advance(task, n)
-
+            on_rows = functools.partial(progress.advance, task) if progress is not None else None
             stats[name] = extract.load_table(
                 con,
                 settings.mimic_dir,
@@ -442,12 +439,10 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
         data_card_path=out / "data_card.json",
         bins_sha256=bins_sha,
         counts={
-            "icustays_rows": card["cohort"]["icustays_rows"],
-            "stays_kept": card["cohort"]["stays_kept"],
-            "stays_excluded": card["cohort"]["stays_excluded"],
-            "subjects_kept": card["cohort"]["subjects_kept"],
-            "bins": card["bins"]["total"],
-        },
+            k: card["cohort"][k]
+            for k in ("icustays_rows", "stays_kept", "stays_excluded", "subjects_kept")
+        }
+        | {"bins": card["bins"]["total"]},
         rows_read={name: s.rows_read for name, s in stats.items()},
         seconds=elapsed,
     )
