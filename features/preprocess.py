@@ -151,19 +151,9 @@ def prepare_bins(frame: pd.DataFrame, stay_col: str = "icustay_id") -> pd.DataFr
         if col not in frame:
             raise KeyError(f"prepare_bins: column {col!r} missing")
     out = frame.sort_values([stay_col, "bin"], kind="stable").reset_index(drop=True)
-    iv = (
-        np.column_stack(
-            [
-                out[n].to_numpy(np.float64) if n in out else np.full(len(out), np.nan)
-                for n in INTERVENTION_NAMES
-            ]
-        )
-        if len(out)
-        else np.zeros((0, len(INTERVENTION_NAMES)))
-    )
     prepared = prepare_arrays(
         out[list(STATE_NAMES)].to_numpy(np.float64),
-        iv,
+        out.reindex(columns=list(INTERVENTION_NAMES)).to_numpy(np.float64),  # absent: NaN
         group_starts(out[stay_col].to_numpy()),
     )
     out[list(STATE_NAMES)] = prepared.state

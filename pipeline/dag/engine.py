@@ -391,6 +391,11 @@ class Dag:
         width = max(len(n) for n in self.steps)
         self.echo(f"[dag] {name:<{width}}  {label:<7} {text}")
 
+    def _skipped(self, step: Step, decision: Decision, fp: Fingerprint | None) -> Decision:
+        self._line(step.name, "SKIP", decision.reasons[0])
+        self.tracker.end_step(self.tracker.start_step(step, decision, fp), True, None, None)
+        return decision
+
     def _run_one(
         self,
         step: Step,
@@ -409,10 +414,7 @@ class Dag:
         why_not = step.not_needed() if step.not_needed else None
         if why_not and step.name not in force:
             decision = Decision(step.name, "done", [f"not needed: {why_not}"], "not-needed")
-            self._line(step.name, "SKIP", decision.reasons[0])
-            run_id = self.tracker.start_step(step, decision, None)
-            self.tracker.end_step(run_id, True, None, None)
-            return decision
+            return self._skipped(step, decision, None)
         fp = self.fingerprint(step, store.cache)
         decision = self._decide(step, store, fp, statuses)
         if step.name in force:
@@ -422,10 +424,7 @@ class Dag:
                 *[r for r in decision.reasons if "unchanged" not in r],
             ]
         if decision.action == "skip":
-            self._line(step.name, "SKIP", decision.reasons[0])
-            run_id = self.tracker.start_step(step, decision, fp)
-            self.tracker.end_step(run_id, True, None, None)
-            return decision
+            return self._skipped(step, decision, fp)
         self._line(step.name, "RUN", "; ".join(decision.reasons))
         run_id = self.tracker.start_step(step, decision, fp)
         ctx = StepContext(step.name, dag_run_id, run_id, self.echo)
