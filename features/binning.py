@@ -36,7 +36,6 @@ from features.catalog import (
     INTERVENTION_BY_NAME,
     INTERVENTION_NAMES,
     LAB_WINDOW_HOURS,
-    STATE_BY_NAME,
     STATE_NAMES,
 )
 
@@ -48,91 +47,41 @@ ROUND_DECIMALS = 6
 
 
 # ---------------------------------------------------------------------------- one patient
-EVENT_COLUMNS = ("time", "variable", "value")
-
-
-def _convert_units(events: pd.DataFrame) -> pd.Series:
-    values = pd.to_numeric(events["value"], errors="coerce").astype(np.float64)
-    if "unit" not in events:
-        return values
-    out = values.copy()
-    for i, (var, unit, v) in enumerate(
-        zip(events["variable"], events["unit"], values, strict=True)
-    ):
-        if unit is None or (isinstance(unit, float) and np.isnan(unit)):
-            continue
-        spec = STATE_BY_NAME.get(var)
-        if spec is None:
-            unit_name = INTERVENTION_BY_NAME[var].unit
-            if unit != unit_name:
-                raise ValueError(f"event {i}: unit {unit!r} for {var}, expected {unit_name!r}")
-            continue
-        accepted = spec.accepted_units or {spec.unit: (1.0, 0.0)}
-        if unit not in accepted:
-            raise ValueError(
-                f"event {i}: unit {unit!r} not accepted for {var} (accepted: {sorted(accepted)})"
-            )
-        scale, offset = accepted[unit]
-        out.iloc[i] = (v + offset) * scale
-    return out
-
-
 def bin_patient_events(
-    events: pd.DataFrame | list[Mapping],
-    icu_intime: pd.Timestamp | str,
-    n_bins: int | None = None,
+    events: list[Mapping], icu_intime: pd.Timestamp, n_bins: int | None = None
 ) -> pd.DataFrame:
-    """Bin one patient's raw events, the online twin of the ETL's binning.
+    """Bin one patient's events with the ETL's SQL, in an in-memory DuckDB.
 
-    ``events`` has ``time``, ``variable`` (a canonical state or intervention name) and
-    ``value``, optionally ``end_time`` (interval interventions) and ``unit`` (converted to the
-    canonical unit with the catalog's ``accepted_units``). Coverage interventions need
-    ``end_time``: the intervention ran over ``[time, end_time)`` when ``value > 0``. A volume
-    with ``end_time`` is spread over ``[time, end_time)``, otherwise it counts at ``time``.
-    State values outside the catalog's drop range are discarded (they are errors, as in the
-    ETL).
+    ``events`` (validated by the caller: catalog names, canonical units, state values inside
+    their drop range) hold ``time``, ``variable`` and ``value``, and ``end_time`` for an
+    interval: a coverage intervention ran over ``[time, end_time)``; a volume with
+    ``end_time`` is spread over ``[time, end_time)``, otherwise it counts at ``time``. Times
+    are naive UTC, like ``icu_intime``.
 
     Returns one row per bin ``0 .. n_bins - 1`` (default: up to the last bin holding an event)
     with ``bin``, ``bin_start``, the 18 state variables and 3 interventions in canonical units,
     NaN where nothing was charted (interventions too: :func:`features.preprocess.prepare_bins`
     zero-fills them).
     """
-    from features.preprocess import drop_out_of_range
-
-    frame = pd.DataFrame(list(events)) if not isinstance(events, pd.DataFrame) else events.copy()
-    for col in EVENT_COLUMNS:
-        if col not in frame:
-            raise ValueError(f"events: column {col!r} missing")
-    intime = pd.Timestamp(icu_intime)
-    if intime.tzinfo is not None:
-        intime = intime.tz_convert("UTC").tz_localize(None)
-    known = set(STATE_NAMES) | set(INTERVENTION_NAMES)
-    unknown = sorted(set(frame["variable"]) - known)
-    if unknown:
-        raise ValueError(f"events: unknown variable(s) {unknown}; expected catalog names")
-    frame["time"] = _naive(frame["time"], "time")
-    frame["end_time"] = _naive(frame["end_time"], "end_time") if "end_time" in frame else pd.NaT
-    frame["value"] = _convert_units(frame)
-    frame["icustay_id"] = 0
-
-    state = frame[frame["variable"].isin(STATE_NAMES)].copy()
-    for var, idx in state.groupby("variable").groups.items():
-        state.loc[idx, "value"] = drop_out_of_range(state.loc[idx, "value"], var)
-    coverage_vars = [n for n in INTERVENTION_NAMES if INTERVENTION_BY_NAME[n].kind == "coverage"]
-    cov = frame[frame["variable"].isin(coverage_vars) & (frame["value"] > 0)]
-    if cov["end_time"].isna().any():
-        bad = cov[cov["end_time"].isna()].iloc[0]
-        raise ValueError(f"events: {bad['variable']} at {bad['time']} needs an end_time")
-    vol = frame[frame["variable"].isin([n for n in INTERVENTION_NAMES if n not in coverage_vars])]
+    frame = pd.DataFrame(list(events), columns=["time", "variable", "value", "end_time"])
+    frame = frame.assign(
+        icustay_id=0,
+        start=pd.to_datetime(frame["time"]),
+        end=pd.to_datetime(frame["end_time"]),
+        value=frame["value"].astype(np.float64),
+    )
+    coverage = [n for n in INTERVENTION_NAMES if INTERVENTION_BY_NAME[n].kind == "coverage"]
     tables = {
-        "events": state[["icustay_id", "time", "variable", "value"]],
-        "intervals": cov.rename(columns={"time": "start", "end_time": "end"})[
+        "events": frame[frame["variable"].isin(STATE_NAMES)][
+            ["icustay_id", "start", "variable", "value"]
+        ].rename(columns={"start": "time"}),
+        "intervals": frame[frame["variable"].isin(coverage) & (frame["value"] > 0)][
             ["icustay_id", "variable", "start", "end"]
         ],
-        "doses": vol.rename(columns={"time": "start", "end_time": "end", "value": "amount"})[
-            ["icustay_id", "variable", "start", "end", "amount"]
-        ],
-        "stays": pd.DataFrame({"icustay_id": [0], "intime": [intime], "outtime": [pd.NaT]}),
+        "doses": frame[
+            frame["variable"].isin(INTERVENTION_NAMES) & ~frame["variable"].isin(coverage)
+        ][["icustay_id", "variable", "start", "end", "value"]].rename(columns={"value": "amount"}),
+        "stays": pd.DataFrame({"icustay_id": [0], "intime": [icu_intime], "outtime": [pd.NaT]}),
     }
     con = _patient_db().cursor()  # a connection of its own: the tables below are its own
     try:
@@ -147,7 +96,7 @@ def bin_patient_events(
     out = pd.DataFrame({"bin": np.arange(n_bins)}).merge(
         wide.drop(columns=["icustay_id"]), on="bin", how="left"
     )
-    out.insert(1, "bin_start", intime + pd.to_timedelta(out["bin"] * BIN_HOURS, unit="h"))
+    out.insert(1, "bin_start", icu_intime + pd.to_timedelta(out["bin"] * BIN_HOURS, unit="h"))
     return out.astype({"bin": "int32"})
 
 
@@ -160,17 +109,6 @@ def _patient_db() -> Any:
     import duckdb
 
     return duckdb.connect(config={"threads": 1})
-
-
-def _naive(values: pd.Series, name: str) -> pd.Series:
-    """Parse to tz-naive timestamps (UTC if a zone was given)."""
-    try:
-        parsed = pd.to_datetime(values, utc=True, format="ISO8601")
-    except (ValueError, TypeError) as exc:
-        raise ValueError(
-            f"events: column {name!r} holds a value that is not a time ({exc})"
-        ) from exc
-    return parsed.dt.tz_localize(None)
 
 
 # ---------------------------------------------------------------------------- SQL path

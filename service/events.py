@@ -1,8 +1,9 @@
 """The ``events`` request form: raw charted values, binned by the ETL's own code.
 
-Checks that need a client-facing answer come first (unknown unit, a value outside the drop
-range, a coverage interval without an end, events too far out), because the ETL's binning
-treats those as data errors to drop, while a client must be told. Binning itself is
+Values are converted to the canonical unit here, and checks that need a client-facing answer
+come first (unknown unit, a value outside the drop range, a coverage interval without an end,
+events too far out), because the ETL treats those as data errors to drop, while a client must
+be told. Binning itself is
 ``features.binning.bin_patient_events``, so a value lands in the bin, and is averaged, exactly as
 in training. Interventions then meet training's limit too (``features.preprocess``'s
 ``INTERVENTION_MAX``, which ``prepare_arrays`` clips to): a bin total above it is clamped here,
@@ -16,6 +17,7 @@ from datetime import UTC, timedelta
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from features.catalog import (
     BIN_HOURS,
@@ -119,8 +121,7 @@ def bin_events(
             {
                 "time": t.replace(tzinfo=None),
                 "variable": ev.variable,
-                "value": ev.value,
-                "unit": unit,
+                "value": value,  # in the canonical unit
                 "end_time": end_time.replace(tzinfo=None) if ev.end_time else None,
             }
         )
@@ -141,7 +142,7 @@ def bin_events(
     if last_bin < 0:
         msg = "no event falls in a bin after icu_intime: the history is empty"
         return _refused([field_error((*loc, "events"), msg, "too_short")], warnings)
-    wide = bin_patient_events(rows, intime.replace(tzinfo=None), n_bins=last_bin + 1)
+    wide = bin_patient_events(rows, pd.Timestamp(intime.replace(tzinfo=None)), last_bin + 1)
     state = wide[list(STATE_NAMES)].to_numpy(np.float64)
     iv = wide[list(INTERVENTION_NAMES)].to_numpy(np.float64)
     warnings.extend(_clamp_interventions(iv, loc))
