@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from features.atomic import atomic_write_text
 from features.errors import UserError
@@ -162,21 +162,9 @@ class StateStore:
         atomic_write_text(self.path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-class Tracker(Protocol):
-    """Where runs are recorded (MLflow in production); ids may be None for no tracking."""
+class Tracker:
+    """Where runs are recorded: nowhere (ids None) here, MLflow in ``MlflowTracker``."""
 
-    def start_dag(self, params: Mapping[str, Any]) -> str | None: ...
-
-    def start_step(self, step: Step, decision: Decision, fp: Fingerprint | None) -> str | None: ...
-
-    def end_step(
-        self, run_id: str | None, ok: bool, result: StepResult | None, error: str | None
-    ) -> None: ...
-
-    def end_dag(self, run_id: str | None, ok: bool, summary: Mapping[str, Any]) -> None: ...
-
-
-class NullTracker:
     def start_dag(self, params: Mapping[str, Any]) -> str | None:
         return None
 
@@ -229,7 +217,7 @@ class Dag:
                     raise DagError(f"step {step.name!r} needs unknown step {need!r}")
         self.order = self._topological()
         self.state_path = Path(state_path)
-        self.tracker: Tracker = tracker or NullTracker()
+        self.tracker = tracker or Tracker()
         self.echo = echo
 
     def _topological(self) -> list[str]:
