@@ -108,15 +108,8 @@ def chart_filter() -> Filter:
             pc.is_in(value, value_set=pa.array(cat.EXTUBATION_CHART_VALUES)),
             pa.scalar(True),
         )
-        return pa.table(
-            {
-                "icustay_id": b.column("icustay_id"),
-                "itemid": b.column("itemid"),
-                "charttime": b.column("charttime"),
-                "valuenum": b.column("valuenum"),
-                "text_ok": text_ok,
-            }
-        )
+        columns = ["icustay_id", "itemid", "charttime", "valuenum"]
+        return b.select(columns).append_column("text_ok", text_ok)
 
     return keep
 
