@@ -31,16 +31,21 @@ from features import leftovers
 from features.atomic import atomic_dir, recover
 from features.binning import BIN_HOURS
 from features.catalog import (
-    INTERVENTION_BY_NAME,
     INTERVENTION_NAMES,
     OBSERVED_NAMES,
-    STATE_BY_NAME,
     STATE_NAMES,
     catalog_version,
 )
 from features.checksum import sha256_file
 from features.errors import UserError
-from features.preprocess import BINS_COLUMNS, FEATURE_NAMES, prepare_bins
+from features.preprocess import (
+    BINS_COLUMNS,
+    CLAMP_HIGH,
+    CLAMP_LOW,
+    FEATURE_NAMES,
+    INTERVENTION_MAX,
+    prepare_bins,
+)
 from pipeline.etl import extract, transform
 from pipeline.etl.output import PRODUCER, check_out_dir
 from pipeline.etl.settings import EtlSettings
@@ -195,11 +200,8 @@ def build_bins(
     frame = grid.merge(wide, on=["icustay_id", "bin"], how="left", validate="one_to_one")
     raw_state = frame[list(STATE_NAMES)].to_numpy(np.float64)
     observed_before = ~np.isnan(raw_state)
-    lo = np.array([STATE_BY_NAME[n].clamp[0] for n in STATE_NAMES])
-    hi = np.array([STATE_BY_NAME[n].clamp[1] for n in STATE_NAMES])
-    clamped = observed_before & ((raw_state < lo) | (raw_state > hi))
-    raw_iv = frame[list(INTERVENTION_NAMES)].to_numpy(np.float64)
-    iv_clamped = raw_iv > np.array([INTERVENTION_BY_NAME[n].max_value for n in INTERVENTION_NAMES])
+    clamped = observed_before & ((raw_state < CLAMP_LOW) | (raw_state > CLAMP_HIGH))
+    iv_clamped = frame[list(INTERVENTION_NAMES)].to_numpy(np.float64) > INTERVENTION_MAX
 
     frame = prepare_bins(frame)
     missing_after_ffill = frame[list(STATE_NAMES)].isna().to_numpy()
