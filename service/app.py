@@ -403,12 +403,9 @@ def create_app(
         responses={401: _ERROR_RESPONSES[401]},
     )
 
-    @api.post(
-        "/v1/forecast",
-        response_model=ForecastResponse,
-        tags=["forecast"],
-        responses=_ERROR_RESPONSES,
-    )
+    forecast_route = partial(api.post, tags=["forecast"], responses=_ERROR_RESPONSES)
+
+    @forecast_route("/v1/forecast", response_model=ForecastResponse)
     async def forecast(req: Annotated[ForecastRequest, Body()]) -> Response:  # type: ignore[valid-type]
         """Forecast one patient `horizon` bins ahead, from `history` bins or raw `events`."""
         _model()
@@ -416,12 +413,7 @@ def create_app(
         info, results = await _forecast([p])
         return _json(_patient_payload(p, results[0]) | {"model": info.ref()})
 
-    @api.post(
-        "/v1/forecast/batch",
-        response_model=BatchResponse,
-        tags=["forecast"],
-        responses=_ERROR_RESPONSES,
-    )
+    @forecast_route("/v1/forecast/batch", response_model=BatchResponse)
     async def forecast_batch(req: Annotated[BatchRequest, Body()]) -> Response:  # type: ignore[valid-type]
         """Forecast many patients in one model call (all validated first; any error is a 422)."""
         _model()

@@ -118,9 +118,6 @@ def _connect(settings: EtlSettings, workdir: Path) -> duckdb.DuckDBPyConnection:
 def _extract(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> dict[str, TableStats]:
     filters = extract.table_filters()
     stats: dict[str, TableStats] = {}
-    # Resolve every table first: a missing one fails before minutes of reading.
-    for name in TABLE_ORDER:
-        extract.find_table(settings.mimic_dir, name)
     with _progress(settings.progress) as progress:
         for name in TABLE_ORDER:
             task = progress.add_task(name, total=None) if progress is not None else None
@@ -387,7 +384,9 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     out = Path(os.path.abspath(settings.out))
     # Before any work, and again before the swap (the folder may have changed meanwhile).
     check_out_dir(out, settings.mimic_dir, settings.temp_dir)
-    extract.find_table(settings.mimic_dir, "ICUSTAYS")  # a missing input folder first
+    # Every table resolved first: a missing one fails before any scratch or minutes of reading.
+    for name in TABLE_ORDER:
+        extract.find_table(settings.mimic_dir, name)
     scratch_parent = settings.temp_dir or out.parent
     what = "--temp-dir" if settings.temp_dir else "the folder of --out"
     try:
