@@ -166,12 +166,19 @@ def server(cmd: list[str], env: dict, ready_url: str, log: Path, cpus: set[int] 
             proc.wait()
 
 
-def drive(port: int, path: str, body: bytes, levels: list[int], n: int, secs: float):
-    req = build_request(HOST, port, path, body)
-    out: list[LoadResult] = []
-    for c in levels:
-        out.append(run(run_load(HOST, port, req, c, n, secs)))
-    return out
+def measure(
+    name: str, port: int, paths: tuple[str, str], bodies: tuple[bytes, bytes], args, batch_c: int
+) -> tuple[list[LoadResult], LoadResult]:
+    """One server: the single forecast at each concurrency level (printed), then batch requests
+    (``paths`` and ``bodies``: single, batch), ``batch_c`` in flight."""
+    results = []
+    for c in args.levels:
+        request = build_request(HOST, port, paths[0], bodies[0])
+        results.append(run(run_load(HOST, port, request, c, args.requests, args.seconds)))
+        print(fmt(name, results[-1]), flush=True)
+    request = build_request(HOST, port, paths[1], bodies[1])
+    batch = run(run_load(HOST, port, request, batch_c, 10**6, args.batch_seconds, warmup=1))
+    return results, batch
 
 
 def fmt(name: str, r: LoadResult) -> str:
@@ -229,8 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     py = sys.executable
     one = patient(0, args.bins, args.horizon)
-    ours_body = json.dumps(one).encode()
-    mlflow_body = json.dumps(mlflow_frame_json([one])).encode()
     batch = [patient(i, args.bins, args.horizon) for i in range(args.batch)]
     print(
         f"model {model_uri}; {os.cpu_count()} CPUs here"
@@ -246,29 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     cmd += ["--workers", str(args.workers)]
     with server(cmd, env, f"http://{HOST}:{port}/readyz", work / "service.log", cpus):
         ours = httpx.post(f"http://{HOST}:{port}/v1/forecast", json=one, timeout=30).json()
-        results["icu-forecast serve"] = drive(
-            port, "/v1/forecast", ours_body, args.levels, args.requests, args.seconds
+        results["icu-forecast serve"], res = measure(
+            "icu-forecast serve",
+            port,
+            ("/v1/forecast", "/v1/forecast/batch"),
+            (json.dumps(one).encode(), json.dumps({"patients": batch}).encode()),
+            args,
+            batch_c,
         )
-        for r in results["icu-forecast serve"]:
-            print(fmt("icu-forecast serve", r), flush=True)
-        # Batch endpoint: requests of args.batch patients each, several in flight.
-        body = json.dumps({"patients": batch}).encode()
-        res = run(
-            run_load(
-                HOST,
-                port,
-                build_request(HOST, port, "/v1/forecast/batch", body),
-                batch_c,
-                10**6,
-                args.batch_seconds,
-                warmup=1,
-            )
-        )
-        batch_rate = res.requests * args.batch / res.seconds
         print(
             f"batch endpoint: {args.batch} patients/request, {batch_c} in flight, "
-            f"{res.requests} requests, "
-            f"{batch_rate:.0f} patient forecasts/s, p50 {res.pct_ms(50):.1f} ms/request",
+            f"{res.requests} requests, {res.requests * args.batch / res.seconds:.0f} patient "
+            f"forecasts/s, p50 {res.pct_ms(50):.1f} ms/request",
             flush=True,
         )
 
@@ -285,22 +279,16 @@ def main(argv: list[str] | None = None) -> int:
             a = np.array([[s["values"][n] for n in STATE_NAMES] for s in ours["forecast"]])
             b = np.array([[row[n] for n in STATE_NAMES] for row in theirs["predictions"]])
             print(f"same forecast from both servers: max |diff| = {np.abs(a - b).max():.2e}")
-            results["mlflow models serve"] = drive(
-                port, "/invocations", mlflow_body, args.levels, args.requests, args.seconds
-            )
-            for r in results["mlflow models serve"]:
-                print(fmt("mlflow models serve", r), flush=True)
-            body = json.dumps(mlflow_frame_json(batch)).encode()
-            res = run(
-                run_load(
-                    HOST,
-                    port,
-                    build_request(HOST, port, "/invocations", body),
-                    batch_c,
-                    10**6,
-                    args.batch_seconds,
-                    warmup=1,
-                )
+            results["mlflow models serve"], res = measure(
+                "mlflow models serve",
+                port,
+                ("/invocations", "/invocations"),
+                (
+                    json.dumps(mlflow_frame_json([one])).encode(),
+                    json.dumps(mlflow_frame_json(batch)).encode(),
+                ),
+                args,
+                batch_c,
             )
             print(
                 f"mlflow, same {args.batch} patients in one DataFrame: "

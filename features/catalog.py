@@ -26,8 +26,6 @@ LAB_WINDOW_HOURS = 6
 this many hours on each side (mimic-code's convention). Labs before intime land in bin 0; labs
 after outtime are dropped, because the stay's bins end at outtime."""
 
-Source = Literal["chart", "lab"]
-
 
 @dataclass(frozen=True)
 class UnitConversion:
@@ -59,10 +57,6 @@ class StateVariable:
     description: str = ""
     # Units accepted on input (service events); values are converted to ``unit``.
     accepted_units: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    @property
-    def itemids(self) -> tuple[int, ...]:
-        return self.chart_itemids + self.lab_itemids
 
 
 @dataclass(frozen=True)
@@ -237,7 +231,6 @@ STATE_VARIABLES: tuple[StateVariable, ...] = (
 )
 
 GCS_COMPONENT_ITEMIDS: tuple[int, int, int] = (220739, 223900, 223901)
-GCS_TOTAL_ITEMID = 198
 
 INTERVENTIONS: tuple[Intervention, ...] = (
     Intervention(
@@ -355,17 +348,6 @@ assert N_STATE == 18 and N_INTERVENTION == 3
 
 STATE_BY_NAME: dict[str, StateVariable] = {v.name: v for v in STATE_VARIABLES}
 INTERVENTION_BY_NAME: dict[str, Intervention] = {i.name: i for i in INTERVENTIONS}
-
-
-def state_for_itemid() -> dict[int, str]:
-    """Map every chart/lab item id to the state variable it measures."""
-    out: dict[int, str] = {}
-    for var in STATE_VARIABLES:
-        for itemid in var.itemids:
-            if itemid in out:
-                raise ValueError(f"item {itemid} is mapped to {out[itemid]} and {var.name}")
-            out[itemid] = var.name
-    return out
 
 
 def chart_itemids() -> tuple[int, ...]:

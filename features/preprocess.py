@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -151,19 +151,9 @@ def prepare_bins(frame: pd.DataFrame, stay_col: str = "icustay_id") -> pd.DataFr
         if col not in frame:
             raise KeyError(f"prepare_bins: column {col!r} missing")
     out = frame.sort_values([stay_col, "bin"], kind="stable").reset_index(drop=True)
-    iv = (
-        np.column_stack(
-            [
-                out[n].to_numpy(np.float64) if n in out else np.full(len(out), np.nan)
-                for n in INTERVENTION_NAMES
-            ]
-        )
-        if len(out)
-        else np.zeros((0, len(INTERVENTION_NAMES)))
-    )
     prepared = prepare_arrays(
         out[list(STATE_NAMES)].to_numpy(np.float64),
-        iv,
+        out.reindex(columns=list(INTERVENTION_NAMES)).to_numpy(np.float64),  # absent: NaN
         group_starts(out[stay_col].to_numpy()),
     )
     out[list(STATE_NAMES)] = prepared.state
@@ -340,27 +330,18 @@ class Preprocessor:
             "catalog": catalog_dict(),
             "initial_fill": self.initial_fill.tolist(),
             "steps": [
-                {
-                    "feature": s.feature,
-                    "neighbors": s.neighbors.tolist(),
-                    "coef": s.coef.tolist(),
-                    "intercept": s.intercept,
-                }
+                asdict(s) | {"neighbors": s.neighbors.tolist(), "coef": s.coef.tolist()}
                 for s in self.steps
             ],
             "scale_min": self.scale_min.tolist(),
             "scale_max": self.scale_max.tolist(),
         }
 
-    def save(self, path: str | os.PathLike, imputer: object | None = None) -> Path:
-        """Write the artifact folder atomically: ``preprocessor.json`` (+ ``imputer.joblib``)."""
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the artifact folder ``preprocessor.json`` atomically."""
         path = Path(path)
         with atomic_dir(path) as tmp:
             (tmp / "preprocessor.json").write_text(json.dumps(self.to_dict(), indent=1))
-            if imputer is not None:
-                import joblib
-
-                joblib.dump(imputer, tmp / "imputer.joblib")
         return path
 
     @classmethod

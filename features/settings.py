@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -26,3 +27,10 @@ def settings_from_flags(cls: type[T], given: Mapping[str, Any], what: str) -> T:
             for e in exc.errors()
         )
         raise UserError(f"invalid {what} settings: {problems}") from exc
+
+
+def settings_from_namespace(cls: type[T], args: argparse.Namespace, what: str, **extra: Any) -> T:
+    """:func:`settings_from_flags` from the parsed flags named like ``cls``'s fields (and
+    ``extra``); other flags (the subcommand, ``--verbose``) are not settings."""
+    given = {k: v for k, v in vars(args).items() if k in cls.model_fields}
+    return settings_from_flags(cls, given | extra, what)

@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 
 from features.catalog import (
     BIN_HOURS,
@@ -191,9 +192,9 @@ _api_key_header = APIKeyHeader(
 _bearer = HTTPBearer(auto_error=False, description="the API key as a Bearer token")
 
 
-def api_key_dependency(key: str | None) -> Any:
+def api_key_dependency(key: SecretStr | None) -> Any:
     """A FastAPI security dependency that requires ``key`` (X-API-Key or Bearer), or nothing."""
-    expected = key.encode() if key else None
+    expected = key.get_secret_value().encode() if key else None
 
     async def require_api_key(
         header: Annotated[str | None, Security(_api_key_header)],
@@ -211,6 +212,10 @@ def api_key_dependency(key: str | None) -> Any:
             )
 
     return require_api_key
+
+
+class _NotLoaded(Exception):
+    """No model loaded yet: answered 503."""
 
 
 def _served_marker() -> str | None:
@@ -359,11 +364,14 @@ def create_app(
         log.error("unhandled %s on %s", type(exc).__name__, request.url.path, exc_info=False)
         return _json({"detail": "internal error"}, 500)
 
-    def _model_or_503() -> LoadedModel | Response:
-        m = holder.current
-        if m is None:
-            return _json({"detail": "model not loaded yet", "error": holder.last_error}, 503)
-        return m
+    @app.exception_handler(_NotLoaded)
+    async def _not_loaded(request: Request, exc: _NotLoaded) -> Response:
+        return _json({"detail": "model not loaded yet", "error": holder.last_error}, 503)
+
+    def _model() -> LoadedModel:
+        if holder.current is None:
+            raise _NotLoaded
+        return holder.current
 
     health = APIRouter(tags=["health"])
 
@@ -375,10 +383,7 @@ def create_app(
     @health.get("/readyz", responses={503: {"description": "no model yet"}})
     async def readyz() -> Response:
         """Readiness: 200 once a model is loaded, 503 before."""
-        m = _model_or_503()
-        if isinstance(m, Response):
-            return m
-        return _json({"status": "ready", "model": m.info.ref()})
+        return _json({"status": "ready", "model": _model().info.ref()})
 
     def _events(req: Any, loc: tuple) -> Any:
         return bin_events(req, loc, settings)
@@ -394,36 +399,24 @@ def create_app(
         return info, results
 
     api = APIRouter(
-        dependencies=[Depends(api_key_dependency(_secret(settings)))],
+        dependencies=[Depends(api_key_dependency(settings.api_key))],
         responses={401: _ERROR_RESPONSES[401]},
     )
 
-    @api.post(
-        "/v1/forecast",
-        response_model=ForecastResponse,
-        tags=["forecast"],
-        responses=_ERROR_RESPONSES,
-    )
+    forecast_route = partial(api.post, tags=["forecast"], responses=_ERROR_RESPONSES)
+
+    @forecast_route("/v1/forecast", response_model=ForecastResponse)
     async def forecast(req: Annotated[ForecastRequest, Body()]) -> Response:  # type: ignore[valid-type]
         """Forecast one patient `horizon` bins ahead, from `history` bins or raw `events`."""
-        m = _model_or_503()
-        if isinstance(m, Response):
-            return m
+        _model()
         p = patient_input(req, ("body",), _events)
         info, results = await _forecast([p])
         return _json(_patient_payload(p, results[0]) | {"model": info.ref()})
 
-    @api.post(
-        "/v1/forecast/batch",
-        response_model=BatchResponse,
-        tags=["forecast"],
-        responses=_ERROR_RESPONSES,
-    )
+    @forecast_route("/v1/forecast/batch", response_model=BatchResponse)
     async def forecast_batch(req: Annotated[BatchRequest, Body()]) -> Response:  # type: ignore[valid-type]
         """Forecast many patients in one model call (all validated first; any error is a 422)."""
-        m = _model_or_503()
-        if isinstance(m, Response):
-            return m
+        _model()
         patients: list[PatientInput] = []
         errors: list[dict[str, Any]] = []
         for i, r in enumerate(req.patients):
@@ -444,9 +437,7 @@ def create_app(
     @api.get("/v1/model", response_model=ModelDescription, tags=["model"])
     async def model_description() -> Response:
         """The model being served, its training data checksum, and the variables it uses."""
-        m = _model_or_503()
-        if isinstance(m, Response):
-            return m
+        m = _model()
         i = m.info
         return _json(
             {
@@ -506,10 +497,6 @@ def create_app(
     app.include_router(health)
     app.include_router(api)
     return app
-
-
-def _secret(settings: ServiceSettings) -> str | None:
-    return settings.api_key.get_secret_value() if settings.api_key else None
 
 
 def create_worker_app() -> FastAPI:

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from features.settings import settings_from_flags
+from features.settings import settings_from_namespace
 from service.settings import LOOPBACK_HOSTS, RUN_DIR_ENV, SETTINGS_ENV, ServiceSettings
 
 log = logging.getLogger("icu_forecast.service")
@@ -23,7 +23,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help="port (default 8000)")
     parser.add_argument("--model-uri", default=None, help="MLflow model URI (env MODEL_URI)")
     parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow tracking URI (env MLFLOW_TRACKING_URI)"
+        "--tracking-uri",
+        dest="mlflow_tracking_uri",
+        metavar="URI",
+        help="MLflow tracking URI (env MLFLOW_TRACKING_URI)",
     )
     parser.add_argument("--log-level", default=None, help="uvicorn / service log level")
     parser.add_argument(
@@ -36,15 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
-    given = {
-        "host": args.host,
-        "port": args.port,
-        "model_uri": args.model_uri,
-        "mlflow_tracking_uri": args.tracking_uri,
-        "log_level": args.log_level,
-        "workers": args.workers,
-    }
-    return settings_from_flags(ServiceSettings, given, "service")
+    return settings_from_namespace(ServiceSettings, args, "service")
 
 
 def uvicorn_options(settings: ServiceSettings) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The ``events`` request form: raw charted values, binned by the ETL's own code.
 
-Checks that need a client-facing answer come first (unknown unit, a value outside the drop
-range, a coverage interval without an end, events too far out), because the ETL's binning
-treats those as data errors to drop, while a client must be told. Binning itself is
+Values are converted to the canonical unit here, and checks that need a client-facing answer
+come first (unknown unit, a value outside the drop range, a coverage interval without an end,
+events too far out), because the ETL treats those as data errors to drop, while a client must
+be told. Binning itself is
 ``features.binning.bin_patient_events``, so a value lands in the bin, and is averaged, exactly as
 in training. Interventions then meet training's limit too (``features.preprocess``'s
 ``INTERVENTION_MAX``, which ``prepare_arrays`` clips to): a bin total above it is clamped here,
@@ -16,6 +17,7 @@ from datetime import UTC, timedelta
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from features.catalog import (
     BIN_HOURS,
@@ -25,9 +27,13 @@ from features.catalog import (
     STATE_NAMES,
 )
 from features.preprocess import INTERVENTION_MAX
-from service.requests import as_utc, check_drop_range, format_loc
+from service.requests import as_utc, check_drop_range, field_error, format_loc
 
 BIN = timedelta(hours=BIN_HOURS)
+
+
+def _refused(errors: list[dict], warnings: list[dict]) -> tuple:
+    return np.empty((0, 18)), np.empty((0, 3)), None, errors, warnings
 
 
 def _accepted(variable: str) -> dict[str, tuple[float, float]]:
@@ -47,22 +53,13 @@ def bin_events(
     errors: list[dict] = []
     warnings: list[dict] = []
     if req.icu_intime is None:
-        errors.append(
-            {
-                "loc": [*loc, "icu_intime"],
-                "msg": "required with `events`: bins are counted from ICU admission",
-                "type": "missing",
-            }
-        )
-        return np.empty((0, 18)), np.empty((0, 3)), None, errors, warnings
+        msg = "required with `events`: bins are counted from ICU admission"
+        return _refused([field_error((*loc, "icu_intime"), msg, "missing")], warnings)
     try:
         intime = as_utc(req.icu_intime)
         earliest = intime - timedelta(hours=PRE_INTIME_HOURS)
     except OverflowError:
-        errors.append(
-            {"loc": [*loc, "icu_intime"], "msg": "date out of range", "type": "value_error"}
-        )
-        return np.empty((0, 18)), np.empty((0, 3)), None, errors, warnings
+        return _refused([field_error((*loc, "icu_intime"), "date out of range")], warnings)
     rows: list[dict[str, Any]] = []
     ignored: list[int] = []
     last_bin = -1
@@ -72,28 +69,21 @@ def bin_events(
             t = as_utc(ev.time)
             end_time = as_utc(ev.end_time) if ev.end_time is not None else None
         except OverflowError:
-            errors.append(
-                {"loc": [*where, "time"], "msg": "date out of range", "type": "value_error"}
-            )
+            errors.append(field_error((*where, "time"), "date out of range"))
             continue
         accepted = _accepted(ev.variable)
         unit = ev.unit
         if unit is not None and unit not in accepted:
-            errors.append(
-                {
-                    "loc": [*where, "unit"],
-                    "msg": f"unit {unit!r} not accepted for {ev.variable} "
-                    f"(accepted: {', '.join(sorted(accepted))})",
-                    "type": "unit_error",
-                }
-            )
+            known = ", ".join(sorted(accepted))
+            msg = f"unit {unit!r} not accepted for {ev.variable} (accepted: {known})"
+            errors.append(field_error((*where, "unit"), msg, "unit_error"))
             continue
         scale, offset = accepted[unit] if unit is not None else (1.0, 0.0)
         value = (ev.value + offset) * scale
         if ev.variable in STATE_BY_NAME:
             why = check_drop_range(value, ev.variable)
             if why:
-                errors.append({"loc": [*where, "value"], "msg": why, "type": "range_error"})
+                errors.append(field_error((*where, "value"), why, "range_error"))
                 continue
             if t < earliest:
                 ignored.append(i)
@@ -102,22 +92,15 @@ def bin_events(
             if not math.isfinite(value) or value < 0:
                 # Finite on input (the schema refuses inf), but a unit factor can overflow it.
                 msg = "must be >= 0" if value < 0 else "is not a finite number"
-                errors.append({"loc": [*where, "value"], "msg": msg, "type": "range_error"})
+                errors.append(field_error((*where, "value"), msg, "range_error"))
                 continue
             kind = INTERVENTION_BY_NAME[ev.variable].kind
             if ev.end_time is not None and end_time < t:
-                errors.append(
-                    {"loc": [*where, "end_time"], "msg": "is before `time`", "type": "value_error"}
-                )
+                errors.append(field_error((*where, "end_time"), "is before `time`"))
                 continue
             if kind == "coverage" and value > 0 and ev.end_time is None:
-                errors.append(
-                    {
-                        "loc": [*where, "end_time"],
-                        "msg": f"{ev.variable} is a coverage interval: give end_time",
-                        "type": "missing",
-                    }
-                )
+                msg = f"{ev.variable} is a coverage interval: give end_time"
+                errors.append(field_error((*where, "end_time"), msg, "missing"))
                 continue
         if ev.end_time is not None and end_time > t:
             # The last bin an interval [time, end_time) touches (its end is exclusive).
@@ -126,26 +109,24 @@ def bin_events(
             # State values charted shortly before intime count for bin 0.
             b = max(int((t - intime) // BIN), 0 if ev.variable in STATE_BY_NAME else -1)
         if b >= settings.max_history_bins:
-            errors.append(
-                {
-                    "loc": [*where, "end_time" if ev.end_time is not None else "time"],
-                    "msg": f"falls in bin {b} after icu_intime; at most "
-                    f"{settings.max_history_bins} bins of history are accepted",
-                    "type": "too_long",
-                }
+            msg = (
+                f"falls in bin {b} after icu_intime; at most {settings.max_history_bins} bins of "
+                "history are accepted"
             )
+            field = "end_time" if ev.end_time is not None else "time"
+            errors.append(field_error((*where, field), msg, "too_long"))
             continue
         last_bin = max(last_bin, b)
-        row = {
-            "time": t.replace(tzinfo=None),
-            "variable": ev.variable,
-            "value": ev.value,
-            "unit": unit,
-            "end_time": end_time.replace(tzinfo=None) if ev.end_time else None,
-        }
-        rows.append(row)
+        rows.append(
+            {
+                "time": t.replace(tzinfo=None),
+                "variable": ev.variable,
+                "value": value,  # in the canonical unit
+                "end_time": end_time.replace(tzinfo=None) if ev.end_time else None,
+            }
+        )
     if errors:
-        return np.empty((0, 18)), np.empty((0, 3)), None, errors, warnings
+        return _refused(errors, warnings)
     if ignored:
         warnings.append(
             {
@@ -159,15 +140,9 @@ def bin_events(
             }
         )
     if last_bin < 0:
-        errors.append(
-            {
-                "loc": [*loc, "events"],
-                "msg": "no event falls in a bin after icu_intime: the history is empty",
-                "type": "too_short",
-            }
-        )
-        return np.empty((0, 18)), np.empty((0, 3)), None, errors, warnings
-    wide = bin_patient_events(rows, intime.replace(tzinfo=None), n_bins=last_bin + 1)
+        msg = "no event falls in a bin after icu_intime: the history is empty"
+        return _refused([field_error((*loc, "events"), msg, "too_short")], warnings)
+    wide = bin_patient_events(rows, pd.Timestamp(intime.replace(tzinfo=None)), last_bin + 1)
     state = wide[list(STATE_NAMES)].to_numpy(np.float64)
     iv = wide[list(INTERVENTION_NAMES)].to_numpy(np.float64)
     warnings.extend(_clamp_interventions(iv, loc))

@@ -19,9 +19,9 @@ import re
 import time
 from typing import Any
 
-import orjson
 from fastapi import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse
 
 from service.metrics import ServiceMetrics
 
@@ -31,22 +31,6 @@ access_log = logging.getLogger("icu_forecast.service.access")
 CLIENT_CLOSED = 499
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _JSON_TYPES = (b"application/json", b"application/problem+json")
-
-
-async def _send_json(send: Any, status: int, body: dict, headers: list | None = None) -> None:
-    data = orjson.dumps(body)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
 
 
 # Request ids only tell requests apart in the logs; they guard nothing, so they need not come
@@ -112,19 +96,13 @@ class GatewayMiddleware:
             if method in ("POST", "PUT", "PATCH"):
                 length = headers.get(b"content-length")
                 if length is not None and (not length.isdigit() or int(length) > self.max_body):
-                    await _send_json(
-                        send_with_id,
-                        413,
-                        {"detail": f"request body larger than {self.max_body} bytes"},
-                    )
+                    detail = f"request body larger than {self.max_body} bytes"
+                    await JSONResponse({"detail": detail}, 413)(scope, receive, send_with_id)
                     return
                 ctype = headers.get(b"content-type")
                 if ctype is not None and not _is_json(ctype):
-                    await _send_json(
-                        send_with_id,
-                        415,
-                        {"detail": "request body must be JSON (Content-Type: application/json)"},
-                    )
+                    detail = "request body must be JSON (Content-Type: application/json)"
+                    await JSONResponse({"detail": detail}, 415)(scope, receive, send_with_id)
                     return
                 await self.app(scope, self._limited(watched_receive), send_with_id)
             else:

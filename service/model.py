@@ -31,15 +31,10 @@ class Forecaster(Protocol):
     ) -> np.ndarray: ...
 
 
-def level_key(level: float) -> str:
-    """The response key of an interval level: ``0.8`` -> ``"0.8"``."""
-    return f"{level:g}"
-
-
 @dataclass
 class PatientResult:
     """One patient's forecast: values (H, 18) and, when the model carries a calibration,
-    ``{level key: (lower, upper)}`` each (H, 18)."""
+    ``{level key ("0.8"): (lower, upper)}`` each (H, 18)."""
 
     values: np.ndarray
     intervals: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -167,7 +162,6 @@ class ModelHolder:
         self._lock = asyncio.Lock()
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
-        self.last_attempt: datetime | None = None
 
     def _load_and_check(self) -> LoadedModel:
         loaded = self._loader()
@@ -177,7 +171,6 @@ class ModelHolder:
     async def reload(self) -> LoadedModel:
         """Load in a worker thread (serving goes on meanwhile); raise ModelLoadError on failure."""
         async with self._lock:
-            self.last_attempt = datetime.now(UTC)
             t0 = time.perf_counter()
             try:
                 loaded = await asyncio.to_thread(self._load_and_check)
@@ -244,7 +237,7 @@ def run_batch(
         PatientResult(
             out[i, : p.horizon],
             {
-                level_key(lv): (bands[lv][0][i, : p.horizon], bands[lv][1][i, : p.horizon])
+                f"{lv:g}": (bands[lv][0][i, : p.horizon], bands[lv][1][i, : p.horizon])
                 for lv in wanted[i]
             },
         )

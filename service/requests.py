@@ -59,7 +59,7 @@ def format_loc(loc: tuple | list) -> str:
     return out or "body"
 
 
-def _error(loc: tuple, msg: str, kind: str = "value_error") -> dict[str, Any]:
+def field_error(loc: tuple, msg: str, kind: str = "value_error") -> dict[str, Any]:
     return {"loc": list(loc), "msg": msg, "type": kind}
 
 
@@ -95,7 +95,7 @@ def _history_arrays(
         try:
             starts.append(as_utc(b.bin_start))
         except OverflowError:  # an offset pushes it outside years 1..9999
-            errors.append(_error((*loc, "history", i, "bin_start"), "date out of range"))
+            errors.append(field_error((*loc, "history", i, "bin_start"), "date out of range"))
             return np.empty((0, N_STATE)), np.empty((0, N_INTERVENTION)), datetime.min, errors
     for i in range(1, n):
         gap = starts[i] - starts[i - 1]
@@ -114,7 +114,7 @@ def _history_arrays(
                 f"gap of {gap} after the previous bin: bins must be contiguous; send a bin "
                 "with empty values for a window where nothing was charted"
             )
-        errors.append(_error(where, msg))
+        errors.append(field_error(where, msg))
     # One C-level lookup per bin, read by ``fromiter`` (which turns the ``None`` of an absent
     # value into NaN) without the nested list that ``np.array`` would inspect first.
     state = np.fromiter(
@@ -149,7 +149,7 @@ def _planned(
         return (
             np.zeros((horizon, N_INTERVENTION)),
             [
-                _error(
+                field_error(
                     (*loc, "planned_interventions"),
                     f"has {len(plan)} entries, expected one per forecast bin (horizon={horizon})",
                 )
@@ -264,16 +264,15 @@ def patient_input(req: Any, loc: tuple = ("body",), events_binner: Any = None) -
     has_history = req.history is not None
     has_events = req.events is not None
     if has_history == has_events:
-        raise InputError(
-            [_error((*loc, "history"), "give exactly one of `history` and `events`", "missing")]
-        )
+        msg = "give exactly one of `history` and `events`"
+        raise InputError([field_error((*loc, "history"), msg, "missing")])
     warnings: list[dict[str, Any]] = []
     if has_history:
         state, iv, first, errors = _history_arrays(req.history, loc)
         source = "history"
     else:
         if events_binner is None:  # pragma: no cover - wired in app.py
-            raise InputError([_error((*loc, "events"), "events are not supported")])
+            raise InputError([field_error((*loc, "events"), "events are not supported")])
         state, iv, first, errors, ev_warnings = events_binner(req, loc)
         warnings.extend(ev_warnings)
         source = "events"
@@ -284,7 +283,7 @@ def patient_input(req: Any, loc: tuple = ("body",), events_binner: Any = None) -
     except OverflowError:
         last = ("history", state.shape[0] - 1, "bin_start") if has_history else ("icu_intime",)
         where = (*loc, *last)
-        raise InputError([_error(where, "the forecast would end after year 9999")]) from None
+        raise InputError([field_error(where, "the forecast would end after year 9999")]) from None
     planned, errors, plan_warnings = _planned(req, iv[-1], loc)
     if errors:
         raise InputError(errors)

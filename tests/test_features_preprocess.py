@@ -131,8 +131,8 @@ def test_imputer_and_scaler_come_from_the_rows_given() -> None:
 
 def test_save_load_roundtrip(tmp_path) -> None:
     train = prepare_bins(random_bins(20, seed=6))
-    pre, imputer = Preprocessor.fit(train, seed=0)
-    pre.save(tmp_path / "pre", imputer=imputer)
+    pre, _ = Preprocessor.fit(train, seed=0)
+    pre.save(tmp_path / "pre")
     back = Preprocessor.load(tmp_path / "pre")
     x = train[list(FEATURE_NAMES)].to_numpy()
     np.testing.assert_array_equal(back.impute(x), pre.impute(x))

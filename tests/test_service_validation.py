@@ -75,6 +75,14 @@ def test_wrong_unit(client):
     assert "degF" in messages(resp) and "'K'" in messages(resp)
 
 
+def test_coverage_event_needs_end_time(client):
+    vaso = {"time": bin_start(0), "variable": "vasopressor", "value": 1}
+    body = {"horizon": 1, "icu_intime": bin_start(0), "events": [vaso]}
+    resp = post(client, body)
+    assert fields(resp) == ["events[0].end_time"]
+    assert "coverage interval" in messages(resp)
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_non_finite_numbers(client, literal):
     text = json.dumps(history_body()).replace('"heart_rate": 89.0', f'"heart_rate": {literal}')

@@ -36,17 +36,14 @@ COLUMNS: list[tuple[str, str, str, float]] = (
     ]
     + [
         (
-            f"noise {NOISE_SIGMA} K=1 (%)",
-            f"noise/rel_degradation_k1_sigma{NOISE_SIGMA}",
+            f"noise {NOISE_SIGMA} K={k} (%)",
+            f"noise/rel_degradation_k{k}_sigma{NOISE_SIGMA}",
             ".1f",
             100,
-        ),
-        (
-            f"noise {NOISE_SIGMA} K=5 (%)",
-            f"noise/rel_degradation_k5_sigma{NOISE_SIGMA}",
-            ".1f",
-            100,
-        ),
+        )
+        for k in (1, 5)
+    ]
+    + [
         ("params", "n_params", ",.0f", 1.0),
         ("peak mem (MB)", "peak_mem_mb", ".0f", 1.0),
         ("peak mem delta (MB)", "peak_mem_delta_mb", ".0f", 1.0),

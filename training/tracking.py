@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -175,18 +176,11 @@ def artifact_location(uri: str) -> str | None:
 def code_version() -> str:
     """The git commit of the code (``+dirty`` with local changes), else the package version."""
     root = Path(__file__).resolve().parents[1]
+    git = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, timeout=5)
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
-        )
+        rev = git(["git", "rev-parse", "HEAD"])
         if rev.returncode == 0:
-            dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=root,
-                capture_output=True,
-                text=True,
-                timeout=5,
-            )
+            dirty = git(["git", "status", "--porcelain", "--untracked-files=no"])
             return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass

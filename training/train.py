@@ -252,6 +252,7 @@ def _evaluate_and_log(
     run_id: str,
 ) -> TrainResult:
     import mlflow
+    import pandas as pd
 
     from training.pyfunc import log_pyfunc, save_model_dir
 
@@ -314,7 +315,7 @@ def _evaluate_and_log(
     version = None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        _write_per_variable_csv(ev_test, tmp / "per_variable_test.csv")
+        pd.DataFrame(ev_test.per_variable).to_csv(tmp / "per_variable_test.csv", index=False)
         mlflow.log_artifact(str(tmp / "per_variable_test.csv"))
         if cfg.plots:
             _plots(cfg, ev_test, base_test, history, test, pre, tmp / "plots")
@@ -345,12 +346,6 @@ def _evaluate_and_log(
     return TrainResult(
         run_id, cfg.model, str(version) if version is not None else None, metrics, cfg.run_label
     )
-
-
-def _write_per_variable_csv(ev: Evaluation, path: Path) -> None:
-    import pandas as pd
-
-    pd.DataFrame(ev.per_variable).to_csv(path, index=False)
 
 
 def _plots(

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from features.errors import UserError
-from features.settings import settings_from_flags
+from features.settings import settings_from_namespace
 from pipeline.dag.settings import PAPER_EPOCHS, DagSettings
 
 
@@ -55,33 +54,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> DagSettings:
-    given: dict[str, Any] = {
-        key: getattr(args, key)
-        for key in (
-            "mimic_dir",
-            "data_dir",
-            "tracking_uri",
-            "experiment",
-            "models",
-            "epochs",
-            "seed",
-            "cv",
-            "cv_folds",
-            "cv_seeds",
-        )
-        if getattr(args, key, None) is not None
-    }
-    if getattr(args, "paper", False):
-        if "epochs" in given and given["epochs"] != PAPER_EPOCHS:
-            raise UserError("--paper and --epochs disagree; give one of them")
-        given["preset"] = "paper"
-    return settings_from_flags(DagSettings, given, "DAG")
-
-
-def _print_status(decisions: list) -> None:
-    width = max(len(d.step) for d in decisions)
-    for d in decisions:
-        print(f"{d.step:<{width}}  {d.status:<8} {'; '.join(d.reasons)}")
+    if not getattr(args, "paper", False):
+        return settings_from_namespace(DagSettings, args, "DAG")
+    if args.epochs is not None and args.epochs != PAPER_EPOCHS:
+        raise UserError("--paper and --epochs disagree; give one of them")
+    return settings_from_namespace(DagSettings, args, "DAG", preset="paper")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,8 +74,10 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if args.dag_command == "status":
-        dag = build_dag(settings, track=False)
-        _print_status(dag.status())
+        decisions = build_dag(settings, track=False).status()
+        width = max(len(d.step) for d in decisions)
+        for d in decisions:
+            print(f"{d.step:<{width}}  {d.status:<8} {'; '.join(d.reasons)}")
         return 0
     dag = build_dag(settings, track=True)
     force = {f.strip() for spec in args.force for f in spec.split(",") if f.strip()}

@@ -18,10 +18,10 @@ import json
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from features.atomic import atomic_write_text
 from features.errors import UserError
@@ -93,20 +93,10 @@ class Fingerprint:
     libraries: dict[str, str] = field(default_factory=dict)  # distribution -> version
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "inputs": self.inputs,
-            "params": self.params,
-            "code": self.code,
-            "libraries": self.libraries,
-        }
+        return asdict(self)
 
     def short(self) -> dict[str, str]:
-        return {
-            "inputs": combined(self.inputs),
-            "params": combined(self.params),
-            "code": combined(self.code),
-            "libraries": combined(self.libraries),
-        }
+        return {part: combined(digests) for part, digests in self.as_dict().items()}
 
 
 def _listing(names: list[str], limit: int = 3) -> str:
@@ -114,37 +104,31 @@ def _listing(names: list[str], limit: int = 3) -> str:
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def diff_fingerprints(old: Mapping[str, Any], new: Fingerprint) -> list[str]:
     """Human-readable reasons why ``new`` differs from the recorded ``old`` fingerprint."""
     reasons: list[str] = []
-    old_inputs: dict[str, str] = old.get("inputs", {})
-    changed = sorted(
-        k for k in set(old_inputs) | set(new.inputs) if old_inputs.get(k) != new.inputs.get(k)
-    )
-    if changed:
+    if changed := _changed(old.get("inputs", {}), new.inputs):
         reasons.append(f"input changed: {_listing(changed)}")
     old_params: dict[str, Any] = old.get("params", {})
-    for key in sorted(set(old_params) | set(new.params)):
-        if old_params.get(key) != new.params.get(key):
-            reasons.append(
-                f"param changed: {key} {old_params.get(key, '<unset>')!r} -> "
-                f"{new.params.get(key, '<unset>')!r}"
-            )
-    old_code: dict[str, str] = old.get("code", {})
-    code_changed = sorted(
-        k for k in set(old_code) | set(new.code) if old_code.get(k) != new.code.get(k)
-    )
-    if code_changed:
-        reasons.append(f"code changed: {_listing(code_changed)}")
+    for key in _changed(old_params, new.params):
+        reasons.append(
+            f"param changed: {key} {old_params.get(key, '<unset>')!r} -> "
+            f"{new.params.get(key, '<unset>')!r}"
+        )
+    if changed := _changed(old.get("code", {}), new.code):
+        reasons.append(f"code changed: {_listing(changed)}")
     # A state written before versions were recorded lacks the section: that is a change too.
     old_libs: dict[str, str] = old.get("libraries", {})
-    libs_changed = [
-        f"{name} {old_libs.get(name, UNRECORDED)} -> {new.libraries.get(name, UNRECORDED)}"
-        for name in sorted(set(old_libs) | set(new.libraries))
-        if old_libs.get(name) != new.libraries.get(name)
-    ]
-    if libs_changed:
-        reasons.append(f"library changed: {_listing(libs_changed)}")
+    if changed := _changed(old_libs, new.libraries):
+        listed = [
+            f"{name} {old_libs.get(name, UNRECORDED)} -> {new.libraries.get(name, UNRECORDED)}"
+            for name in changed
+        ]
+        reasons.append(f"library changed: {_listing(listed)}")
     return reasons
 
 
@@ -178,21 +162,9 @@ class StateStore:
         atomic_write_text(self.path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-class Tracker(Protocol):
-    """Where runs are recorded (MLflow in production); ids may be None for no tracking."""
+class Tracker:
+    """Where runs are recorded: nowhere (ids None) here, MLflow in ``MlflowTracker``."""
 
-    def start_dag(self, params: Mapping[str, Any]) -> str | None: ...
-
-    def start_step(self, step: Step, decision: Decision, fp: Fingerprint | None) -> str | None: ...
-
-    def end_step(
-        self, run_id: str | None, ok: bool, result: StepResult | None, error: str | None
-    ) -> None: ...
-
-    def end_dag(self, run_id: str | None, ok: bool, summary: Mapping[str, Any]) -> None: ...
-
-
-class NullTracker:
     def start_dag(self, params: Mapping[str, Any]) -> str | None:
         return None
 
@@ -245,7 +217,7 @@ class Dag:
                     raise DagError(f"step {step.name!r} needs unknown step {need!r}")
         self.order = self._topological()
         self.state_path = Path(state_path)
-        self.tracker: Tracker = tracker or NullTracker()
+        self.tracker = tracker or Tracker()
         self.echo = echo
 
     def _topological(self) -> list[str]:
@@ -407,6 +379,11 @@ class Dag:
         width = max(len(n) for n in self.steps)
         self.echo(f"[dag] {name:<{width}}  {label:<7} {text}")
 
+    def _skipped(self, step: Step, decision: Decision, fp: Fingerprint | None) -> Decision:
+        self._line(step.name, "SKIP", decision.reasons[0])
+        self.tracker.end_step(self.tracker.start_step(step, decision, fp), True, None, None)
+        return decision
+
     def _run_one(
         self,
         step: Step,
@@ -425,10 +402,7 @@ class Dag:
         why_not = step.not_needed() if step.not_needed else None
         if why_not and step.name not in force:
             decision = Decision(step.name, "done", [f"not needed: {why_not}"], "not-needed")
-            self._line(step.name, "SKIP", decision.reasons[0])
-            run_id = self.tracker.start_step(step, decision, None)
-            self.tracker.end_step(run_id, True, None, None)
-            return decision
+            return self._skipped(step, decision, None)
         fp = self.fingerprint(step, store.cache)
         decision = self._decide(step, store, fp, statuses)
         if step.name in force:
@@ -438,10 +412,7 @@ class Dag:
                 *[r for r in decision.reasons if "unchanged" not in r],
             ]
         if decision.action == "skip":
-            self._line(step.name, "SKIP", decision.reasons[0])
-            run_id = self.tracker.start_step(step, decision, fp)
-            self.tracker.end_step(run_id, True, None, None)
-            return decision
+            return self._skipped(step, decision, fp)
         self._line(step.name, "RUN", "; ".join(decision.reasons))
         run_id = self.tracker.start_step(step, decision, fp)
         ctx = StepContext(step.name, dag_run_id, run_id, self.echo)

@@ -56,10 +56,6 @@ def has_mimic_tables(folder: Path) -> bool:
     return bool(names & {"icustays.csv", "icustays.csv.gz"})
 
 
-def folder_is_empty(folder: Path) -> bool:
-    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
-
-
 def _download(url: str, target: Path, timeout_s: float) -> str:
     """Stream ``url`` into ``target``; return the SHA-256 of what was written."""
     try:
@@ -122,7 +118,7 @@ def fetch_demo(
     dest = Path(dest)
     if has_mimic_tables(dest):
         return FetchResult(dest, downloaded=False, reason=f"{dest} already holds MIMIC tables")
-    if not folder_is_empty(dest):
+    if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
         raise FetchError(
             f"data folder {dest} is not empty but holds no ICUSTAYS table; "
             "point --mimic-dir at a MIMIC-III folder or at an empty folder to download into"

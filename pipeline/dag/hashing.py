@@ -61,10 +61,7 @@ def path_digests(path: Path, cache: DigestCache) -> dict[str, str]:
 
 
 def inputs_digests(paths: Iterable[Path], cache: DigestCache) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for path in paths:
-        out.update(path_digests(Path(path), cache))
-    return out
+    return {k: v for path in paths for k, v in path_digests(Path(path), cache).items()}
 
 
 def params_canonical(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -167,6 +167,7 @@ def compare_step(s: DagSettings, train_steps: list[Step]) -> Step:
 def promote_step(s: DagSettings, compare: Step) -> Step:
     out = s.dag_dir / "champion.json"
     from pipeline.dag import training_api
+    from training.registry import SELECTION_METRIC
 
     def action(ctx: StepContext) -> StepResult:
         payload = _read_json(s.dag_dir / "comparison.json")
@@ -190,7 +191,7 @@ def promote_step(s: DagSettings, compare: Step) -> Step:
         needs=(compare.name,),
         inputs=(s.dag_dir / "comparison.json",),
         outputs=(out,),
-        params={"metric": training_api.selection_metric(), "alias": "champion"},
+        params={"metric": SELECTION_METRIC, "alias": "champion"},
         code=TRAIN_CODE,
         description="'champion' per family and overall (icu-forecast@champion, served)",
     )
@@ -229,17 +230,14 @@ def cv_step(s: DagSettings) -> Step:
     )
 
 
-def build_steps(s: DagSettings) -> list[Step]:
+def build_dag(s: DagSettings, track: bool = True, echo: Callable[[str], None] = print) -> Dag:
     trains = [train_step(s, m) for m in s.models]
     compare = compare_step(s, trains)
     steps = [fetch_step(s), etl_step(s), *trains, compare, promote_step(s, compare)]
-    return steps + ([cv_step(s)] if s.cv else [])
-
-
-def build_dag(s: DagSettings, track: bool = True, echo: Callable[[str], None] = print) -> Dag:
+    steps += [cv_step(s)] if s.cv else []
     tracker = None
     if track:
         from pipeline.dag.tracking import MlflowTracker
 
         tracker = MlflowTracker(s.tracking_uri, s.dag_experiment, (s.experiment,))
-    return Dag(build_steps(s), s.state_path, tracker=tracker, echo=echo)
+    return Dag(steps, s.state_path, tracker=tracker, echo=echo)

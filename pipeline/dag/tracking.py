@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.dag.engine import Decision, Fingerprint, Step, StepResult
+from pipeline.dag.engine import Decision, Fingerprint, Step, StepResult, Tracker
 from training.tracking import create_store, end_abandoned_runs, owner_tags
 
 TAG_PARENT = "mlflow.parentRunId"
@@ -20,7 +20,7 @@ TAG_RUN_NAME = "mlflow.runName"
 _MAX_PARAM = 500  # MLflow's limit on a param value is 6000 chars; keep the table readable
 
 
-class MlflowTracker:
+class MlflowTracker(Tracker):
     def __init__(
         self, tracking_uri: str, experiment: str, also_experiments: tuple[str, ...] = ()
     ) -> None:

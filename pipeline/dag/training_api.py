@@ -53,12 +53,6 @@ _NEURAL_ONLY = {
 }
 
 
-def selection_metric() -> str:
-    from training.registry import SELECTION_METRIC
-
-    return SELECTION_METRIC
-
-
 def train_config(s: DagSettings, model: str, data_dir: Path | None = None, **overrides: Any):
     """The TrainConfig of one train step (ICU_TRAIN_* environment variables still apply)."""
     from training.config import TrainConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from features.settings import settings_from_flags
+from features.settings import settings_from_namespace
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -32,17 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace):
     from pipeline.etl.settings import EtlSettings
 
-    given = {
-        "mimic_dir": args.mimic_dir,
-        "out": args.out,
-        "seed": args.seed,
-        "max_stay_days": args.max_stay_days,
-        "threads": args.threads,
-        "memory_limit": args.memory_limit,
-        "temp_dir": args.temp_dir,
-        "progress": args.progress,
-    }
-    return settings_from_flags(EtlSettings, given, "ETL")
+    return settings_from_namespace(EtlSettings, args, "ETL")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -108,27 +108,21 @@ def chart_filter() -> Filter:
             pc.is_in(value, value_set=pa.array(cat.EXTUBATION_CHART_VALUES)),
             pa.scalar(True),
         )
-        return pa.table(
-            {
-                "icustay_id": b.column("icustay_id"),
-                "itemid": b.column("itemid"),
-                "charttime": b.column("charttime"),
-                "valuenum": b.column("valuenum"),
-                "text_ok": text_ok,
-            }
-        )
+        columns = ["icustay_id", "itemid", "charttime", "valuenum"]
+        return b.select(columns).append_column("text_ok", text_ok)
 
     return keep
 
 
-def itemid_filter(itemids, columns: list[str], require: tuple[str, ...] = ()) -> Filter:
+def itemid_filter(itemids, require: tuple[str, ...] = ()) -> Filter:
+    """Keep the rows of ``itemids`` whose ``require`` columns are all present."""
     ids = _ids(itemids)
 
     def keep(b: pa.Table) -> pa.Table:
         mask = pc.is_in(b.column("itemid"), value_set=ids)
         for col in require:
             mask = pc.and_(mask, pc.is_valid(b.column(col)))
-        return b.filter(mask).select(columns)
+        return b.filter(mask)
 
     return keep
 
@@ -141,32 +135,16 @@ def table_filters() -> dict[str, Filter]:
         "ICUSTAYS": lambda b: b,
         "CHARTEVENTS": chart_filter(),
         "LABEVENTS": itemid_filter(
-            cat.lab_itemids(),
-            ["subject_id", "hadm_id", "itemid", "charttime", "valuenum"],
-            require=("subject_id", "charttime", "valuenum"),
+            cat.lab_itemids(), require=("subject_id", "charttime", "valuenum")
         ),
         "INPUTEVENTS_CV": itemid_filter(
-            vaso.inputevents_cv + fluid.inputevents_cv,
-            ["icustay_id", "charttime", "itemid", "amount", "amountuom", "rate"],
-            require=("icustay_id", "charttime"),
+            vaso.inputevents_cv + fluid.inputevents_cv, require=("icustay_id", "charttime")
         ),
         "INPUTEVENTS_MV": itemid_filter(
-            vaso.inputevents_mv + fluid.inputevents_mv,
-            [
-                "icustay_id",
-                "starttime",
-                "endtime",
-                "itemid",
-                "amount",
-                "amountuom",
-                "statusdescription",
-            ],
-            require=("icustay_id", "starttime"),
+            vaso.inputevents_mv + fluid.inputevents_mv, require=("icustay_id", "starttime")
         ),
         "PROCEDUREEVENTS_MV": itemid_filter(
-            vent.procedureevents_mv,
-            ["icustay_id", "starttime", "itemid", "statusdescription"],
-            require=("icustay_id", "starttime"),
+            vent.procedureevents_mv, require=("icustay_id", "starttime")
         ),
     }
 

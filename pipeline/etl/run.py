@@ -13,6 +13,7 @@ into every fold), so state values the stay has not measured yet stay NaN in ``bi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -30,16 +31,21 @@ from features import leftovers
 from features.atomic import atomic_dir, recover
 from features.binning import BIN_HOURS
 from features.catalog import (
-    INTERVENTION_BY_NAME,
     INTERVENTION_NAMES,
     OBSERVED_NAMES,
-    STATE_BY_NAME,
     STATE_NAMES,
     catalog_version,
 )
 from features.checksum import sha256_file
 from features.errors import UserError
-from features.preprocess import BINS_COLUMNS, FEATURE_NAMES, prepare_bins
+from features.preprocess import (
+    BINS_COLUMNS,
+    CLAMP_HIGH,
+    CLAMP_LOW,
+    FEATURE_NAMES,
+    INTERVENTION_MAX,
+    prepare_bins,
+)
 from pipeline.etl import extract, transform
 from pipeline.etl.output import PRODUCER, check_out_dir
 from pipeline.etl.settings import EtlSettings
@@ -112,17 +118,10 @@ def _connect(settings: EtlSettings, workdir: Path) -> duckdb.DuckDBPyConnection:
 def _extract(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> dict[str, TableStats]:
     filters = extract.table_filters()
     stats: dict[str, TableStats] = {}
-    # Resolve every table first: a missing one fails before minutes of reading.
-    for name in TABLE_ORDER:
-        extract.find_table(settings.mimic_dir, name)
     with _progress(settings.progress) as progress:
         for name in TABLE_ORDER:
             task = progress.add_task(name, total=None) if progress is not None else None
-
-            def on_rows(n: int, task=task) -> None:
-                if progress is not None:
-                    progress.advance(task, n)
-
+            on_rows = functools.partial(progress.advance, task) if progress is not None else None
             stats[name] = extract.load_table(
                 con,
                 settings.mimic_dir,
@@ -198,11 +197,8 @@ def build_bins(
     frame = grid.merge(wide, on=["icustay_id", "bin"], how="left", validate="one_to_one")
     raw_state = frame[list(STATE_NAMES)].to_numpy(np.float64)
     observed_before = ~np.isnan(raw_state)
-    lo = np.array([STATE_BY_NAME[n].clamp[0] for n in STATE_NAMES])
-    hi = np.array([STATE_BY_NAME[n].clamp[1] for n in STATE_NAMES])
-    clamped = observed_before & ((raw_state < lo) | (raw_state > hi))
-    raw_iv = frame[list(INTERVENTION_NAMES)].to_numpy(np.float64)
-    iv_clamped = raw_iv > np.array([INTERVENTION_BY_NAME[n].max_value for n in INTERVENTION_NAMES])
+    clamped = observed_before & ((raw_state < CLAMP_LOW) | (raw_state > CLAMP_HIGH))
+    iv_clamped = frame[list(INTERVENTION_NAMES)].to_numpy(np.float64) > INTERVENTION_MAX
 
     frame = prepare_bins(frame)
     missing_after_ffill = frame[list(STATE_NAMES)].isna().to_numpy()
@@ -388,7 +384,9 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     out = Path(os.path.abspath(settings.out))
     # Before any work, and again before the swap (the folder may have changed meanwhile).
     check_out_dir(out, settings.mimic_dir, settings.temp_dir)
-    extract.find_table(settings.mimic_dir, "ICUSTAYS")  # a missing input folder first
+    # Every table resolved first: a missing one fails before any scratch or minutes of reading.
+    for name in TABLE_ORDER:
+        extract.find_table(settings.mimic_dir, name)
     scratch_parent = settings.temp_dir or out.parent
     what = "--temp-dir" if settings.temp_dir else "the folder of --out"
     try:
@@ -442,12 +440,10 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
         data_card_path=out / "data_card.json",
         bins_sha256=bins_sha,
         counts={
-            "icustays_rows": card["cohort"]["icustays_rows"],
-            "stays_kept": card["cohort"]["stays_kept"],
-            "stays_excluded": card["cohort"]["stays_excluded"],
-            "subjects_kept": card["cohort"]["subjects_kept"],
-            "bins": card["bins"]["total"],
-        },
+            k: card["cohort"][k]
+            for k in ("icustays_rows", "stays_kept", "stays_excluded", "subjects_kept")
+        }
+        | {"bins": card["bins"]["total"]},
         rows_read={name: s.rows_read for name, s in stats.items()},
         seconds=elapsed,
     )

@@ -11,17 +11,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MIN_MEMORY_BYTES = 64 * 10**6
 """Below this DuckDB cannot hold even the demo's working set (16 MB fails, 64 MB runs)."""
-_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(%|[kmgt]i?b|b)", re.IGNORECASE)
 DEFAULT_MIMIC_DIR = REPO_ROOT.parent / "shared" / "data" / "mimic-iii-demo"
 
@@ -80,7 +69,8 @@ class EtlSettings(BaseSettings):
             if not 0 < number <= 100:
                 raise ValueError(f"{v!r}: a share of memory must lie in (0, 100]%")
             return v.strip()
-        size = number * _UNITS[unit]
+        # B, KB .. TB in powers of 1000; KiB .. TiB in powers of 1024.
+        size = number * (1024 if "i" in unit else 1000) ** "bkmgt".index(unit[0])
         if size < MIN_MEMORY_BYTES:
             raise ValueError(
                 f"{v!r} is below the {MIN_MEMORY_BYTES // 10**6} MB the ETL needs to run at all"

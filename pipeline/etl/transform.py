@@ -11,13 +11,7 @@ import duckdb
 import pandas as pd
 
 from features import catalog as cat
-from features.binning import (
-    BIN_US,
-    PRE_INTIME_HOURS,
-    coverage_bins_sql,
-    state_bins_sql,
-    volume_bins_sql,
-)
+from features.binning import BIN_US, PRE_INTIME_HOURS, wide_bins_sql
 
 REASON_MISSING_IDS = "missing icustay_id, subject_id or hadm_id"
 REASON_MISSING_TIMES = "missing intime or outtime"
@@ -77,26 +71,13 @@ def _item_map() -> pd.DataFrame:
             if itemid in gcs_parts:
                 continue
             conv = next((c for c in var.conversions if itemid in c.itemids), None)
-            if conv is not None:
-                rows.append(
-                    (itemid, "chart", var.name, lo, hi, conv.scale, conv.offset, True, None)
-                )
+            if conv is not None:  # (scale, offset, always, above)
+                how = (conv.scale, conv.offset, True, None)
             elif when_above is not None:
-                rows.append(
-                    (
-                        itemid,
-                        "chart",
-                        var.name,
-                        lo,
-                        hi,
-                        when_above.scale,
-                        when_above.offset,
-                        False,
-                        when_above.also_when_above,
-                    )
-                )
+                how = (when_above.scale, when_above.offset, False, when_above.also_when_above)
             else:
-                rows.append((itemid, "chart", var.name, lo, hi, 1.0, 0.0, False, None))
+                how = (1.0, 0.0, False, None)
+            rows.append((itemid, "chart", var.name, lo, hi, *how))
         for itemid in var.lab_itemids:
             rows.append((itemid, "lab", var.name, lo, hi, 1.0, 0.0, False, None))
     return pd.DataFrame(
@@ -286,29 +267,5 @@ def intervention_problems(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str,
 
 
 def wide_aggregates(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
-    """One row per (stay, bin) that has any aggregate; a column per catalog variable.
-
-    The pivot runs in DuckDB so that only the wide frame (one row per bin, not one per bin and
-    variable) reaches pandas.
-    """
-    state = state_bins_sql("state_events", "stays")
-    coverage = coverage_bins_sql("intervals", "stays")
-    volume = volume_bins_sql("doses", "stays")
-    columns = ",\n".join(
-        f"max(value) FILTER (WHERE variable = '{n}') AS {n}"
-        for n in (*cat.STATE_NAMES, *cat.INTERVENTION_NAMES)
-    )
-    return con.execute(
-        f"""
-        SELECT icustay_id, bin::BIGINT AS bin, {columns}
-        FROM (
-            SELECT icustay_id, bin, variable, value FROM ({state})
-            UNION ALL
-            SELECT icustay_id, bin, variable, value FROM ({coverage})
-            UNION ALL
-            SELECT icustay_id, bin, variable, value FROM ({volume})
-        )
-        GROUP BY icustay_id, bin
-        ORDER BY icustay_id, bin
-        """
-    ).df()
+    """One row per (stay, bin) that has any aggregate; a column per catalog variable."""
+    return con.execute(wide_bins_sql("state_events", "intervals", "doses", "stays")).df()

@@ -119,14 +119,13 @@ def run(args: argparse.Namespace) -> int:
     if result.run_id is None:  # a non-zero DDP rank: rank 0 reports
         return 0
     m = result.metrics
-    ks = [k for k in cfg.ks]
     print(
         f"run {result.run_id}  model {result.model}  label {result.label}  "
         f"registered version {result.registered_version}"
     )
     print(
         "test RMSE (measured values, scaled): "
-        + "  ".join(f"K={k}: {m.get(f'test/rmse_measured_k{k}', float('nan')):.4f}" for k in ks)
+        + "  ".join(f"K={k}: {m.get(f'test/rmse_measured_k{k}', float('nan')):.4f}" for k in cfg.ks)
     )
     print(
         "test skill vs persistence [95% CI]: "
@@ -134,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             f"K={k}: {m.get(f'test/skill_k{k}', float('nan')):+.3f} "
             f"[{m.get(f'test/skill_k{k}_lo', float('nan')):+.3f}, "
             f"{m.get(f'test/skill_k{k}_hi', float('nan')):+.3f}]"
-            for k in ks
+            for k in cfg.ks
         )
     )
     print(
