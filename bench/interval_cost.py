@@ -3,7 +3,9 @@
 One app (TestClient, lifespan run, no network), the same made-up patients; each request is
 sent with ``"interval_levels": []`` (off) and without it (the model's default levels),
 interleaved, and the median and minimum server-side times are printed. The HTTP benchmark
-(bench/serve_load.py) is too noisy on a shared machine to see a 10% change.
+(bench/serve_load.py) is too noisy on a shared machine to see a 10% change. Then where the
+batch's extra time goes: the loaded Forecaster's model call and its interval computation on
+the same patients, timed alone, and the response sizes.
 
     .venv/bin/python bench/interval_cost.py --tracking-uri sqlite:///mlflow.db \\
         --model-uri models:/icu-forecast-cfc@champion
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                 ps = [patient(i, args.bins, args.horizon) | extra for i in range(n)]
                 bodies[arm] = json.dumps(ps[0] if n == 1 else {"patients": ps}).encode()
             times: dict[str, list[float]] = {"off": [], "on": []}
+            size: dict[str, int] = {}
+            payload: dict[str, object] = {}
             for _ in range(repeats):
                 for arm in ("off", "on"):
                     t0 = time.perf_counter()
@@ -61,15 +65,73 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     times[arm].append(time.perf_counter() - t0)
                     r.raise_for_status()
+                    size[arm] = len(r.content)
+                    payload[arm] = r.json()
             med = {a: statistics.median(t) * 1e3 for a, t in times.items()}
             low = {a: min(t) * 1e3 for a, t in times.items()}
             print(
                 f"{name}: median {med['off']:.2f} -> {med['on']:.2f} ms "
                 f"({100 * (med['on'] / med['off'] - 1):+.0f}%), min {low['off']:.2f} -> "
-                f"{low['on']:.2f} ms ({100 * (low['on'] / low['off'] - 1):+.0f}%)",
+                f"{low['on']:.2f} ms ({100 * (low['on'] / low['off'] - 1):+.0f}%); response "
+                f"{size['off']:,} -> {size['on']:,} bytes, encoding it alone (orjson) "
+                f"{encode_ms(payload['off'], repeats):.2f} -> "
+                f"{encode_ms(payload['on'], repeats):.2f} ms",
                 flush=True,
             )
+        forecaster = client.app.state.holder.current.forecaster
+        parts = model_parts(forecaster, args.batch, args.bins, args.horizon, args.repeats)
+        print(
+            f"batch of {args.batch}, in process: model call {parts['forecast']:.2f} ms, "
+            f"intervals {parts['intervals']:.3f} ms (median)",
+            flush=True,
+        )
     return 0
+
+
+def encode_ms(payload: object, repeats: int) -> float:
+    """Median ms of ``orjson.dumps`` of a response's objects (what the app writes)."""
+    import orjson
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        orjson.dumps(payload)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def model_parts(forecaster, n: int, bins: int, horizon: int, repeats: int) -> dict[str, float]:  # noqa: ANN001
+    """Median ms of ``Forecaster.forecast`` and of ``Forecaster.intervals`` (default levels)
+    for the bench's ``n`` patients, as the service pads them."""
+    import numpy as np
+    import torch
+
+    from features.catalog import INTERVENTION_NAMES, STATE_NAMES
+
+    state = np.full((n, bins, len(STATE_NAMES)), np.nan)
+    iv = np.full((n, bins, len(INTERVENTION_NAMES)), np.nan)
+    planned = np.zeros((n, horizon, len(INTERVENTION_NAMES)))
+    for i in range(n):
+        p = patient(i, bins, horizon)
+        for b, hb in enumerate(p["history"]):
+            state[i, b] = [hb["values"].get(v, np.nan) for v in STATE_NAMES]
+            iv[i, b] = [hb["interventions"].get(v, np.nan) for v in INTERVENTION_NAMES]
+        planned[i] = [
+            [s.get(v, 0.0) for v in INTERVENTION_NAMES] for s in p["planned_interventions"]
+        ]
+    lengths = np.full(n, bins)
+    times: dict[str, list[float]] = {"forecast": [], "intervals": []}
+    with torch.inference_mode():
+        out = forecaster.forecast(state, iv, lengths, planned)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            forecaster.forecast(state, iv, lengths, planned)
+            t1 = time.perf_counter()
+            forecaster.intervals(out, state, lengths)
+            t2 = time.perf_counter()
+            times["forecast"].append(t1 - t0)
+            times["intervals"].append(t2 - t1)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from features.preprocess import CLAMP_HIGH, CLAMP_LOW
 from training.conformal import (
     Calibration,
     Residuals,
+    ScoreTable,
     conformal_quantile,
     fit_calibration,
     history_windows,
@@ -37,6 +38,36 @@ def test_quantile_is_the_finite_sample_rank_and_unit_weights_agree(n: int, level
     assert conformal_quantile(scores, level, np.cumsum(np.ones(n))) == expected
     # Weights that are all equal but not 1 (a single stay) give the same rank.
     assert conformal_quantile(scores, level, np.cumsum(np.full(n, 1 / n))) == expected
+
+
+def test_one_search_over_all_rows_and_levels_is_the_weighted_rule_of_each_row() -> None:
+    """:class:`ScoreTable` (what the service runs) against the weighted rule computed exactly,
+    in fractions, row by row: the smallest score whose cumulative weight reaches
+    ``level * total * (n + 1) / n``. Stay weights (1 / windows of the stay) make exact ties."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(7)
+    scores, cums, fracs = [], [], []
+    for n in [0, 1, 2, 5, 9, 19, 40, *rng.integers(1, 80, 30)]:
+        stays = rng.integers(0, max(1, n // 3 + 1), n)
+        counts = np.bincount(stays)
+        order = rng.permutation(n)  # the weights of a sorted row come in any stay order
+        w = [Fraction(1, int(counts[stays[i]])) for i in order]
+        cum = np.cumsum([Fraction(0), *w])[1:]
+        scores.append(np.sort(rng.exponential(size=n)))
+        cums.append(np.array([float(c) for c in cum]))
+        fracs.append(list(cum))
+    levels = [0.05 * i for i in range(1, 20)] + [0.8, 0.95, 0.37]
+    got = ScoreTable.build(scores, cums).quantiles(levels)
+    for li, level in enumerate(levels):
+        lv = Fraction(str(round(level, 10)))
+        for r, (s, cum) in enumerate(zip(scores, fracs, strict=True)):
+            n = len(s)
+            need = lv * cum[-1] * (n + 1) / n if n else None
+            i = next((i for i, c in enumerate(cum) if c >= need), None) if n else None
+            expected = s[i] if i is not None else math.inf
+            assert got[li, r] == expected, (level, r, n)
+            assert conformal_quantile(s, level, cums[r]) == expected
 
 
 def test_quantile_rejects_levels_outside_the_unit_interval() -> None:

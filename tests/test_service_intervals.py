@@ -161,3 +161,77 @@ def test_a_model_without_calibration_serves_values_only(served_model):
     with TestClient(create_app(settings, load)) as c:
         out = c.post("/v1/forecast", json=history_body(interval_levels=[0.9])).json()
     assert out["forecast"] and all("intervals" not in s for s in out["forecast"])
+
+
+def _pyfunc_frame(bodies: list[dict]):  # noqa: ANN202 - a pandas DataFrame
+    """The service's request bodies in the pyfunc's long input format (training/pyfunc.py)."""
+    import pandas as pd
+
+    rows = []
+    for body in bodies:
+        for b, hb in enumerate(body["history"]):
+            rows.append(
+                {"patient_id": body["id"], "kind": "history", "step": b}
+                | {n: hb["values"].get(n, np.nan) for n in STATE_NAMES}
+                | {n: hb["interventions"].get(n, np.nan) for n in INTERVENTION_NAMES}
+            )
+        for k, plan in enumerate(body["planned_interventions"]):
+            rows.append(
+                {"patient_id": body["id"], "kind": "plan", "step": k}
+                | dict.fromkeys(STATE_NAMES, np.nan)
+                | {n: plan.get(n, np.nan) for n in INTERVENTION_NAMES}
+            )
+    return pd.DataFrame(rows)
+
+
+def test_pyfunc_predict_frame_carries_the_served_intervals(client, served_model):
+    """The logged pyfunc's output has each level's lower and upper bound next to the point
+    forecast, equal to what the service returns for the same patients to 1e-6."""
+    import mlflow
+    from service_support import mlflow_store
+
+    from training.pyfunc import interval_column
+
+    with mlflow_store(served_model.tracking_uri):
+        pyfunc = mlflow.pyfunc.load_model(served_model.settings_kwargs["model_uri"])
+    plan = {"vasopressor": 0.1, "mechanical_ventilation": 1.0, "iv_fluid_ml": 250.0}
+    bodies = [
+        history_body(n_bins=2 + i, horizon=1 + i % 3, id=f"p{i}")
+        | {"planned_interventions": [plan] * (1 + i % 3)}
+        for i in range(4)
+    ]
+    frame = _pyfunc_frame(bodies)
+    got = pyfunc.predict(frame)
+    resp = client.post("/v1/forecast/batch", json={"patients": bodies})
+    assert resp.status_code == 200, resp.text
+    for body, served in zip(bodies, resp.json()["results"], strict=True):
+        mine = got[got["patient_id"] == body["id"]]
+        assert mine["step"].tolist() == list(range(1, body["horizon"] + 1))
+        for step, (_, row) in zip(served["forecast"], mine.iterrows(), strict=True):
+            np.testing.assert_allclose(
+                [row[n] for n in STATE_NAMES],
+                [step["values"][n] for n in STATE_NAMES],
+                rtol=1e-6,
+                atol=1e-6,
+            )
+            assert set(step["intervals"]) == {"0.8", "0.95"}
+            for key, band in step["intervals"].items():
+                for bound in ("lower", "upper"):
+                    cols = [interval_column(n, bound, float(key)) for n in STATE_NAMES]
+                    np.testing.assert_allclose(
+                        row[cols].to_numpy(float),
+                        [band[bound][n] for n in STATE_NAMES],
+                        rtol=1e-6,
+                        atol=1e-6,
+                    )
+    # Other levels through the pyfunc's param, and none at all.
+    half = pyfunc.predict(frame, params={"interval_levels": [0.5]})
+    bands = [c for c in half.columns if c not in ("patient_id", "step", *STATE_NAMES)]
+    assert sorted(bands) == sorted(
+        interval_column(n, b, 0.5) for n in STATE_NAMES for b in ("lower", "upper")
+    )
+    lo = half[[interval_column(n, "lower", 0.5) for n in STATE_NAMES]].to_numpy()
+    lo80 = got[[interval_column(n, "lower", 0.8) for n in STATE_NAMES]].to_numpy()
+    assert (lo >= lo80 - 1e-12).all()
+    none = pyfunc.predict(frame, params={"interval_levels": []})
+    assert list(none.columns) == ["patient_id", "step", *STATE_NAMES]

@@ -58,6 +58,23 @@ def test_cv_scores_every_model_on_the_same_windows(
     sizes = bins.groupby(["subject_id", "icustay_id"]).size()
     with_window = sizes[sizes >= 2].index.get_level_values("subject_id").nunique()
     assert rows[0]["n_patients"] == with_window
+    # Conformal bands: every network model and persistence, on the same measured values;
+    # the ridge baselines have none.
+    assert report["interval_levels"] == ["0.8", "0.95"]
+    for r in rows:
+        if r["model"] in ("linear", "direct"):
+            assert r["coverage"] is None and r["width"] is None
+            continue
+        assert set(r["coverage"]) == set(r["width"]) == {"0.8", "0.95"}
+        assert 0 <= r["coverage"]["0.8"] <= r["coverage"]["0.95"] <= 1
+        assert 0 < r["width"]["0.8"] < r["width"]["0.95"]
+        ref = next(p for p in rows if p["model"] == "persistence" and p["k"] == r["k"])
+        assert r["n_interval_values"] == ref["n_interval_values"] > 0
+        for lv in ("0.8", "0.95"):
+            ratio = r["width"][lv] / ref["width"][lv]
+            assert r["width_vs_persistence"][lv] == pytest.approx(ratio)
+    md = (out / "report.md").read_text()
+    assert "| gru | 5 |" in md and "vs persistence 0.95" in md
     ratios = report["ratios"]
     assert {(r["a"], r["b"]) for r in ratios} == {("gru", "small")}
     assert all(r["ci"][0] <= r["rmse_ratio"] <= r["ci"][1] for r in ratios)
@@ -71,6 +88,32 @@ def test_cv_scores_every_model_on_the_same_windows(
     assert len(nested) == 12
     assert all(r.info.status == "FINISHED" for r in nested)
     assert any("epoch" in r.data.metrics or "val_rollout_mse" in r.data.metrics for r in nested)
+    assert all("fold_test/coverage_k5_l0.8" in r.data.metrics for r in nested)
+    assert "cv/gru/coverage_k5_l0.95" in parents[0].data.metrics
+
+
+def test_bands_pool_every_measured_value_alike() -> None:
+    """Two folds of different sizes: pooled coverage and width are value-weighted means, and
+    the width ratio compares with persistence's band on the same values."""
+    from training.cv import CvResult, band_fields
+    from training.intervals import Coverage
+
+    res = CvResult(folds=2, seeds=(0,), ks=(1,))
+
+    def fold(cov80: float, w80: float, n: int) -> Coverage:
+        cells = {"coverage": cov80, "width": w80, "n": float(n)}
+        return Coverage({(1, 0.8): cells, (1, 0.95): {**cells, "width": 2 * w80}}, [])
+
+    res.add_bands("gru", fold(0.9, 0.2, 10))
+    res.add_bands("gru", fold(0.6, 0.5, 30))
+    res.add_bands("persistence", fold(0.8, 0.4, 10))
+    res.add_bands("persistence", fold(0.8, 0.4, 30))
+    got = band_fields(res, "gru", 1)
+    assert got["n_interval_values"] == 40
+    assert got["coverage"]["0.8"] == pytest.approx((0.9 * 10 + 0.6 * 30) / 40)
+    assert got["width"]["0.8"] == pytest.approx((0.2 * 10 + 0.5 * 30) / 40)
+    assert got["width_vs_persistence"]["0.95"] == pytest.approx(got["width"]["0.8"] / 0.4)
+    assert band_fields(res, "linear", 1)["coverage"] is None
 
 
 def test_bad_cv_arguments_are_one_line_errors(data: Path, tmp_path: Path, capsys) -> None:

@@ -170,11 +170,20 @@ def _check_pyfunc_frame(pyfunc, forecaster, state, iv, lengths, planned) -> None
             )
     frame = pd.DataFrame(rows)
     got = pyfunc.predict(frame)
-    assert list(got.columns) == ["patient_id", "step", *STATE_NAMES]
+    assert list(got.columns[: 2 + len(STATE_NAMES)]) == ["patient_id", "step", *STATE_NAMES]
     expect = forecaster.forecast(state, iv, lengths, planned)
     np.testing.assert_allclose(
         got[list(STATE_NAMES)].to_numpy().reshape(expect.shape), expect, rtol=1e-9
     )
+    # The conformal bands of the default levels follow the point forecast.
+    if forecaster.calibration is not None:
+        from training.pyfunc import interval_column
+
+        bands = forecaster.intervals(expect, state, lengths)
+        for level, (lo, hi) in bands.items():
+            for bound, arr in (("lower", lo), ("upper", hi)):
+                cols = [interval_column(n, bound, level) for n in STATE_NAMES]
+                np.testing.assert_allclose(got[cols].to_numpy().reshape(arr.shape), arr, rtol=1e-9)
 
 
 def _check_scoring_server(pyfunc) -> None:  # noqa: ANN001

@@ -6,6 +6,11 @@ fitted on the training patients only (:class:`training.data.BinsDataModule`). Ev
 and baseline is scored on the held-out fold's windows, on measured target values. Per seed,
 the folds cover every patient once; per-patient error sums are averaged over seeds, and
 intervals come from a paired bootstrap over patients (:mod:`training.skill`).
+
+Prediction intervals are scored the same way: in each fold every network model and
+persistence is conformally calibrated on the fold's validation patients exactly as training
+calibrates (:func:`training.intervals.held_out_coverage`), and the band's coverage and width on
+the held-out fold's measured values are pooled over folds and seeds.
 """
 
 from __future__ import annotations
@@ -16,11 +21,16 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from training.config import TrainConfig
+from training.conformal import DEFAULT_LEVELS, level_label
 from training.skill import PatientErrors, mean_over_runs, pool, rmse_ci, rmse_ratio, skill
+
+if TYPE_CHECKING:  # the intervals module imports torch; the report needs none of it
+    from training.intervals import Coverage
 
 log = logging.getLogger("icu_forecast.cv")
 
@@ -75,6 +85,18 @@ class CvResult:
     n_windows: dict[tuple[str, int], int] = field(default_factory=dict)
     stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     seconds: float = 0.0
+    # (label, k, level) -> [values inside the band, sum of band widths (scaled), values]
+    # summed over every fold and seed: each measured value weighs the same, as in the RMSE.
+    bands: dict[tuple[str, int, float], np.ndarray] = field(default_factory=dict)
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+
+    def add_bands(self, label: str, cov: Coverage) -> None:
+        """Add one fold's band scores (:class:`training.intervals.Coverage`) to the pool."""
+        for (k, level), m in cov.summary.items():
+            n = m["n"]
+            part = np.array([m["coverage"] * n, m["width"] * n, n]) if n else np.zeros(3)
+            key = (label, k, level)
+            self.bands[key] = self.bands.get(key, np.zeros(3)) + part
 
 
 def run_cv(
@@ -90,7 +112,8 @@ def run_cv(
     import torch
 
     from training.evaluate import evaluate
-    from training.models import count_parameters
+    from training.intervals import coverage_metrics, held_out_coverage
+    from training.models import ModelConfig, build_model, count_parameters
     from training.train import baseline_evaluations, data_module, fit_lightning
 
     if base.threads:
@@ -111,6 +134,15 @@ def run_cv(
             common = {"folds": folds, "fold": fold, "cv_seed": seed, "seed": seed}
             dm = data_module(base.model_copy(update=common))
             evals = baseline_evaluations(dm, ("test",), ks, base.ridge_alpha)["test"]
+            val, test, pre = dm.sequences["val"], dm.sequences["test"], dm.preprocessor
+            # The naive band: persistence has no parameters, so a fresh one is the baseline's.
+            persistence = build_model(ModelConfig(model=REFERENCE))
+            res.add_bands(
+                REFERENCE,
+                held_out_coverage(
+                    persistence, val, test, evals[REFERENCE].windows, pre, res.levels
+                ),
+            )
             for label, overrides in variants.items():
                 cfg = TrainConfig(
                     **{
@@ -136,9 +168,12 @@ def run_cv(
                     )
                     _, lit, _, stats = fit_lightning(cfg, dm, logger)
                     model = lit.model.cpu().float().eval()
-                    ev = evaluate(model, dm.sequences["test"], dm.preprocessor, ks)
+                    ev = evaluate(model, test, pre, ks)
                     fold_metrics = ev.metrics("fold_test")
                     fold_metrics |= ev.skill_metrics(evals[REFERENCE], "fold_test")
+                    cov = held_out_coverage(model, val, test, ev.windows, pre, res.levels)
+                    fold_metrics |= coverage_metrics(cov, "fold_test/")
+                    res.add_bands(label, cov)
                     stats["n_params"] = float(count_parameters(model))
                     mlflow.log_metrics(
                         {k: v for k, v in (fold_metrics | stats).items() if np.isfinite(v)}
@@ -206,9 +241,37 @@ def report_rows(res: CvResult, n_boot: int = 2000) -> list[dict]:
                     "train_seconds": _mean(stats.get("train_seconds")),
                     "train_mem_mb": _mean(stats.get("train_mem_mb")),
                     "epochs_run": _mean(stats.get("epochs_run")),
+                    **band_fields(res, label, k),
                 }
             )
     return rows
+
+
+def band_fields(res: CvResult, label: str, k: int) -> dict[str, object]:
+    """The row's conformal band, keyed by level (``"0.8"``): pooled ``coverage``, mean
+    ``width`` (scaled units), ``width_vs_persistence`` (width / the conformal persistence
+    band's width on the same values) and ``n_interval_values``; None where the model has no
+    band (the ridge baselines)."""
+    if (label, k, res.levels[0]) not in res.bands:
+        keys = ("coverage", "width", "width_vs_persistence", "n_interval_values")
+        return dict.fromkeys(keys)
+    cov, width, ratio = {}, {}, {}
+    n = 0
+    for level in res.levels:
+        inside, wsum, n = res.bands[(label, k, level)]
+        ref = res.bands.get((REFERENCE, k, level))
+        key = level_label(level)
+        cov[key] = float(inside / n) if n else None
+        width[key] = float(wsum / n) if n else None
+        # Same windows and measured values for every model, so the ratio of means is the
+        # ratio of summed widths.
+        ratio[key] = float(wsum / ref[1]) if ref is not None and ref[1] > 0 else None
+    return {
+        "coverage": cov,
+        "width": width,
+        "width_vs_persistence": ratio,
+        "n_interval_values": int(n),
+    }
 
 
 def ratio_rows(res: CvResult, pairs: list[tuple[str, str]], n_boot: int = 2000) -> list[dict]:
@@ -284,6 +347,7 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
                 if r["a"] == a and r["b"] == b and r["k"] == k
             ]
             lines.append(f"| {a} / {b} | " + " | ".join(cells) + " |")
+    lines += band_markdown(res, rows)
     lines += [
         "",
         "params: trainable parameters. train mem: one optimisation step of one training batch "
@@ -294,6 +358,43 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
         f"Wall time: {res.seconds / 60:.1f} min.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def band_markdown(res: CvResult, rows: list[dict]) -> list[str]:
+    """The conformal-band table: coverage, width and width against persistence's band."""
+    rows = [r for r in rows if r.get("coverage")]
+    if not rows:
+        return []
+    labels = [level_label(lv) for lv in res.levels]
+    lines = [
+        "",
+        "Conformal prediction intervals: in each fold and seed, every network model and "
+        "persistence is calibrated on that fold's validation patients' closed-loop rollouts "
+        "exactly as training calibrates (split conformal per step and variable, stay-weighted, "
+        "adaptive where it pays; docs/intervals.md) and scored on the held-out fold's "
+        "**measured** values at the K-th step. Coverage and mean width (scaled min-max units) "
+        "are pooled over folds and seeds, every measured value weighing the same (as in the "
+        "RMSE). vs persistence: width / the conformal persistence band's width on the same "
+        "values (< 1: narrower). values: measured values scored, all folds and seeds.",
+        "",
+        "| model | K | values | "
+        + " | ".join(f"coverage {lv} | width {lv} | vs persistence {lv}" for lv in labels)
+        + " |",
+        "|---|---:|---:|" + "---:|---:|---:|" * len(labels),
+    ]
+    for r in rows:
+        cells = []
+        for lv in labels:
+            c, w, q = r["coverage"][lv], r["width"][lv], r["width_vs_persistence"][lv]
+            cells.append(f"{100 * c:.1f}%" if c is not None else "-")
+            cells.append(f"{w:.3f}" if w is not None else "-")
+            if r["model"] == REFERENCE or q is None:
+                cells.append("-" if q is None else "1 (reference)")
+            else:
+                cells.append(f"{q:.3f} ({'narrower' if q < 1 else 'not narrower'})")
+        n = f"{r['n_interval_values']:,}"
+        lines.append(f"| {r['model']} | {r['k']} | {n} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(res: CvResult, out: Path, pairs: list[tuple[str, str]]) -> dict:
@@ -309,6 +410,7 @@ def write_report(res: CvResult, out: Path, pairs: list[tuple[str, str]]) -> dict
         "ks": list(res.ks),
         "reference": REFERENCE,
         "metric": "RMSE over measured target values, scaled, K-th rollout step",
+        "interval_levels": [level_label(lv) for lv in res.levels],
         "rows": rows,
         "ratios": ratios,
         "seconds": res.seconds,

@@ -149,6 +149,21 @@ def coverage(
     return Coverage(summary, rows)
 
 
+def held_out_coverage(
+    model: DynamicsModel,
+    val: StaySequences,
+    test: StaySequences,
+    wins: dict[int, Windows],
+    pre: Preprocessor,
+    levels: tuple[float, ...] = DEFAULT_LEVELS,
+) -> Coverage:
+    """Calibrate ``model`` on ``val`` as training does (:func:`calibrate`, steps 1..max K) and
+    score the band on ``wins``, the clean rollouts of ``test`` that
+    :func:`training.evaluate.evaluate` made (the same windows :func:`split_windows` gives)."""
+    cal = calibrate(model, val, pre, max(wins), levels)
+    return coverage(cal, wins, test.raw_state, pre, levels)
+
+
 def coverage_metrics(
     cov: Coverage, prefix: str, suffix: str = "", variant: str = ""
 ) -> dict[str, float]:

@@ -18,13 +18,19 @@ columns                    during that forecast bin
 
 The horizon H of a patient is its number of plan rows (at least one). Output: one row per
 patient and forecast bin: ``patient_id``, ``step`` (1..H, bins after the last history bin) and
-the 18 state variables in physical units. See :meth:`Forecaster.forecast` for which planned
-interventions reach which step.
+the 18 state variables in physical units; then, when the model carries a conformal
+calibration (docs/intervals.md), the prediction interval of every variable at each level:
+``{variable}_lower_{level}`` and ``{variable}_upper_{level}`` (e.g. ``heart_rate_lower_0.8``),
+the same numbers the service returns as ``intervals``. The levels are the calibration's
+defaults (0.8 and 0.95), or the ``interval_levels`` param (a list of levels in (0, 1); an
+empty list gives none). See :meth:`Forecaster.forecast` for which planned interventions reach
+which step.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
@@ -35,7 +41,7 @@ import torch
 from features.catalog import INTERVENTION_NAMES, STATE_NAMES, catalog_dict, catalog_version
 from features.errors import UserError
 from features.preprocess import Preprocessor
-from training.conformal import Calibration
+from training.conformal import Calibration, level_label
 from training.forecaster import Forecaster
 from training.models import ModelConfig, build_model
 
@@ -47,6 +53,7 @@ class ForecastInputError(UserError, ValueError):
 
 
 CALIBRATION_FILE = "calibration.json"
+LEVELS_PARAM = "interval_levels"
 
 
 def save_model_dir(
@@ -148,20 +155,36 @@ def frame_to_arrays(
     return ids, state, iv, lengths, planned
 
 
-def predict_frame(forecaster: Forecaster, frame: pd.DataFrame) -> pd.DataFrame:
+def interval_column(variable: str, bound: str, level: float) -> str:
+    """``heart_rate``, ``lower``, 0.8 -> ``heart_rate_lower_0.8`` (the predict frame's band
+    columns)."""
+    return f"{variable}_{bound}_{level_label(level)}"
+
+
+def predict_frame(
+    forecaster: Forecaster, frame: pd.DataFrame, levels: Sequence[float] | None = None
+) -> pd.DataFrame:
+    """The forecast of every patient in ``frame``, with its conformal bands at ``levels``
+    (None: the calibration's defaults; none when the model has no calibration)."""
     ids, state, iv, lengths, planned = frame_to_arrays(frame)
-    horizons = (
-        frame[frame["kind"].astype(str) == "plan"].groupby(frame["patient_id"].astype(str)).size()
-    )
+    plan_rows = frame[frame["kind"].astype(str) == "plan"]
+    horizons = plan_rows.groupby(plan_rows["patient_id"].astype(str)).size()
     out = forecaster.forecast(state, iv, lengths, planned)
-    rows = []
-    for i, p in enumerate(ids):
-        for k in range(int(horizons[p])):
-            rows.append(
-                {"patient_id": p, "step": k + 1, **dict(zip(STATE_NAMES, out[i, k], strict=True))}
-            )
-    result = pd.DataFrame(rows, columns=["patient_id", "step", *STATE_NAMES])
-    return result.astype({"step": "int64"})
+    h = np.array([int(horizons[p]) for p in ids])
+    keep = np.arange(out.shape[1]) < h[:, None]  # (B, H_max): each patient's own horizon
+    columns: dict[str, object] = {
+        "patient_id": np.repeat(np.array(ids, dtype=object), h),
+        "step": np.concatenate([np.arange(1, n + 1, dtype=np.int64) for n in h]),
+    }
+    columns |= dict(zip(STATE_NAMES, out[keep].T, strict=True))
+    if forecaster.calibration is not None:
+        wanted = forecaster.calibration.levels if levels is None else tuple(levels)
+        bands = forecaster.intervals(out, state, lengths, wanted) if wanted else {}
+        for level, (lo, hi) in bands.items():
+            for bound, arr in (("lower", lo), ("upper", hi)):
+                cols = (interval_column(n, bound, level) for n in STATE_NAMES)
+                columns |= dict(zip(cols, arr[keep].T, strict=True))
+    return pd.DataFrame(columns)
 
 
 class ForecastModel(mlflow.pyfunc.PythonModel):
@@ -175,7 +198,24 @@ class ForecastModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
-        return predict_frame(self.forecaster, model_input)
+        return predict_frame(self.forecaster, model_input, _levels_param(params))
+
+
+def _levels_param(params: dict | None) -> tuple[float, ...] | None:
+    """The ``interval_levels`` param: None (the defaults) or levels each in (0, 1)."""
+    levels = (params or {}).get(LEVELS_PARAM)
+    if levels is None:
+        return None
+    if isinstance(levels, str | bytes) or not hasattr(levels, "__iter__"):
+        levels = [levels]
+    out = []
+    for v in levels:
+        if isinstance(v, bool) or not isinstance(v, int | float | np.floating) or not 0 < v < 1:
+            raise ForecastInputError(
+                f"param {LEVELS_PARAM}: each level must be in (0, 1), got {v!r}"
+            )
+        out.append(float(v))
+    return tuple(dict.fromkeys(out))
 
 
 def synthetic_input_example() -> pd.DataFrame:
@@ -219,7 +259,10 @@ def log_pyfunc(model_dir: Path, registered_name: str | None, forecaster: Forecas
     from mlflow.models import infer_signature
 
     example = synthetic_input_example()
-    signature = infer_signature(example, predict_frame(forecaster, example))
+    params = None
+    if forecaster.calibration is not None:
+        params = {LEVELS_PARAM: [float(lv) for lv in forecaster.calibration.levels]}
+    signature = infer_signature(example, predict_frame(forecaster, example), params)
     root = Path(__file__).resolve().parents[1]
     return mlflow.pyfunc.log_model(
         name="model",

@@ -71,12 +71,16 @@ def run(args: argparse.Namespace) -> int:
         report = write_report(res, args.out, pairs)
         mlflow.log_artifacts(str(args.out), artifact_path="cv")
         for r in report["rows"]:
-            mlflow.log_metrics(
-                {
-                    f"cv/{r['model']}/rmse_measured_k{r['k']}": r["rmse_measured"],
-                    f"cv/{r['model']}/skill_k{r['k']}": r["skill"],
-                }
-            )
+            prefix, k = f"cv/{r['model']}/", r["k"]
+            metrics = {
+                f"{prefix}rmse_measured_k{k}": r["rmse_measured"],
+                f"{prefix}skill_k{k}": r["skill"],
+            }
+            for name in ("coverage", "width"):
+                for level, v in (r[name] or {}).items():
+                    if v is not None:
+                        metrics[f"{prefix}{name}_k{k}_l{level}"] = v
+            mlflow.log_metrics(metrics)
     if args.markdown is not None:
         import shlex
         import sys
