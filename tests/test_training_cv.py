@@ -92,6 +92,25 @@ def test_cv_scores_every_model_on_the_same_windows(
     assert "cv/gru/coverage_k5_l0.95" in parents[0].data.metrics
 
 
+def test_cv_with_its_tracking_store_inside_out(data: Path, tmp_path: Path) -> None:
+    """The report's files go to MLflow, not the whole --out folder: with the store's
+    artifacts inside --out, copying the folder into them would never end."""
+    from mlflow import MlflowClient
+
+    from pipeline.cli import main
+
+    out = tmp_path / "cv"
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    argv = ["cv", "--data", str(data), "--folds", "2", "--seeds", "1", "--epochs", "1"]
+    argv += ["--models", "small=gru:units=4,ensemble=1", "--out", str(out), "--tracking-uri", uri]
+    assert main([*argv, "--checkpoint-dir", str(tmp_path / "ckpt"), *TINY]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("icu-forecast")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.kind = 'cv'")
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id, "cv")}
+    assert logged == {"cv/report.json", "cv/report.md", "cv/skill_vs_k.png"}
+
+
 def test_bands_pool_every_measured_value_alike() -> None:
     """Two folds of different sizes: pooled coverage and width are value-weighted means, and
     the width ratio compares with persistence's band on the same values."""

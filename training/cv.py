@@ -397,8 +397,12 @@ def band_markdown(res: CvResult, rows: list[dict]) -> list[str]:
     return lines
 
 
+REPORT_FILES = ("report.json", "report.md", "skill_vs_k.png")
+
+
 def write_report(res: CvResult, out: Path, pairs: list[tuple[str, str]]) -> dict:
-    """``out/report.json``, ``out/report.md`` and ``out/skill_vs_k.png``, written atomically."""
+    """``out/report.json``, ``out/report.md`` and ``out/skill_vs_k.png`` (REPORT_FILES),
+    written atomically."""
     from features.atomic import atomic_write_text
     from training import plots
 

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from features.settings import settings_from_flags
     from training import tracking
     from training.config import TrainConfig
-    from training.cv import parse_variant, run_cv, write_report
+    from training.cv import REPORT_FILES, parse_variant, run_cv, write_report
 
     if args.folds < 2:
         raise UserError(f"--folds must be at least 2, got {args.folds}")
@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
     ) as parent:
         res = run_cv(base, variants, args.folds, tuple(range(args.seeds)), parent.info.run_id)
         report = write_report(res, args.out, pairs)
-        mlflow.log_artifacts(str(args.out), artifact_path="cv")
+        # The report's own files, not the folder: --out may hold other things, even the
+        # tracking store itself (copying mlruns into itself never ends).
+        for name in REPORT_FILES:
+            mlflow.log_artifact(str(args.out / name), artifact_path="cv")
         for r in report["rows"]:
             prefix, k = f"cv/{r['model']}/", r["k"]
             metrics = {
