@@ -206,6 +206,32 @@ class RequestModels:
     batch: type[BaseModel]
 
 
+# A what-if request as a user would send it: two bins of history, a plan for the next three.
+# In the OpenAPI document (the /docs "Try it out" body); the fuzz test checks it is valid.
+FORECAST_EXAMPLE: dict[str, Any] = {
+    "id": "bed-7",
+    "horizon": 3,
+    "history": [
+        {
+            "bin_start": "2150-03-01T00:00:00Z",
+            "values": {"heart_rate": 96.0, "sbp": 104.0, "creatinine": 1.4, "lactate": 2.1},
+            "interventions": {"mechanical_ventilation": 1.0, "iv_fluid_ml": 1200.0},
+        },
+        {
+            "bin_start": "2150-03-01T12:00:00Z",
+            "values": {"heart_rate": 104.0, "sbp": 96.0},
+            "interventions": {"vasopressor": 0.5, "mechanical_ventilation": 1.0},
+        },
+    ],
+    "planned_interventions": [
+        {"vasopressor": 1.0, "mechanical_ventilation": 1.0},
+        {"vasopressor": 1.0, "mechanical_ventilation": 1.0, "iv_fluid_ml": 500.0},
+        {"mechanical_ventilation": 1.0},
+    ],
+    "interval_levels": [0.8, 0.95],
+}
+
+
 def request_models(settings: ServiceSettings) -> RequestModels:
     history_field = (
         list[HistoryBin] | None,
@@ -218,7 +244,7 @@ def request_models(settings: ServiceSettings) -> RequestModels:
     )
     forecast = create_model(
         "ForecastRequest",
-        __config__=_STRICT,
+        __config__=ConfigDict(**_STRICT, json_schema_extra={"examples": [FORECAST_EXAMPLE]}),
         __doc__=(
             "One patient's history, as bins or as raw events, and the forecast wanted. "
             "Exactly one of `history` and `events` (with `icu_intime`) must be given."
