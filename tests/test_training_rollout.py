@@ -158,3 +158,13 @@ def test_state_bounds_are_the_clamp_ranges_in_scaled_space(tmp_path) -> None:  #
     lo, hi = state_bounds(pre)
     np.testing.assert_allclose(pre.unscale_state(lo.numpy()), CLAMP_LOW)
     np.testing.assert_allclose(pre.unscale_state(hi.numpy()), CLAMP_HIGH)
+
+
+def test_a_horizon_longer_than_every_stay_gives_empty_windows_with_masks() -> None:
+    """A validation split whose stays are all shorter than K+1 bins (it happens in CV folds):
+    the K windows are empty, not missing their observed masks."""
+    model = build_model(ModelConfig(model="gru", units=4, ensemble=1)).double()
+    inputs = [np.random.default_rng(0).random((3, N_INPUT))]
+    wins = rollout_windows(model, inputs, [x[:, :N_STATE] for x in inputs], (1, 5))
+    assert len(wins[1].stay) == 2 and wins[1].observed.shape == (2, 1, N_STATE)
+    assert wins[5].pred.shape == wins[5].observed.shape == (0, 5, N_STATE)

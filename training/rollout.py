@@ -179,13 +179,8 @@ def rollout_windows(
     for k in ks:
         idx = [(i, s) for i, st in enumerate(states) for s in range(len(st) - k)]
         if not idx:
-            out[k] = Windows(
-                k,
-                np.zeros(0, int),
-                np.zeros(0, int),
-                np.zeros((0, k, N_STATE)),
-                np.zeros((0, k, N_STATE)),
-            )
+            empty = np.zeros((0, k, N_STATE))
+            out[k] = Windows(k, np.zeros(0, int), np.zeros(0, int), empty, empty, empty)
             continue
         stay = np.array([i for i, _ in idx])
         start = np.array([s for _, s in idx])
