@@ -3,7 +3,7 @@
 # and two baselines -> compare -> promote the champion) on the MIMIC-III demo, with embedded
 # defaults: a SQLite MLflow store ./mlflow.db, local files under ./data, no servers.
 #
-#   bash scripts/quickstart.sh                 # the paper's settings (30 epochs)
+#   bash scripts/quickstart.sh                 # the defaults (closed-loop, early stopping)
 #   bash scripts/quickstart.sh --epochs 5      # quicker, for a slow machine
 #   MIMIC_DIR=/path/to/mimic-iii bash scripts/quickstart.sh
 #
