@@ -40,6 +40,16 @@ def test_untrained_network_with_level_memory_is_persistence(name: str) -> None:
     torch.testing.assert_close(pred, last[:, None].expand_as(pred))
 
 
+@pytest.mark.parametrize("name", ["cfc", "gru", "lstm"])
+def test_teacher_forced_forward_equals_chained_steps(name: str) -> None:
+    rng = np.random.default_rng(3)
+    cfg = ModelConfig(model=name, units=8, backbone_units=8, ensemble=1, zero_head=False)
+    model = _with_gain(build_model(cfg).double(), 0.02)
+    x = _history(rng, 2, 7)
+    ys, _, _ = encode(model, x, torch.tensor([7, 7]))
+    torch.testing.assert_close(model(x), ys)
+
+
 def test_the_pull_is_towards_measured_values_only() -> None:
     """Unmeasured (carried-forward) values and fed-back predictions never move the level."""
     model = _with_gain(build_model(ModelConfig(model="gru", units=4, ensemble=1)).double(), 0.01)

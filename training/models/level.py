@@ -90,6 +90,19 @@ class LevelMemory(DynamicsModel):
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
         return [*self.inner.init_state(batch, device, dtype), *empty_levels(batch, device, dtype)]
 
+    def forward(self, x: Tensor) -> Tensor:
+        # Teacher-forced: the network's own sequence forward (nn.GRU's fused loop, CfC's
+        # hoisted projection) plus the pull, the same numbers as chaining ``step``.
+        memory = empty_levels(x.shape[0], x.device, x.dtype)
+        pulls = []
+        for t in range(x.shape[1]):
+            memory, levels = update_levels(memory, x[:, t])
+            pulls.append(self._pull(levels, x[:, t]))
+        return self.inner(x) + torch.stack(pulls, dim=1)
+
+    def _pull(self, levels: Tensor, x: Tensor) -> Tensor:
+        return (_GAIN_SCALE * self.gain.to(x.dtype) * (levels - x[:, None, :N_STATE])).sum(dim=1)
+
     @contextmanager
     def stepping(self) -> Iterator[None]:
         with self.inner.stepping():
@@ -98,5 +111,4 @@ class LevelMemory(DynamicsModel):
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         memory, levels = update_levels(state[self._n_inner :], x)
         y, inner_new = self.inner.step(x, state[: self._n_inner])
-        pull = (_GAIN_SCALE * self.gain.to(x.dtype) * (levels - x[:, None, :N_STATE])).sum(dim=1)
-        return y + pull, [*inner_new, *memory]
+        return y + self._pull(levels, x), [*inner_new, *memory]
