@@ -23,10 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None, help="port (default 8000)")
     parser.add_argument("--model-uri", default=None, help="MLflow model URI (env MODEL_URI)")
     parser.add_argument(
-        "--tracking-uri",
-        dest="mlflow_tracking_uri",
-        metavar="URI",
-        help="MLflow tracking URI (env MLFLOW_TRACKING_URI)",
+        "--tracking-uri", default=None, help="MLflow tracking URI (env MLFLOW_TRACKING_URI)"
     )
     parser.add_argument("--log-level", default=None, help="uvicorn / service log level")
     parser.add_argument(
@@ -39,7 +36,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
-    return settings_from_namespace(ServiceSettings, args, "service")
+    # --tracking-uri is named like every other command's flag; the setting is named after
+    # MLflow's environment variable.
+    return settings_from_namespace(
+        ServiceSettings, args, "service", mlflow_tracking_uri=args.tracking_uri
+    )
 
 
 def uvicorn_options(settings: ServiceSettings) -> dict[str, Any]:
