@@ -235,3 +235,5 @@ def test_pyfunc_predict_frame_carries_the_served_intervals(client, served_model)
     assert (lo >= lo80 - 1e-12).all()
     none = pyfunc.predict(frame, params={"interval_levels": []})
     assert list(none.columns) == ["patient_id", "step", *STATE_NAMES]
+    with pytest.raises(Exception, match=r"interval_levels.*\(0, 1\), got 1\.5"):
+        pyfunc.predict(frame, params={"interval_levels": [0.8, 1.5]})

@@ -49,7 +49,7 @@ def conformal_quantile(
     the smallest score whose cumulative weight reaches ``level`` times (total + the mean
     weight, for the test point); unit weights give the unweighted rule exactly.
     """
-    _check_levels((level,))
+    check_levels((level,))
     n = len(sorted_scores)
     if cum_weights is not None:
         return float(ScoreTable.build([sorted_scores], [cum_weights]).quantiles((level,))[0, 0])
@@ -59,7 +59,8 @@ def conformal_quantile(
     return float(sorted_scores[k - 1]) if k <= n else math.inf
 
 
-def _check_levels(levels: Sequence[float]) -> None:
+def check_levels(levels: Sequence[float]) -> None:
+    """ValueError naming the first level outside (0, 1)."""
     for level in levels:
         if not 0.0 < level < 1.0:
             raise ValueError(f"interval level must be in (0, 1), got {level}")
@@ -101,7 +102,7 @@ class ScoreTable:
         """(len(levels), R): per row, the smallest score whose cumulative weight reaches
         ``level * (total + total / n)`` (the test point weighs a mean weight); ``inf`` where
         the row cannot support the level."""
-        _check_levels(levels)
+        check_levels(levels)
         lv = np.asarray(levels, dtype=np.float64)[:, None]
         n = np.maximum(self.n, 1)
         # 1e-9: a cumulative weight equal to the target up to rounding reaches it

@@ -41,7 +41,7 @@ import torch
 from features.catalog import INTERVENTION_NAMES, STATE_NAMES, catalog_dict, catalog_version
 from features.errors import UserError
 from features.preprocess import Preprocessor
-from training.conformal import Calibration, level_label
+from training.conformal import Calibration, check_levels, level_label
 from training.forecaster import Forecaster
 from training.models import ModelConfig, build_model
 
@@ -202,20 +202,17 @@ class ForecastModel(mlflow.pyfunc.PythonModel):
 
 
 def _levels_param(params: dict | None) -> tuple[float, ...] | None:
-    """The ``interval_levels`` param: None (the defaults) or levels each in (0, 1)."""
+    """The ``interval_levels`` param: None (the defaults) or levels each in (0, 1). MLflow
+    checks its type against the logged signature; the range is the calibration's rule."""
     levels = (params or {}).get(LEVELS_PARAM)
     if levels is None:
         return None
-    if isinstance(levels, str | bytes) or not hasattr(levels, "__iter__"):
-        levels = [levels]
-    out = []
-    for v in levels:
-        if isinstance(v, bool) or not isinstance(v, int | float | np.floating) or not 0 < v < 1:
-            raise ForecastInputError(
-                f"param {LEVELS_PARAM}: each level must be in (0, 1), got {v!r}"
-            )
-        out.append(float(v))
-    return tuple(dict.fromkeys(out))
+    out = tuple(dict.fromkeys(float(v) for v in np.atleast_1d(levels)))
+    try:
+        check_levels(out)
+    except ValueError as exc:
+        raise ForecastInputError(f"param {LEVELS_PARAM}: {exc}") from exc
+    return out
 
 
 def synthetic_input_example() -> pd.DataFrame:
