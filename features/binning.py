@@ -111,7 +111,7 @@ def _patient_db() -> Any:
     return duckdb.connect(config={"threads": 1})
 
 
-# ---------------------------------------------------------------------------- SQL path
+# ---------------------------------------------------------------------------- SQL
 # Sums run in exact arithmetic (fixed-point decimals, integer microseconds): DuckDB adds in
 # parallel in a varying order, and with floating point the last bits, and now and then a value
 # rounded to ROUND_DECIMALS, changed between runs on large inputs. Exact sums make reruns
@@ -122,7 +122,7 @@ _EXACT = "DECIMAL(38, 10)"
 def state_bins_sql(events: str, stays: str) -> str:
     """DuckDB SQL: per (stay, bin, variable) mean of ``events(icustay_id, time, variable, value)``.
 
-    ``stays(icustay_id, intime, outtime)``. Same rules as :func:`aggregate_state`.
+    ``stays(icustay_id, intime, outtime)``. The state rule of the module docstring.
     """
     pre_us = PRE_INTIME_HOURS * 3600 * 1_000_000
     return f"""
@@ -154,7 +154,7 @@ def _bins_of(src: str, st: str, en: str) -> str:
 
 def coverage_bins_sql(intervals: str, stays: str) -> str:
     """DuckDB SQL: covered share per (stay, bin, variable) of
-    ``intervals(icustay_id, variable, start, end)``. Same rules as :func:`aggregate_coverage`.
+    ``intervals(icustay_id, variable, start, end)``. The coverage rule of the module docstring.
     """
     return f"""
     WITH clipped AS (
@@ -194,7 +194,7 @@ def coverage_bins_sql(intervals: str, stays: str) -> str:
 
 def volume_bins_sql(doses: str, stays: str) -> str:
     """DuckDB SQL: amount per (stay, bin, variable) of
-    ``doses(icustay_id, variable, start, end, amount)``. Same rules as :func:`aggregate_volume`.
+    ``doses(icustay_id, variable, start, end, amount)``. The volume rule of the module docstring.
     """
     return f"""
     WITH d AS (
