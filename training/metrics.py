@@ -49,15 +49,3 @@ def per_variable(pred: np.ndarray, true: np.ndarray, names: tuple[str, ...]) -> 
         for j, n in enumerate(names)
     ]
 
-
-def observed_summary(pred: np.ndarray, true: np.ndarray, observed: np.ndarray) -> dict[str, float]:
-    """MAE and RMSE over measured true values only (imputed / carried-forward ones excluded).
-
-    Imputed truth favours persistence: a variable not measured again is carried forward, so
-    "no change" is exactly right there by construction.
-    """
-    m = observed > 0
-    if not m.any():
-        return {"mae": float("nan"), "rmse": float("nan")}
-    err = (pred - true)[m]
-    return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err**2)))}
