@@ -35,6 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from bench.loadgen import LoadResult, build_request, run, run_load  # noqa: E402
 from features.catalog import INTERVENTION_NAMES, STATE_NAMES  # noqa: E402
+from tests.service_support import train_tiny_model  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only
 
@@ -85,38 +86,6 @@ def mlflow_frame_json(patients: list[dict]) -> dict:
                 + [step.get(n) for n in INTERVENTION_NAMES]
             )
     return {"dataframe_split": {"columns": columns, "data": rows}}
-
-
-def train_model(work: Path, units: int) -> tuple[str, str]:
-    """A throwaway CfC (paper size by default) on synthetic data, registered as champion."""
-    from mlflow import MlflowClient
-
-    from tests.synthetic import write_synthetic_etl_output
-    from training.config import TrainConfig
-    from training.train import train_model as train
-
-    etl = write_synthetic_etl_output(work / "etl", n_stays=40, n_bins=8, seed=0)
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    cfg = TrainConfig(
-        model="cfc",
-        data=etl,
-        epochs=1,
-        units=units,
-        backbone_units=units,
-        tracking_uri=uri,
-        checkpoint_dir=work / "checkpoints",
-        plots=False,
-        ks=(1, 2),
-        sigmas=(0.0,),
-        accelerator="cpu",
-    )
-    # The store's default artifact root is ./mlruns: keep it in the work folder.
-    with contextlib.chdir(work):
-        result = train(cfg)
-    MlflowClient(uri, uri).set_registered_model_alias(
-        "icu-forecast-cfc", "champion", result.registered_version
-    )
-    return uri, "models:/icu-forecast-cfc@champion"
 
 
 @contextlib.contextmanager
@@ -226,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         uri, model_uri = args.tracking_uri or "sqlite:///mlflow.db", args.model_uri
     else:
         print(f"training a throwaway CfC ({args.units} units) in {work} ...", flush=True)
-        uri, model_uri = train_model(work, args.units)
+        served = train_tiny_model(work, args.units)
+        uri, model_uri = served.tracking_uri, served.settings_kwargs["model_uri"]
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": uri,

@@ -125,8 +125,9 @@ class ServedModel:
 _CACHE: dict[str, ServedModel] = {}
 
 
-def train_tiny_model(root: Path) -> ServedModel:
-    """Train once per test process (each test module gets the same model)."""
+def train_tiny_model(root: Path, units: int = 8) -> ServedModel:
+    """Train once per test process (each test module gets the same model). Also the serving
+    benchmark's throwaway model (``units`` 128: the paper's size)."""
     if "model" in _CACHE:
         return _CACHE["model"]
     from mlflow import MlflowClient
@@ -141,8 +142,8 @@ def train_tiny_model(root: Path) -> ServedModel:
         model="cfc",
         data=etl,
         epochs=1,
-        units=8,
-        backbone_units=8,
+        units=units,
+        backbone_units=units,
         tracking_uri=uri,
         checkpoint_dir=root / "checkpoints",
         plots=False,
