@@ -105,32 +105,15 @@ def train(s: DagSettings, model: str, ctx: StepContext) -> dict[str, Any]:
 
 def cross_validate(s: DagSettings, out: Path) -> dict[str, Any]:
     """The cv step: patient-grouped CV of the trained network families against baselines."""
-    import mlflow
-
     from training import tracking
-    from training.config import TrainConfig
-    from training.cv import VARIANTS, run_cv, write_report
+    from training.commands.cv import run_and_log
+    from training.cv import VARIANTS
 
     nets = [m for m in s.models if m in NEURAL]
-    given: dict[str, Any] = {
-        "data": s.etl_dir,
-        "tracking_uri": s.tracking_uri,
-        "experiment": s.experiment,
-        "checkpoint_dir": s.data_dir / "checkpoints",
-        "preset": s.preset,
-        "register_model": False,
-        "plots": False,
-    }
-    if s.epochs is not None:
-        given["epochs"] = s.epochs
-    base = TrainConfig(**given)
+    # The networks' train-step settings; each variant sets its own model, run_cv the seed.
+    base = train_config(s, "cfc", register_model=False, plots=False)
     tracking.setup(s.tracking_uri, s.experiment)
-    variants = {m: dict(VARIANTS[m]) for m in nets}
-    with mlflow.start_run(run_name=f"cv-{s.cv_folds}fold-{s.cv_seeds}seeds", tags={"kind": "cv"}):
-        res = run_cv(base, variants, s.cv_folds, tuple(range(s.cv_seeds)), parent_run="dag")
-        report = write_report(res, out, [(a, b) for i, a in enumerate(nets) for b in nets[i + 1 :]])
-        mlflow.log_artifacts(str(out), artifact_path="cv")
-    return report
+    return run_and_log(base, {m: dict(VARIANTS[m]) for m in nets}, s.cv_folds, s.cv_seeds, out)
 
 
 def tiny_train(

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from training.commands.train import add_train_flags, train_values
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -40,14 +44,44 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_train_flags(parser, exclude={"model", "seed", "label", "folds", "fold", "cv-seed"})
 
 
-def run(args: argparse.Namespace) -> int:
+def run_and_log(
+    base: TrainConfig, variants: dict[str, dict], folds: int, seeds: int, out: Path
+) -> dict:
+    """One parent MLflow run (in the experiment already set up) around :func:`run_cv`: the
+    report written to ``out`` and logged with its per-model metrics. Also the DAG's cv step."""
     import mlflow
 
+    from training.cv import REPORT_FILES, run_cv, write_report
+
+    labels = list(variants)
+    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
+    with mlflow.start_run(run_name=f"cv-{folds}fold-{seeds}seeds", tags={"kind": "cv"}) as parent:
+        res = run_cv(base, variants, folds, tuple(range(seeds)), parent.info.run_id)
+        report = write_report(res, out, pairs)
+        # The report's own files, not the folder: --out may hold other things, even the
+        # tracking store itself (copying mlruns into itself never ends).
+        for name in REPORT_FILES:
+            mlflow.log_artifact(str(out / name), artifact_path="cv")
+        for r in report["rows"]:
+            prefix, k = f"cv/{r['model']}/", r["k"]
+            metrics = {
+                f"{prefix}rmse_measured_k{k}": r["rmse_measured"],
+                f"{prefix}skill_k{k}": r["skill"],
+            }
+            for name in ("coverage", "width"):
+                for level, v in (r[name] or {}).items():
+                    if v is not None:
+                        metrics[f"{prefix}{name}_k{k}_l{level}"] = v
+            mlflow.log_metrics(metrics)
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
     from features.errors import UserError
     from features.settings import settings_from_flags
     from training import tracking
     from training.config import TrainConfig
-    from training.cv import REPORT_FILES, parse_variant, run_cv, write_report
+    from training.cv import parse_variant
 
     if args.folds < 2:
         raise UserError(f"--folds must be at least 2, got {args.folds}")
@@ -62,28 +96,7 @@ def run(args: argparse.Namespace) -> int:
     base = settings_from_flags(TrainConfig, given, "cv")
     tracking.setup(base.tracking_uri, base.experiment)
     code = tracking.code_version()  # the code that runs, not the code when the report is written
-    labels = list(variants)
-    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
-    with mlflow.start_run(
-        run_name=f"cv-{args.folds}fold-{args.seeds}seeds", tags={"kind": "cv"}
-    ) as parent:
-        res = run_cv(base, variants, args.folds, tuple(range(args.seeds)), parent.info.run_id)
-        report = write_report(res, args.out, pairs)
-        # The report's own files, not the folder: --out may hold other things, even the
-        # tracking store itself (copying mlruns into itself never ends).
-        for name in REPORT_FILES:
-            mlflow.log_artifact(str(args.out / name), artifact_path="cv")
-        for r in report["rows"]:
-            prefix, k = f"cv/{r['model']}/", r["k"]
-            metrics = {
-                f"{prefix}rmse_measured_k{k}": r["rmse_measured"],
-                f"{prefix}skill_k{k}": r["skill"],
-            }
-            for name in ("coverage", "width"):
-                for level, v in (r[name] or {}).items():
-                    if v is not None:
-                        metrics[f"{prefix}{name}_k{k}_l{level}"] = v
-            mlflow.log_metrics(metrics)
+    run_and_log(base, variants, args.folds, args.seeds, args.out)
     if args.markdown is not None:
         import shlex
         import sys
