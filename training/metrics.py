@@ -48,4 +48,3 @@ def per_variable(pred: np.ndarray, true: np.ndarray, names: tuple[str, ...]) -> 
         }
         for j, n in enumerate(names)
     ]
-
