@@ -214,3 +214,36 @@ def test_service_and_offline_history_windows_agree() -> None:
     for j, (i, s) in enumerate(zip(stay, start, strict=True)):
         padded[j, : s + 1] = stays[i][: s + 1]
     np.testing.assert_array_equal(history_windows(padded, start + 1, 4), offline)
+
+
+def test_coverage_counts_per_patient_add_up_to_the_pooled_coverage() -> None:
+    """``training.intervals.coverage`` with patient ids: each patient's inside and measured
+    counts are those of its stays' windows, and they sum to the pooled figures."""
+    from types import SimpleNamespace
+
+    from training.intervals import coverage
+    from training.rollout import Windows
+
+    rng = np.random.default_rng(5)
+    res, _ = _patients(rng, 6, 20)
+    cal = fit_calibration([res], adaptive="never")
+    n_stays, t = 5, 6
+    raw = [90 + rng.normal(0, 3, (t, N_STATE)) for _ in range(n_stays)]
+    stay = np.repeat(np.arange(n_stays), t - 1)
+    start = np.tile(np.arange(t - 1), n_stays)
+    true = np.stack([raw[i][s + 1] for i, s in zip(stay, start, strict=True)])[:, None]
+    pred = true[:, 0] + rng.normal(0, 4, true[:, 0].shape)
+    observed = rng.integers(0, 2, true.shape).astype(float)
+    wins = {1: Windows(1, stay, start, pred[:, None], true, observed)}
+    identity = SimpleNamespace(state_range=np.ones(N_STATE), unscale_state=lambda x: x)
+    subject = np.array([11, 11, 12, 13, 13])  # stays 0, 1 and 3, 4: the same patients
+    cov = coverage(cal, wins, raw, identity, (0.8,), subject)
+    counts, pooled = cov.patients[(1, 0.8)], cov.summary[(1, 0.8)]
+    assert counts.patients.tolist() == [11, 12, 13]
+    assert counts.n.sum() == pooled["n"] == observed.sum()
+    assert counts.rate == pytest.approx(pooled["coverage"])
+    lo, hi = cal.intervals(pred[:, None], stay_windows(raw, stay, start, cal.lookback), (0.8,))[0.8]
+    inside = (true[:, 0] >= lo[:, 0]) & (true[:, 0] <= hi[:, 0]) & (observed[:, 0] > 0)
+    assert counts.hits[1] == inside[stay == 2].sum()
+    assert counts.n[0] == observed[(stay == 0) | (stay == 1)].sum()
+    assert coverage(cal, wins, raw, identity, (0.8,)).patients == {}

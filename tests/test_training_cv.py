@@ -67,6 +67,9 @@ def test_cv_scores_every_model_on_the_same_windows(
             continue
         assert set(r["coverage"]) == set(r["width"]) == {"0.8", "0.95"}
         assert 0 <= r["coverage"]["0.8"] <= r["coverage"]["0.95"] <= 1
+        for lv in ("0.8", "0.95"):
+            lo, hi = r["coverage_ci"][lv]
+            assert 0 <= lo <= r["coverage"][lv] <= hi <= 1
         assert 0 < r["width"]["0.8"] < r["width"]["0.95"]
         ref = next(p for p in rows if p["model"] == "persistence" and p["k"] == r["k"])
         assert r["n_interval_values"] == ref["n_interval_values"] > 0
@@ -133,6 +136,58 @@ def test_bands_pool_every_measured_value_alike() -> None:
     assert got["width"]["0.8"] == pytest.approx((0.2 * 10 + 0.5 * 30) / 40)
     assert got["width_vs_persistence"]["0.95"] == pytest.approx(got["width"]["0.8"] / 0.4)
     assert band_fields(res, "linear", 1)["coverage"] is None
+
+
+def test_coverage_interval_resamples_the_patients_of_every_fold() -> None:
+    """The coverage's 95% interval is the patient bootstrap of the counts of all folds and
+    seeds together (a patient of two seeds counts twice), and brackets the pooled coverage."""
+    from training.cv import CvResult, band_fields, band_markdown, report_rows
+    from training.intervals import Coverage
+    from training.skill import PatientErrors, patient_counts, pool, rate_ci
+
+    res = CvResult(folds=2, seeds=(0, 1), ks=(1,))
+    rng = np.random.default_rng(3)
+
+    def fold(patients: np.ndarray) -> tuple[Coverage, object]:
+        windows = np.repeat(patients, 4)
+        n = rng.integers(1, 5, len(windows)).astype(float)
+        counts = {
+            lv: patient_counts(rng.binomial(n.astype(int), lv), n, windows) for lv in (0.8, 0.95)
+        }
+        summary = {
+            (1, lv): {"coverage": c.rate, "width": 0.3, "n": float(c.n.sum())}
+            for lv, c in counts.items()
+        }
+        return Coverage(summary, [], {(1, lv): c for lv, c in counts.items()}), counts[0.8]
+
+    parts = []
+    for _seed in (0, 1):
+        for members in (np.arange(0, 12), np.arange(12, 30)):
+            cov, c80 = fold(members)
+            res.add_bands("gru", cov)
+            parts.append(c80)
+            res.add_bands("persistence", cov)
+    got = band_fields(res, "gru", 1)
+    lo, hi = got["coverage_ci"]["0.8"]
+    assert lo < got["coverage"]["0.8"] < hi
+    assert got["coverage"]["0.8"] == pytest.approx(pool(parts).rate)
+    assert [lo, hi] == pytest.approx(list(rate_ci(pool(parts))))
+    assert set(got["coverage_ci"]) == {"0.8", "0.95"}
+    assert band_fields(res, "linear", 1)["coverage_ci"] is None
+    # The markdown table shows the interval next to the coverage.
+    res.errors = {
+        (label, 1): [PatientErrors(np.arange(30), np.ones(30), np.ones(30), np.ones(30))]
+        for label in ("gru", "persistence")
+    }
+    res.n_windows = {key: 120 for key in res.errors}
+    res.rmse_all = {key: [1.0] for key in res.errors}
+    md = "\n".join(band_markdown(res, report_rows(res, n_boot=200)))
+    assert f"{100 * got['coverage']['0.8']:.1f}% [" in md
+    # Folds scored without patient ids (older callers): coverage as before, no interval.
+    bare = CvResult(folds=1, seeds=(0,), ks=(1,))
+    cov, _ = fold(np.arange(5))
+    bare.add_bands("gru", Coverage(cov.summary, []))
+    assert band_fields(bare, "gru", 1)["coverage_ci"] == {"0.8": None, "0.95": None}
 
 
 def test_bad_cv_arguments_are_one_line_errors(data: Path, tmp_path: Path, capsys) -> None:

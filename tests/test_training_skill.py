@@ -7,7 +7,16 @@ import pytest
 
 from features.catalog import N_STATE
 from training.models.direct import DirectRidge
-from training.skill import mean_over_runs, patient_errors, rmse_ci, rmse_ratio, skill
+from training.skill import (
+    mean_over_runs,
+    patient_counts,
+    patient_errors,
+    pool,
+    rate_ci,
+    rmse_ci,
+    rmse_ratio,
+    skill,
+)
 
 
 def _errors(scale: float, n_patients: int = 30, seed: int = 0, windows: int = 5):
@@ -88,6 +97,36 @@ def test_mean_over_runs_averages_per_patient_sums() -> None:
     m = mean_over_runs([a, b])
     assert np.allclose(m.sse, (a.sse + b.sse) / 2)
     assert np.allclose(m.n, a.n)
+
+
+def test_patient_counts_sum_per_patient_and_pool_across_folds() -> None:
+    a = patient_counts(np.array([1, 2, 0]), np.array([2, 3, 1]), np.array([9, 7, 9]))
+    assert a.patients.tolist() == [7, 9]
+    assert a.hits.tolist() == [2.0, 1.0] and a.n.tolist() == [3.0, 3.0]
+    assert a.rate == pytest.approx(3 / 6)
+    b = patient_counts(np.array([4]), np.array([4]), np.array([8]))
+    both = pool([a, b])
+    assert both.patients.tolist() == [7, 8, 9]
+    assert both.hits.tolist() == [2.0, 4.0, 1.0] and both.n.tolist() == [3.0, 4.0, 3.0]
+    assert both.rate == pytest.approx(7 / 10)
+
+
+def test_coverage_interval_resamples_patients_and_brackets_the_rate() -> None:
+    """A band that misses only one patient's values: patient resamples with and without that
+    patient spread the interval; when every patient has the same rate it has no width."""
+    patient = np.repeat(np.arange(10), 20)
+    n = np.ones(len(patient))
+    hits = np.where(patient == 0, 0.0, 1.0)
+    c = patient_counts(hits, n, patient)
+    lo, hi = rate_ci(c)
+    assert c.rate == pytest.approx(0.9)
+    assert lo < 0.9 < hi == 1.0
+    same = patient_counts(np.tile([1.0, 0.0], 100), n, patient)
+    assert rate_ci(same) == pytest.approx((0.5, 0.5))
+    assert np.isnan(rate_ci(patient_counts(hits[:20], n[:20], patient[:20]))).all()
+    # More patients, same per-patient rates: a narrower interval.
+    wide = rate_ci(patient_counts(hits[:100], n[:100], patient[:100]))
+    assert hi - lo < wide[1] - wide[0]
 
 
 def test_direct_ridge_recovers_linear_k_step_dynamics() -> None:

@@ -27,7 +27,16 @@ import numpy as np
 
 from training.config import TrainConfig
 from training.conformal import DEFAULT_LEVELS, level_label
-from training.skill import PatientErrors, mean_over_runs, pool, rmse_ci, rmse_ratio, skill
+from training.skill import (
+    PatientCounts,
+    PatientErrors,
+    mean_over_runs,
+    pool,
+    rate_ci,
+    rmse_ci,
+    rmse_ratio,
+    skill,
+)
 
 if TYPE_CHECKING:  # the intervals module imports torch; the report needs none of it
     from training.intervals import Coverage
@@ -88,6 +97,9 @@ class CvResult:
     # (label, k, level) -> [values inside the band, sum of band widths (scaled), values]
     # summed over every fold and seed: each measured value weighs the same, as in the RMSE.
     bands: dict[tuple[str, int, float], np.ndarray] = field(default_factory=dict)
+    # The same inside / measured counts per patient, summed over folds and seeds (a seed's
+    # folds hold each patient once): what the coverage's patient bootstrap resamples.
+    band_patients: dict[tuple[str, int, float], PatientCounts] = field(default_factory=dict)
     levels: tuple[float, ...] = DEFAULT_LEVELS
 
     def add_bands(self, label: str, cov: Coverage) -> None:
@@ -97,6 +109,10 @@ class CvResult:
             part = np.array([m["coverage"] * n, m["width"] * n, n]) if n else np.zeros(3)
             key = (label, k, level)
             self.bands[key] = self.bands.get(key, np.zeros(3)) + part
+            if (k, level) in cov.patients:
+                counts = cov.patients[(k, level)]
+                pooled = self.band_patients.get(key)
+                self.band_patients[key] = counts if pooled is None else pooled + counts
 
 
 def run_cv(
@@ -241,33 +257,37 @@ def report_rows(res: CvResult, n_boot: int = 2000) -> list[dict]:
                     "train_seconds": _mean(stats.get("train_seconds")),
                     "train_mem_mb": _mean(stats.get("train_mem_mb")),
                     "epochs_run": _mean(stats.get("epochs_run")),
-                    **band_fields(res, label, k),
+                    **band_fields(res, label, k, n_boot),
                 }
             )
     return rows
 
 
-def band_fields(res: CvResult, label: str, k: int) -> dict[str, object]:
-    """The row's conformal band, keyed by level (``"0.8"``): pooled ``coverage``, mean
-    ``width`` (scaled units), ``width_vs_persistence`` (width / the conformal persistence
+def band_fields(res: CvResult, label: str, k: int, n_boot: int = 2000) -> dict[str, object]:
+    """The row's conformal band, keyed by level (``"0.8"``): pooled ``coverage`` with its 95%
+    patient-bootstrap interval ``coverage_ci`` ([lo, hi]; None without per-patient counts),
+    mean ``width`` (scaled units), ``width_vs_persistence`` (width / the conformal persistence
     band's width on the same values) and ``n_interval_values``; None where the model has no
     band (the ridge baselines)."""
     if (label, k, res.levels[0]) not in res.bands:
-        keys = ("coverage", "width", "width_vs_persistence", "n_interval_values")
+        keys = ("coverage", "coverage_ci", "width", "width_vs_persistence", "n_interval_values")
         return dict.fromkeys(keys)
-    cov, width, ratio = {}, {}, {}
+    cov, cov_ci, width, ratio = {}, {}, {}, {}
     n = 0
     for level in res.levels:
         inside, wsum, n = res.bands[(label, k, level)]
         ref = res.bands.get((REFERENCE, k, level))
         key = level_label(level)
         cov[key] = float(inside / n) if n else None
+        counts = res.band_patients.get((label, k, level))
+        cov_ci[key] = list(rate_ci(counts, n_boot)) if counts is not None and n else None
         width[key] = float(wsum / n) if n else None
         # Same windows and measured values for every model, so the ratio of means is the
         # ratio of summed widths.
         ratio[key] = float(wsum / ref[1]) if ref is not None and ref[1] > 0 else None
     return {
         "coverage": cov,
+        "coverage_ci": cov_ci,
         "width": width,
         "width_vs_persistence": ratio,
         "n_interval_values": int(n),
@@ -374,8 +394,10 @@ def band_markdown(res: CvResult, rows: list[dict]) -> list[str]:
         "adaptive where it pays; docs/intervals.md) and scored on the held-out fold's "
         "**measured** values at the K-th step. Coverage and mean width (scaled min-max units) "
         "are pooled over folds and seeds, every measured value weighing the same (as in the "
-        "RMSE). vs persistence: width / the conformal persistence band's width on the same "
-        "values (< 1: narrower). values: measured values scored, all folds and seeds.",
+        "RMSE); brackets: the coverage's 95% bootstrap interval over patients (their counts "
+        "summed over folds and seeds). vs persistence: width / the conformal persistence "
+        "band's width on the same values (< 1: narrower). values: measured values scored, all "
+        "folds and seeds.",
         "",
         "| model | K | values | "
         + " | ".join(f"coverage {lv} | width {lv} | vs persistence {lv}" for lv in labels)
@@ -386,7 +408,11 @@ def band_markdown(res: CvResult, rows: list[dict]) -> list[str]:
         cells = []
         for lv in labels:
             c, w, q = r["coverage"][lv], r["width"][lv], r["width_vs_persistence"][lv]
-            cells.append(f"{100 * c:.1f}%" if c is not None else "-")
+            ci = (r.get("coverage_ci") or {}).get(lv)
+            cell = f"{100 * c:.1f}%" if c is not None else "-"
+            if c is not None and ci is not None and np.isfinite(ci).all():
+                cell += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+            cells.append(cell)
             cells.append(f"{w:.3f}" if w is not None else "-")
             if r["model"] == REFERENCE or q is None:
                 cells.append("-" if q is None else "1 (reference)")

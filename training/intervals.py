@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from training.conformal import (
 from training.data import StaySequences
 from training.models import DynamicsModel
 from training.rollout import Windows, add_state_noise, rollout_windows, state_bounds
+from training.skill import PatientCounts, patient_counts
 
 # Coverage against nominal is plotted over these levels (the calibration serves any level).
 PLOT_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -99,10 +100,13 @@ def calibrate(
 class Coverage:
     """Coverage and width of one band on one split: ``summary[(K, level)]`` pooled over the
     measured values of every variable (width in scaled min-max units, comparable across
-    variables), ``rows`` per (K, level, variable) in physical units."""
+    variables), ``rows`` per (K, level, variable) in physical units, and, when the patients
+    were given, ``patients[(K, level)]``: the values inside the band per patient (for a
+    patient-bootstrap interval of the coverage, :func:`training.skill.rate_ci`)."""
 
     summary: dict[tuple[int, float], dict[str, float]]
     rows: list[dict]
+    patients: dict[tuple[int, float], PatientCounts] = field(default_factory=dict)
 
 
 def coverage(
@@ -111,10 +115,13 @@ def coverage(
     raw: list[np.ndarray],
     pre: Preprocessor,
     levels: Sequence[float],
+    patient: np.ndarray | None = None,
 ) -> Coverage:
-    """Empirical coverage and mean width at the K-th step of every K-step window."""
+    """Empirical coverage and mean width at the K-th step of every K-step window;
+    ``patient``: the patient id of each stay of the split, to count per patient too."""
     summary: dict[tuple[int, float], dict[str, float]] = {}
     rows: list[dict] = []
+    per_patient: dict[tuple[int, float], PatientCounts] = {}
     span = pre.state_range
     for k, w in wins.items():
         if not len(w.stay):
@@ -133,6 +140,10 @@ def coverage(
                 "width": float((width / span)[measured].mean()) if n else float("nan"),
                 "n": float(n),
             }
+            if patient is not None:
+                per_patient[(k, level)] = patient_counts(
+                    (inside & measured).sum(axis=1), measured.sum(axis=1), patient[w.stay]
+                )
             for j, name in enumerate(STATE_NAMES):
                 m = measured[:, j]
                 rows.append(
@@ -146,7 +157,7 @@ def coverage(
                         "adaptive": bool(cal.adaptive[j]),
                     }
                 )
-    return Coverage(summary, rows)
+    return Coverage(summary, rows, per_patient)
 
 
 def held_out_coverage(
@@ -159,9 +170,10 @@ def held_out_coverage(
 ) -> Coverage:
     """Calibrate ``model`` on ``val`` as training does (:func:`calibrate`, steps 1..max K) and
     score the band on ``wins``, the clean rollouts of ``test`` that
-    :func:`training.evaluate.evaluate` made (the same windows :func:`split_windows` gives)."""
+    :func:`training.evaluate.evaluate` made (the same windows :func:`split_windows` gives),
+    counted per patient too."""
     cal = calibrate(model, val, pre, max(wins), levels)
-    return coverage(cal, wins, test.raw_state, pre, levels)
+    return coverage(cal, wins, test.raw_state, pre, levels, test.subject_ids)
 
 
 def coverage_metrics(

@@ -2,16 +2,33 @@
 
 Windows are grouped by patient: a patient's windows share one trajectory, so they are not
 independent. Intervals resample patients with replacement (the same resample for every model,
-i.e. paired), and recompute pooled RMSEs from per-patient sums of squared errors.
+i.e. paired), and recompute pooled RMSEs from per-patient sums of squared errors, and pooled
+proportions (a prediction band's coverage) from per-patient counts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TypeVar
 
 import numpy as np
 
 N_BOOT = 2000
+
+_Sums = TypeVar("_Sums", "PatientErrors", "PatientCounts")
+
+
+def _add_by_patient(a: _Sums, b: _Sums) -> _Sums:
+    """Per-patient sums of two sets (e.g. the folds of one seed, which hold disjoint patients):
+    every field after ``patients`` is added patient by patient."""
+    patients = np.union1d(a.patients, b.patients)
+    names = [f.name for f in fields(a) if f.name != "patients"]
+    out = type(a)(patients, *(np.zeros(len(patients)) for _ in names))
+    for part in (a, b):
+        i = np.searchsorted(patients, part.patients)
+        for name in names:
+            getattr(out, name)[i] += getattr(part, name)
+    return out
 
 
 @dataclass
@@ -35,14 +52,37 @@ class PatientErrors:
 
     def __add__(self, other: PatientErrors) -> PatientErrors:
         """Pool two sets (e.g. the folds of one seed, which hold disjoint patients)."""
-        patients = np.union1d(self.patients, other.patients)
-        out = PatientErrors(patients, *(np.zeros(len(patients)) for _ in range(3)))
-        for part in (self, other):
-            i = np.searchsorted(patients, part.patients)
-            out.sse[i] += part.sse
-            out.sae[i] += part.sae
-            out.n[i] += part.n
-        return out
+        return _add_by_patient(self, other)
+
+
+@dataclass
+class PatientCounts:
+    """Per-patient counts behind a pooled proportion: ``hits`` of ``n`` measured values (e.g.
+    the values inside a prediction band)."""
+
+    patients: np.ndarray  # (U,) patient ids, sorted
+    hits: np.ndarray  # (U,)
+    n: np.ndarray  # (U,)
+
+    @property
+    def rate(self) -> float:
+        total = self.n.sum()
+        return float(self.hits.sum() / total) if total else float("nan")
+
+    def __add__(self, other: PatientCounts) -> PatientCounts:
+        """Pool two sets (folds, seeds): counts add up patient by patient."""
+        return _add_by_patient(self, other)
+
+
+def patient_counts(hits: np.ndarray, n: np.ndarray, patient: np.ndarray) -> PatientCounts:
+    """Per-patient sums of per-window ``hits`` and ``n`` (W,), patient ids (W,)."""
+    patients, inv = np.unique(np.asarray(patient), return_inverse=True)
+    u = len(patients)
+    return PatientCounts(
+        patients,
+        np.bincount(inv, np.asarray(hits, dtype=np.float64), minlength=u),
+        np.bincount(inv, np.asarray(n, dtype=np.float64), minlength=u),
+    )
 
 
 def patient_errors(
@@ -81,6 +121,16 @@ def _weights(n_units: int, n_boot: int, seed: int) -> np.ndarray:
     return rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_boot).astype(float)
 
 
+def _percentile_ci(replicates: np.ndarray, level: float) -> tuple[float, float]:
+    """The bootstrap percentile interval of ``replicates`` (non-finite ones left out)."""
+    r = replicates[np.isfinite(replicates)]
+    if not len(r):
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(r, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
 def _aligned(a: PatientErrors, b: PatientErrors) -> None:
     if not np.array_equal(a.patients, b.patients):
         raise ValueError("paired comparison needs the same patients (the same windows)")
@@ -99,10 +149,7 @@ def rmse_ratio(
         ra = np.sqrt((w @ a.sse) / (w @ a.n))
         rb = np.sqrt((w @ b.sse) / (w @ b.n))
         ratios = ra / rb
-    ratios = ratios[np.isfinite(ratios)]
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(ratios, [alpha, 1 - alpha]) if len(ratios) else (np.nan, np.nan)
-    return float(point), float(lo), float(hi)
+    return (float(point), *_percentile_ci(ratios, level))
 
 
 def skill(
@@ -120,6 +167,16 @@ def rmse_ci(e: PatientErrors, n_boot: int = N_BOOT, seed: int = 0) -> tuple[floa
     w = _weights(len(e.patients), n_boot, seed)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.sqrt((w @ e.sse) / (w @ e.n))
-    r = r[np.isfinite(r)]
-    lo, hi = np.quantile(r, [0.025, 0.975])
-    return float(lo), float(hi)
+    return _percentile_ci(r, 0.95)
+
+
+def rate_ci(
+    c: PatientCounts, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Patient-bootstrap percentile CI of a pooled proportion (``c.rate``)."""
+    if len(c.patients) < 2:
+        return float("nan"), float("nan")
+    w = _weights(len(c.patients), n_boot, seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (w @ c.hits) / (w @ c.n)
+    return _percentile_ci(r, level)
