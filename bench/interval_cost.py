@@ -2,7 +2,9 @@
 
 One app (TestClient, lifespan run, no network), the same made-up patients; each request is
 sent with ``"interval_levels": []`` (off) and without it (the model's default levels),
-interleaved, and the median and minimum server-side times are printed. The HTTP benchmark
+interleaved, and the median and minimum times per request are printed, and the median CPU
+time of the process (app and client together: steadier than wall time when other jobs share
+the cores, and close to it on an idle machine, where torch runs one thread). The HTTP benchmark
 (bench/serve_load.py) is too noisy on a shared machine to see a 10% change. Then where the
 batch's extra time goes: the loaded Forecaster's model call and its interval computation on
 the same patients, timed alone, and the response sizes.
@@ -55,24 +57,29 @@ def main(argv: list[str] | None = None) -> int:
                 ps = [patient(i, args.bins, args.horizon) | extra for i in range(n)]
                 bodies[arm] = json.dumps(ps[0] if n == 1 else {"patients": ps}).encode()
             times: dict[str, list[float]] = {"off": [], "on": []}
+            cpu: dict[str, list[float]] = {"off": [], "on": []}
             size: dict[str, int] = {}
             payload: dict[str, object] = {}
             for _ in range(repeats):
                 for arm in ("off", "on"):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     r = client.post(
                         path, content=bodies[arm], headers={"content-type": "application/json"}
                     )
                     times[arm].append(time.perf_counter() - t0)
+                    cpu[arm].append(time.process_time() - c0)
                     r.raise_for_status()
                     size[arm] = len(r.content)
                     payload[arm] = r.json()
             med = {a: statistics.median(t) * 1e3 for a, t in times.items()}
             low = {a: min(t) * 1e3 for a, t in times.items()}
+            busy = {a: statistics.median(t) * 1e3 for a, t in cpu.items()}
             print(
                 f"{name}: median {med['off']:.2f} -> {med['on']:.2f} ms "
                 f"({100 * (med['on'] / med['off'] - 1):+.0f}%), min {low['off']:.2f} -> "
-                f"{low['on']:.2f} ms ({100 * (low['on'] / low['off'] - 1):+.0f}%); response "
+                f"{low['on']:.2f} ms ({100 * (low['on'] / low['off'] - 1):+.0f}%), CPU median "
+                f"{busy['off']:.2f} -> {busy['on']:.2f} ms "
+                f"({100 * (busy['on'] / busy['off'] - 1):+.0f}%); response "
                 f"{size['off']:,} -> {size['on']:,} bytes, encoding it alone (orjson) "
                 f"{encode_ms(payload['off'], repeats):.2f} -> "
                 f"{encode_ms(payload['on'], repeats):.2f} ms",
