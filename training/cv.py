@@ -48,18 +48,18 @@ REFERENCE = "persistence"
 
 # Named variants for the case-study table: label -> TrainConfig overrides.
 VARIANTS: dict[str, dict[str, object]] = {
-    # the defaults (training.models.base.ModelConfig): 2 x 32, a deep ensemble of 5
+    # the defaults (training.models.base.ModelConfig): 1 x 8, a deep ensemble of 5
     "cfc": {"model": "cfc"},
     "gru": {"model": "gru"},
     # the case study's architectures, single networks, trained with the default objective
-    "cfc-2x128": {"model": "cfc", "units": 128, "backbone_units": 128, "ensemble": 1},
-    "gru-2x128": {"model": "gru", "units": 128, "ensemble": 1},
-    "lstm-2x128": {"model": "lstm", "units": 128, "ensemble": 1},
-    "ltc-2x128": {"model": "ltc", "units": 128, "ensemble": 1},
+    "cfc-2x128": {"model": "cfc", "layers": 2, "units": 128, "backbone_units": 128, "ensemble": 1},
+    "gru-2x128": {"model": "gru", "layers": 2, "units": 128, "ensemble": 1},
+    "lstm-2x128": {"model": "lstm", "layers": 2, "units": 128, "ensemble": 1},
+    "ltc-2x128": {"model": "ltc", "layers": 2, "units": 128, "ensemble": 1},
     "cfc-ncp": {"model": "cfc-ncp", "units": 128, "backbone_units": 128, "ensemble": 1},
     # About the paper's 0.011M-parameter CfC: 2 x 32 with a 32-unit backbone, 13,426
     # parameters (GRU 2 x 128 has 166,290).
-    "cfc-small": {"model": "cfc", "units": 32, "backbone_units": 32, "ensemble": 1},
+    "cfc-small": {"model": "cfc", "layers": 2, "units": 32, "backbone_units": 32, "ensemble": 1},
     # Zong et al.'s recipe: teacher-forced one-step MSE, 30 epochs, batch 64, 2 x 128
     "cfc-paper": {"model": "cfc", "preset": "paper"},
     "gru-paper": {"model": "gru", "preset": "paper"},
