@@ -2,8 +2,9 @@
 
 The same batches for every model, repeats interleaved (the model order rotates each repeat)
 and medians reported, because the machine is shared. Models are the training code's own
-(``training.models.build_model``: recurrent layers, linear head, residual output), at the
-paper's 2 x 128 (CfC backbone 128).
+(``training.models.build_model``: recurrent layers, linear head, residual output, level
+memory), one network each, at the paper's 2 x 128 (CfC backbone 128) unless ``--layers`` /
+``--units`` say otherwise.
 
     .venv/bin/python bench/train_speed.py                  # torch's default threads
     .venv/bin/python bench/train_speed.py --threads 1 --models gru cfc cfc-ncps
@@ -105,7 +106,16 @@ def bench(args: argparse.Namespace) -> dict:
     for name in args.models:
         model, impl = MODELS[name]
         torch.manual_seed(0)
-        models[name] = build_model(ModelConfig(model=model, cfc_impl=impl)).train()
+        # Explicit sizes: the training defaults (small ensembles) are not the paper's networks.
+        cfg = ModelConfig(
+            model=model,
+            cfc_impl=impl,
+            layers=args.layers,
+            units=args.units,
+            backbone_units=args.units,
+            ensemble=1,
+        )
+        models[name] = build_model(cfg).train()
         opts[name] = torch.optim.Adam(models[name].parameters(), lr=1e-3, fused=True)
 
     def trainer(loss_fn: Callable) -> Callable[[str], None]:
@@ -142,6 +152,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=["gru", "cfc"])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--units", type=int, default=128, help="units per layer (CfC backbone too)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=20, help="bins per training sequence")
     p.add_argument("--k", type=int, default=5, help="closed-loop steps")
@@ -154,8 +166,9 @@ def main() -> None:
         args.models.insert(0, "gru")
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, 2 x 128, batch "
-        f"{args.batch} x {args.seq_len} bins, closed loop K={args.k}, {args.repeats} "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{args.layers} x {args.units}, batch {args.batch} x {args.seq_len} bins, "
+        f"closed loop K={args.k}, {args.repeats} "
         f"interleaved repeats x {args.steps} steps, medians; load average at start "
         f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
     )
