@@ -18,6 +18,20 @@ N_BOOT = 2000
 _Sums = TypeVar("_Sums", "PatientErrors", "PatientCounts")
 
 
+def _pooled(total: np.ndarray, n: np.ndarray) -> float:
+    """``sum(total) / sum(n)`` over patients; NaN when nothing was measured."""
+    count = n.sum()
+    return float(total.sum() / count) if count else float("nan")
+
+
+def _by_patient(patient: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Sorted patient ids (U,) and, for each per-window array (W,), its per-patient sums (U,)."""
+    patients, inv = np.unique(np.asarray(patient), return_inverse=True)
+    u = len(patients)
+    sums = (np.bincount(inv, np.asarray(v, dtype=np.float64), minlength=u) for v in values)
+    return (patients, *sums)
+
+
 def _add_by_patient(a: _Sums, b: _Sums) -> _Sums:
     """Per-patient sums of two sets (e.g. the folds of one seed, which hold disjoint patients):
     every field after ``patients`` is added patient by patient."""
@@ -42,13 +56,11 @@ class PatientErrors:
 
     @property
     def rmse(self) -> float:
-        total = self.n.sum()
-        return float(np.sqrt(self.sse.sum() / total)) if total else float("nan")
+        return float(np.sqrt(_pooled(self.sse, self.n)))
 
     @property
     def mae(self) -> float:
-        total = self.n.sum()
-        return float(self.sae.sum() / total) if total else float("nan")
+        return _pooled(self.sae, self.n)
 
     def __add__(self, other: PatientErrors) -> PatientErrors:
         """Pool two sets (e.g. the folds of one seed, which hold disjoint patients)."""
@@ -66,8 +78,7 @@ class PatientCounts:
 
     @property
     def rate(self) -> float:
-        total = self.n.sum()
-        return float(self.hits.sum() / total) if total else float("nan")
+        return _pooled(self.hits, self.n)
 
     def __add__(self, other: PatientCounts) -> PatientCounts:
         """Pool two sets (folds, seeds): counts add up patient by patient."""
@@ -76,13 +87,7 @@ class PatientCounts:
 
 def patient_counts(hits: np.ndarray, n: np.ndarray, patient: np.ndarray) -> PatientCounts:
     """Per-patient sums of per-window ``hits`` and ``n`` (W,), patient ids (W,)."""
-    patients, inv = np.unique(np.asarray(patient), return_inverse=True)
-    u = len(patients)
-    return PatientCounts(
-        patients,
-        np.bincount(inv, np.asarray(hits, dtype=np.float64), minlength=u),
-        np.bincount(inv, np.asarray(n, dtype=np.float64), minlength=u),
-    )
+    return PatientCounts(*_by_patient(patient, hits, n))
 
 
 def patient_errors(
@@ -91,13 +96,8 @@ def patient_errors(
     """Sums of (W, V) errors over measured values (``observed > 0``), per patient (W,)."""
     m = (np.asarray(observed) > 0).astype(np.float64)
     err = (np.asarray(pred) - np.asarray(true)) * m
-    patients, inv = np.unique(np.asarray(patient), return_inverse=True)
-    u = len(patients)
     return PatientErrors(
-        patients,
-        np.bincount(inv, (err**2).sum(axis=1), minlength=u),
-        np.bincount(inv, np.abs(err).sum(axis=1), minlength=u),
-        np.bincount(inv, m.sum(axis=1), minlength=u),
+        *_by_patient(patient, (err**2).sum(axis=1), np.abs(err).sum(axis=1), m.sum(axis=1))
     )
 
 
