@@ -190,9 +190,6 @@ class RunReport:
     def ok(self) -> bool:
         return not self.failed
 
-    def by_step(self) -> dict[str, Decision]:
-        return {d.step: d for d in self.decisions}
-
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -271,14 +268,10 @@ class Dag:
     ) -> Decision:
         record = store.steps.get(step.name)
         failure = store.failures.get(step.name)
+        reasons = [f"last run failed at {failure['at']}: {failure['error']}"] if failure else []
         if record is None:
-            reasons = ["never ran successfully"]
-            if failure:
-                reasons = [f"last run failed at {failure['at']}: {failure['error']}"]
+            reasons = reasons or ["never ran successfully"]
             return Decision(step.name, "failed" if failure else "missing", reasons, "run")
-        reasons: list[str] = []
-        if failure:
-            reasons.append(f"last run failed at {failure['at']}: {failure['error']}")
         reasons += [
             f"upstream {need} is {upstream_status[need]}"
             for need in step.needs
@@ -292,6 +285,15 @@ class Dag:
             return Decision(step.name, "failed" if failure else "stale", reasons, "run")
         return Decision(step.name, "done", [f"unchanged since {record['finished_at']}"], "skip")
 
+    @staticmethod
+    def _not_needed(step: Step) -> Decision | None:
+        why_not = step.not_needed() if step.not_needed else None
+        return (
+            Decision(step.name, "done", [f"not needed: {why_not}"], "not-needed")
+            if why_not
+            else None
+        )
+
     def status(self) -> list[Decision]:
         """Each step as done / stale / missing / failed, and why, without running anything."""
         store = StateStore(self.state_path)
@@ -299,11 +301,9 @@ class Dag:
         statuses: dict[str, Status] = {}
         for name in self.order:
             step = self.steps[name]
-            why_not = step.not_needed() if step.not_needed else None
-            if why_not:
-                decision = Decision(name, "done", [f"not needed: {why_not}"], "not-needed")
-            else:
-                decision = self._decide(step, store, self.fingerprint(step, store.cache), statuses)
+            decision = self._not_needed(step) or self._decide(
+                step, store, self.fingerprint(step, store.cache), statuses
+            )
             statuses[name] = decision.status
             decisions.append(decision)
         return decisions
@@ -399,9 +399,7 @@ class Dag:
             )
             self._line(step.name, "BLOCKED", decision.reasons[0])
             return decision
-        why_not = step.not_needed() if step.not_needed else None
-        if why_not and step.name not in force:
-            decision = Decision(step.name, "done", [f"not needed: {why_not}"], "not-needed")
+        if step.name not in force and (decision := self._not_needed(step)):
             return self._skipped(step, decision, None)
         fp = self.fingerprint(step, store.cache)
         decision = self._decide(step, store, fp, statuses)

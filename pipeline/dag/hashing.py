@@ -8,12 +8,13 @@ and modification time are unchanged is not read again.
 
 from __future__ import annotations
 
-import ast
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import modulefinder
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,48 +113,6 @@ def _files_under(folder: Path) -> list[Path]:
     )
 
 
-def _module_file(root: Path, name: str) -> Path | None:
-    """The file under ``root`` of module ``name``, or of its longest prefix that is a module
-    (``from a.b import f`` names ``a.b.f``, which lives in ``a/b.py``); None if not local."""
-    parts = name.split(".")
-    while parts:
-        base = root.joinpath(*parts)
-        for candidate in (base / "__init__.py", base.with_suffix(".py")):
-            if candidate.is_file():
-                return candidate
-        parts.pop()
-    return None
-
-
-def _imported_names(path: Path, root: Path) -> frozenset[str]:
-    stat = path.stat()
-    return _parsed_imports(path, root, stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4096)  # every step of a DAG shares features/: parse it once
-def _parsed_imports(path: Path, root: Path, size: int, mtime_ns: int) -> frozenset[str]:
-    """Every module name ``path`` imports, at module level or inside functions (lazy imports
-    are dependencies too); relative imports resolved. A file that does not parse yields none:
-    its content is still hashed, and running it will say what is wrong."""
-    try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
-    except (SyntaxError, ValueError):
-        return frozenset()
-    package = list(path.relative_to(root).parts[:-1])
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                prefix = package[: len(package) - node.level + 1]
-                base = ".".join([*prefix, base] if base else prefix)
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
-    return frozenset(names)
-
-
 @functools.cache
 def _distributions() -> dict[str, list[str]]:
     return importlib.metadata.packages_distributions()
@@ -167,57 +126,50 @@ def _version(distribution: str) -> str:
 
 
 def code_digests(modules: Iterable[str]) -> CodeDigests:
-    """The source files ``modules`` consist of and, followed through their imports, every
-    project file they load (with the data files beside it in its package), and the versions of
-    the :data:`RESULT_LIBRARIES` any of them imports."""
+    """The source files ``modules`` consist of and, followed through their imports (the
+    stdlib's ``modulefinder``: lazy imports inside functions count too, packages above a
+    module are loaded), every project file they load with the data files beside it in its
+    package, and the versions of the :data:`RESULT_LIBRARIES` any of them imports."""
     files: dict[Path, Path] = {}  # file -> the project root it is under
-    todo: list[tuple[Path, Path]] = []
+    third_party: set[str] = set()
     for module in modules:
         root, own = _package_root(module)
-        todo += [(f, root) for f in own]
-    third_party: set[str] = set()
-    while todo:
-        path, root = todo.pop()
-        if path in files:
-            continue
-        files[path] = root
-        if path.suffix != ".py":
-            continue
-        # Importing a module runs the __init__ of every package above it.
-        todo += [
-            (root / folder / "__init__.py", root)
-            for folder in path.relative_to(root).parents
-            if folder != Path(".") and (root / folder / "__init__.py").is_file()
-        ]
-        for name in _imported_names(path, root):
-            found = _module_file(root, name)
-            if found is None:
-                third_party.add(name.split(".")[0])
+        # Searching only the project root: every other import is reported missing, by name.
+        finder = modulefinder.ModuleFinder(path=[str(root)])
+        for path in own:
+            files[path] = root
+            if path.suffix == ".py":
+                name = ".".join(path.relative_to(root).with_suffix("").parts)
+                # A file that does not parse is still hashed; running it says what is wrong.
+                with contextlib.suppress(ImportError, SyntaxError, ValueError):
+                    finder.import_hook(name.removesuffix(".__init__"))
+        third_party |= {name.split(".")[0] for name in finder.badmodules}
+        for found in finder.modules.values():
+            path = Path(found.__file__).resolve() if found.__file__ else None
+            if path is None or not path.is_relative_to(root):
                 continue
-            todo.append((found, root))
-            # Data files sit beside the module that reads them (its sibling modules count
-            # only when imported).
-            if (found.parent / "__init__.py").is_file():
-                todo += [
-                    (p, root)
-                    for p in found.parent.iterdir()
+            files[path] = root
+            # Data files sit beside the module that reads them (sibling modules count only
+            # when imported).
+            if (path.parent / "__init__.py").is_file():
+                files |= {
+                    p: root
+                    for p in path.parent.iterdir()
                     if p.is_file() and p.suffix not in _CODE and not p.name.startswith(".")
-                ]
+                }
     distributions = _distributions()
-    libraries = sorted(
-        {
-            dist.lower()
-            for top in third_party
-            for dist in distributions.get(top, [])
-            if dist.lower() in RESULT_LIBRARIES
-        }
-    )
+    libraries = {
+        dist.lower()
+        for top in third_party
+        for dist in distributions.get(top, [])
+        if dist.lower() in RESULT_LIBRARIES
+    }
     return CodeDigests(
         files={
             path.relative_to(root).as_posix(): sha256_file(path)
             for path, root in sorted(files.items())
         },
-        libraries={dist: _version(dist) for dist in libraries},
+        libraries={dist: _version(dist) for dist in sorted(libraries)},
     )
 
 
