@@ -39,9 +39,6 @@ class UnitConversion:
     # degF values (mimic3-benchmarks treats >= 79 as degF).
     also_when_above: float | None = None
 
-    def apply(self, value: float) -> float:
-        return (value + self.offset) * self.scale
-
 
 @dataclass(frozen=True)
 class StateVariable:

@@ -69,13 +69,6 @@ class PreprocessorError(UserError):
     """A preprocessor artifact that is missing, corrupt or built for another catalog."""
 
 
-def drop_out_of_range(values: pd.Series | np.ndarray, variable: str) -> np.ndarray:
-    """Values outside the drop range of ``variable`` become NaN (they are errors, not data)."""
-    lo, hi = STATE_BY_NAME[variable].drop
-    arr = np.asarray(values, dtype=np.float64)
-    return np.where((arr >= lo) & (arr <= hi), arr, np.nan)
-
-
 def forward_fill(values: np.ndarray, group_start: np.ndarray | None = None) -> np.ndarray:
     """Forward-fill NaNs down the rows of ``values`` (n, k), never across groups.
 
@@ -100,7 +93,6 @@ class PreparedBins:
     state: np.ndarray  # (n, 18) physical units
     observed: np.ndarray  # (n, 18) 1.0 where measured in that bin
     interventions: np.ndarray  # (n, 3) physical units, zero where absent
-    clamped: np.ndarray  # (n, 18) bool: a measured value was moved into the clamp range
 
 
 def prepare_arrays(
@@ -122,12 +114,10 @@ def prepare_arrays(
         raise ValueError(
             f"interventions must be (n, {len(INTERVENTION_NAMES)}), got {interventions.shape}"
         )
-    observed = ~np.isnan(state)
-    clamped_state = np.clip(state, CLAMP_LOW, CLAMP_HIGH)
-    clamped = observed & (clamped_state != state)
-    filled = forward_fill(clamped_state, group_start)
+    observed = (~np.isnan(state)).astype(np.float32)
+    filled = forward_fill(np.clip(state, CLAMP_LOW, CLAMP_HIGH), group_start)
     iv = np.clip(np.nan_to_num(interventions, nan=0.0), 0.0, INTERVENTION_MAX)
-    return PreparedBins(filled, observed.astype(np.float32), iv, clamped)
+    return PreparedBins(filled, observed, iv)
 
 
 def group_starts(stay_ids: np.ndarray) -> np.ndarray:

@@ -12,7 +12,6 @@ from features.preprocess import (
     FEATURE_NAMES,
     Preprocessor,
     PreprocessorError,
-    drop_out_of_range,
     prepare_bins,
 )
 
@@ -43,11 +42,6 @@ def random_bins(n_stays: int, seed: int) -> pd.DataFrame:
             row["iv_fluid_ml"] = rng.uniform(0, 2000)
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-def test_drop_out_of_range() -> None:
-    got = drop_out_of_range(pd.Series([-1.0, 0.0, 390.0, 391.0]), "heart_rate")
-    assert np.isnan(got[0]) and np.isnan(got[3]) and got[1] == 0 and got[2] == 390
 
 
 def test_clamp_and_observed_masks() -> None:

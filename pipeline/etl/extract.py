@@ -164,23 +164,16 @@ def load_table(
     path = find_table(mimic_dir, name)
     stats = TableStats(name, path)
     target = f"raw_{name.lower()}"
+    # The filter of an empty table gives the schema of what it keeps.
+    empty = keep(pa.schema(list(SPECS[name].columns.items())).empty_table())  # noqa: F841
+    con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT * FROM empty")
     pending: list[pa.Table] = []
-    pending_rows = 0
-    created = False
 
     def flush() -> None:
-        nonlocal pending, pending_rows, created
-        if not pending:
-            return
         buf = pa.concat_tables(pending)  # noqa: F841 - read by DuckDB's replacement scan
-        if created:
-            con.execute(f"INSERT INTO {target} SELECT * FROM buf")
-        else:
-            con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT * FROM buf")
-            created = True
-        pending, pending_rows = [], 0
+        con.execute(f"INSERT INTO {target} SELECT * FROM buf")
+        pending.clear()
 
-    schema: pa.Schema | None = None
     for kept in stream_table(
         path,
         SPECS[name],
@@ -190,19 +183,13 @@ def load_table(
         transform=keep,
         on_rows=on_rows,
     ):
-        schema = kept.schema
         if kept.num_rows:
             pending.append(kept)
-            pending_rows += kept.num_rows
             stats.rows_kept += kept.num_rows
-        if pending_rows >= flush_rows:
+        if sum(t.num_rows for t in pending) >= flush_rows:
             flush()
-    flush()
-    if not created:
-        if schema is None:  # no data rows at all: build the schema from an empty batch
-            schema = keep(SPECS_EMPTY[name]).schema
-        buf = schema.empty_table()  # noqa: F841
-        con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT * FROM buf")
+    if pending:
+        flush()
     log.info(
         "%s: %s rows read, %s kept (%.1f s)",
         name,
@@ -211,11 +198,6 @@ def load_table(
         stats.seconds,
     )
     return stats
-
-
-SPECS_EMPTY: dict[str, pa.Table] = {
-    name: pa.schema(list(spec.columns.items())).empty_table() for name, spec in SPECS.items()
-}
 
 
 TIME_MIN = "1678-01-01"
