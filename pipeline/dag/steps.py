@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from features.atomic import atomic_write_text
+from pipeline.dag import training_api
 from pipeline.dag.engine import Dag, Step, StepContext, StepResult
 from pipeline.dag.fetch import fetch_demo, has_mimic_tables
 from pipeline.dag.settings import DagSettings
@@ -97,7 +98,6 @@ def etl_step(s: DagSettings) -> Step:
 
 def train_step(s: DagSettings, model: str) -> Step:
     out = s.dag_dir / f"train_{model}.json"
-    from pipeline.dag import training_api
 
     params = training_api.train_params(s, model)
 
@@ -143,7 +143,6 @@ def train_step(s: DagSettings, model: str) -> Step:
 def compare_step(s: DagSettings, train_steps: list[Step]) -> Step:
     md = s.dag_dir / "comparison.md"
     js = s.dag_dir / "comparison.json"
-    from pipeline.dag import training_api
 
     def action(ctx: StepContext) -> StepResult:
         records = [_read_json(p) for st in train_steps for p in st.outputs]
@@ -166,7 +165,6 @@ def compare_step(s: DagSettings, train_steps: list[Step]) -> Step:
 
 def promote_step(s: DagSettings, compare: Step) -> Step:
     out = s.dag_dir / "champion.json"
-    from pipeline.dag import training_api
     from training.registry import SELECTION_METRIC
 
     def action(ctx: StepContext) -> StepResult:
@@ -199,7 +197,6 @@ def promote_step(s: DagSettings, compare: Step) -> Step:
 
 def cv_step(s: DagSettings) -> Step:
     out = s.dag_dir / "cv"
-    from pipeline.dag import training_api
 
     def action(ctx: StepContext) -> StepResult:
         report = training_api.cross_validate(s, out)

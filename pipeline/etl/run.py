@@ -12,14 +12,12 @@ into every fold), so state values the stay has not measured yet stay NaN in ``bi
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,28 +78,6 @@ class EtlResult:
     seconds: float = 0.0
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator:
-    """A per-table progress display (rows read) on stderr; a no-op when disabled."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description:<20}"),
-        TextColumn("{task.completed:>14,.0f} rows read"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-        disable=not console.is_terminal,
-    ) as progress:
-        yield progress
-
-
 def _connect(settings: EtlSettings, workdir: Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(str(workdir / "etl.duckdb"))
     con.execute(f"SET threads = {int(settings.threads)}")
@@ -116,12 +92,22 @@ def _connect(settings: EtlSettings, workdir: Path) -> duckdb.DuckDBPyConnection:
 
 
 def _extract(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> dict[str, TableStats]:
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     filters = extract.table_filters()
     stats: dict[str, TableStats] = {}
-    with _progress(settings.progress) as progress:
+    console = Console(stderr=True)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description:<20}"),
+        TextColumn("{task.completed:>14,.0f} rows read"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not (settings.progress and console.is_terminal),
+    ) as progress:
         for name in TABLE_ORDER:
-            task = progress.add_task(name, total=None) if progress is not None else None
-            on_rows = functools.partial(progress.advance, task) if progress is not None else None
+            task = progress.add_task(name, total=None)
             stats[name] = extract.load_table(
                 con,
                 settings.mimic_dir,
@@ -129,12 +115,11 @@ def _extract(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> dict[str,
                 filters[name],
                 block_size=settings.block_size_mb << 20,
                 threads=settings.threads,
-                on_rows=on_rows,
+                on_rows=functools.partial(progress.advance, task),
             )
             extract.clean_table(con, name, stats[name])
-            if progress is not None:
-                progress.update(task, description=f"{name} done")
-                progress.stop_task(task)
+            progress.update(task, description=f"{name} done")
+            progress.stop_task(task)
     extract.require_rows(stats["ICUSTAYS"], "ICUSTAYS")
     extract.require_rows(stats["CHARTEVENTS"], "CHARTEVENTS")
     return stats
