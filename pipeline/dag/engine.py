@@ -92,11 +92,8 @@ class Fingerprint:
     code: dict[str, str]  # source file (path from the project root) -> sha256
     libraries: dict[str, str] = field(default_factory=dict)  # distribution -> version
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     def short(self) -> dict[str, str]:
-        return {part: combined(digests) for part, digests in self.as_dict().items()}
+        return {part: combined(digests) for part, digests in asdict(self).items()}
 
 
 def _listing(names: list[str], limit: int = 3) -> str:
@@ -433,7 +430,7 @@ class Dag:
         if fp_after.inputs != fp.inputs:
             self.echo(f"[dag] warning: inputs of {step.name} changed while it ran")
         store.steps[step.name] = {
-            "fingerprint": fp.as_dict(),
+            "fingerprint": asdict(fp),
             "finished_at": _now(),
             "duration_s": round(elapsed, 3),
             "mlflow_run_id": run_id,

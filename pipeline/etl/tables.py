@@ -158,15 +158,14 @@ _ROW_NO = re.compile(r"Row #(\d+)")
 
 @dataclass
 class Chunk:
-    """Whole CSV rows: ``buf[start:stop]``; ``quoted`` when they hold a ``"`` anywhere."""
+    """Whole CSV rows: ``buf[:stop]``; ``quoted`` when they hold a ``"`` anywhere."""
 
     buf: bytearray
-    start: int
     stop: int
     quoted: bool
 
     def view(self) -> memoryview:
-        return memoryview(self.buf)[self.start : self.stop]
+        return memoryview(self.buf)[: self.stop]
 
 
 def _row_boundary(buf: bytearray, end: int) -> tuple[int, bool]:
@@ -214,13 +213,13 @@ def _line_chunks(
         end = len(rest) + n
         if not n:
             if rest.strip():
-                yield Chunk(buf, 0, end, b'"' in rest)
+                yield Chunk(buf, end, b'"' in rest)
             return
         cut, quoted = _row_boundary(buf, end)
         rest = bytes(view[cut:end])
         view.release()
         if cut:
-            yield Chunk(buf, 0, cut, quoted)
+            yield Chunk(buf, cut, quoted)
         elif free is not None:
             free.put(buf)
 
@@ -306,8 +305,7 @@ def stream_table(
 
     def parse(chunk: Chunk) -> tuple[int, pa.Table]:
         # One Arrow block per chunk: Arrow must not cut it again (at a quoted line break).
-        size = chunk.stop - chunk.start
-        options = read if size < read.block_size else _one_block(read, size)
+        options = read if chunk.stop < read.block_size else _one_block(read, chunk.stop)
         try:
             table = pcsv.read_csv(
                 pa.py_buffer(chunk.view()),
