@@ -228,21 +228,17 @@ def clean_table(con: duckdb.DuckDBPyConnection, name: str, stats: TableStats) ->
         )
         or "TRUE"
     )
+    con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT DISTINCT * FROM {target}")
+    after = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0]
+    bad = con.execute(f"SELECT count(*) FROM {target} WHERE NOT ({ok})").fetchone()[0]
     if name == "ICUSTAYS":
         blank = ", ".join(f"CASE WHEN {ok} THEN {c} END AS {c}" for c in times)
         con.execute(
             f"""CREATE OR REPLACE TABLE {target} AS
-            SELECT * REPLACE ({blank}), NOT ({ok}) AS time_out_of_range
-            FROM (SELECT DISTINCT * FROM {target})"""
+            SELECT * REPLACE ({blank}), NOT ({ok}) AS time_out_of_range FROM {target}"""
         )
-        after = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0]
-        bad = con.execute(f"SELECT count(*) FROM {target} WHERE time_out_of_range").fetchone()[0]
-    else:
-        con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT DISTINCT * FROM {target}")
-        after = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0]
-        bad = con.execute(f"SELECT count(*) FROM {target} WHERE NOT ({ok})").fetchone()[0]
-        if bad:
-            con.execute(f"DELETE FROM {target} WHERE NOT ({ok})")
+    elif bad:
+        con.execute(f"DELETE FROM {target} WHERE NOT ({ok})")
     stats.duplicate_rows = int(before - after)
     stats.time_out_of_range_rows = int(bad)
     if stats.duplicate_rows or bad:
