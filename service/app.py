@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated, Any
@@ -254,9 +255,8 @@ def create_app(
         parallel_min=settings.parallel_batch_min,
         parallel_threads=settings.parallel_threads,
     )
-    models = request_models(settings)
-    ForecastRequest = models.forecast  # noqa: N806 - a class built per app
-    BatchRequest = models.batch  # noqa: N806
+    ForecastRequest, BatchRequest = request_models(settings)  # noqa: N806 - classes built per app
+    events = partial(bin_events, settings=settings)
 
     async def reload(reason: str) -> LoadedModel:
         try:
@@ -385,17 +385,11 @@ def create_app(
         """Readiness: 200 once a model is loaded, 503 before."""
         return _json({"status": "ready", "model": _model().info.ref()})
 
-    def _events(req: Any, loc: tuple) -> Any:
-        return bin_events(req, loc, settings)
-
     async def _forecast(patients: list[PatientInput]) -> tuple[Any, list[Any]]:
         info, results = await batcher.submit(patients)
         metrics.forecasts.inc(len(patients))
-        kinds: dict[str, int] = {}
-        for p in patients:
-            for w in p.warnings:
-                kinds[w["kind"]] = kinds.get(w["kind"], 0) + 1
-        metrics.count_warnings(kinds)
+        for kind, n in Counter(w["kind"] for p in patients for w in p.warnings).items():
+            metrics.input_warnings.labels(kind).inc(n)
         return info, results
 
     api = APIRouter(
@@ -409,7 +403,7 @@ def create_app(
     async def forecast(req: Annotated[ForecastRequest, Body()]) -> Response:  # type: ignore[valid-type]
         """Forecast one patient `horizon` bins ahead, from `history` bins or raw `events`."""
         _model()
-        p = patient_input(req, ("body",), _events)
+        p = patient_input(req, ("body",), events)
         info, results = await _forecast([p])
         return _json(_patient_payload(p, results[0]) | {"model": info.ref()})
 
@@ -421,7 +415,7 @@ def create_app(
         errors: list[dict[str, Any]] = []
         for i, r in enumerate(req.patients):
             try:
-                patients.append(patient_input(r, ("body", "patients", i), _events))
+                patients.append(patient_input(r, ("body", "patients", i), events))
             except InputError as exc:
                 errors.extend(exc.errors)
         if errors:

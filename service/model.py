@@ -9,26 +9,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from features.catalog import N_INTERVENTION, N_STATE
 from service.requests import PatientInput
 
+if TYPE_CHECKING:  # torch and the training code load with the first model, not on import
+    from training.forecaster import Forecaster
+
 log = logging.getLogger("icu_forecast.service")
-
-
-class Forecaster(Protocol):
-    """What the service needs of ``training.forecaster.Forecaster``."""
-
-    def forecast(
-        self,
-        state: np.ndarray,
-        interventions: np.ndarray,
-        lengths: np.ndarray,
-        planned: np.ndarray,
-    ) -> np.ndarray: ...
 
 
 @dataclass
@@ -193,6 +184,23 @@ class ModelHolder:
             return loaded
 
 
+def pad_batch(
+    patients: list[PatientInput],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The Forecaster's arguments for ``patients``: state, interventions, lengths, planned,
+    padded to the longest history and horizon."""
+    b = len(patients)
+    t_max = max(p.n_bins for p in patients)
+    state = np.full((b, t_max, N_STATE), np.nan)
+    iv = np.full((b, t_max, N_INTERVENTION), np.nan)
+    planned = np.zeros((b, max(p.horizon for p in patients), N_INTERVENTION))
+    for i, p in enumerate(patients):
+        state[i, : p.n_bins] = p.state
+        iv[i, : p.n_bins] = p.interventions
+        planned[i, : p.horizon] = p.planned
+    return state, iv, np.array([p.n_bins for p in patients], dtype=np.int64), planned
+
+
 def run_batch(
     model: LoadedModel, patients: list[PatientInput], threads: int | None = None
 ) -> list[PatientResult]:
@@ -204,19 +212,8 @@ def run_batch(
     """
     import torch
 
-    b = len(patients)
-    t_max = max(p.n_bins for p in patients)
-    h_max = max(p.horizon for p in patients)
-    state = np.full((b, t_max, N_STATE), np.nan)
-    iv = np.full((b, t_max, N_INTERVENTION), np.nan)
-    planned = np.zeros((b, h_max, N_INTERVENTION))
-    lengths = np.empty(b, dtype=np.int64)
-    for i, p in enumerate(patients):
-        n = p.n_bins
-        state[i, :n] = p.state
-        iv[i, :n] = p.interventions
-        planned[i, : p.horizon] = p.planned
-        lengths[i] = n
+    state, iv, lengths, planned = pad_batch(patients)
+    b, h_max = len(patients), planned.shape[1]
     previous = torch.get_num_threads()
     if threads and threads != previous:
         torch.set_num_threads(threads)
@@ -232,7 +229,7 @@ def run_batch(
     bands: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     if any(wanted):
         union = tuple(sorted({lv for w in wanted for lv in w}))
-        bands = model.forecaster.intervals(out, state, lengths, union)  # type: ignore[attr-defined]
+        bands = model.forecaster.intervals(out, state, lengths, union)
     return [
         PatientResult(
             out[i, : p.horizon],

@@ -12,7 +12,6 @@ Checks across fields (bins in order, units of events, one plan per forecast step
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -90,7 +89,6 @@ def _interventions_model() -> type[BaseModel]:
 StateValues = _state_values_model()
 Interventions = _interventions_model()
 
-StateName = Literal[tuple(v.name for v in STATE_VARIABLES)]  # type: ignore[valid-type]
 EventVariable = Literal[  # type: ignore[valid-type]
     tuple(v.name for v in STATE_VARIABLES) + tuple(i.name for i in INTERVENTIONS)
 ]
@@ -198,14 +196,6 @@ class ModelDescription(BaseModel):
     variables: list[VariableInfo]
 
 
-@dataclass(frozen=True)
-class RequestModels:
-    """The request models for one set of limits (the limits appear in the OpenAPI schema)."""
-
-    forecast: type[BaseModel]
-    batch: type[BaseModel]
-
-
 # A what-if request as a user would send it: two bins of history, a plan for the next three.
 # In the OpenAPI document (the /docs "Try it out" body); the fuzz test checks it is valid.
 FORECAST_EXAMPLE: dict[str, Any] = {
@@ -232,7 +222,8 @@ FORECAST_EXAMPLE: dict[str, Any] = {
 }
 
 
-def request_models(settings: ServiceSettings) -> RequestModels:
+def request_models(settings: ServiceSettings) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The forecast and batch request models for ``settings``' limits (OpenAPI shows them)."""
     history_field = (
         list[HistoryBin] | None,
         Field(
@@ -299,4 +290,4 @@ def request_models(settings: ServiceSettings) -> RequestModels:
             Field(min_length=1, max_length=settings.max_batch_patients),
         ),
     )
-    return RequestModels(forecast=forecast, batch=batch)
+    return forecast, batch

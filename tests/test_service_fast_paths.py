@@ -176,7 +176,8 @@ def test_run_batch_restores_threads(served_model, n):
 
     settings_ = ServiceSettings(**served_model.settings_kwargs)
     model = load_from_mlflow(served_model.settings_kwargs["model_uri"], served_model.tracking_uri)
-    req = request_models(settings_).forecast.model_validate(history_body())
+    forecast_request, _ = request_models(settings_)
+    req = forecast_request.model_validate(history_body())
     patients = [patient_input(req)] * n
     before = torch.get_num_threads()
     out = run_batch(model, patients, threads=2)
