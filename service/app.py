@@ -247,14 +247,7 @@ def create_app(
             open(marker, "a").close()  # noqa: SIM115 - touch
 
     holder = ModelHolder(loader, on_change)
-    batcher = MicroBatcher(
-        holder,
-        settings.micro_batch_max,
-        metrics.model_batch.observe,
-        settings.model_in_thread,
-        parallel_min=settings.parallel_batch_min,
-        parallel_threads=settings.parallel_threads,
-    )
+    batcher = MicroBatcher(holder, settings, metrics.model_batch.observe)
     ForecastRequest, BatchRequest = request_models(settings)  # noqa: N806 - classes built per app
     events = partial(bin_events, settings=settings)
 
