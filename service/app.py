@@ -284,47 +284,36 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import torch
 
-        stop_logging = queue_log_writes() if serve else None
-        threads = torch.get_num_threads()
-        # One intra-op thread: concurrency comes from batching, and more threads only fight
-        # over the cores with the event loop.
-        torch.set_num_threads(settings.torch_threads)
-        batcher.start()
-        retry: asyncio.Task | None = None
-        try:
-            await reload("startup")
-        except ModelLoadError:
-            marker = _served_marker()
-            if marker and os.path.exists(marker) and os.path.getmtime(marker) < _STARTED_AT:
-                # A replacement worker (uvicorn's SIGHUP restart): failing here makes uvicorn
-                # keep the worker that still serves the previous model.
-                await batcher.stop()
-                if stop_logging:
-                    stop_logging()
-                raise
-            retry = asyncio.create_task(retry_initial_load())
-        loop = asyncio.get_running_loop()
-        sighup = False
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
-            # Only in a main thread with signals (not under a test client's portal thread).
-            loop.add_signal_handler(
-                signal.SIGHUP, lambda: loop.create_task(_reload_quietly("SIGHUP"))
-            )
-            sighup = True
-        try:
+        # Undone in reverse order at shutdown, or when a startup that must fail fails.
+        async with contextlib.AsyncExitStack() as undo:
+            if serve:
+                # uvicorn re-raises the stopping signal after shutdown and the process ends
+                # without logging.shutdown: the lines still queued are written last.
+                undo.callback(queue_log_writes())
+            undo.callback(torch.set_num_threads, torch.get_num_threads())
+            # One intra-op thread: concurrency comes from batching, and more threads only
+            # fight over the cores with the event loop.
+            torch.set_num_threads(settings.torch_threads)
+            batcher.start()
+            undo.push_async_callback(batcher.stop)
+            try:
+                await reload("startup")
+            except ModelLoadError:
+                marker = _served_marker()
+                if marker and os.path.exists(marker) and os.path.getmtime(marker) < _STARTED_AT:
+                    # A replacement worker (uvicorn's SIGHUP restart): failing here makes
+                    # uvicorn keep the worker that still serves the previous model.
+                    raise
+                undo.callback(asyncio.create_task(retry_initial_load()).cancel)
+            undo.callback(metrics.process_exiting)
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
+                # Only in a main thread with signals (not under a test client's portal thread).
+                loop.add_signal_handler(
+                    signal.SIGHUP, lambda: loop.create_task(_reload_quietly("SIGHUP"))
+                )
+                undo.callback(loop.remove_signal_handler, signal.SIGHUP)
             yield
-        finally:
-            if sighup:
-                loop.remove_signal_handler(signal.SIGHUP)
-            if retry:
-                retry.cancel()
-            metrics.process_exiting()
-            await batcher.stop()
-            torch.set_num_threads(threads)
-            # uvicorn re-raises the stopping signal after this and the process ends without
-            # logging.shutdown: the lines still in the queue are written now.
-            if stop_logging:
-                stop_logging()
 
     app = FastAPI(
         title="icu-forecast",
