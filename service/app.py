@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated, Any
 
-import numpy as np
 import orjson
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -156,21 +155,10 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 def _patient_payload(p: PatientInput, result: PatientResult) -> dict[str, Any]:
     start = p.first_bin_start + BIN * (p.n_bins - 1)  # the last history bin's
     forecast = []
-    # ``values`` and ``planned`` have one row per forecast step (``horizon``), 18 and 3 wide.
     # Rows are 18 wide by construction: zip's strict check would cost a third of building the
     # dicts, which is most of a large batch's response time once intervals are in it.
-    rows, plans = result.values.tolist(), p.planned.tolist()
-    keys = list(result.intervals)
-    bands: list[dict[str, float]] = []
-    if keys:
-        # One array, one tolist, one dict per (level, bound, step) row.
-        stacked = np.stack([b for key in keys for b in result.intervals[key]])
-        bands = [
-            dict(zip(STATE_NAMES, r, strict=False))
-            for r in stacked.reshape(-1, stacked.shape[-1]).tolist()
-        ]
-    h = len(rows)
-    for k, (row, plan) in enumerate(zip(rows, plans, strict=True)):
+    bands = {key: (lo.tolist(), hi.tolist()) for key, (lo, hi) in result.intervals.items()}
+    for k, (row, plan) in enumerate(zip(result.values.tolist(), p.planned.tolist(), strict=True)):
         start += BIN
         step: dict[str, Any] = {
             "step": k + 1,
@@ -178,10 +166,13 @@ def _patient_payload(p: PatientInput, result: PatientResult) -> dict[str, Any]:
             "values": dict(zip(STATE_NAMES, row, strict=False)),
             "interventions": dict(zip(INTERVENTION_NAMES, plan, strict=True)),
         }
-        if keys:
+        if bands:
             step["intervals"] = {
-                key: {"lower": bands[2 * i * h + k], "upper": bands[(2 * i + 1) * h + k]}
-                for i, key in enumerate(keys)
+                key: {
+                    "lower": dict(zip(STATE_NAMES, lo[k], strict=False)),
+                    "upper": dict(zip(STATE_NAMES, hi[k], strict=False)),
+                }
+                for key, (lo, hi) in bands.items()
             }
         forecast.append(step)
     return {"id": p.id, "horizon": p.horizon, "forecast": forecast, "warnings": p.warnings}

@@ -38,8 +38,15 @@ class _Strict(BaseModel):
     model_config = _STRICT
 
 
-def _state_values_model() -> type[BaseModel]:
-    fields: dict[str, Any] = {
+StateValues = create_model(
+    "StateValues",
+    __config__=_STRICT,
+    __doc__=(
+        f"Mean of each state variable over the {BIN_HOURS}-hour bin, in its canonical unit "
+        "(see GET /v1/variables). Leave out (or null) what was not measured: it is "
+        "forward-filled or imputed exactly as in training, with a warning."
+    ),
+    **{
         v.name: (
             float | None,
             Field(
@@ -55,21 +62,13 @@ def _state_values_model() -> type[BaseModel]:
             ),
         )
         for v in STATE_VARIABLES
-    }
-    return create_model(
-        "StateValues",
-        __config__=_STRICT,
-        __doc__=(
-            f"Mean of each state variable over the {BIN_HOURS}-hour bin, in its canonical unit "
-            "(see GET /v1/variables). Leave out (or null) what was not measured: it is "
-            "forward-filled or imputed exactly as in training, with a warning."
-        ),
-        **fields,
-    )
-
-
-def _interventions_model() -> type[BaseModel]:
-    fields: dict[str, Any] = {
+    },
+)
+Interventions = create_model(
+    "Interventions",
+    __config__=_STRICT,
+    __doc__="Interventions during a bin; a missing one is 0 (not given), as in training.",
+    **{
         i.name: (
             float | None,
             Field(
@@ -77,17 +76,8 @@ def _interventions_model() -> type[BaseModel]:
             ),
         )
         for i in INTERVENTIONS
-    }
-    return create_model(
-        "Interventions",
-        __config__=_STRICT,
-        __doc__="Interventions during a bin; a missing one is 0 (not given), as in training.",
-        **fields,
-    )
-
-
-StateValues = _state_values_model()
-Interventions = _interventions_model()
+    },
+)
 
 EventVariable = Literal[  # type: ignore[valid-type]
     tuple(v.name for v in STATE_VARIABLES) + tuple(i.name for i in INTERVENTIONS)
