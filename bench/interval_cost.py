@@ -109,24 +109,17 @@ def encode_ms(payload: object, repeats: int) -> float:
 
 def model_parts(forecaster, n: int, bins: int, horizon: int, repeats: int) -> dict[str, float]:  # noqa: ANN001
     """Median ms of ``Forecaster.forecast`` and of ``Forecaster.intervals`` (default levels)
-    for the bench's ``n`` patients, as the service pads them."""
-    import numpy as np
+    for the bench's ``n`` patients, padded as the service pads them."""
     import torch
 
-    from features.catalog import INTERVENTION_NAMES, STATE_NAMES
+    from service.model import pad_batch
+    from service.requests import patient_input
+    from service.schemas import request_models
+    from service.settings import ServiceSettings
 
-    state = np.full((n, bins, len(STATE_NAMES)), np.nan)
-    iv = np.full((n, bins, len(INTERVENTION_NAMES)), np.nan)
-    planned = np.zeros((n, horizon, len(INTERVENTION_NAMES)))
-    for i in range(n):
-        p = patient(i, bins, horizon)
-        for b, hb in enumerate(p["history"]):
-            state[i, b] = [hb["values"].get(v, np.nan) for v in STATE_NAMES]
-            iv[i, b] = [hb["interventions"].get(v, np.nan) for v in INTERVENTION_NAMES]
-        planned[i] = [
-            [s.get(v, 0.0) for v in INTERVENTION_NAMES] for s in p["planned_interventions"]
-        ]
-    lengths = np.full(n, bins)
+    request, _ = request_models(ServiceSettings())
+    patients = [patient_input(request.model_validate(patient(i, bins, horizon))) for i in range(n)]
+    state, iv, lengths, planned = pad_batch(patients)
     times: dict[str, list[float]] = {"forecast": [], "intervals": []}
     with torch.inference_mode():
         out = forecaster.forecast(state, iv, lengths, planned)

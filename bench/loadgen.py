@@ -1,12 +1,12 @@
 """A small closed-loop HTTP/1.1 load generator (keep-alive, one connection per client).
 
 On a 2-core machine the client shares the CPU with the server under test, and every
-microsecond it spends is taken from the server: a heavy client would measure itself. So it is
-an ``asyncio.Protocol`` per connection (no stream reader layers), it finds the end of a response
-from its ``Content-Length`` (or chunked framing) with byte searches, sends a request that is
-built once, and runs on uvloop when that is installed (``run``). Every server gets the same
-client. Each client sends its request, waits for the whole response (latency: from the write to
-the last byte), and sends the next one.
+microsecond it spends is taken from the server: a heavy client (httpx costs several times more
+per request) would measure itself. So each client is a bare asyncio stream that sends a
+request built once and reads the response by its ``Content-Length`` (both servers set it), on
+uvloop when that is installed (``run``). Every server gets the same client. Each client sends
+its request, waits for the whole response (latency: from the write to the last byte), and
+sends the next one.
 """
 
 from __future__ import annotations
@@ -61,102 +61,27 @@ def build_request(host: str, port: int, path: str, body: bytes, headers: dict | 
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-class _Framing(Exception):
-    pass
-
-
-def _header(head: bytes, name: bytes) -> bytes | None:
-    """The value of header ``name`` in a lower-cased response head, if present."""
-    i = head.find(b"\r\n" + name + b":")
-    if i < 0:
-        return None
-    start = i + len(name) + 3
-    end = head.find(b"\r\n", start)
-    return head[start : end if end >= 0 else len(head)].strip()
-
-
-def _parse(buf: bytearray, until_close: bool) -> tuple[int, bytes, int] | None:
-    """``(status, body, bytes used)`` of the response at the start of ``buf``, or None if it
-    has not all arrived. ``until_close``: the connection has ended (a body without framing)."""
-    head_end = buf.find(b"\r\n\r\n")
-    if head_end < 0:
-        return None
-    start = head_end + 4
-    head = bytes(buf[:head_end]).lower()
-    status = int(head[9:12])
-    length = _header(head, b"content-length")
-    if length is not None:
-        end = start + int(length)
-        return (status, bytes(buf[start:end]), end) if len(buf) >= end else None
-    if b"chunked" in (_header(head, b"transfer-encoding") or b""):
-        parts = []
-        pos = start
-        while True:
-            line_end = buf.find(b"\r\n", pos)
-            if line_end < 0:
-                return None
-            size = int(bytes(buf[pos:line_end]).split(b";")[0], 16)
-            chunk_end = line_end + 2 + size
-            if len(buf) < chunk_end + 2:
-                return None
-            if size == 0:
-                return status, b"".join(parts), chunk_end + 2
-            parts.append(bytes(buf[line_end + 2 : chunk_end]))
-            pos = chunk_end + 2
-    if until_close:
-        return status, bytes(buf[start:]), len(buf)
-    return None
-
-
-class _Connection(asyncio.Protocol):
+class _Connection:
     """One keep-alive connection: ``await request(data)`` -> ``(status, body)``."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.buf = bytearray()
-        self.waiter: asyncio.Future | None = None
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        self._complete(until_close=False)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._complete(until_close=True)
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionError(f"connection closed: {exc!r}"))
-
-    def _complete(self, until_close: bool) -> None:
-        if self.waiter is None or self.waiter.done():
-            return
-        try:
-            got = _parse(self.buf, until_close)
-        except ValueError as exc:
-            self.waiter.set_exception(_Framing(f"bad response framing: {exc}"))
-            return
-        if got is not None:
-            status, body, used = got
-            del self.buf[:used]
-            self.waiter.set_result((status, body))
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
 
     async def request(self, data: bytes) -> tuple[int, bytes]:
-        assert self.transport is not None
-        self.waiter = self.loop.create_future()
-        self.transport.write(data)
-        return await self.waiter
+        self.writer.write(data)
+        head = (await self.reader.readuntil(b"\r\n\r\n")).lower()
+        i = head.find(b"\r\ncontent-length:")
+        if i < 0:
+            raise ConnectionError(f"response without Content-Length: {head[:200]!r}")
+        length = int(head[i + 17 : head.index(b"\r\n", i + 2)])
+        return int(head[9:12]), await self.reader.readexactly(length)
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        self.writer.close()
 
 
 async def _connect(host: str, port: int) -> _Connection:
-    loop = asyncio.get_running_loop()
-    _, conn = await loop.create_connection(lambda: _Connection(loop), host, port)
-    return conn
+    return _Connection(*await asyncio.open_connection(host, port))
 
 
 async def run_load(

@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,
         "MODEL_URI": model_uri,
         # `mlflow models serve` starts `uvicorn` from PATH: use this environment's.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

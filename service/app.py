@@ -14,11 +14,11 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated, Any
 
-import numpy as np
 import orjson
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -155,21 +155,10 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 def _patient_payload(p: PatientInput, result: PatientResult) -> dict[str, Any]:
     start = p.first_bin_start + BIN * (p.n_bins - 1)  # the last history bin's
     forecast = []
-    # ``values`` and ``planned`` have one row per forecast step (``horizon``), 18 and 3 wide.
     # Rows are 18 wide by construction: zip's strict check would cost a third of building the
     # dicts, which is most of a large batch's response time once intervals are in it.
-    rows, plans = result.values.tolist(), p.planned.tolist()
-    keys = list(result.intervals)
-    bands: list[dict[str, float]] = []
-    if keys:
-        # One array, one tolist, one dict per (level, bound, step) row.
-        stacked = np.stack([b for key in keys for b in result.intervals[key]])
-        bands = [
-            dict(zip(STATE_NAMES, r, strict=False))
-            for r in stacked.reshape(-1, stacked.shape[-1]).tolist()
-        ]
-    h = len(rows)
-    for k, (row, plan) in enumerate(zip(rows, plans, strict=True)):
+    bands = {key: (lo.tolist(), hi.tolist()) for key, (lo, hi) in result.intervals.items()}
+    for k, (row, plan) in enumerate(zip(result.values.tolist(), p.planned.tolist(), strict=True)):
         start += BIN
         step: dict[str, Any] = {
             "step": k + 1,
@@ -177,10 +166,13 @@ def _patient_payload(p: PatientInput, result: PatientResult) -> dict[str, Any]:
             "values": dict(zip(STATE_NAMES, row, strict=False)),
             "interventions": dict(zip(INTERVENTION_NAMES, plan, strict=True)),
         }
-        if keys:
+        if bands:
             step["intervals"] = {
-                key: {"lower": bands[2 * i * h + k], "upper": bands[(2 * i + 1) * h + k]}
-                for i, key in enumerate(keys)
+                key: {
+                    "lower": dict(zip(STATE_NAMES, lo[k], strict=False)),
+                    "upper": dict(zip(STATE_NAMES, hi[k], strict=False)),
+                }
+                for key, (lo, hi) in bands.items()
             }
         forecast.append(step)
     return {"id": p.id, "horizon": p.horizon, "forecast": forecast, "warnings": p.warnings}
@@ -246,17 +238,9 @@ def create_app(
             open(marker, "a").close()  # noqa: SIM115 - touch
 
     holder = ModelHolder(loader, on_change)
-    batcher = MicroBatcher(
-        holder,
-        settings.micro_batch_max,
-        metrics.model_batch.observe,
-        settings.model_in_thread,
-        parallel_min=settings.parallel_batch_min,
-        parallel_threads=settings.parallel_threads,
-    )
-    models = request_models(settings)
-    ForecastRequest = models.forecast  # noqa: N806 - a class built per app
-    BatchRequest = models.batch  # noqa: N806
+    batcher = MicroBatcher(holder, settings, metrics.model_batch.observe)
+    ForecastRequest, BatchRequest = request_models(settings)  # noqa: N806 - classes built per app
+    events = partial(bin_events, settings=settings)
 
     async def reload(reason: str) -> LoadedModel:
         try:
@@ -291,47 +275,36 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import torch
 
-        stop_logging = queue_log_writes() if serve else None
-        threads = torch.get_num_threads()
-        # One intra-op thread: concurrency comes from batching, and more threads only fight
-        # over the cores with the event loop.
-        torch.set_num_threads(settings.torch_threads)
-        batcher.start()
-        retry: asyncio.Task | None = None
-        try:
-            await reload("startup")
-        except ModelLoadError:
-            marker = _served_marker()
-            if marker and os.path.exists(marker) and os.path.getmtime(marker) < _STARTED_AT:
-                # A replacement worker (uvicorn's SIGHUP restart): failing here makes uvicorn
-                # keep the worker that still serves the previous model.
-                await batcher.stop()
-                if stop_logging:
-                    stop_logging()
-                raise
-            retry = asyncio.create_task(retry_initial_load())
-        loop = asyncio.get_running_loop()
-        sighup = False
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
-            # Only in a main thread with signals (not under a test client's portal thread).
-            loop.add_signal_handler(
-                signal.SIGHUP, lambda: loop.create_task(_reload_quietly("SIGHUP"))
-            )
-            sighup = True
-        try:
+        # Undone in reverse order at shutdown, or when a startup that must fail fails.
+        async with contextlib.AsyncExitStack() as undo:
+            if serve:
+                # uvicorn re-raises the stopping signal after shutdown and the process ends
+                # without logging.shutdown: the lines still queued are written last.
+                undo.callback(queue_log_writes())
+            undo.callback(torch.set_num_threads, torch.get_num_threads())
+            # One intra-op thread: concurrency comes from batching, and more threads only
+            # fight over the cores with the event loop.
+            torch.set_num_threads(settings.torch_threads)
+            batcher.start()
+            undo.push_async_callback(batcher.stop)
+            try:
+                await reload("startup")
+            except ModelLoadError:
+                marker = _served_marker()
+                if marker and os.path.exists(marker) and os.path.getmtime(marker) < _STARTED_AT:
+                    # A replacement worker (uvicorn's SIGHUP restart): failing here makes
+                    # uvicorn keep the worker that still serves the previous model.
+                    raise
+                undo.callback(asyncio.create_task(retry_initial_load()).cancel)
+            undo.callback(metrics.process_exiting)
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
+                # Only in a main thread with signals (not under a test client's portal thread).
+                loop.add_signal_handler(
+                    signal.SIGHUP, lambda: loop.create_task(_reload_quietly("SIGHUP"))
+                )
+                undo.callback(loop.remove_signal_handler, signal.SIGHUP)
             yield
-        finally:
-            if sighup:
-                loop.remove_signal_handler(signal.SIGHUP)
-            if retry:
-                retry.cancel()
-            metrics.process_exiting()
-            await batcher.stop()
-            torch.set_num_threads(threads)
-            # uvicorn re-raises the stopping signal after this and the process ends without
-            # logging.shutdown: the lines still in the queue are written now.
-            if stop_logging:
-                stop_logging()
 
     app = FastAPI(
         title="icu-forecast",
@@ -385,17 +358,11 @@ def create_app(
         """Readiness: 200 once a model is loaded, 503 before."""
         return _json({"status": "ready", "model": _model().info.ref()})
 
-    def _events(req: Any, loc: tuple) -> Any:
-        return bin_events(req, loc, settings)
-
     async def _forecast(patients: list[PatientInput]) -> tuple[Any, list[Any]]:
         info, results = await batcher.submit(patients)
         metrics.forecasts.inc(len(patients))
-        kinds: dict[str, int] = {}
-        for p in patients:
-            for w in p.warnings:
-                kinds[w["kind"]] = kinds.get(w["kind"], 0) + 1
-        metrics.count_warnings(kinds)
+        for kind, n in Counter(w["kind"] for p in patients for w in p.warnings).items():
+            metrics.input_warnings.labels(kind).inc(n)
         return info, results
 
     api = APIRouter(
@@ -409,7 +376,7 @@ def create_app(
     async def forecast(req: Annotated[ForecastRequest, Body()]) -> Response:  # type: ignore[valid-type]
         """Forecast one patient `horizon` bins ahead, from `history` bins or raw `events`."""
         _model()
-        p = patient_input(req, ("body",), _events)
+        p = patient_input(req, ("body",), events)
         info, results = await _forecast([p])
         return _json(_patient_payload(p, results[0]) | {"model": info.ref()})
 
@@ -421,7 +388,7 @@ def create_app(
         errors: list[dict[str, Any]] = []
         for i, r in enumerate(req.patients):
             try:
-                patients.append(patient_input(r, ("body", "patients", i), _events))
+                patients.append(patient_input(r, ("body", "patients", i), events))
             except InputError as exc:
                 errors.extend(exc.errors)
         if errors:

@@ -13,7 +13,7 @@ with a warning, so the arrays the response describes are the ones the model is f
 from __future__ import annotations
 
 import math
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -27,13 +27,9 @@ from features.catalog import (
     STATE_NAMES,
 )
 from features.preprocess import INTERVENTION_MAX
-from service.requests import as_utc, check_drop_range, field_error, format_loc
+from service.requests import InputError, as_utc, check_drop_range, field_error, format_loc
 
 BIN = timedelta(hours=BIN_HOURS)
-
-
-def _refused(errors: list[dict], warnings: list[dict]) -> tuple:
-    return np.empty((0, 18)), np.empty((0, 3)), None, errors, warnings
 
 
 def _accepted(variable: str) -> dict[str, tuple[float, float]]:
@@ -45,21 +41,21 @@ def _accepted(variable: str) -> dict[str, tuple[float, float]]:
 
 def bin_events(
     req: Any, loc: tuple, settings: Any
-) -> tuple[np.ndarray, np.ndarray, Any, list[dict], list[dict]]:
-    """Validate and bin ``req.events``; returns state, interventions, first bin start, errors,
-    warnings (the same shapes as the history form)."""
+) -> tuple[np.ndarray, np.ndarray, datetime, list[dict]]:
+    """Validate and bin ``req.events``: state, interventions, first bin start and warnings
+    (the history form's shapes), or :class:`InputError` naming every bad event."""
     from features.binning import PRE_INTIME_HOURS, bin_patient_events
 
     errors: list[dict] = []
     warnings: list[dict] = []
     if req.icu_intime is None:
         msg = "required with `events`: bins are counted from ICU admission"
-        return _refused([field_error((*loc, "icu_intime"), msg, "missing")], warnings)
+        raise InputError([field_error((*loc, "icu_intime"), msg, "missing")])
     try:
         intime = as_utc(req.icu_intime)
         earliest = intime - timedelta(hours=PRE_INTIME_HOURS)
     except OverflowError:
-        return _refused([field_error((*loc, "icu_intime"), "date out of range")], warnings)
+        raise InputError([field_error((*loc, "icu_intime"), "date out of range")]) from None
     rows: list[dict[str, Any]] = []
     ignored: list[int] = []
     last_bin = -1
@@ -126,7 +122,7 @@ def bin_events(
             }
         )
     if errors:
-        return _refused(errors, warnings)
+        raise InputError(errors)
     if ignored:
         warnings.append(
             {
@@ -141,12 +137,12 @@ def bin_events(
         )
     if last_bin < 0:
         msg = "no event falls in a bin after icu_intime: the history is empty"
-        return _refused([field_error((*loc, "events"), msg, "too_short")], warnings)
+        raise InputError([field_error((*loc, "events"), msg, "too_short")])
     wide = bin_patient_events(rows, pd.Timestamp(intime.replace(tzinfo=None)), last_bin + 1)
     state = wide[list(STATE_NAMES)].to_numpy(np.float64)
     iv = wide[list(INTERVENTION_NAMES)].to_numpy(np.float64)
     warnings.extend(_clamp_interventions(iv, loc))
-    return state, iv, intime.astimezone(UTC), errors, warnings
+    return state, iv, intime.astimezone(UTC), warnings
 
 
 def _clamp_interventions(iv: np.ndarray, loc: tuple) -> list[dict]:

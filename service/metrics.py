@@ -8,7 +8,6 @@ prometheus-client's multiprocess mode) the values live in files shared by the wo
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -20,8 +19,6 @@ class ServiceMetrics:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self._model_labels: tuple[str, str, str] | None = None
         self.registry = CollectorRegistry()
-        self._children: dict[tuple[str, str, int], tuple] = {}
-        self._warning_children: dict[str, Any] = {}
         r = self.registry
         self.requests = Counter(
             "icu_forecast_requests",
@@ -67,25 +64,8 @@ class ServiceMetrics:
         )
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        # Label lookups cost more than the increments; the label sets are few, so cache them.
-        key = (method, route, status)
-        children = self._children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(method, route, str(status)),
-                self.latency.labels(route),
-            )
-            self._children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
-
-    def count_warnings(self, kinds: dict[str, int]) -> None:
-        children = self._warning_children
-        for kind, n in kinds.items():
-            child = children.get(kind)
-            if child is None:
-                child = children[kind] = self.input_warnings.labels(kind)
-            child.inc(n)
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
 
     def set_model(self, name: str, version: str | None, run_id: str | None) -> None:
         labels = (name, version or "", run_id or "")

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
 import re
 import time
+import uuid
 from typing import Any
 
 from fastapi import HTTPException
@@ -31,18 +30,6 @@ access_log = logging.getLogger("icu_forecast.service.access")
 CLIENT_CLOSED = 499
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
 _JSON_TYPES = (b"application/json", b"application/problem+json")
-
-
-# Request ids only tell requests apart in the logs; they guard nothing, so they need not come
-# from the OS's generator (a syscall per request): 128 bits from a per-process Mersenne
-# Twister, seeded from the OS (again in a forked child), as 32 hex digits like ``uuid4().hex``.
-_ids = random.Random()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_ids.seed)
-
-
-def _new_request_id() -> bytes:
-    return b"%032x" % _ids.getrandbits(128)
 
 
 def _is_json(content_type: bytes) -> bool:
@@ -74,7 +61,7 @@ class GatewayMiddleware:
         t0 = time.perf_counter()
         headers = dict(scope["headers"])
         rid_in = headers.get(b"x-request-id")
-        rid = rid_in if rid_in and _REQUEST_ID.match(rid_in) else _new_request_id()
+        rid = rid_in if rid_in and _REQUEST_ID.match(rid_in) else uuid.uuid4().hex.encode()
         rid_header = (b"x-request-id", rid)
         state = {"status": 500, "gone": False}
 

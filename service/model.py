@@ -4,31 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from features.catalog import N_INTERVENTION, N_STATE
 from service.requests import PatientInput
+from service.settings import ServiceSettings
+
+if TYPE_CHECKING:  # torch and the training code load with the first model, not on import
+    from training.forecaster import Forecaster
 
 log = logging.getLogger("icu_forecast.service")
-
-
-class Forecaster(Protocol):
-    """What the service needs of ``training.forecaster.Forecaster``."""
-
-    def forecast(
-        self,
-        state: np.ndarray,
-        interventions: np.ndarray,
-        lengths: np.ndarray,
-        planned: np.ndarray,
-    ) -> np.ndarray: ...
 
 
 @dataclass
@@ -193,6 +184,23 @@ class ModelHolder:
             return loaded
 
 
+def pad_batch(
+    patients: list[PatientInput],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The Forecaster's arguments for ``patients``: state, interventions, lengths, planned,
+    padded to the longest history and horizon."""
+    b = len(patients)
+    t_max = max(p.n_bins for p in patients)
+    state = np.full((b, t_max, N_STATE), np.nan)
+    iv = np.full((b, t_max, N_INTERVENTION), np.nan)
+    planned = np.zeros((b, max(p.horizon for p in patients), N_INTERVENTION))
+    for i, p in enumerate(patients):
+        state[i, : p.n_bins] = p.state
+        iv[i, : p.n_bins] = p.interventions
+        planned[i, : p.horizon] = p.planned
+    return state, iv, np.array([p.n_bins for p in patients], dtype=np.int64), planned
+
+
 def run_batch(
     model: LoadedModel, patients: list[PatientInput], threads: int | None = None
 ) -> list[PatientResult]:
@@ -204,19 +212,8 @@ def run_batch(
     """
     import torch
 
-    b = len(patients)
-    t_max = max(p.n_bins for p in patients)
-    h_max = max(p.horizon for p in patients)
-    state = np.full((b, t_max, N_STATE), np.nan)
-    iv = np.full((b, t_max, N_INTERVENTION), np.nan)
-    planned = np.zeros((b, h_max, N_INTERVENTION))
-    lengths = np.empty(b, dtype=np.int64)
-    for i, p in enumerate(patients):
-        n = p.n_bins
-        state[i, :n] = p.state
-        iv[i, :n] = p.interventions
-        planned[i, : p.horizon] = p.planned
-        lengths[i] = n
+    state, iv, lengths, planned = pad_batch(patients)
+    b, h_max = len(patients), planned.shape[1]
     previous = torch.get_num_threads()
     if threads and threads != previous:
         torch.set_num_threads(threads)
@@ -232,7 +229,7 @@ def run_batch(
     bands: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     if any(wanted):
         union = tuple(sorted({lv for w in wanted for lv in w}))
-        bands = model.forecaster.intervals(out, state, lengths, union)  # type: ignore[attr-defined]
+        bands = model.forecaster.intervals(out, state, lengths, union)
     return [
         PatientResult(
             out[i, : p.horizon],
@@ -267,33 +264,18 @@ class MicroBatcher:
     There is no timer: while one model call runs, new jobs queue up, and the next call takes
     all of them, and all that keep arriving turn after turn of the event loop. Under light load
     a request goes alone after one turn of the loop; under heavy load batches grow and the
-    per-request cost drops.
+    per-request cost drops. Model calls never overlap (one worker task awaits each in turn),
+    so the model needs no locking.
     """
 
     def __init__(
-        self,
-        holder: ModelHolder,
-        max_batch: int,
-        on_batch: Callable[[int], None],
-        in_thread: bool = False,
-        parallel_min: int | None = None,
-        parallel_threads: int = 1,
+        self, holder: ModelHolder, settings: ServiceSettings, on_batch: Callable[[int], None]
     ):
         self._holder = holder
-        self._max = max_batch
+        self._settings = settings
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._task: asyncio.Task | None = None
-        self._in_thread = in_thread
-        # A large call (the batch endpoint) is compute-bound and alone: a second intra-op
-        # thread uses the core the event loop leaves idle while it waits. Small calls stay on
-        # one thread, where threading costs more than it saves.
-        self._parallel_min = parallel_min
-        self._parallel_threads = parallel_threads
-        from concurrent.futures import ThreadPoolExecutor
-
-        # One thread: model calls never overlap, so the model needs no locking.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forecast")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._worker())
@@ -302,7 +284,6 @@ class MicroBatcher:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, patients: list[PatientInput]) -> tuple[ModelInfo, list[PatientResult]]:
         fut = asyncio.get_running_loop().create_future()
@@ -310,6 +291,7 @@ class MicroBatcher:
         return await fut
 
     async def _worker(self) -> None:
+        limit = self._settings.micro_batch_max
         while True:
             jobs = [await self._queue.get()]
             size = len(jobs[0].patients)
@@ -317,48 +299,44 @@ class MicroBatcher:
             # new job. Concurrent clients' requests arrive a few at a time, and a model call
             # started on the first few would make the rest wait for it and then pay the
             # call's fixed cost again (most of a small call: 2 patients cost ~2 ms, 16 ~5 ms).
-            while size < self._max:
+            while size < limit:
                 await asyncio.sleep(0)
                 if self._queue.empty():
                     break
-                while size < self._max and not self._queue.empty():
+                while size < limit and not self._queue.empty():
                     job = self._queue.get_nowait()
                     jobs.append(job)
                     size += len(job.patients)
             jobs = [j for j in jobs if not j.future.done()]  # cancelled by a gone client
-            if not jobs:
-                continue
             model = self._holder.current
             if model is None:
                 for j in jobs:
                     j.future.set_exception(ModelLoadError("no model loaded"))
-                continue
-            try:
-                await self._run(model, jobs)
-            except Exception:
-                if len(jobs) == 1:
-                    self._fail(jobs, sys.exc_info()[1])
-                    continue
-                # One request's failure must not fail the others it happened to share a call
-                # with: run them one by one, so only the culprit gets the error.
-                for j in jobs:
-                    try:
-                        await self._run(model, [j])
-                    except Exception as exc:
-                        self._fail([j], exc)
+            elif jobs:
+                await self._call(model, jobs)
+
+    async def _call(self, model: LoadedModel, jobs: list[_Job]) -> None:
+        try:
+            await self._run(model, jobs)
+        except Exception as exc:
+            if len(jobs) == 1:
+                if not jobs[0].future.done():
+                    jobs[0].future.set_exception(exc)
+                return
+            # One request's failure must not fail the others it happened to share a call
+            # with: run them one by one, so only the culprit gets the error.
+            for j in jobs:
+                await self._call(model, [j])
 
     async def _run(self, model: LoadedModel, jobs: list[_Job]) -> None:
         patients = [p for j in jobs for p in j.patients]
-        threads = (
-            self._parallel_threads
-            if self._parallel_min is not None and len(patients) >= self._parallel_min
-            else None
-        )
-        if self._in_thread:
-            loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(
-                self._executor, run_batch, model, patients, threads
-            )
+        # A large call (the batch endpoint) is compute-bound and alone: a second intra-op
+        # thread uses the core the event loop leaves idle while it waits. Small calls stay on
+        # one thread, where threading costs more than it saves.
+        big = len(patients) >= self._settings.parallel_batch_min
+        threads = self._settings.parallel_threads if big else None
+        if self._settings.model_in_thread:
+            results = await asyncio.to_thread(run_batch, model, patients, threads)
         else:
             # In the loop's own thread: no thread hop and no GIL hand-offs. While the model
             # runs, new requests wait in the socket buffers and form the next batch; with one
@@ -371,9 +349,3 @@ class MicroBatcher:
             if not j.future.done():
                 j.future.set_result((model.info, results[k : k + n]))
             k += n
-
-    @staticmethod
-    def _fail(jobs: list[_Job], exc: BaseException | None) -> None:
-        for j in jobs:
-            if not j.future.done():
-                j.future.set_exception(exc or RuntimeError("model call failed"))

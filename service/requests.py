@@ -85,9 +85,7 @@ class PatientInput:
         return self.state.shape[0]
 
 
-def _history_arrays(
-    history: list[Any], loc: tuple
-) -> tuple[np.ndarray, np.ndarray, datetime, list[dict]]:
+def _history_arrays(history: list[Any], loc: tuple) -> tuple[np.ndarray, np.ndarray, datetime]:
     errors: list[dict] = []
     n = len(history)
     starts = []
@@ -95,8 +93,8 @@ def _history_arrays(
         try:
             starts.append(as_utc(b.bin_start))
         except OverflowError:  # an offset pushes it outside years 1..9999
-            errors.append(field_error((*loc, "history", i, "bin_start"), "date out of range"))
-            return np.empty((0, N_STATE)), np.empty((0, N_INTERVENTION)), datetime.min, errors
+            where = (*loc, "history", i, "bin_start")
+            raise InputError([field_error(where, "date out of range")]) from None
     for i in range(1, n):
         gap = starts[i] - starts[i - 1]
         if gap == BIN:
@@ -115,6 +113,8 @@ def _history_arrays(
                 "with empty values for a window where nothing was charted"
             )
         errors.append(field_error(where, msg))
+    if errors:
+        raise InputError(errors)
     # One C-level lookup per bin, read by ``fromiter`` (which turns the ``None`` of an absent
     # value into NaN) without the nested list that ``np.array`` would inspect first.
     state = np.fromiter(
@@ -125,12 +125,10 @@ def _history_arrays(
         np.float64,
         n * N_INTERVENTION,
     ).reshape(n, N_INTERVENTION)
-    return state, iv, starts[0], errors
+    return state, iv, starts[0]
 
 
-def _planned(
-    req: Any, last_iv: np.ndarray, loc: tuple
-) -> tuple[np.ndarray, list[dict], list[dict]]:
+def _planned(req: Any, last_iv: np.ndarray, loc: tuple) -> tuple[np.ndarray, list[dict]]:
     horizon = req.horizon
     if req.planned_interventions is None:
         assumed = [0.0 if v != v else v for v in last_iv.tolist()]  # NaN (not given) -> 0
@@ -143,19 +141,11 @@ def _planned(
                 f"continue for all {horizon} forecast bins ({desc})"
             ),
         }
-        return np.array([assumed] * horizon, dtype=np.float64), [], [warning]
+        return np.array([assumed] * horizon, dtype=np.float64), [warning]
     plan = req.planned_interventions
     if len(plan) != horizon:
-        return (
-            np.zeros((horizon, N_INTERVENTION)),
-            [
-                field_error(
-                    (*loc, "planned_interventions"),
-                    f"has {len(plan)} entries, expected one per forecast bin (horizon={horizon})",
-                )
-            ],
-            [],
-        )
+        msg = f"has {len(plan)} entries, expected one per forecast bin (horizon={horizon})"
+        raise InputError([field_error((*loc, "planned_interventions"), msg)])
     out = np.fromiter(
         _chain(map(_INTERVENTIONS_OF, [step.__dict__ for step in plan])),
         np.float64,
@@ -163,7 +153,7 @@ def _planned(
     ).reshape(horizon, N_INTERVENTION)
     # An absent (None, read as NaN) planned intervention is 0; the schema refuses a real NaN.
     out[np.isnan(out)] = 0.0
-    return out, [], []
+    return out, []
 
 
 def _fmt_bins(bins: list[int]) -> str:
@@ -266,27 +256,22 @@ def patient_input(req: Any, loc: tuple = ("body",), events_binner: Any = None) -
     if has_history == has_events:
         msg = "give exactly one of `history` and `events`"
         raise InputError([field_error((*loc, "history"), msg, "missing")])
-    warnings: list[dict[str, Any]] = []
     if has_history:
-        state, iv, first, errors = _history_arrays(req.history, loc)
+        state, iv, first = _history_arrays(req.history, loc)
+        warnings: list[dict[str, Any]] = []
         source = "history"
     else:
         if events_binner is None:  # pragma: no cover - wired in app.py
             raise InputError([field_error((*loc, "events"), "events are not supported")])
-        state, iv, first, errors, ev_warnings = events_binner(req, loc)
-        warnings.extend(ev_warnings)
+        state, iv, first, warnings = events_binner(req, loc)
         source = "events"
-    if errors:
-        raise InputError(errors)
     try:
         first + BIN * (state.shape[0] + req.horizon)
     except OverflowError:
         last = ("history", state.shape[0] - 1, "bin_start") if has_history else ("icu_intime",)
         where = (*loc, *last)
         raise InputError([field_error(where, "the forecast would end after year 9999")]) from None
-    planned, errors, plan_warnings = _planned(req, iv[-1], loc)
-    if errors:
-        raise InputError(errors)
+    planned, plan_warnings = _planned(req, iv[-1], loc)
     warnings.extend(value_warnings(state, loc, source))
     warnings.extend(plan_warnings)
     levels = getattr(req, "interval_levels", None)

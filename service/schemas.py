@@ -12,7 +12,6 @@ Checks across fields (bins in order, units of events, one plan per forecast step
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -39,8 +38,15 @@ class _Strict(BaseModel):
     model_config = _STRICT
 
 
-def _state_values_model() -> type[BaseModel]:
-    fields: dict[str, Any] = {
+StateValues = create_model(
+    "StateValues",
+    __config__=_STRICT,
+    __doc__=(
+        f"Mean of each state variable over the {BIN_HOURS}-hour bin, in its canonical unit "
+        "(see GET /v1/variables). Leave out (or null) what was not measured: it is "
+        "forward-filled or imputed exactly as in training, with a warning."
+    ),
+    **{
         v.name: (
             float | None,
             Field(
@@ -56,21 +62,13 @@ def _state_values_model() -> type[BaseModel]:
             ),
         )
         for v in STATE_VARIABLES
-    }
-    return create_model(
-        "StateValues",
-        __config__=_STRICT,
-        __doc__=(
-            f"Mean of each state variable over the {BIN_HOURS}-hour bin, in its canonical unit "
-            "(see GET /v1/variables). Leave out (or null) what was not measured: it is "
-            "forward-filled or imputed exactly as in training, with a warning."
-        ),
-        **fields,
-    )
-
-
-def _interventions_model() -> type[BaseModel]:
-    fields: dict[str, Any] = {
+    },
+)
+Interventions = create_model(
+    "Interventions",
+    __config__=_STRICT,
+    __doc__="Interventions during a bin; a missing one is 0 (not given), as in training.",
+    **{
         i.name: (
             float | None,
             Field(
@@ -78,19 +76,9 @@ def _interventions_model() -> type[BaseModel]:
             ),
         )
         for i in INTERVENTIONS
-    }
-    return create_model(
-        "Interventions",
-        __config__=_STRICT,
-        __doc__="Interventions during a bin; a missing one is 0 (not given), as in training.",
-        **fields,
-    )
+    },
+)
 
-
-StateValues = _state_values_model()
-Interventions = _interventions_model()
-
-StateName = Literal[tuple(v.name for v in STATE_VARIABLES)]  # type: ignore[valid-type]
 EventVariable = Literal[  # type: ignore[valid-type]
     tuple(v.name for v in STATE_VARIABLES) + tuple(i.name for i in INTERVENTIONS)
 ]
@@ -198,14 +186,6 @@ class ModelDescription(BaseModel):
     variables: list[VariableInfo]
 
 
-@dataclass(frozen=True)
-class RequestModels:
-    """The request models for one set of limits (the limits appear in the OpenAPI schema)."""
-
-    forecast: type[BaseModel]
-    batch: type[BaseModel]
-
-
 # A what-if request as a user would send it: two bins of history, a plan for the next three.
 # In the OpenAPI document (the /docs "Try it out" body); the fuzz test checks it is valid.
 FORECAST_EXAMPLE: dict[str, Any] = {
@@ -232,7 +212,8 @@ FORECAST_EXAMPLE: dict[str, Any] = {
 }
 
 
-def request_models(settings: ServiceSettings) -> RequestModels:
+def request_models(settings: ServiceSettings) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The forecast and batch request models for ``settings``' limits (OpenAPI shows them)."""
     history_field = (
         list[HistoryBin] | None,
         Field(
@@ -299,4 +280,4 @@ def request_models(settings: ServiceSettings) -> RequestModels:
             Field(min_length=1, max_length=settings.max_batch_patients),
         ),
     )
-    return RequestModels(forecast=forecast, batch=batch)
+    return forecast, batch

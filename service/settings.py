@@ -9,8 +9,9 @@ by accident.
 from __future__ import annotations
 
 import os
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, field_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -106,7 +107,10 @@ class ServiceSettings(BaseSettings):
         description="most connections and requests at once per worker; beyond it uvicorn "
         "answers 503 (unset: no limit)",
     )
-    log_level: str = "info"
+    log_level: Annotated[
+        Literal["critical", "error", "warning", "info", "debug"],
+        BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
+    ] = "info"
 
     @field_validator("api_key")
     @classmethod
@@ -117,12 +121,4 @@ class ServiceSettings(BaseSettings):
             raise PydanticCustomError(
                 "empty_api_key", "API_KEY is set but empty; unset it to run without a key"
             )
-        return v
-
-    @field_validator("log_level")
-    @classmethod
-    def _level(cls, v: str) -> str:
-        v = v.lower()
-        if v not in {"critical", "error", "warning", "info", "debug"}:
-            raise ValueError(f"unknown log level {v!r}")
         return v

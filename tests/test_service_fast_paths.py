@@ -2,8 +2,8 @@
 
 Warnings computed with whole-array masks and cached messages equal a per-value reference; a
 large batch on several intra-op threads equals the same patients forecast one by one; the
-gateway's direct forecast endpoints answer like the FastAPI routes they bypass; the micro-batcher
-gathers concurrent requests into one model call.
+micro-batcher gathers concurrent requests into one model call, and a failed shared call fails
+only the request that broke it.
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ def test_run_batch_restores_threads(served_model, n):
 
     settings_ = ServiceSettings(**served_model.settings_kwargs)
     model = load_from_mlflow(served_model.settings_kwargs["model_uri"], served_model.tracking_uri)
-    req = request_models(settings_).forecast.model_validate(history_body())
+    forecast_request, _ = request_models(settings_)
+    req = forecast_request.model_validate(history_body())
     patients = [patient_input(req)] * n
     before = torch.get_num_threads()
     out = run_batch(model, patients, threads=2)
@@ -197,7 +198,7 @@ def test_micro_batcher_gathers_requests_arriving_turn_after_turn(monkeypatch, ma
 
     monkeypatch.setattr(service_model, "run_batch", run_batch)
     holder = SimpleNamespace(current=SimpleNamespace(info="model"))
-    batcher = MicroBatcher(holder, max_batch, on_batch=lambda n: None)
+    batcher = MicroBatcher(holder, ServiceSettings(micro_batch_max=max_batch), lambda n: None)
 
     async def request(turns: int) -> None:
         for _ in range(turns):
@@ -212,3 +213,36 @@ def test_micro_batcher_gathers_requests_arriving_turn_after_turn(monkeypatch, ma
 
     asyncio.run(main())
     assert calls == expected
+
+
+def test_micro_batcher_fails_only_the_request_that_breaks_a_shared_call(monkeypatch):
+    """A model call shared by several requests that fails is retried one request at a time:
+    only the request that breaks it gets the error, the others their forecasts."""
+    calls: list[int] = []
+
+    def run_batch(model, patients, threads=None):  # noqa: ANN001
+        calls.append(len(patients))
+        if "bad" in patients:
+            raise ValueError("cannot forecast this one")
+        return [np.zeros((1, N_STATE))] * len(patients)
+
+    monkeypatch.setattr(service_model, "run_batch", run_batch)
+    holder = SimpleNamespace(current=SimpleNamespace(info="model"))
+    batcher = MicroBatcher(holder, ServiceSettings(), lambda n: None)
+
+    async def main() -> list:
+        batcher.start()
+        try:
+            return await asyncio.gather(
+                batcher.submit(["ok"]),
+                batcher.submit(["bad"]),
+                batcher.submit(["ok", "ok"]),
+                return_exceptions=True,
+            )
+        finally:
+            await batcher.stop()
+
+    good, bad, pair = asyncio.run(main())
+    assert calls == [4, 1, 1, 2]
+    assert good[0] == "model" and len(good[1]) == 1 and len(pair[1]) == 2
+    assert isinstance(bad, ValueError)
