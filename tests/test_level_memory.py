@@ -9,7 +9,7 @@ import torch
 from features.catalog import N_STATE
 from training.lit import rollout_errors
 from training.models import ModelConfig, build_model
-from training.models.level import LevelMemory
+from training.models.level import LevelMemory, fit_gains, start_from_ridge
 from training.rollout import encode, forecast_rollout
 
 N_IN = 2 * N_STATE + 3
@@ -118,3 +118,37 @@ def test_a_model_saved_before_level_memory_existed_loads_without_it() -> None:
     rebuilt = build_model(ModelConfig.from_dict(old))
     rebuilt.load_state_dict(state)  # strict: same keys and shapes
     assert not isinstance(rebuilt, LevelMemory)
+
+
+def _noisy_levels(rng: np.random.Generator, b: int, t: int) -> torch.Tensor:
+    """Noisy readings around a per-stay level, every value measured."""
+    level = rng.random((b, 1, N_STATE)) * 0.6 + 0.2
+    x = torch.zeros(b, t, N_IN, dtype=torch.float32)
+    x[..., :N_STATE] = torch.as_tensor(level + rng.normal(0, 0.08, (b, t, N_STATE))).float()
+    x[..., N_STATE : 2 * N_STATE] = 1.0
+    return x
+
+
+def test_ridge_start_beats_persistence_before_any_training() -> None:
+    """The gains' closed-form start, fitted on some stays, already forecasts other stays of
+    the same kind better than persistence (and than the zero start, which is persistence)."""
+    rng = np.random.default_rng(4)
+    train, held_out = _noisy_levels(rng, 40, 12), _noisy_levels(rng, 16, 12)
+    lengths = torch.full((16,), 12)
+    model = build_model(ModelConfig(model="gru", units=8, ensemble=2))
+    zero, counts = rollout_errors(model, held_out, lengths, 3, None)
+    start_from_ridge(model, [s.numpy() for s in train], alpha=1.0)
+    with torch.no_grad():
+        ridge, _ = rollout_errors(model, held_out, lengths, 3, None)
+    assert (ridge / counts < 0.8 * zero / counts).all()
+    gains = fit_gains([s.numpy() for s in train], alpha=1.0)
+    assert gains.shape == (3, N_STATE) and (gains.sum(dim=0) > 0).all()
+
+
+def test_ridge_gains_ignore_unmeasured_targets_and_short_stays() -> None:
+    rng = np.random.default_rng(5)
+    x = _noisy_levels(rng, 6, 10).numpy()
+    x[:, :, N_STATE] = 0.0  # variable 0 never measured: no data, gain 0
+    gains = fit_gains([*x, x[0, :1]], alpha=1.0)
+    assert (gains[:, 0] == 0).all() and (gains[:, 1:].abs().sum(dim=0) > 0).all()
+    assert (fit_gains([x[0, :1]], alpha=1.0) == 0).all()

@@ -38,7 +38,7 @@ def test_cv_scores_every_model_on_the_same_windows(
     assert (out / "report.md").is_file() and (out / "skill_vs_k.png").stat().st_size > 0
     rows = report["rows"]
     labels = {r["model"] for r in rows}
-    assert labels == {"gru", "small", "persistence", "linear", "direct"}
+    assert labels == {"gru", "small", "persistence", "linear", "level", "direct"}
     for k in (1, 2, 3, 5):
         at_k = [r for r in rows if r["k"] == k]
         assert len({r["n_windows"] for r in at_k}) == 1, "same windows for every model"
@@ -62,7 +62,7 @@ def test_cv_scores_every_model_on_the_same_windows(
     # the ridge baselines have none.
     assert report["interval_levels"] == ["0.8", "0.95"]
     for r in rows:
-        if r["model"] in ("linear", "direct"):
+        if r["model"] in ("linear", "level", "direct"):
             assert r["coverage"] is None and r["width"] is None
             continue
         assert set(r["coverage"]) == set(r["width"]) == {"0.8", "0.95"}

@@ -13,7 +13,7 @@ from tests.synthetic import write_synthetic_etl_output
 from training.config import TrainConfig
 from training.evaluate import KS, SIGMAS, evaluate, sigma_label
 
-MODELS = ("cfc", "cfc-ncp", "gru", "lstm", "ltc", "persistence", "linear")
+MODELS = ("cfc", "cfc-ncp", "gru", "lstm", "ltc", "persistence", "linear", "level")
 TINY = {
     "units": 8,
     "layers": 1,
@@ -85,9 +85,10 @@ def test_train_evaluate_log_and_reload(store: dict, model: str) -> None:
     assert "val/rmse_k5" in m and "n_params" in m
     if model not in ("persistence",):
         assert m["train_examples_per_s"] > 0
-    if model not in ("persistence", "linear"):
+    if model not in ("persistence", "linear", "level"):
         assert m["peak_mem_mb"] > 0 and m["n_params"] > 0
-        assert len(client.get_metric_history(result.run_id, "val_loss")) == 2  # per epoch
+        # the starting model (a checkpoint candidate) and each of the 2 epochs
+        assert len(client.get_metric_history(result.run_id, "val_loss")) == 3
     if model == "persistence":
         assert m["n_params"] == 0
     # Artifacts live next to the SQLite store, not in the current directory.

@@ -151,3 +151,30 @@ def test_ensemble_forecasts_the_members_mean_and_trains_each_on_its_own_rollout(
     expect = torch.stack([s for s, _ in own]).mean(dim=0)
     torch.testing.assert_close(sums, expect)
     torch.testing.assert_close(counts, own[0][1])
+
+
+def test_training_that_never_beats_its_start_returns_the_start(tmp_path) -> None:
+    """The starting model (the level gains' ridge fit) is a checkpoint candidate: when every
+    epoch is worse on validation (here a learning rate that wrecks the weights), training
+    returns the start, not the least bad epoch."""
+    import lightning as L
+
+    from tests.synthetic import write_synthetic_etl_output
+    from training.config import TrainConfig
+    from training.train import build_lit, data_module, fit_lightning
+
+    data = write_synthetic_etl_output(tmp_path / "data", n_stays=24, n_bins=12, seed=0)
+    cfg = TrainConfig(
+        model="gru", data=data, epochs=2, batch_size=8, lr=50.0, grad_clip=0.0, units=4,
+        ensemble=1, accelerator="cpu", devices="1", threads=1,
+        checkpoint_dir=tmp_path / "ckpt",
+    )  # fmt: skip
+    dm = data_module(cfg)
+    L.seed_everything(0, verbose=False)
+    start = build_lit(cfg, dm).state_dict()
+    L.seed_everything(0, verbose=False)
+    _, lit, history, stats = fit_lightning(cfg, dm)
+    assert stats["kept_start"] == 1.0
+    assert min(e["val_rollout_mse"] for e in history.epochs) > stats["best_val_rollout_mse"]
+    for key, value in lit.state_dict().items():
+        torch.testing.assert_close(value, start[key])

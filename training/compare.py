@@ -126,7 +126,7 @@ def _skill_cell(group: pd.DataFrame, k: int) -> str:
 
 
 def _label_order(label: str) -> tuple[int, str]:
-    rank = {"cfc": 0, "gru": 1, "persistence": 9, "linear": 8}
+    rank = {"cfc": 0, "gru": 1, "level": 7, "linear": 8, "persistence": 9}
     return rank.get(label, 5), label
 
 

@@ -79,6 +79,16 @@ class TrainConfig(BaseSettings):
     level_memory: bool = Field(
         _ARCH.level_memory, description="networks: learned pull towards the measured level"
     )
+    level_init: Literal["zero", "ridge"] = Field(
+        _ARCH.level_init,
+        description="level memory's gains start at a ridge fit on the training stays, or 0",
+    )
+    level_alpha: float = Field(
+        _ARCH.level_alpha, ge=0, description="ridge penalty of the level gains' starting fit"
+    )
+    level_train: bool = Field(
+        _ARCH.level_train, description="train the level gains (else they keep their start)"
+    )
     ensemble: int = Field(
         _ARCH.ensemble, ge=1, le=16, description="members of a deep ensemble, averaged"
     )

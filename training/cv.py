@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # the intervals module imports torch; the report needs none o
 
 log = logging.getLogger("icu_forecast.cv")
 
-BASELINE_LABELS = ("persistence", "linear", "direct")
+BASELINE_LABELS = ("persistence", "linear", "level", "direct")
 REFERENCE = "persistence"
 
 # Named variants for the case-study table: label -> TrainConfig overrides.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -26,10 +27,11 @@ from training.footprint import training_step_bytes
 from training.forecaster import Forecaster
 from training.intervals import log_intervals
 from training.lit import LitDynamics
-from training.models import ModelConfig, build_model, count_parameters
+from training.models import DynamicsModel, ModelConfig, build_model, count_parameters
 from training.models.baselines import Linear
 from training.models.direct import DirectRidge
 from training.models.factory import BASELINES
+from training.models.level import LevelMemory, start_from_ridge
 from training.registry import registered_name
 from training.rollout import state_bounds
 
@@ -53,12 +55,19 @@ def _transitions(seqs: StaySequences) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs).astype(np.float64), np.concatenate(ys).astype(np.float64)
 
 
-def fit_linear(model: Linear, seqs: StaySequences) -> dict[str, float]:
-    x, y = _transitions(seqs)
+def fit_baseline(model: DynamicsModel, seqs: StaySequences) -> dict[str, float]:
+    """Fit a baseline in closed form on the training stays ``seqs``: the one-step ridge, or
+    the level forecaster's gains (persistence has nothing to fit)."""
     t0 = time.perf_counter()
-    model.fit_ridge(x, y)
+    if isinstance(model, Linear):
+        x, y = _transitions(seqs)
+        model.fit_ridge(x, y)
+    elif isinstance(model, LevelMemory):
+        start_from_ridge(model, seqs.inputs, model.cfg.level_alpha)
+    else:
+        return {}
     dt = time.perf_counter() - t0
-    return {"train_examples_per_s": len(x) / dt, "train_seconds": dt}
+    return {"train_examples_per_s": seqs.n_transitions / dt, "train_seconds": dt}
 
 
 _NOT_IN_CHECKPOINT_KEY = {
@@ -98,7 +107,7 @@ def data_module(cfg: TrainConfig) -> BinsDataModule:
 
 def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
     lo, hi = state_bounds(dm.preprocessor, torch.float32)
-    return LitDynamics(
+    lit = LitDynamics(
         cfg.model_cfg().to_dict(),
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -107,6 +116,10 @@ def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
         measured_only=cfg.measured_only,
         bounds=(lo.tolist(), hi.tolist()),
     )
+    mcfg = cfg.model_cfg()
+    if mcfg.level_memory and mcfg.level_init == "ridge":
+        start_from_ridge(lit.model, dm.sequences["train"].inputs, mcfg.level_alpha)
+    return lit
 
 
 def fit_lightning(
@@ -142,13 +155,20 @@ def fit_lightning(
     lit = build_lit(cfg, dm)
     first = next(iter(dm.train_dataloader()))
     footprint = training_step_bytes(lambda: lit._loss(first)[0], list(lit.parameters()))
+    resuming = cfg.resume and last.exists()
     with PeakMemory() as mem, warnings.catch_warnings():
         # Tiny data: Lightning's "few batches / num_workers" advice does not apply.
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*number of training batches.*")
-        trainer.fit(
-            lit, datamodule=dm, ckpt_path=str(last) if cfg.resume and last.exists() else None
+        # The model training starts from (persistence, or the level gains' ridge fit) is a
+        # candidate too: if no epoch beats it on validation, it is what training returns.
+        start = None if resuming else copy.deepcopy(lit.state_dict())
+        start_score = (
+            None
+            if resuming
+            else float(trainer.validate(lit, datamodule=dm, verbose=False)[0][cfg.monitor])
         )
+        trainer.fit(lit, datamodule=dm, ckpt_path=str(last) if resuming else None)
         on_gpu = trainer.strategy.root_device.type == "cuda"
     stats = mem.metrics() | footprint
     if on_gpu:
@@ -166,6 +186,12 @@ def fit_lightning(
         best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
         lit.load_state_dict(best["state_dict"])
         stats["best_" + cfg.monitor] = float(checkpoint.best_model_score)
+    stats["kept_start"] = 0.0
+    if trainer.is_global_zero and start is not None:
+        best_score = stats.get("best_" + cfg.monitor, float("inf"))
+        if start_score <= best_score:
+            lit.load_state_dict(start)
+            stats["best_" + cfg.monitor], stats["kept_start"] = start_score, 1.0
     return trainer, lit, history, stats
 
 
@@ -201,7 +227,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
         history: list[dict] = []
         if cfg.model in BASELINES:
             model = build_model(mcfg)
-            train_stats = fit_linear(model, dm.sequences["train"]) if cfg.model == "linear" else {}
+            train_stats = fit_baseline(model, dm.sequences["train"])
         else:
             from lightning.pytorch.loggers import MLFlowLogger
 
@@ -224,15 +250,14 @@ def baseline_evaluations(
     ks: tuple[int, ...],
     ridge_alpha: float = 1.0,
 ) -> dict[str, dict[str, Evaluation]]:
-    """Persistence, the one-step ridge and the direct K-step ridge, fitted once on the
-    training patients, on the windows of each of ``splits``: ``{split: {name: Evaluation}}``."""
+    """Persistence, the one-step ridge, the level forecaster and the direct K-step ridge,
+    fitted once on the training patients, on the windows of each of ``splits``:
+    ``{split: {name: Evaluation}}``."""
     pre, train = dm.preprocessor, dm.sequences["train"]
     models = {}
     for name in BASELINES:
-        b = build_model(ModelConfig(model=name, ridge_alpha=ridge_alpha))
-        if isinstance(b, Linear):
-            fit_linear(b, train)
-        models[name] = b
+        models[name] = build_model(ModelConfig(model=name, ridge_alpha=ridge_alpha))
+        fit_baseline(models[name], train)
     direct = DirectRidge().fit(train.inputs, train.state, ks, groups=train.subject_ids)
     out: dict[str, dict[str, Evaluation]] = {}
     for split in splits:

@@ -50,6 +50,8 @@ _NEURAL_ONLY = {
     "num_workers",
     "checkpoint_dir",
     "resume",
+    "level_init",
+    "level_train",
 }
 
 

@@ -51,6 +51,13 @@ class ModelConfig:
     # Keep each variable's measured level (EWMAs, stay mean) beside a network's state and learn
     # a per-variable pull towards it (training.models.level).
     level_memory: bool = True
+    # How the pull's gains start: "ridge" = a ridge fit of the one-step change on the pull's
+    # inputs over the training stays (training.models.level.fit_gains), so training starts
+    # from the level forecaster instead of persistence; "zero" = persistence.
+    level_init: Literal["zero", "ridge"] = "ridge"
+    level_alpha: float = 1.0
+    # False: the gains stay at their start and training fits the network only.
+    level_train: bool = True
     # Members of a deep ensemble (training.models.ensemble); 1 = a single network.
     ensemble: int = 5
     extra: dict = field(default_factory=dict)
@@ -68,7 +75,12 @@ class ModelConfig:
         return cls(**(_BEFORE_FIELD_EXISTED | known))
 
 
-_BEFORE_FIELD_EXISTED = {"ensemble": 1, "zero_head": False, "level_memory": False}
+_BEFORE_FIELD_EXISTED = {
+    "ensemble": 1,
+    "zero_head": False,
+    "level_memory": False,
+    "level_init": "zero",
+}
 
 
 class DynamicsModel(nn.Module):

@@ -8,6 +8,7 @@ from torch import nn
 
 from training.models.base import DynamicsModel, ModelConfig
 from training.models.baselines import Linear, Persistence
+from training.models.level import LevelMemory
 from training.models.recurrent import TorchRNN, build_cfc, build_cfc_ncp, build_ltc
 
 _BUILDERS: dict[str, Callable[[ModelConfig], DynamicsModel]] = {
@@ -18,9 +19,10 @@ _BUILDERS: dict[str, Callable[[ModelConfig], DynamicsModel]] = {
     "ltc": build_ltc,
     "persistence": Persistence,
     "linear": Linear,
+    "level": lambda cfg: LevelMemory(cfg, Persistence(cfg)),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
-BASELINES: tuple[str, ...] = ("persistence", "linear")
+BASELINES: tuple[str, ...] = ("persistence", "linear", "level")
 
 
 def build_model(cfg: ModelConfig) -> DynamicsModel:
@@ -44,8 +46,6 @@ def _one(builder: Callable[[ModelConfig], DynamicsModel], cfg: ModelConfig) -> D
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
     if cfg.level_memory and cfg.model not in BASELINES:
-        from training.models.level import LevelMemory
-
         return LevelMemory(cfg, model)
     return model
 

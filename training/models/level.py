@@ -15,13 +15,20 @@ level = x_t (no pull). In a closed-loop rollout the fed-back predictions carry a
 of 0, so they do not move the levels: the forecast relaxes towards the measured level, step
 by step, as the (closed-loop) training loss finds it pays. With zero gains and a zero head the
 untrained model is persistence.
+
+By default the gains do not start at zero but at a ridge fit of the one-step change of each
+measured value on its pulls, over the training stays (:func:`fit_gains`): 54 numbers that a
+closed-form fit gets right, where Adam on ~50 patients, stopped early on ~10, left them short
+(docs/results.md, "Level gains from a ridge fit"). Training then starts from that level
+forecaster, and the network learns what is left.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -77,6 +84,43 @@ def measured_levels(x: Tensor) -> Tensor:
     return torch.stack(out) if out else x.new_zeros(0, len(HALF_LIVES) + 1, N_STATE)
 
 
+def fit_gains(inputs: Sequence[np.ndarray], alpha: float) -> Tensor:
+    """Per variable, a ridge regression (no intercept) of the change to the next bin's
+    **measured** value on ``level_j - x_t``: the one-step least-squares pull, (len(HALF_LIVES)
+    + 1, 18). ``inputs``: each stay's model inputs (n, 39); stays without a next bin add
+    nothing, a variable never measured at a next bin gets gains 0."""
+    from sklearn.linear_model import Ridge
+
+    pulls, changes, measured = [], [], []
+    for x in inputs:
+        if len(x) < 2:
+            continue
+        t = torch.from_numpy(np.asarray(x, dtype=np.float64))
+        s = t[:, :N_STATE]
+        pulls.append((measured_levels(t) - s[:, None])[:-1].numpy())
+        changes.append((s[1:] - s[:-1]).numpy())
+        measured.append(t[1:, N_STATE : 2 * N_STATE].numpy() > 0)
+    gains = np.zeros((len(HALF_LIVES) + 1, N_STATE))
+    if not pulls:
+        return torch.from_numpy(gains)
+    a, b, m = np.concatenate(pulls), np.concatenate(changes), np.concatenate(measured)
+    for v in range(N_STATE):
+        if m[:, v].any():
+            fit = Ridge(alpha=alpha, fit_intercept=False).fit(a[m[:, v], :, v], b[m[:, v], v])
+            gains[:, v] = fit.coef_
+    return torch.from_numpy(gains)
+
+
+def start_from_ridge(model: nn.Module, inputs: Sequence[np.ndarray], alpha: float) -> None:
+    """Set the gains of every level memory in ``model`` (each ensemble member's) to
+    :func:`fit_gains` of the training stays ``inputs``."""
+    gains = fit_gains(inputs, alpha)
+    for m in model.modules():
+        if isinstance(m, LevelMemory):
+            with torch.no_grad():
+                m.gain.copy_(gains / _GAIN_SCALE)
+
+
 class LevelMemory(DynamicsModel):
     """``inner``'s forecast plus a learned, per-variable pull towards the measured levels."""
 
@@ -84,7 +128,9 @@ class LevelMemory(DynamicsModel):
         super().__init__(cfg)
         self.inner = inner
         self.recurrent = True
-        self.gain = nn.Parameter(torch.zeros(len(HALF_LIVES) + 1, N_STATE))
+        self.gain = nn.Parameter(
+            torch.zeros(len(HALF_LIVES) + 1, N_STATE), requires_grad=cfg.level_train
+        )
         self._n_inner = len(inner.init_state(1, torch.device("cpu"), torch.float32))
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
