@@ -96,7 +96,7 @@ def test_closed_loop_training_learns_a_pull_on_mean_reverting_data() -> None:
     x[..., :N_STATE] = torch.as_tensor(level + rng.normal(0, 0.08, (b, t, N_STATE))).float()
     x[..., N_STATE : 2 * N_STATE] = 1.0
     lengths = torch.full((b,), t)
-    model = build_model(ModelConfig(model="gru", units=8, ensemble=1))
+    model = build_model(ModelConfig(model="gru", units=8, ensemble=1, level_train=True))
     persistence = build_model(ModelConfig(model="persistence"))
     before, counts = rollout_errors(persistence, x, lengths, 3, None)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -152,3 +152,18 @@ def test_ridge_gains_ignore_unmeasured_targets_and_short_stays() -> None:
     gains = fit_gains([*x, x[0, :1]], alpha=1.0)
     assert (gains[:, 0] == 0).all() and (gains[:, 1:].abs().sum(dim=0) > 0).all()
     assert (fit_gains([x[0, :1]], alpha=1.0) == 0).all()
+
+
+def test_frozen_gains_keep_their_start_while_the_network_trains() -> None:
+    rng = np.random.default_rng(6)
+    x = _noisy_levels(rng, 8, 8)
+    model = build_model(ModelConfig(model="cfc", units=4, backbone_units=4, ensemble=1))
+    start_from_ridge(model, [s.numpy() for s in x], alpha=1.0)
+    gains = model.gain.detach().clone()
+    head = [p.detach().clone() for p in model.inner.parameters()]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sums, n = rollout_errors(model, x, torch.full((8,), 8), 3, None)
+    (sums.sum() / n.sum()).backward()
+    opt.step()
+    torch.testing.assert_close(model.gain.detach(), gains)
+    assert any(not torch.equal(p, q) for p, q in zip(model.inner.parameters(), head, strict=True))
