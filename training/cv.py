@@ -370,9 +370,10 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
     lines += band_markdown(res, rows)
     lines += [
         "",
-        "params: trainable parameters. train mem: one optimisation step of one training batch "
-        "as the model needs it (weights, gradients and Adam's two moments, plus every tensor "
-        "autograd saves for backward; training.footprint), not a process's RSS. train ex/s: "
+        "params: the model's parameters (trained, or fitted in closed form like the level "
+        "gains). train mem: one optimisation step of one training batch as the model needs it "
+        "(weights, gradients and Adam's two moments, plus every tensor autograd saves for "
+        "backward; training.footprint), not a process's RSS. train ex/s: "
         "start bins per second of training-batch time, all models measured in this one run.",
         "",
         f"Wall time: {res.seconds / 60:.1f} min.",

@@ -51,4 +51,5 @@ def _one(builder: Callable[[ModelConfig], DynamicsModel], cfg: ModelConfig) -> D
 
 
 def count_parameters(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    """The model's size: every parameter, trained or fitted in closed form (the level gains)."""
+    return int(sum(p.numel() for p in model.parameters()))
