@@ -37,6 +37,7 @@ STEPS = [
     "train_gru",
     "train_persistence",
     "train_linear",
+    "train_level",
     "compare",
     "promote",
     "cv",
