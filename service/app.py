@@ -15,10 +15,13 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import make_dataclass
 from functools import partial
+from itertools import starmap
 from typing import Annotated, Any
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -152,30 +155,54 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _patient_payload(p: PatientInput, result: PatientResult) -> dict[str, Any]:
-    start = p.first_bin_start + BIN * (p.n_bins - 1)  # the last history bin's
-    forecast = []
-    # Rows are 18 wide by construction: zip's strict check would cost a third of building the
-    # dicts, which is most of a large batch's response time once intervals are in it.
-    bands = {key: (lo.tolist(), hi.tolist()) for key, (lo, hi) in result.intervals.items()}
-    for k, (row, plan) in enumerate(zip(result.values.tolist(), p.planned.tolist(), strict=True)):
-        start += BIN
-        step: dict[str, Any] = {
-            "step": k + 1,
-            "bin_start": start,
-            "values": dict(zip(STATE_NAMES, row, strict=False)),
-            "interventions": dict(zip(INTERVENTION_NAMES, plan, strict=True)),
-        }
-        if bands:
-            step["intervals"] = {
-                key: {
-                    "lower": dict(zip(STATE_NAMES, lo[k], strict=False)),
-                    "upper": dict(zip(STATE_NAMES, hi[k], strict=False)),
-                }
-                for key, (lo, hi) in bands.items()
+# One record type per row of the response: orjson writes a dataclass instance as the object of
+# its fields (in this order), and instances of one class share their keys, so a row is built and
+# freed in a fraction of what ``dict(zip(names, row))`` costs (its own hash table each). A
+# 200-patient batch with intervals has 6,000 such rows; they were most of its response time.
+StateRow = make_dataclass("StateRow", [(n, float) for n in STATE_NAMES])
+InterventionRow = make_dataclass("InterventionRow", [(n, float) for n in INTERVENTION_NAMES])
+
+
+def _rows(record: type, arrays: list[np.ndarray]) -> Iterator[Any]:
+    """The rows of ``arrays`` (each (steps, width)), in order, as ``record`` instances: one
+    ``tolist`` for the whole request rather than one per patient and bound."""
+    return iter(list(starmap(record, np.concatenate(arrays).tolist())))
+
+
+def _payloads(patients: list[PatientInput], results: list[PatientResult]) -> list[dict[str, Any]]:
+    """Each patient's response object. The rows of every patient are made in one go per kind
+    (values, interventions, each level's lower and upper bound) and taken back in the order
+    the patients and their steps come, so patients asking for different levels mix freely."""
+    values = _rows(StateRow, [r.values for r in results])
+    plans = _rows(InterventionRow, [p.planned for p in patients])
+    keys = dict.fromkeys(key for r in results for key in r.intervals)
+    bounds = {
+        key: tuple(
+            _rows(StateRow, [r.intervals[key][side] for r in results if key in r.intervals])
+            for side in (0, 1)
+        )
+        for key in keys
+    }
+    out = []
+    for p, r in zip(patients, results, strict=True):
+        start = p.first_bin_start + BIN * (p.n_bins - 1)  # the last history bin's
+        mine = [(key, *bounds[key]) for key in r.intervals]
+        forecast = []
+        for k in range(p.horizon):
+            start += BIN
+            step: dict[str, Any] = {
+                "step": k + 1,
+                "bin_start": start,
+                "values": next(values),
+                "interventions": next(plans),
             }
-        forecast.append(step)
-    return {"id": p.id, "horizon": p.horizon, "forecast": forecast, "warnings": p.warnings}
+            if mine:
+                step["intervals"] = {
+                    key: {"lower": next(lower), "upper": next(upper)} for key, lower, upper in mine
+                }
+            forecast.append(step)
+        out.append({"id": p.id, "horizon": p.horizon, "forecast": forecast, "warnings": p.warnings})
+    return out
 
 
 _api_key_header = APIKeyHeader(
@@ -378,7 +405,7 @@ def create_app(
         _model()
         p = patient_input(req, ("body",), events)
         info, results = await _forecast([p])
-        return _json(_patient_payload(p, results[0]) | {"model": info.ref()})
+        return _json(_payloads([p], results)[0] | {"model": info.ref()})
 
     @forecast_route("/v1/forecast/batch", response_model=BatchResponse)
     async def forecast_batch(req: Annotated[BatchRequest, Body()]) -> Response:  # type: ignore[valid-type]
@@ -397,7 +424,7 @@ def create_app(
         return _json(
             {
                 "model": info.ref(),
-                "results": [_patient_payload(p, r) for p, r in zip(patients, results, strict=True)],
+                "results": _payloads(patients, results),
             }
         )
 

@@ -69,6 +69,36 @@ def test_batch_gives_each_patient_its_own_levels(client):
         np.testing.assert_allclose(_band(s1, "0.7"), _band(s2, "0.7"), rtol=1e-9)
 
 
+def test_batch_answers_each_patient_as_a_single_forecast_would(client):
+    """Patients asking for different levels, or none, with different horizons, mixed in one
+    batch: each gets the steps, values, plan and bands of its own single forecast."""
+    bodies = [
+        history_body(n_bins=3, horizon=2, id="a"),
+        history_body(n_bins=5, horizon=3, id="b", interval_levels=[0.7]),
+        history_body(n_bins=2, horizon=1, id="c", interval_levels=[]),
+        history_body(n_bins=4, horizon=4, id="d", interval_levels=[0.95, 0.5]),
+        history_body(n_bins=6, horizon=3, id="e"),
+    ]
+    batch = client.post("/v1/forecast/batch", json={"patients": bodies}).json()["results"]
+    assert [r["id"] for r in batch] == ["a", "b", "c", "d", "e"]
+    for body, got in zip(bodies, batch, strict=True):
+        want = client.post("/v1/forecast", json=body).json()
+        assert len(got["forecast"]) == body["horizon"]
+        for s1, s2 in zip(got["forecast"], want["forecast"], strict=True):
+            assert (s1["step"], s1["bin_start"]) == (s2["step"], s2["bin_start"])
+            assert s1["interventions"] == s2["interventions"]
+            np.testing.assert_allclose(
+                [s1["values"][n] for n in STATE_NAMES],
+                [s2["values"][n] for n in STATE_NAMES],
+                rtol=1e-9,
+            )
+            assert list(s1.get("intervals", {})) == list(s2.get("intervals", {}))
+            for key in s2.get("intervals", {}):
+                np.testing.assert_allclose(_band(s1, key), _band(s2, key), rtol=1e-9)
+    assert list(batch[3]["forecast"][0]["intervals"]) == ["0.95", "0.5"]
+    assert "intervals" not in batch[2]["forecast"][0]
+
+
 @pytest.mark.parametrize(
     "levels",
     [[0.0], [1.0], [1.5], [-0.2], [0.5, 0.6, 0.7, 0.8, 0.9, 0.95], ["0.8"], [True], 0.8],
