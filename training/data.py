@@ -153,6 +153,14 @@ def prepare_inputs(
     return x.astype(np.float32), state
 
 
+def pad(arrays: list[np.ndarray], fill: float = np.nan) -> np.ndarray:
+    """Right-pad (n_i, v) arrays to (B, max n_i, v) with ``fill``."""
+    out = np.full((len(arrays), max(map(len, arrays)), arrays[0].shape[1]), fill)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = a
+    return out
+
+
 def _concat(stays: Stays, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     raw = [stays.raw_state[i] for i in idx]
     iv = [stays.interventions[i] for i in idx]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-import time
+import timeit
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from features.catalog import N_STATE, STATE_NAMES
 from features.preprocess import Preprocessor
-from training.data import StaySequences
+from training.data import StaySequences, pad
 from training.metrics import per_variable, summary
 from training.models import DynamicsModel
 from training.models.direct import DirectRidge
@@ -167,23 +167,13 @@ def latency(forecaster, seqs: StaySequences, horizon: int = 5, repeats: int = 20
 
     def timed(fn, repeats: int = repeats) -> float:
         fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return float(np.median(timeit.repeat(fn, number=1, repeat=repeats)))
 
     one = timed(
         lambda: forecaster.forecast(hist_state, hist_iv, np.array([hist_state.shape[1]]), planned)
     )
     b = len(seqs)
-    t = max(len(s) for s in seqs.state)
-    st = np.full((b, t, hist_state.shape[-1]), np.nan)
-    iv = np.full((b, t, hist_iv.shape[-1]), np.nan)
-    for i in range(b):
-        st[i, : len(seqs.raw_state[i])] = seqs.raw_state[i]
-        iv[i, : len(seqs.interventions[i])] = seqs.interventions[i]
+    st, iv = pad(seqs.raw_state), pad(seqs.interventions)
     lengths = np.array([len(s) for s in seqs.state])
     batch = timed(lambda: forecaster.forecast(st, iv, lengths, np.zeros((b, horizon, 3))), 5)
     return {

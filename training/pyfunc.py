@@ -42,6 +42,7 @@ from features.catalog import INTERVENTION_NAMES, STATE_NAMES, catalog_dict, cata
 from features.errors import UserError
 from features.preprocess import Preprocessor
 from training.conformal import Calibration, check_levels, level_label
+from training.data import pad
 from training.forecaster import Forecaster
 from training.models import ModelConfig, build_model
 
@@ -137,22 +138,13 @@ def frame_to_arrays(
                     f"input frame: patient {p!r} {name} steps must be 0..{len(g) - 1}, got "
                     f"{steps.tolist()}"
                 )
-    b = len(ids)
-    t = max(len(hist[p]) for p in ids)
-    h = max(len(plan[p]) for p in ids)
-    state = np.full((b, t, len(STATE_NAMES)), np.nan)
-    iv = np.full((b, t, len(INTERVENTION_NAMES)), np.nan)
-    planned = np.full((b, h, len(INTERVENTION_NAMES)), np.nan)
-    lengths = np.zeros(b, dtype=np.int64)
-    for i, p in enumerate(ids):
-        g = hist[p]
-        lengths[i] = len(g)
-        state[i, : len(g)] = g[list(STATE_NAMES)].to_numpy(np.float64, na_value=np.nan)
-        iv[i, : len(g)] = g[list(INTERVENTION_NAMES)].to_numpy(np.float64, na_value=np.nan)
-        planned[i, : len(plan[p])] = plan[p][list(INTERVENTION_NAMES)].to_numpy(
-            np.float64, na_value=np.nan
-        )
-    return ids, state, iv, lengths, planned
+
+    def values(rows: dict[str, pd.DataFrame], names: tuple[str, ...]) -> np.ndarray:
+        return pad([rows[p][list(names)].to_numpy(np.float64, na_value=np.nan) for p in ids])
+
+    lengths = np.array([len(hist[p]) for p in ids], dtype=np.int64)
+    planned = values(plan, INTERVENTION_NAMES)
+    return ids, values(hist, STATE_NAMES), values(hist, INTERVENTION_NAMES), lengths, planned
 
 
 def interval_column(variable: str, bound: str, level: float) -> str:
