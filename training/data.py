@@ -60,24 +60,16 @@ class Stays:
 
 
 @dataclass
-class StaySequences:
-    """The stays of one part (train / val / test) as model-ready arrays, one entry per stay.
+class StaySequences(Stays):
+    """The stays of one part (train / val / test), with their model-ready arrays.
 
     ``inputs[i]`` (n_i, 39): scaled state, observed mask, scaled interventions; ``state[i]``
-    (n_i, 18) scaled filled state; ``physical[i]`` the same in physical units; ``raw_state[i]``
-    NaN where not measured.
+    (n_i, 18) scaled filled state; ``physical[i]`` the same in physical units.
     """
 
-    stay_ids: np.ndarray
-    subject_ids: np.ndarray
     inputs: list[np.ndarray]
     state: list[np.ndarray]
     physical: list[np.ndarray]
-    raw_state: list[np.ndarray]
-    interventions: list[np.ndarray]  # physical units
-
-    def __len__(self) -> int:
-        return len(self.stay_ids)
 
     @property
     def n_transitions(self) -> int:
@@ -197,6 +189,7 @@ def build_sequences(stays: Stays, idx: np.ndarray, pre: Preprocessor) -> StaySeq
     return StaySequences(
         stay_ids=stays.stay_ids[idx],
         subject_ids=stays.subject_ids[idx],
+        split=stays.split[idx],
         inputs=np.split(x, cuts) if len(idx) else [],
         state=np.split(scaled, cuts) if len(idx) else [],
         physical=np.split(filled, cuts) if len(idx) else [],

@@ -126,10 +126,8 @@ def _score(
     ev.errors[k] = patient_errors(pred, true, obs, seqs.subject_ids[stay])
     ev.observed[k] = {"mae": ev.errors[k].mae, "rmse": ev.errors[k].rmse}
     pred_phys, true_phys = pre.unscale_state(pred), pre.unscale_state(true)
-    measured = np.where(obs > 0, true_phys, np.nan)
-    for row in per_variable(pred_phys, true_phys, STATE_NAMES):
-        j = STATE_NAMES.index(row["variable"])
-        m = ~np.isnan(measured[:, j])
+    for j, row in enumerate(per_variable(pred_phys, true_phys, STATE_NAMES)):
+        m = obs[:, j] > 0
         err = pred_phys[m, j] - true_phys[m, j]
         row["rmse_measured"] = float(np.sqrt(np.mean(err**2))) if m.any() else float("nan")
         row["mae_measured"] = float(np.mean(np.abs(err))) if m.any() else float("nan")
