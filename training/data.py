@@ -95,8 +95,8 @@ def load_bins(data_dir: Path) -> tuple[pd.DataFrame, dict]:
     for col in (*STATE_NAMES, *INTERVENTION_NAMES, *OBSERVED_NAMES):
         if not pd.api.types.is_numeric_dtype(frame[col]):
             raise DataError(f"{bins_path}: column {col!r} is not numeric ({frame[col].dtype})")
-    if np.isinf(frame[list(FEATURE_NAMES)].to_numpy(np.float64)).any():
-        bad = [c for c in FEATURE_NAMES if np.isinf(frame[c].to_numpy(np.float64)).any()]
+    bad = [c for c in FEATURE_NAMES if np.isinf(frame[c].to_numpy(np.float64)).any()]
+    if bad:
         raise DataError(f"{bins_path}: infinite values in {bad}")
     frame = frame.sort_values(["icustay_id", "bin"], kind="stable").reset_index(drop=True)
     bins = frame["bin"].to_numpy()

@@ -51,12 +51,11 @@ def split_windows(
     inputs, raw = seqs.inputs, seqs.raw_state
     if noise_sigma > 0:
         inputs = add_state_noise(inputs, noise_sigma, seed)
-        # The same noise in physical units, on the measured values only.
+        # The same noise in physical units, on the measured values only (NaN stays NaN).
         raw = [
             r + (x[:, :N_STATE] - s[:, :N_STATE]) * pre.state_range
             for r, x, s in zip(raw, inputs, seqs.inputs, strict=True)
         ]
-        raw = [np.where(np.isnan(r0), np.nan, r) for r0, r in zip(seqs.raw_state, raw, strict=True)]
     wins = rollout_windows(model, inputs, seqs.state, tuple(ks), bounds=state_bounds(pre))
     return wins, raw
 

@@ -178,11 +178,8 @@ def rollout_windows(
         st_t, sa_t = torch.as_tensor(stay), torch.as_tensor(start)
         first = ys[st_t, sa_t]
         state0 = [torch.stack([every[s][j][i] for i, s in idx]) for j in range(len(every[0]))]
-        fut = (
-            torch.stack([x[st_t, sa_t + j, 2 * N_STATE :] for j in range(1, k)], dim=1)
-            if k > 1
-            else torch.zeros(len(idx), 0, x.shape[-1] - 2 * N_STATE, dtype=x.dtype)
-        )
+        # The interventions of bins s+1..s+K-1 (W, K-1, 3); none for K = 1.
+        fut = x[st_t[:, None], sa_t[:, None] + torch.arange(1, k), 2 * N_STATE :]
         pred = continue_rollout(model, first, state0, fut, bounds).numpy()
         true = np.stack([states[i][s + 1 : s + k + 1] for i, s in idx])
         obs = np.stack([inputs[i][s + 1 : s + k + 1, N_STATE : 2 * N_STATE] for i, s in idx])
