@@ -209,11 +209,6 @@ class Calibration:
         """(H, 18) score quantiles at ``level``."""
         return self.quantile_table((level,))[0]
 
-    def scale(self, window: np.ndarray) -> np.ndarray:
-        """(N, 18) multipliers of the score quantiles for histories ending in ``window``."""
-        d = recent_variability(window)
-        return np.where(self.adaptive, d + self.floor, 1.0)
-
     def intervals(
         self, pred: np.ndarray, window: np.ndarray, levels: Sequence[float]
     ) -> dict[float, tuple[np.ndarray, np.ndarray]]:
@@ -227,7 +222,7 @@ class Calibration:
         pred = np.asarray(pred, dtype=np.float64)
         steps = np.minimum(np.arange(pred.shape[1]), self.horizon - 1)
         table = self.quantile_table(levels)[:, steps]  # (L, H', 18), one search
-        scale = self.scale(window)[:, None, :]
+        scale = np.where(self.adaptive, recent_variability(window) + self.floor, 1.0)[:, None]
         out = {}
         # Per level over all rows, steps and variables: measured faster than one (L, N, H', 18)
         # broadcast.
