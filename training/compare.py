@@ -76,13 +76,14 @@ def latest_runs(experiment: str) -> pd.DataFrame:
     return runs.drop_duplicates(["label", "seed"], keep="first")
 
 
-def _cell(values: np.ndarray, fmt: str, scale: float) -> str:
+def _cell(values: np.ndarray, fmt: str, scale: float, sd_fmt: str | None = None) -> str:
+    """One run's value, or mean ± sample std over seeds (``sd_fmt``: the std's format)."""
     values = values[np.isfinite(values)] * scale
     if len(values) == 0:
         return "-"
     if len(values) == 1:
         return format(values[0], fmt)
-    return f"{format(values.mean(), fmt)} ± {format(values.std(ddof=1), fmt)}"
+    return f"{format(values.mean(), fmt)} ± {format(values.std(ddof=1), sd_fmt or fmt)}"
 
 
 def table(runs: pd.DataFrame, labels: list[str] | None = None) -> pd.DataFrame:
@@ -114,15 +115,9 @@ def _skill_cell(group: pd.DataFrame, k: int) -> str:
         return "-"
     vals = group[col].to_numpy(float)
     if len(group) == 1 and np.isfinite(vals[0]):
-        lo = group.get(f"metrics.test/skill_k{k}_lo", pd.Series([math.nan])).to_numpy(float)[0]
-        hi = group.get(f"metrics.test/skill_k{k}_hi", pd.Series([math.nan])).to_numpy(float)[0]
+        lo, hi = (group.get(f"{col}_{b}", pd.Series([math.nan])).iloc[0] for b in ("lo", "hi"))
         return f"{100 * vals[0]:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-    vals = vals[np.isfinite(vals)] * 100
-    if len(vals) == 0:
-        return "-"
-    if len(vals) == 1:
-        return f"{vals[0]:+.1f}"
-    return f"{vals.mean():+.1f} ± {vals.std(ddof=1):.1f}"
+    return _cell(vals, "+.1f", 100, ".1f")
 
 
 def _label_order(label: str) -> tuple[int, str]:
@@ -130,9 +125,15 @@ def _label_order(label: str) -> tuple[int, str]:
     return rank.get(label, 5), label
 
 
+def markdown_table(header: list[str], rows: list[list[object]], left: int = 1) -> list[str]:
+    """The lines of a Markdown table: the first ``left`` columns plain, the others right-aligned."""
+
+    def line(cells: list[object]) -> str:
+        return "| " + " | ".join(map(str, cells)) + " |"
+
+    return [line(header), "|" + "---|" * left + "---:|" * (len(header) - left), *map(line, rows)]
+
+
 def to_markdown(frame: pd.DataFrame) -> str:
     cols = list(frame.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, r in frame.iterrows():
-        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(markdown_table(cols, frame.to_numpy().tolist(), len(cols))) + "\n"

@@ -41,22 +41,16 @@ def level_label(level: float) -> str:
 def conformal_quantile(
     sorted_scores: np.ndarray, level: float, cum_weights: np.ndarray | None = None
 ) -> float:
-    """The ``ceil((n + 1) * level)``-th smallest score; ``inf`` when that exceeds n.
+    """The smallest score whose cumulative weight reaches ``level`` times (total + the mean
+    weight, for the test point) (:class:`ScoreTable` for one row); ``inf`` where none does.
 
-    With exchangeable calibration and test scores, ``score <= q`` holds with probability at
-    least ``level`` (and at most ``level + 1 / (n + 1)`` without ties). With ``cum_weights``
-    (cumulative weights of the sorted scores) the weighted version (:class:`ScoreTable`):
-    the smallest score whose cumulative weight reaches ``level`` times (total + the mean
-    weight, for the test point); unit weights give the unweighted rule exactly.
+    With unit weights (``cum_weights`` None), the ``ceil((n + 1) * level)``-th smallest of n
+    scores: with exchangeable calibration and test scores, ``score <= q`` holds with
+    probability at least ``level`` (and at most ``level + 1 / (n + 1)`` without ties).
     """
-    check_levels((level,))
-    n = len(sorted_scores)
-    if cum_weights is not None:
-        return float(ScoreTable.build([sorted_scores], [cum_weights]).quantiles((level,))[0, 0])
-    if n == 0:
-        return math.inf
-    k = math.ceil((n + 1) * level - 1e-9)  # 1e-9: (n+1)*0.8 must not round up past k
-    return float(sorted_scores[k - 1]) if k <= n else math.inf
+    if cum_weights is None:
+        cum_weights = np.arange(1.0, len(sorted_scores) + 1)
+    return float(ScoreTable.build([sorted_scores], [cum_weights]).quantiles((level,))[0, 0])
 
 
 def check_levels(levels: Sequence[float]) -> None:
@@ -215,11 +209,6 @@ class Calibration:
         """(H, 18) score quantiles at ``level``."""
         return self.quantile_table((level,))[0]
 
-    def scale(self, window: np.ndarray) -> np.ndarray:
-        """(N, 18) multipliers of the score quantiles for histories ending in ``window``."""
-        d = recent_variability(window)
-        return np.where(self.adaptive, d + self.floor, 1.0)
-
     def intervals(
         self, pred: np.ndarray, window: np.ndarray, levels: Sequence[float]
     ) -> dict[float, tuple[np.ndarray, np.ndarray]]:
@@ -233,7 +222,7 @@ class Calibration:
         pred = np.asarray(pred, dtype=np.float64)
         steps = np.minimum(np.arange(pred.shape[1]), self.horizon - 1)
         table = self.quantile_table(levels)[:, steps]  # (L, H', 18), one search
-        scale = self.scale(window)[:, None, :]
+        scale = np.where(self.adaptive, recent_variability(window) + self.floor, 1.0)[:, None]
         out = {}
         # Per level over all rows, steps and variables: measured faster than one (L, N, H', 18)
         # broadcast.

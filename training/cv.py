@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from training.compare import markdown_table
 from training.config import TrainConfig
 from training.conformal import DEFAULT_LEVELS, level_label
 from training.skill import (
@@ -45,6 +46,8 @@ log = logging.getLogger("icu_forecast.cv")
 
 BASELINE_LABELS = ("persistence", "linear", "level", "direct")
 REFERENCE = "persistence"
+# Training statistics of a report row: the mean over folds and seeds.
+STAT_FIELDS = ("n_params", "train_examples_per_s", "train_seconds", "train_mem_mb", "epochs_run")
 
 # Named variants for the case-study table: label -> TrainConfig overrides.
 VARIANTS: dict[str, dict[str, object]] = {
@@ -126,6 +129,7 @@ def run_cv(
     import lightning as L
     import mlflow
     import torch
+    from lightning.pytorch.loggers import MLFlowLogger
 
     from training.evaluate import evaluate
     from training.intervals import coverage_metrics, held_out_coverage
@@ -139,12 +143,8 @@ def run_cv(
     t0 = time.perf_counter()
     ks = tuple(base.ks)
     res = CvResult(folds, tuple(seeds), ks)
-    per_seed: dict[tuple[str, int], dict[int, list[PatientErrors]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
-    sq_all: dict[tuple[str, int], dict[int, list[tuple[float, int]]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
+    # (label, k) -> seed -> per fold: patient errors, sum of squared errors over all values, n
+    parts: dict[tuple[str, int], dict[int, list]] = defaultdict(lambda: defaultdict(list))
     for seed in seeds:
         for fold in range(folds):
             common = {"folds": folds, "fold": fold, "cv_seed": seed, "seed": seed}
@@ -175,8 +175,6 @@ def run_cv(
                     nested=parent_run is not None,
                     tags={"label": label, "fold": str(fold), "cv_seed": str(seed)},
                 ) as run:
-                    from lightning.pytorch.loggers import MLFlowLogger
-
                     logger = MLFlowLogger(
                         experiment_name=base.experiment,
                         tracking_uri=mlflow.get_tracking_uri(),
@@ -208,15 +206,17 @@ def run_cv(
             for label, ev in evals.items():
                 for k in ks:
                     if k in ev.errors:
-                        per_seed[(label, k)][seed].append(ev.errors[k])
                         n = ev.n_windows.get(k, 0)
-                        sq_all[(label, k)][seed].append((ev.scaled[k]["rmse"] ** 2 * n, n))
-    for key, by_seed in per_seed.items():
-        res.errors[key] = [pool(parts) for parts in by_seed.values()]
-        res.n_windows[key] = int(np.mean([sum(n for _, n in v) for v in sq_all[key].values()]))
+                        sse = ev.scaled[k]["rmse"] ** 2 * n
+                        parts[(label, k)][seed].append((ev.errors[k], sse, n))
+    for key, by_seed in parts.items():
+        runs = list(by_seed.values())
+        res.errors[key] = [pool([e for e, _, _ in v]) for v in runs]
+        counts = [sum(n for _, _, n in v) for v in runs]
+        res.n_windows[key] = int(np.mean(counts))
         res.rmse_all[key] = [
-            float(np.sqrt(sum(s for s, _ in v) / max(sum(n for _, n in v), 1)))
-            for v in sq_all[key].values()
+            float(np.sqrt(sum(s for _, s, _ in v) / max(n, 1)))
+            for v, n in zip(runs, counts, strict=True)
         ]
     res.seconds = time.perf_counter() - t0
     return res
@@ -252,11 +252,7 @@ def report_rows(res: CvResult, n_boot: int = 2000) -> list[dict]:
                     "skill_ci": [s_lo, s_hi],
                     "n_windows": res.n_windows[(label, k)],
                     "n_patients": len(e.patients),
-                    "n_params": _mean(stats.get("n_params")),
-                    "train_examples_per_s": _mean(stats.get("train_examples_per_s")),
-                    "train_seconds": _mean(stats.get("train_seconds")),
-                    "train_mem_mb": _mean(stats.get("train_mem_mb")),
-                    "epochs_run": _mean(stats.get("epochs_run")),
+                    **{key: _mean(stats.get(key)) for key in STAT_FIELDS},
                     **band_fields(res, label, k, n_boot),
                 }
             )
@@ -332,13 +328,9 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
         f"({len(rows and [1]) and rows[0]['n_patients']} patients; per-patient errors averaged "
         "over seeds).",
         "",
-        "| model | params | "
-        + " | ".join(f"skill K={k}" for k in ks)
-        + " | "
-        + " | ".join(f"RMSE K={k}" for k in ks)
-        + " | train mem (MB) | train ex/s |",
-        "|---|---:|" + "---:|" * (2 * len(ks)) + "---:|---:|",
     ]
+    header = ["model", "params", *(f"skill K={k}" for k in ks), *(f"RMSE K={k}" for k in ks)]
+    table = []
     by = {(r["model"], r["k"]): r for r in rows}
     for label in dict.fromkeys(r["model"] for r in rows):
         first = by[(label, ks[0])]
@@ -352,21 +344,14 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
         rmses = [_fmt_ci(by[(label, k)]["rmse_measured"], by[(label, k)]["rmse_ci"]) for k in ks]
         tput = f"{first['train_examples_per_s']:,.0f}" if first["train_examples_per_s"] else "-"
         mem = f"{first['train_mem_mb']:.1f}" if first["train_mem_mb"] else "-"
-        lines.append(
-            f"| {label} | {params} | " + " | ".join(skills + rmses) + f" | {mem} | {tput} |"
-        )
+        table.append([label, params, *skills, *rmses, mem, tput])
+    lines += markdown_table([*header, "train mem (MB)", "train ex/s"], table)
     if ratios:
         lines += ["", "RMSE ratios on the same windows (95% paired patient bootstrap):", ""]
-        lines += ["| ratio | " + " | ".join(f"K={k}" for k in ks) + " |"]
-        lines += ["|---|" + "---:|" * len(ks)]
-        for a, b in dict.fromkeys((r["a"], r["b"]) for r in ratios):
-            cells = [
-                _fmt_ci(r["rmse_ratio"], r["ci"])
-                for k in ks
-                for r in ratios
-                if r["a"] == a and r["b"] == b and r["k"] == k
-            ]
-            lines.append(f"| {a} / {b} | " + " | ".join(cells) + " |")
+        by_pair = {(r["a"], r["b"], r["k"]): _fmt_ci(r["rmse_ratio"], r["ci"]) for r in ratios}
+        pairs = dict.fromkeys((r["a"], r["b"]) for r in ratios)
+        table = [[f"{a} / {b}", *(by_pair.get((a, b, k), "-") for k in ks)] for a, b in pairs]
+        lines += markdown_table(["ratio", *(f"K={k}" for k in ks)], table)
     lines += band_markdown(res, rows)
     lines += [
         "",
@@ -400,11 +385,10 @@ def band_markdown(res: CvResult, rows: list[dict]) -> list[str]:
         "band's width on the same values (< 1: narrower). values: measured values scored, all "
         "folds and seeds.",
         "",
-        "| model | K | values | "
-        + " | ".join(f"coverage {lv} | width {lv} | vs persistence {lv}" for lv in labels)
-        + " |",
-        "|---|---:|---:|" + "---:|---:|---:|" * len(labels),
     ]
+    header = ["model", "K", "values"]
+    header += [f"{name} {lv}" for lv in labels for name in ("coverage", "width", "vs persistence")]
+    table = []
     for r in rows:
         cells = []
         for lv in labels:
@@ -419,9 +403,8 @@ def band_markdown(res: CvResult, rows: list[dict]) -> list[str]:
                 cells.append("-" if q is None else "1 (reference)")
             else:
                 cells.append(f"{q:.3f} ({'narrower' if q < 1 else 'not narrower'})")
-        n = f"{r['n_interval_values']:,}"
-        lines.append(f"| {r['model']} | {r['k']} | {n} | " + " | ".join(cells) + " |")
-    return lines
+        table.append([r["model"], r["k"], f"{r['n_interval_values']:,}", *cells])
+    return lines + markdown_table(header, table)
 
 
 REPORT_FILES = ("report.json", "report.md", "skill_vs_k.png")

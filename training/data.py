@@ -10,14 +10,15 @@ POSTed history (:func:`prepare_inputs`), so training and serving share one prepr
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader
 
 from features.catalog import INTERVENTION_NAMES, N_STATE, OBSERVED_NAMES, STATE_NAMES
 from features.checksum import sha256_file
@@ -57,30 +58,18 @@ class Stays:
     def __len__(self) -> int:
         return len(self.stay_ids)
 
-    def lengths(self) -> np.ndarray:
-        return np.array([len(s) for s in self.raw_state], dtype=np.int64)
-
 
 @dataclass
-class StaySequences:
-    """The stays of one part (train / val / test) as model-ready arrays, one entry per stay.
+class StaySequences(Stays):
+    """The stays of one part (train / val / test), with their model-ready arrays.
 
     ``inputs[i]`` (n_i, 39): scaled state, observed mask, scaled interventions; ``state[i]``
-    (n_i, 18) scaled filled state; ``physical[i]`` the same in physical units; ``raw_state[i]``
-    NaN where not measured; ``observed[i]`` (n_i, 18) 1.0 where measured.
+    (n_i, 18) scaled filled state; ``physical[i]`` the same in physical units.
     """
 
-    stay_ids: np.ndarray
-    subject_ids: np.ndarray
     inputs: list[np.ndarray]
     state: list[np.ndarray]
     physical: list[np.ndarray]
-    raw_state: list[np.ndarray]
-    interventions: list[np.ndarray]  # physical units
-    observed: list[np.ndarray] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.stay_ids)
 
     @property
     def n_transitions(self) -> int:
@@ -106,8 +95,8 @@ def load_bins(data_dir: Path) -> tuple[pd.DataFrame, dict]:
     for col in (*STATE_NAMES, *INTERVENTION_NAMES, *OBSERVED_NAMES):
         if not pd.api.types.is_numeric_dtype(frame[col]):
             raise DataError(f"{bins_path}: column {col!r} is not numeric ({frame[col].dtype})")
-    if np.isinf(frame[list(FEATURE_NAMES)].to_numpy(np.float64)).any():
-        bad = [c for c in FEATURE_NAMES if np.isinf(frame[c].to_numpy(np.float64)).any()]
+    bad = [c for c in FEATURE_NAMES if np.isinf(frame[c].to_numpy(np.float64)).any()]
+    if bad:
         raise DataError(f"{bins_path}: infinite values in {bad}")
     frame = frame.sort_values(["icustay_id", "bin"], kind="stable").reset_index(drop=True)
     bins = frame["bin"].to_numpy()
@@ -138,30 +127,30 @@ def stays_from_frame(frame: pd.DataFrame) -> Stays:
     )
 
 
-def model_inputs(
-    state_scaled: np.ndarray, observed: np.ndarray, iv_scaled: np.ndarray
-) -> np.ndarray:
-    """The 39 model features at each bin (docs/architecture.md, model convention)."""
-    return np.concatenate([state_scaled, observed, iv_scaled], axis=-1).astype(np.float32)
-
-
 def prepare_inputs(
     pre: Preprocessor, raw_state: np.ndarray, interventions: np.ndarray, starts: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Raw rows (stays concatenated, ``starts`` = first row of each row's stay) -> model inputs.
 
     Clamp, observed masks, forward-fill within each stay, zero-filled interventions, row-wise
-    imputation and min-max scaling. Returns (inputs (n, 39), filled state (n, 18) in physical
-    units, observed (n, 18)). Training, evaluation and the service all call this.
+    imputation and min-max scaling. Returns the inputs (n, 39) in the model convention
+    (docs/architecture.md: scaled state, observed mask, scaled interventions) and the filled
+    state (n, 18) in physical units. Training, evaluation and the service all call this.
     """
     prepared = prepare_arrays(raw_state, interventions, starts)
     filled = pre.impute(np.hstack([prepared.state, prepared.interventions]))
-    x = model_inputs(
-        pre.scale_state(filled[:, :N_STATE]),
-        prepared.observed,
-        pre.scale_interventions(filled[:, N_STATE:]),
-    )
-    return x, filled[:, :N_STATE], prepared.observed
+    state = filled[:, :N_STATE]
+    ivs = pre.scale_interventions(filled[:, N_STATE:])
+    x = np.concatenate([pre.scale_state(state), prepared.observed, ivs], axis=-1)
+    return x.astype(np.float32), state
+
+
+def pad(arrays: list[np.ndarray], fill: float = np.nan) -> np.ndarray:
+    """Right-pad (n_i, v) arrays to (B, max n_i, v) with ``fill``."""
+    out = np.full((len(arrays), max(map(len, arrays)), arrays[0].shape[1]), fill)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = a
+    return out
 
 
 def _concat(stays: Stays, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -191,21 +180,21 @@ def build_sequences(stays: Stays, idx: np.ndarray, pre: Preprocessor) -> StaySeq
     idx = np.asarray(idx, dtype=np.int64)
     raw, iv, starts = _concat(stays, idx)
     if len(raw):
-        x, filled, observed = prepare_inputs(pre, raw, iv, starts)
+        x, filled = prepare_inputs(pre, raw, iv, starts)
         scaled = pre.scale_state(filled).astype(np.float32)
     else:
         x = np.zeros((0, 2 * N_STATE + len(INTERVENTION_NAMES)), np.float32)
-        filled = scaled = observed = np.zeros((0, N_STATE))
+        filled = scaled = np.zeros((0, N_STATE))
     cuts = np.cumsum([len(stays.raw_state[i]) for i in idx])[:-1]
     return StaySequences(
         stay_ids=stays.stay_ids[idx],
         subject_ids=stays.subject_ids[idx],
+        split=stays.split[idx],
         inputs=np.split(x, cuts) if len(idx) else [],
         state=np.split(scaled, cuts) if len(idx) else [],
         physical=np.split(filled, cuts) if len(idx) else [],
         raw_state=[stays.raw_state[i] for i in idx],
         interventions=[stays.interventions[i] for i in idx],
-        observed=np.split(observed, cuts) if len(idx) else [],
     )
 
 
@@ -278,32 +267,21 @@ def fold_partition(
     )
 
 
-class StayDataset(Dataset):
-    """One item per stay with at least two bins: its (n, 39) inputs.
+def stay_items(seqs: StaySequences) -> list[torch.Tensor]:
+    """The dataset: the (n, 39) inputs of each stay with at least two bins.
 
     Targets are read from the inputs themselves (the state and observed mask of the next bins),
     so one item serves the one-step and the closed-loop objectives. A single-bin stay has no
     next bin and therefore no target.
     """
-
-    def __init__(self, seqs: StaySequences) -> None:
-        self.items = [torch.from_numpy(x) for x in seqs.inputs if len(x) >= 2]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.items[i]
+    return [torch.from_numpy(x) for x in seqs.inputs if len(x) >= 2]
 
 
 def pad_collate(batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Right-pad stays to the longest; ``lengths`` = real bins (recurrent models are causal, so
-    padding after a stay's end cannot affect its earlier predictions)."""
+    """Right-pad stays to the longest with zeros; ``lengths`` = real bins (recurrent models are
+    causal, so padding after a stay's end cannot affect its earlier predictions)."""
     lengths = torch.tensor([len(x) for x in batch])
-    x = batch[0].new_zeros(len(batch), int(lengths.max()), batch[0].shape[1])
-    for i, xi in enumerate(batch):
-        x[i, : len(xi)] = xi
-    return {"x": x, "lengths": lengths}
+    return {"x": pad_sequence(batch, batch_first=True), "lengths": lengths}
 
 
 class BinsDataModule(L.LightningDataModule):
@@ -349,7 +327,7 @@ class BinsDataModule(L.LightningDataModule):
             for s, idx in self.partition.as_dict().items()
         }
         for s in ("train", "val"):
-            if len(StayDataset(self.sequences[s])) == 0:
+            if not stay_items(self.sequences[s]):
                 raise DataError(f"{self.data_dir}: split {s!r} has no stay with two or more bins")
 
     @property
@@ -358,7 +336,7 @@ class BinsDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
-            StayDataset(self.sequences[split]),
+            stay_items(self.sequences[split]),
             batch_size=self.batch_size,
             shuffle=shuffle,
             collate_fn=pad_collate,

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-import time
+import timeit
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from features.catalog import N_STATE, STATE_NAMES
 from features.preprocess import Preprocessor
-from training.data import StaySequences
+from training.data import StaySequences, pad
 from training.metrics import per_variable, summary
 from training.models import DynamicsModel
 from training.models.direct import DirectRidge
@@ -126,10 +126,8 @@ def _score(
     ev.errors[k] = patient_errors(pred, true, obs, seqs.subject_ids[stay])
     ev.observed[k] = {"mae": ev.errors[k].mae, "rmse": ev.errors[k].rmse}
     pred_phys, true_phys = pre.unscale_state(pred), pre.unscale_state(true)
-    measured = np.where(obs > 0, true_phys, np.nan)
-    for row in per_variable(pred_phys, true_phys, STATE_NAMES):
-        j = STATE_NAMES.index(row["variable"])
-        m = ~np.isnan(measured[:, j])
+    for j, row in enumerate(per_variable(pred_phys, true_phys, STATE_NAMES)):
+        m = obs[:, j] > 0
         err = pred_phys[m, j] - true_phys[m, j]
         row["rmse_measured"] = float(np.sqrt(np.mean(err**2))) if m.any() else float("nan")
         row["mae_measured"] = float(np.mean(np.abs(err))) if m.any() else float("nan")
@@ -167,23 +165,13 @@ def latency(forecaster, seqs: StaySequences, horizon: int = 5, repeats: int = 20
 
     def timed(fn, repeats: int = repeats) -> float:
         fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return float(np.median(timeit.repeat(fn, number=1, repeat=repeats)))
 
     one = timed(
         lambda: forecaster.forecast(hist_state, hist_iv, np.array([hist_state.shape[1]]), planned)
     )
     b = len(seqs)
-    t = max(len(s) for s in seqs.state)
-    st = np.full((b, t, hist_state.shape[-1]), np.nan)
-    iv = np.full((b, t, hist_iv.shape[-1]), np.nan)
-    for i in range(b):
-        st[i, : len(seqs.raw_state[i])] = seqs.raw_state[i]
-        iv[i, : len(seqs.interventions[i])] = seqs.interventions[i]
+    st, iv = pad(seqs.raw_state), pad(seqs.interventions)
     lengths = np.array([len(s) for s in seqs.state])
     batch = timed(lambda: forecaster.forecast(st, iv, lengths, np.zeros((b, horizon, 3))), 5)
     return {

@@ -45,7 +45,7 @@ class Forecaster:
         flat_state = state.reshape(b * t, N_STATE)[rows]
         flat_iv = interventions.reshape(b * t, N_INTERVENTION)[rows]
         starts = np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)
-        x, _, _ = prepare_inputs(self.preprocessor, flat_state, flat_iv, starts)
+        x, _ = prepare_inputs(self.preprocessor, flat_state, flat_iv, starts)
         out = np.zeros((b, t, x.shape[1]), dtype=np.float32)
         out.reshape(b * t, -1)[rows] = x
         return out

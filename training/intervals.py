@@ -1,6 +1,6 @@
 """Conformal intervals of a trained model: calibrate on validation, score on test, log.
 
-:func:`interval_report` is the one call training makes: it calibrates the model (and
+:func:`log_intervals` is the one call training makes: it calibrates the model (and
 persistence, the naive reference band) on the validation stays' closed-loop rollouts, measures
 coverage and width on the test stays (clean and under the noise grid), logs the metrics, a
 per-variable table and the plots, and returns the model's :class:`Calibration` for the pyfunc.
@@ -51,35 +51,30 @@ def split_windows(
     inputs, raw = seqs.inputs, seqs.raw_state
     if noise_sigma > 0:
         inputs = add_state_noise(inputs, noise_sigma, seed)
-        # The same noise in physical units, on the measured values only.
+        # The same noise in physical units, on the measured values only (NaN stays NaN).
         raw = [
             r + (x[:, :N_STATE] - s[:, :N_STATE]) * pre.state_range
             for r, x, s in zip(raw, inputs, seqs.inputs, strict=True)
         ]
-        raw = [np.where(np.isnan(r0), np.nan, r) for r0, r in zip(seqs.raw_state, raw, strict=True)]
     wins = rollout_windows(model, inputs, seqs.state, tuple(ks), bounds=state_bounds(pre))
     return wins, raw
-
-
-def residuals(
-    wins: dict[int, Windows], raw: list[np.ndarray], seqs: StaySequences, pre: Preprocessor, h: int
-) -> Residuals:
-    """|residual| at step h of the h-step windows (physical, NaN where not measured)."""
-    w = wins[h]
-    pred = pre.unscale_state(w.pred[:, h - 1])
-    true = pre.unscale_state(w.true[:, h - 1])
-    err = np.where(w.observed[:, h - 1] > 0, np.abs(pred - true), np.nan)
-    d = recent_variability(stay_windows(raw, w.stay, w.start, LOOKBACK))
-    return Residuals(err, d, seqs.subject_ids[w.stay])
 
 
 def calibration_residuals(
     model: DynamicsModel, seqs: StaySequences, pre: Preprocessor, horizon: int
 ) -> list[Residuals]:
-    """The residuals of steps 1..H of ``model``'s rollouts on ``seqs`` (validation stays)."""
+    """|residual| (physical, NaN where not measured) at step h of the h-step rollouts of
+    ``model`` on ``seqs`` (validation stays), h = 1..H."""
     ks = tuple(range(1, horizon + 1))
     wins, raw = split_windows(model, seqs, pre, ks)
-    return [residuals(wins, raw, seqs, pre, h) for h in ks]
+    out = []
+    for h, w in wins.items():
+        pred = pre.unscale_state(w.pred[:, h - 1])
+        true = pre.unscale_state(w.true[:, h - 1])
+        err = np.where(w.observed[:, h - 1] > 0, np.abs(pred - true), np.nan)
+        d = recent_variability(stay_windows(raw, w.stay, w.start, LOOKBACK))
+        out.append(Residuals(err, d, seqs.subject_ids[w.stay]))
+    return out
 
 
 def calibrate(
@@ -88,10 +83,12 @@ def calibrate(
     pre: Preprocessor,
     horizon: int,
     levels: tuple[float, ...] = DEFAULT_LEVELS,
-    adaptive: str = "auto",
+    residuals: list[Residuals] | None = None,
 ) -> Calibration:
-    """Split-conformal calibration of ``model`` on ``seqs`` (validation stays), steps 1..H."""
-    cal = fit_calibration(calibration_residuals(model, seqs, pre, horizon), levels, adaptive)
+    """Split-conformal calibration of ``model`` on ``seqs`` (validation stays), steps 1..H
+    (from ``residuals`` when :func:`calibration_residuals` already gave them)."""
+    res = residuals or calibration_residuals(model, seqs, pre, horizon)
+    cal = fit_calibration(res, levels)
     cal.info["calibration_stays"] = len(seqs)
     return cal
 
@@ -188,31 +185,35 @@ def coverage_metrics(
     return out
 
 
-def interval_report(
+def log_intervals(
     model: DynamicsModel,
     val: StaySequences,
     test: StaySequences,
     pre: Preprocessor,
     ks: Sequence[int],
-    sigmas: Sequence[float] = (),
-    seed: int = 0,
+    sigmas: Sequence[float],
+    seed: int,
+    plots: bool,
+    title: str,
     levels: tuple[float, ...] = DEFAULT_LEVELS,
-    plots_dir: Path | None = None,
-    title: str = "",
-) -> tuple[Calibration, dict[str, float], list[dict]]:
-    """Calibrate ``model`` and persistence on ``val``, score both on ``test``.
+) -> tuple[Calibration, dict[str, float]]:
+    """Calibrate ``model`` and persistence on ``val``, score both on ``test``, inside the active
+    MLflow run.
 
-    Returns the model's calibration, the metrics (``test/``, ``noise/``, ``baseline/``
-    persistence and the non-adaptive alternative's ``test/width_absolute_...``) and the
-    per-variable rows; writes the plots into ``plots_dir`` when given.
+    Logs the per-variable table (``intervals_test.json``) and, with ``plots``, the plots
+    (``plots/interval_*.png``). Returns the model's calibration and the metrics (``test/``,
+    ``noise/``, ``baseline/`` persistence and the non-adaptive alternative's
+    ``test/width_absolute_...``) for the caller to log with the rest.
     """
+    import tempfile
+
+    import mlflow
+
     from training.models import ModelConfig, build_model
 
     ks = tuple(ks)
-    horizon = max(ks)
-    res = calibration_residuals(model, val, pre, horizon)
-    cal = fit_calibration(res, levels)
-    cal.info["calibration_stays"] = len(val)
+    res = calibration_residuals(model, val, pre, max(ks))
+    cal = calibrate(model, val, pre, max(ks), levels, res)
     wins, raw = split_windows(model, test, pre, ks)
     cov = coverage(cal, wins, raw, pre, levels)
     metrics = coverage_metrics(cov, "test/")
@@ -223,21 +224,26 @@ def interval_report(
         coverage(absolute, wins, raw, pre, levels), "test/", variant="_absolute"
     )
     for s in sigmas:
-        if s <= 0:
-            continue
-        noisy, noisy_raw = split_windows(model, test, pre, ks, s, seed)
-        metrics |= coverage_metrics(
-            coverage(cal, noisy, noisy_raw, pre, levels), "noise/", f"_sigma{s:g}"
-        )
+        if s > 0:
+            noisy, noisy_raw = split_windows(model, test, pre, ks, s, seed)
+            metrics |= coverage_metrics(
+                coverage(cal, noisy, noisy_raw, pre, levels), "noise/", f"_sigma{s:g}"
+            )
     persistence = build_model(ModelConfig(model="persistence"))
-    p_cal = calibrate(persistence, val, pre, horizon, levels)
     p_wins, p_raw = split_windows(persistence, test, pre, ks)
+    p_cal = calibrate(persistence, val, pre, max(ks), levels)
     metrics |= coverage_metrics(
         coverage(p_cal, p_wins, p_raw, pre, levels), "baseline/persistence_"
     )
-    if plots_dir is not None:
-        _plots(cal, wins, raw, test, pre, plots_dir, title)
-    return cal, metrics, cov.rows
+    if cov.rows:
+        mlflow.log_table(
+            {key: [r[key] for r in cov.rows] for key in cov.rows[0]}, "intervals_test.json"
+        )
+    if plots:
+        with tempfile.TemporaryDirectory() as tmp:
+            _plots(cal, wins, raw, test, pre, Path(tmp), title)
+            mlflow.log_artifacts(tmp, artifact_path="plots")
+    return cal, metrics
 
 
 def _plots(
@@ -251,7 +257,6 @@ def _plots(
 ) -> None:
     from training import plots
 
-    out.mkdir(parents=True, exist_ok=True)
     grid = coverage(cal, wins, raw, pre, PLOT_LEVELS).summary
     plots.coverage_vs_nominal(
         {
@@ -266,11 +271,11 @@ def _plots(
     w = wins[k]
     stays = []
     for i in np.argsort([-len(s) for s in test.state]):
-        starts = w.start[w.stay == i]
-        if len(starts) == 0:
+        mine = np.flatnonzero(w.stay == i)  # the stay's windows, by start bin
+        if len(mine) == 0:
             continue
-        s = int(starts[len(starts) // 2])
-        j = int(np.flatnonzero((w.stay == i) & (w.start == s))[0])
+        j = int(mine[len(mine) // 2])
+        s = int(w.start[j])
         pred = pre.unscale_state(w.pred[j : j + 1])
         bands = cal.intervals(pred, stay_windows(raw, [i], [s], cal.lookback), cal.levels)
         stays.append(
@@ -287,35 +292,3 @@ def _plots(
             break
     if stays:
         plots.fan_charts(stays, out / "interval_fans.png", f"Test stays: {k}-step bands ({title})")
-
-
-def log_intervals(
-    model: DynamicsModel,
-    val: StaySequences,
-    test: StaySequences,
-    pre: Preprocessor,
-    ks: Sequence[int],
-    sigmas: Sequence[float],
-    seed: int,
-    plots: bool,
-    title: str,
-) -> tuple[Calibration, dict[str, float]]:
-    """:func:`interval_report` inside the active MLflow run: logs the per-variable table
-    (``intervals_test.json``) and the plots (``plots/interval_*.png``); returns the
-    calibration and the metrics for the caller to log with the rest."""
-    import tempfile
-
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "plots" if plots else None
-        cal, metrics, rows = interval_report(
-            model, val, test, pre, ks, sigmas, seed, plots_dir=out, title=title
-        )
-        if rows:
-            mlflow.log_table(
-                {key: [r[key] for r in rows] for key in rows[0]}, "intervals_test.json"
-            )
-        if out is not None and out.exists():
-            mlflow.log_artifacts(str(out), artifact_path="plots")
-    return cal, metrics

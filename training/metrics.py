@@ -5,14 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def mae(pred: np.ndarray, true: np.ndarray) -> float:
-    return float(np.mean(np.abs(pred - true)))
-
-
-def rmse(pred: np.ndarray, true: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((pred - true) ** 2)))
-
-
 def r2_per_variable(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Coefficient of determination of each column of (n, v) arrays (NaN for constant truth)."""
     sse = np.sum((pred - true) ** 2, axis=0)
@@ -31,7 +23,12 @@ def summary(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     """MAE, RMSE (over every value) and R2 (mean over variables) of (..., v) arrays."""
     if pred.size == 0:
         return {"mae": float("nan"), "rmse": float("nan"), "r2": float("nan")}
-    return {"mae": mae(pred, true), "rmse": rmse(pred, true), "r2": r2(pred, true)}
+    err = pred - true
+    return {
+        "mae": float(np.mean(np.abs(err))),
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "r2": r2(pred, true),
+    }
 
 
 def per_variable(pred: np.ndarray, true: np.ndarray, names: tuple[str, ...]) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +14,7 @@ import numpy as np  # noqa: E402
 from features.catalog import STATE_BY_NAME, STATE_NAMES  # noqa: E402
 
 TRAJECTORY_VARIABLES = ("heart_rate", "mbp", "spo2", "creatinine")
+Draw = Callable[[plt.Axes, dict, np.ndarray, int], None]  # one panel of a stay grid
 
 
 def _save(fig, path: Path, dpi: int = 120, rect: tuple | None = None) -> Path:  # noqa: ANN001
@@ -35,10 +37,8 @@ def rmse_vs_k(curves: dict[str, dict[int, float]], path: Path, title: str) -> Pa
             ls="-" if i == 0 else "--",
             label=name,
         )
-    ax.set_xlabel("rollout step K (12-hour bins ahead)")
-    ax.set_ylabel("RMSE (scaled, min-max units)")
-    ax.set_xticks(sorted({k for c in curves.values() for k in c}))
-    ax.set_title(title)
+    ax.set(xlabel="rollout step K (12-hour bins ahead)", ylabel="RMSE (scaled, min-max units)")
+    ax.set(xticks=sorted({k for c in curves.values() for k in c}), title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
@@ -70,13 +70,39 @@ def training_curves(history: list[dict], path: Path, title: str) -> Path:
     for key in ("train_loss", "val_loss"):
         vals = [h.get(key, np.nan) for h in history]
         ax.plot(epochs, vals, marker=".", label=key.replace("_", " "))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("MSE (scaled)")
-    ax.set_yscale("log")
-    ax.set_title(title)
+    ax.set(xlabel="epoch", ylabel="MSE (scaled)", yscale="log", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return _save(fig, path)
+
+
+def _stay_grid(
+    stays: list[dict], variables: tuple[str, ...], cell: tuple[float, float], draw: Draw
+) -> tuple[plt.Figure, np.ndarray]:
+    """Rows: stays; columns: variables. Each panel: the (filled) truth against the bin's time
+    ``x`` and its measured values as dots, then ``draw(ax, stay, x, j)`` for variable j."""
+    fig, axes = plt.subplots(
+        len(stays),
+        len(variables),
+        figsize=(cell[0] * len(variables), cell[1] * len(stays)),
+        squeeze=False,
+    )
+    for r, stay in enumerate(stays):
+        x = np.arange(len(stay["truth"])) * 12 / 24  # days since ICU admission
+        for c, name in enumerate(variables):
+            ax, j = axes[r, c], STATE_NAMES.index(name)
+            ax.plot(x, stay["truth"][:, j], color="black", lw=1.2, label="truth (filled)")
+            obs = stay["observed"][:, j] > 0
+            ax.plot(x[obs], stay["truth"][obs, j], "k.", ms=5, label="measured")
+            draw(ax, stay, x, j)
+            if r == 0:
+                ax.set_title(f"{name} [{STATE_BY_NAME[name].unit}]", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(stay.get("label", f"stay {r + 1}"), fontsize=9)
+            ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("days since ICU admission")
+    return fig, axes
 
 
 def trajectories(
@@ -87,39 +113,15 @@ def trajectories(
     Each stay dict: ``truth`` (n, 18) physical, ``observed`` (n, 18) mask, ``one_step`` (n-1, 18)
     predictions of bins 1..n-1, ``rollout_start`` s and ``rollout`` (K, 18) for bins s+1..s+K.
     """
-    cols = [STATE_NAMES.index(v) for v in variables]
-    fig, axes = plt.subplots(
-        len(stays), len(cols), figsize=(3.2 * len(cols), 2.4 * len(stays)), squeeze=False
-    )
-    for r, stay in enumerate(stays):
-        n = len(stay["truth"])
-        t = np.arange(n) * 12 / 24  # days since ICU admission
-        for c, j in enumerate(cols):
-            ax = axes[r, c]
-            ax.plot(t, stay["truth"][:, j], color="black", lw=1.2, label="true (imputed)")
-            obs = stay["observed"][:, j] > 0
-            ax.plot(t[obs], stay["truth"][obs, j], "k.", ms=5, label="measured")
-            ax.plot(t[1:], stay["one_step"][:, j], color="tab:blue", lw=1.2, label="1-step")
-            s = stay["rollout_start"]
-            k = len(stay["rollout"])
-            ax.plot(
-                t[s : s + k + 1],
-                np.r_[stay["truth"][s, j], stay["rollout"][:, j]],
-                color="tab:red",
-                lw=1.5,
-                marker="o",
-                ms=3,
-                label=f"{k}-step rollout",
-            )
-            ax.axvline(t[s], color="tab:red", alpha=0.3, ls=":")
-            unit = STATE_BY_NAME[variables[c]].unit
-            if r == 0:
-                ax.set_title(f"{variables[c]} [{unit}]")
-            if r == len(stays) - 1:
-                ax.set_xlabel("days since ICU admission")
-            if c == 0:
-                ax.set_ylabel(stay.get("label", f"stay {r + 1}"))
-            ax.grid(alpha=0.3)
+
+    def draw(ax: plt.Axes, stay: dict, t: np.ndarray, j: int) -> None:
+        ax.plot(t[1:], stay["one_step"][:, j], color="tab:blue", lw=1.2, label="1-step")
+        s, k = stay["rollout_start"], len(stay["rollout"])
+        rollout = np.r_[stay["truth"][s, j], stay["rollout"][:, j]]
+        ax.plot(t[s : s + k + 1], rollout, "o-", color="tab:red", ms=3, label=f"{k}-step rollout")
+        ax.axvline(t[s], color="tab:red", alpha=0.3, ls=":")
+
+    fig, axes = _stay_grid(stays, variables, (3.2, 2.4), draw)
     axes[0, -1].legend(fontsize=7, loc="best")
     fig.suptitle(title)
     return _save(fig, path, dpi=110)
@@ -140,8 +142,7 @@ def skill_vs_k(rows: list[dict], path: Path, title: str) -> Path:
     ks = sorted({r["k"] for r in rows})
     ax.axhline(0, color="k", lw=1)
     ax.set_xticks(np.arange(len(ks)), [f"K={k}" for k in ks])
-    ax.set_ylabel("skill vs persistence (%), measured values")
-    ax.set_title(title)
+    ax.set(ylabel="skill vs persistence (%), measured values", title=title)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, ncol=2)
     return _save(fig, path)
@@ -155,9 +156,7 @@ def coverage_vs_nominal(by_k: dict[int, dict[float, float]], path: Path, title: 
         levels = sorted(by_k[k])
         ax.plot(levels, [by_k[k][lv] for lv in levels], marker="o", label=f"K={k}")
     lo = min(min(c) for c in by_k.values()) if by_k else 0.5
-    ax.set_xlim(lo - 0.05, 1.0)
-    ax.set_ylim(lo - 0.05, 1.0)
-    ax.set_xlabel("nominal level")
+    ax.set(xlim=(lo - 0.05, 1.0), ylim=(lo - 0.05, 1.0), xlabel="nominal level")
     ax.set_ylabel("empirical coverage (measured test values)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -168,35 +167,20 @@ def coverage_vs_nominal(by_k: dict[int, dict[float, float]], path: Path, title: 
 def fan_charts(stays: list[dict], path: Path, title: str) -> Path:
     """Per stay (row) and variable (column): the truth, the rollout from bin ``start`` and its
     bands (widest first, lighter), measured values as dots."""
-    names = TRAJECTORY_VARIABLES
-    fig, axes = plt.subplots(
-        len(stays), len(names), figsize=(3.6 * len(names), 2.6 * len(stays)), squeeze=False
-    )
-    for r, st in enumerate(stays):
-        n = len(st["truth"])
+
+    def draw(ax: plt.Axes, st: dict, t: np.ndarray, j: int) -> None:
         s = st["start"]
-        h = len(st["forecast"])
-        steps = np.arange(s + 1, s + 1 + h)
-        for c, name in enumerate(names):
-            j = STATE_NAMES.index(name)
-            ax = axes[r, c]
-            ax.plot(np.arange(n), st["truth"][:, j], color="black", lw=1, label="truth (filled)")
-            m = st["observed"][:, j]
-            ax.plot(np.flatnonzero(m), st["truth"][m, j], "k.", ms=5, label="measured")
-            for i, (lv, (lo, hi)) in enumerate(sorted(st["bands"].items(), reverse=True)):
-                ax.fill_between(
-                    steps, lo[:, j], hi[:, j], color="tab:blue", alpha=0.15 + 0.15 * i,
-                    label=f"{lv:g} band",
-                )  # fmt: skip
-            ax.plot(steps, st["forecast"][:, j], color="tab:blue", marker="o", ms=3,
-                    label="forecast")  # fmt: skip
-            ax.axvline(s, color="grey", lw=0.8, ls=":")
-            if r == 0:
-                ax.set_title(f"{name} ({STATE_BY_NAME[name].unit})", fontsize=9)
-            if c == 0:
-                ax.set_ylabel(st["label"], fontsize=9)
-            ax.tick_params(labelsize=7)
-    axes[-1, 0].set_xlabel("bin (12 h)")
+        steps = t[s + 1 : s + 1 + len(st["forecast"])]
+        for i, (lv, (lo, hi)) in enumerate(sorted(st["bands"].items(), reverse=True)):
+            ax.fill_between(
+                steps, lo[:, j], hi[:, j], color="tab:blue", alpha=0.15 + 0.15 * i,
+                label=f"{lv:g} band",
+            )  # fmt: skip
+        ax.plot(steps, st["forecast"][:, j], "o-", color="tab:blue", ms=3, label="forecast")
+        ax.axvline(t[s], color="grey", lw=0.8, ls=":")
+        ax.tick_params(labelsize=7)
+
+    fig, axes = _stay_grid(stays, TRAJECTORY_VARIABLES, (3.6, 2.6), draw)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(title)

@@ -42,6 +42,7 @@ from features.catalog import INTERVENTION_NAMES, STATE_NAMES, catalog_dict, cata
 from features.errors import UserError
 from features.preprocess import Preprocessor
 from training.conformal import Calibration, check_levels, level_label
+from training.data import pad
 from training.forecaster import Forecaster
 from training.models import ModelConfig, build_model
 
@@ -119,40 +120,27 @@ def frame_to_arrays(
         )
     frame = frame.assign(patient_id=frame["patient_id"].astype(str), kind=frame["kind"].astype(str))
     ids = list(dict.fromkeys(frame["patient_id"]))
-    hist = {
-        p: g.sort_values("step") for p, g in frame[frame["kind"] == "history"].groupby("patient_id")
-    }
-    plan = {
-        p: g.sort_values("step") for p, g in frame[frame["kind"] == "plan"].groupby("patient_id")
-    }
+    hist, plan = (
+        {p: g.sort_values("step") for p, g in frame[frame["kind"] == kind].groupby("patient_id")}
+        for kind in ("history", "plan")
+    )
     for p in ids:
-        if p not in hist:
-            raise ForecastInputError(f"input frame: patient {p!r} has no history rows")
-        if p not in plan:
-            raise ForecastInputError(f"input frame: patient {p!r} has no plan rows (horizon 0)")
-        for name, g in (("history", hist[p]), ("plan", plan[p])):
-            steps = g["step"].to_numpy()
-            if not np.array_equal(steps, np.arange(len(g))):
+        for name, rows, why in (("history", hist, ""), ("plan", plan, " (horizon 0)")):
+            if p not in rows:
+                raise ForecastInputError(f"input frame: patient {p!r} has no {name} rows{why}")
+            steps = rows[p]["step"].to_numpy()
+            if not np.array_equal(steps, np.arange(len(steps))):
                 raise ForecastInputError(
-                    f"input frame: patient {p!r} {name} steps must be 0..{len(g) - 1}, got "
+                    f"input frame: patient {p!r} {name} steps must be 0..{len(steps) - 1}, got "
                     f"{steps.tolist()}"
                 )
-    b = len(ids)
-    t = max(len(hist[p]) for p in ids)
-    h = max(len(plan[p]) for p in ids)
-    state = np.full((b, t, len(STATE_NAMES)), np.nan)
-    iv = np.full((b, t, len(INTERVENTION_NAMES)), np.nan)
-    planned = np.full((b, h, len(INTERVENTION_NAMES)), np.nan)
-    lengths = np.zeros(b, dtype=np.int64)
-    for i, p in enumerate(ids):
-        g = hist[p]
-        lengths[i] = len(g)
-        state[i, : len(g)] = g[list(STATE_NAMES)].to_numpy(np.float64, na_value=np.nan)
-        iv[i, : len(g)] = g[list(INTERVENTION_NAMES)].to_numpy(np.float64, na_value=np.nan)
-        planned[i, : len(plan[p])] = plan[p][list(INTERVENTION_NAMES)].to_numpy(
-            np.float64, na_value=np.nan
-        )
-    return ids, state, iv, lengths, planned
+
+    def values(rows: dict[str, pd.DataFrame], names: tuple[str, ...]) -> np.ndarray:
+        return pad([rows[p][list(names)].to_numpy(np.float64, na_value=np.nan) for p in ids])
+
+    lengths = np.array([len(hist[p]) for p in ids], dtype=np.int64)
+    planned = values(plan, INTERVENTION_NAMES)
+    return ids, values(hist, STATE_NAMES), values(hist, INTERVENTION_NAMES), lengths, planned
 
 
 def interval_column(variable: str, bound: str, level: float) -> str:
@@ -221,32 +209,12 @@ def synthetic_input_example() -> pd.DataFrame:
     rows = []
     for p, drift in (("example-1", 0.0), ("example-2", 3.0)):
         for b in range(3):
-            values = {n: float(v) + drift * b for n, v in zip(STATE_NAMES, typical, strict=True)}
+            state = np.array(typical, dtype=np.float64) + drift * b
             if b > 0:  # labs are not measured in every bin
-                values |= {n: np.nan for n in STATE_NAMES[9:]}
-            rows.append(
-                {
-                    "patient_id": p,
-                    "kind": "history",
-                    "step": b,
-                    **values,
-                    "vasopressor": 0.5 if b == 2 else np.nan,
-                    "mechanical_ventilation": 1.0 if b else np.nan,
-                    "iv_fluid_ml": 750.0 if b else np.nan,
-                }
-            )
-        for k in range(2):
-            rows.append(
-                {
-                    "patient_id": p,
-                    "kind": "plan",
-                    "step": k,
-                    **{n: np.nan for n in STATE_NAMES},
-                    "vasopressor": 0.0,
-                    "mechanical_ventilation": 1.0,
-                    "iv_fluid_ml": 500.0,
-                }
-            )
+                state[9:] = np.nan
+            given = (0.5 if b == 2 else np.nan, 1.0 if b else np.nan, 750.0 if b else np.nan)
+            rows.append([p, "history", b, *state, *given])
+        rows += [[p, "plan", k, *[np.nan] * len(STATE_NAMES), 0.0, 1.0, 500.0] for k in range(2)]
     frame = pd.DataFrame(rows, columns=[*KEY_COLUMNS, *STATE_NAMES, *INTERVENTION_NAMES])
     return frame.astype({"patient_id": "str", "kind": "str", "step": "int64"})
 

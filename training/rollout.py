@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from features.catalog import N_STATE
 from features.preprocess import CLAMP_HIGH, CLAMP_LOW, Preprocessor
@@ -38,18 +39,6 @@ def state_bounds(pre: Preprocessor, dtype: torch.dtype = torch.float64) -> Bound
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(iter(model.parameters()), torch.empty(0, dtype=torch.float64)).dtype
-
-
-def pad_inputs(
-    seqs: list[np.ndarray], width: int, dtype: torch.dtype = torch.float32
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad (n_i, width) arrays to (B, T, width); returns the tensor and the lengths."""
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    t = int(lengths.max()) if len(seqs) else 0
-    out = torch.zeros(len(seqs), t, width, dtype=dtype)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(s, dtype=dtype)
-    return out, lengths
 
 
 @torch.no_grad()
@@ -173,7 +162,9 @@ def rollout_windows(
     model.eval()
     if noise_sigma > 0:
         inputs = add_state_noise(inputs, noise_sigma, seed)
-    x, lengths = pad_inputs(inputs, inputs[0].shape[1], model_dtype(model))
+    dtype = model_dtype(model)
+    x = pad_sequence([torch.as_tensor(s, dtype=dtype) for s in inputs], batch_first=True)
+    lengths = torch.tensor([len(s) for s in inputs])
     ys, _, every = encode(model, x, lengths, keep_all=True)
     out: dict[int, Windows] = {}
     for k in ks:
@@ -187,11 +178,8 @@ def rollout_windows(
         st_t, sa_t = torch.as_tensor(stay), torch.as_tensor(start)
         first = ys[st_t, sa_t]
         state0 = [torch.stack([every[s][j][i] for i, s in idx]) for j in range(len(every[0]))]
-        fut = (
-            torch.stack([x[st_t, sa_t + j, 2 * N_STATE :] for j in range(1, k)], dim=1)
-            if k > 1
-            else torch.zeros(len(idx), 0, x.shape[-1] - 2 * N_STATE, dtype=x.dtype)
-        )
+        # The interventions of bins s+1..s+K-1 (W, K-1, 3); none for K = 1.
+        fut = x[st_t[:, None], sa_t[:, None] + torch.arange(1, k), 2 * N_STATE :]
         pred = continue_rollout(model, first, state0, fut, bounds).numpy()
         true = np.stack([states[i][s + 1 : s + k + 1] for i, s in idx])
         obs = np.stack([inputs[i][s + 1 : s + k + 1, N_STATE : 2 * N_STATE] for i, s in idx])

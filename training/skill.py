@@ -8,14 +8,12 @@ proportions (a prediction band's coverage) from per-patient counts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TypeVar
 
 import numpy as np
 
 N_BOOT = 2000
-
-_Sums = TypeVar("_Sums", "PatientErrors", "PatientCounts")
 
 
 def _pooled(total: np.ndarray, n: np.ndarray) -> float:
@@ -32,24 +30,27 @@ def _by_patient(patient: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, .
     return (patients, *sums)
 
 
-def _add_by_patient(a: _Sums, b: _Sums) -> _Sums:
-    """Per-patient sums of two sets (e.g. the folds of one seed, which hold disjoint patients):
-    every field after ``patients`` is added patient by patient."""
-    patients = np.union1d(a.patients, b.patients)
-    names = [f.name for f in fields(a) if f.name != "patients"]
-    out = type(a)(patients, *(np.zeros(len(patients)) for _ in names))
-    for part in (a, b):
-        i = np.searchsorted(patients, part.patients)
-        for name in names:
-            getattr(out, name)[i] += getattr(part, name)
-    return out
+@dataclass
+class _PerPatient:
+    patients: np.ndarray  # (U,) patient ids, sorted
+
+    def __add__(self, other):  # noqa: ANN001, ANN204 - the same subclass
+        """Pool two sets (e.g. the folds of one seed, which hold disjoint patients): every
+        field after ``patients`` is added patient by patient."""
+        patients = np.union1d(self.patients, other.patients)
+        names = [f.name for f in fields(self) if f.name != "patients"]
+        out = type(self)(patients, *(np.zeros(len(patients)) for _ in names))
+        for part in (self, other):
+            i = np.searchsorted(patients, part.patients)
+            for name in names:
+                getattr(out, name)[i] += getattr(part, name)
+        return out
 
 
 @dataclass
-class PatientErrors:
+class PatientErrors(_PerPatient):
     """Per-patient sums over the measured target values of a set of windows at one K."""
 
-    patients: np.ndarray  # (U,) patient ids, sorted
     sse: np.ndarray  # (U,) sum of squared errors (scaled space)
     sae: np.ndarray  # (U,) sum of absolute errors
     n: np.ndarray  # (U,) number of measured values
@@ -62,27 +63,18 @@ class PatientErrors:
     def mae(self) -> float:
         return _pooled(self.sae, self.n)
 
-    def __add__(self, other: PatientErrors) -> PatientErrors:
-        """Pool two sets (e.g. the folds of one seed, which hold disjoint patients)."""
-        return _add_by_patient(self, other)
-
 
 @dataclass
-class PatientCounts:
+class PatientCounts(_PerPatient):
     """Per-patient counts behind a pooled proportion: ``hits`` of ``n`` measured values (e.g.
     the values inside a prediction band)."""
 
-    patients: np.ndarray  # (U,) patient ids, sorted
     hits: np.ndarray  # (U,)
     n: np.ndarray  # (U,)
 
     @property
     def rate(self) -> float:
         return _pooled(self.hits, self.n)
-
-    def __add__(self, other: PatientCounts) -> PatientCounts:
-        """Pool two sets (folds, seeds): counts add up patient by patient."""
-        return _add_by_patient(self, other)
 
 
 def patient_counts(hits: np.ndarray, n: np.ndarray, patient: np.ndarray) -> PatientCounts:
@@ -103,10 +95,7 @@ def patient_errors(
 
 def pool(parts: list[PatientErrors]) -> PatientErrors:
     """Per-patient sums added up (e.g. the folds of one seed)."""
-    out = parts[0]
-    for p in parts[1:]:
-        out = out + p
-    return out
+    return sum(parts[1:], parts[0])
 
 
 def mean_over_runs(runs: list[PatientErrors]) -> PatientErrors:
@@ -116,14 +105,19 @@ def mean_over_runs(runs: list[PatientErrors]) -> PatientErrors:
     return PatientErrors(pooled.patients, pooled.sse / k, pooled.sae / k, pooled.n / k)
 
 
-def _weights(n_units: int, n_boot: int, seed: int) -> np.ndarray:
+def _bootstrap_ci(
+    stat: Callable[[np.ndarray], np.ndarray], n_units: int, n_boot: int, seed: int, level: float
+) -> tuple[float, float]:
+    """Percentile interval of ``stat(w)`` over ``n_boot`` resamples of the ``n_units`` patients
+    with replacement, ``w`` (n_boot, U) counting how often each is drawn (the same draws for
+    every model: paired). Non-finite replicates are left out; NaN with fewer than 2 patients."""
+    if n_units < 2:
+        return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_boot).astype(float)
-
-
-def _percentile_ci(replicates: np.ndarray, level: float) -> tuple[float, float]:
-    """The bootstrap percentile interval of ``replicates`` (non-finite ones left out)."""
-    r = replicates[np.isfinite(replicates)]
+    w = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_boot).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = stat(w)
+    r = r[np.isfinite(r)]
     if not len(r):
         return float("nan"), float("nan")
     alpha = (1 - level) / 2
@@ -131,25 +125,19 @@ def _percentile_ci(replicates: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _aligned(a: PatientErrors, b: PatientErrors) -> None:
-    if not np.array_equal(a.patients, b.patients):
-        raise ValueError("paired comparison needs the same patients (the same windows)")
+def _rmse(e: PatientErrors, w: np.ndarray) -> np.ndarray:
+    return np.sqrt((w @ e.sse) / (w @ e.n))
 
 
 def rmse_ratio(
     a: PatientErrors, b: PatientErrors, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float]:
     """RMSE_a / RMSE_b on the same windows, with a paired patient-bootstrap percentile CI."""
-    _aligned(a, b)
+    if not np.array_equal(a.patients, b.patients):
+        raise ValueError("paired comparison needs the same patients (the same windows)")
     point = a.rmse / b.rmse if b.rmse > 0 else float("nan")
-    if len(a.patients) < 2:
-        return point, float("nan"), float("nan")
-    w = _weights(len(a.patients), n_boot, seed)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ra = np.sqrt((w @ a.sse) / (w @ a.n))
-        rb = np.sqrt((w @ b.sse) / (w @ b.n))
-        ratios = ra / rb
-    return (float(point), *_percentile_ci(ratios, level))
+    ci = _bootstrap_ci(lambda w: _rmse(a, w) / _rmse(b, w), len(a.patients), n_boot, seed, level)
+    return (float(point), *ci)
 
 
 def skill(
@@ -162,21 +150,11 @@ def skill(
 
 def rmse_ci(e: PatientErrors, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float]:
     """95% patient-bootstrap CI of one model's pooled RMSE."""
-    if len(e.patients) < 2:
-        return float("nan"), float("nan")
-    w = _weights(len(e.patients), n_boot, seed)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.sqrt((w @ e.sse) / (w @ e.n))
-    return _percentile_ci(r, 0.95)
+    return _bootstrap_ci(lambda w: _rmse(e, w), len(e.patients), n_boot, seed, 0.95)
 
 
 def rate_ci(
     c: PatientCounts, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
     """Patient-bootstrap percentile CI of a pooled proportion (``c.rate``)."""
-    if len(c.patients) < 2:
-        return float("nan"), float("nan")
-    w = _weights(len(c.patients), n_boot, seed)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = (w @ c.hits) / (w @ c.n)
-    return _percentile_ci(r, level)
+    return _bootstrap_ci(lambda w: (w @ c.hits) / (w @ c.n), len(c.patients), n_boot, seed, level)

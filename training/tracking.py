@@ -167,10 +167,8 @@ def artifact_location(uri: str) -> str | None:
     MLflow's default (``./mlruns`` in the current directory) would scatter the artifacts of a
     temporary store into whatever folder a run starts from.
     """
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri.removeprefix("sqlite:///"))
-    return (db.resolve().parent / "mlruns").as_uri()
+    db = sqlite_file(uri)
+    return None if db is None else (db.resolve().parent / "mlruns").as_uri()
 
 
 def code_version() -> str:

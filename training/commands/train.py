@@ -62,19 +62,14 @@ def train_values(args: argparse.Namespace) -> dict:
     return {k: v for k, v in values.items() if k in TrainConfig.model_fields}
 
 
-def settings_from_args(args: argparse.Namespace):  # noqa: ANN201
-    from training.config import TrainConfig
-
-    return settings_from_flags(TrainConfig, train_values(args), "train")
-
-
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from training import tracking
+    from training.config import TrainConfig
     from training.train import train_model
 
-    cfg = settings_from_args(args)
+    cfg = settings_from_flags(TrainConfig, train_values(args), "train")
     # Said first: from another folder, relative defaults point somewhere unexpected.
     print(
         f"data: {Path(cfg.data).resolve()}  MLflow store: "
