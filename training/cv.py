@@ -7,7 +7,7 @@ and baseline is scored on the held-out fold's windows, on measured target values
 the folds cover every patient once; per-patient error sums are averaged over seeds, and
 intervals come from a paired bootstrap over patients (:mod:`training.skill`).
 
-Prediction intervals are scored the same way: in each fold every network model and
+Prediction intervals are scored the same way: in each fold every network model, level and
 persistence is conformally calibrated on the fold's validation patients exactly as training
 calibrates (:func:`training.intervals.held_out_coverage`), and the band's coverage and width on
 the held-out fold's measured values are pooled over folds and seeds.
@@ -133,8 +133,8 @@ def run_cv(
 
     from training.evaluate import evaluate
     from training.intervals import coverage_metrics, held_out_coverage
-    from training.models import ModelConfig, build_model, count_parameters
-    from training.train import baseline_evaluations, data_module, fit_lightning
+    from training.models import count_parameters
+    from training.train import baseline_evaluations, data_module, fit_baselines, fit_lightning
 
     if base.threads:
         torch.set_num_threads(base.threads)
@@ -149,16 +149,17 @@ def run_cv(
         for fold in range(folds):
             common = {"folds": folds, "fold": fold, "cv_seed": seed, "seed": seed}
             dm = data_module(base.model_copy(update=common))
-            evals = baseline_evaluations(dm, ("test",), ks, base.ridge_alpha)["test"]
             val, test, pre = dm.sequences["val"], dm.sequences["test"], dm.preprocessor
-            # The naive band: persistence has no parameters, so a fresh one is the baseline's.
-            persistence = build_model(ModelConfig(model=REFERENCE))
-            res.add_bands(
-                REFERENCE,
-                held_out_coverage(
-                    persistence, val, test, evals[REFERENCE].windows, pre, res.levels
-                ),
-            )
+            baselines = fit_baselines(dm.sequences["train"], base.ridge_alpha, base.level_alpha)
+            evals = baseline_evaluations(dm, ("test",), ks, baselines)["test"]
+            # The naive band, and the level forecaster's (the networks' starting point).
+            for name in (REFERENCE, "level"):
+                res.add_bands(
+                    name,
+                    held_out_coverage(
+                        baselines[name], val, test, evals[name].windows, pre, res.levels
+                    ),
+                )
             for label, overrides in variants.items():
                 cfg = TrainConfig(
                     **{
@@ -374,7 +375,7 @@ def band_markdown(res: CvResult, rows: list[dict]) -> list[str]:
     labels = [level_label(lv) for lv in res.levels]
     lines = [
         "",
-        "Conformal prediction intervals: in each fold and seed, every network model and "
+        "Conformal prediction intervals: in each fold and seed, every network model, level and "
         "persistence is calibrated on that fold's validation patients' closed-loop rollouts "
         "exactly as training calibrates (split conformal per step and variable, stay-weighted, "
         "adaptive where it pays; docs/intervals.md) and scored on the held-out fold's "
