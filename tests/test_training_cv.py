@@ -213,7 +213,7 @@ def test_overall_champion_is_the_best_family_on_validation(
 
     records = {
         m: tiny_train(data, m, mlflow_uri, "icu-forecast", units=8, layers=1, threads=1)
-        for m in ("persistence", "linear", "gru")
+        for m in ("persistence", "linear", "level", "gru")
     }
     champ = promote_overall(list(records))
     values = {m: r["metrics"][SELECTION_METRIC] for m, r in records.items()}
@@ -224,6 +224,8 @@ def test_overall_champion_is_the_best_family_on_validation(
     served = client.get_model_version_by_alias(OVERALL, CHAMPION)
     assert served.tags["family"] == champ.family
     assert served.run_id == records[champ.family]["run_id"]
+    # The level forecaster is listed beside the networks, but it is not a network.
+    assert f"level {values['level'] / values['persistence']:.3f}x" in champ.message
     if values["gru"] >= values["persistence"]:
         assert "NO network beats persistence" in champ.message
     else:
