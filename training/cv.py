@@ -193,7 +193,9 @@ def run_cv(
                     mlflow.log_metrics(
                         {k: v for k, v in (fold_metrics | stats).items() if np.isfinite(v)}
                     )
-                    mlflow.log_params({k: str(v) for k, v in overrides.items()} | common)
+                    # The parsed values, as Lightning's logger wrote the same hyperparameters
+                    # ("lr=3e-4" from the command line is 0.0003 there; MLflow refuses a change).
+                    mlflow.log_params({k: str(getattr(cfg, k)) for k in overrides} | common)
                 evals[label] = ev
                 for key, value in stats.items():
                     res.stats.setdefault(label, {}).setdefault(key, []).append(float(value))
