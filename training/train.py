@@ -107,8 +107,9 @@ def data_module(cfg: TrainConfig) -> BinsDataModule:
 
 def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
     lo, hi = state_bounds(dm.preprocessor, torch.float32)
+    mcfg = cfg.model_cfg()
     lit = LitDynamics(
-        cfg.model_cfg().to_dict(),
+        mcfg.to_dict(),
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         objective=cfg.objective,
@@ -116,7 +117,6 @@ def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
         measured_only=cfg.measured_only,
         bounds=(lo.tolist(), hi.tolist()),
     )
-    mcfg = cfg.model_cfg()
     if mcfg.level_memory and mcfg.level_init == "ridge":
         start_from_ridge(lit.model, dm.sequences["train"].inputs, mcfg.level_alpha)
     return lit
