@@ -8,6 +8,7 @@ protected router, so OpenAPI lists the schemes and Swagger UI's "Authorize" butt
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import hmac
 import logging
@@ -78,15 +79,15 @@ def validation_summary(config: dict[str, Any]) -> dict[str, Any] | None:
     """The served model's skill against persistence on its validation patients, per K, with
     the 95% patient-bootstrap interval (recorded in the model at training time)."""
     metrics = config.get("validation") or {}
-    by_k: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if key.startswith("val/skill_k") and key[len("val/skill_k") :].isdigit():
-            k = key[len("val/skill_k") :]
-            by_k[k] = {
-                "skill": value,
-                "skill_ci": [metrics.get(f"{key}_lo"), metrics.get(f"{key}_hi")],
-                "rmse_measured": metrics.get(f"val/rmse_measured_k{k}"),
-            }
+    by_k = {
+        k: {
+            "skill": value,
+            "skill_ci": [metrics.get(f"{key}_lo"), metrics.get(f"{key}_hi")],
+            "rmse_measured": metrics.get(f"val/rmse_measured_k{k}"),
+        }
+        for key, value in metrics.items()
+        if (k := key.removeprefix("val/skill_k")) != key and k.isdigit()
+    }
     if not by_k:
         return None
     return {
@@ -339,10 +340,8 @@ def create_app(
         summary="K-step forecasts of 18 ICU state variables under planned interventions.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
     app.state.holder = holder
     app.state.metrics = metrics
-    app.state.reload = reload
     app.add_middleware(
         GatewayMiddleware,
         metrics=metrics,
@@ -421,26 +420,15 @@ def create_app(
         if errors:
             raise InputError(errors)
         info, results = await _forecast(patients)
-        return _json(
-            {
-                "model": info.ref(),
-                "results": _payloads(patients, results),
-            }
-        )
+        return _json({"model": info.ref(), "results": _payloads(patients, results)})
 
     @api.get("/v1/model", response_model=ModelDescription, tags=["model"])
     async def model_description() -> Response:
         """The model being served, its training data checksum, and the variables it uses."""
         m = _model()
-        i = m.info
         return _json(
-            {
-                "name": i.name,
-                "version": i.version,
-                "run_id": i.run_id,
-                "uri": i.uri,
-                "data_checksum": i.data_checksum,
-                "loaded_at": i.loaded_at,
+            dataclasses.asdict(m.info)
+            | {
                 "family": getattr(m.forecaster, "model_name", None),
                 "validation": validation_summary(getattr(m.forecaster, "config", {}) or {}),
                 "catalog_version": catalog_version(),

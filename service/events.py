@@ -20,16 +20,13 @@ import numpy as np
 import pandas as pd
 
 from features.catalog import (
-    BIN_HOURS,
     INTERVENTION_BY_NAME,
     INTERVENTION_NAMES,
     STATE_BY_NAME,
     STATE_NAMES,
 )
 from features.preprocess import INTERVENTION_MAX
-from service.requests import InputError, as_utc, check_drop_range, field_error, format_loc
-
-BIN = timedelta(hours=BIN_HOURS)
+from service.requests import BIN, InputError, as_utc, field_error, format_loc
 
 
 def _accepted(variable: str) -> dict[str, tuple[float, float]]:
@@ -76,10 +73,14 @@ def bin_events(
             continue
         scale, offset = accepted[unit] if unit is not None else (1.0, 0.0)
         value = (ev.value + offset) * scale
-        if ev.variable in STATE_BY_NAME:
-            why = check_drop_range(value, ev.variable)
-            if why:
-                errors.append(field_error((*where, "value"), why, "range_error"))
+        if spec := STATE_BY_NAME.get(ev.variable):
+            lo, hi = spec.drop
+            if not lo <= value <= hi:
+                msg = (
+                    f"{value:g} {spec.unit} is outside the accepted range [{lo:g}, {hi:g}] "
+                    f"for {ev.variable}: likely a unit error"
+                )
+                errors.append(field_error((*where, "value"), msg, "range_error"))
                 continue
             if t < earliest:
                 ignored.append(i)

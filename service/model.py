@@ -54,15 +54,6 @@ class ModelLoadError(Exception):
     pass
 
 
-def _run_value(run: Any, *keys: str) -> str | None:
-    """First of ``keys`` among the run's tags, then params (training logs the checksum there)."""
-    for source in (run.data.tags, run.data.params):
-        for k in keys:
-            if source.get(k):
-                return str(source[k])
-    return None
-
-
 def load_from_mlflow(model_uri: str, tracking_uri: str) -> LoadedModel:
     """Resolve ``model_uri`` to one concrete version, then load exactly that version.
 
@@ -99,10 +90,8 @@ def load_from_mlflow(model_uri: str, tracking_uri: str) -> LoadedModel:
         if run_id is None:
             run_id = pyfunc.metadata.run_id
         checksum = getattr(forecaster, "data_checksum", None)
-        if checksum is None and run_id:
-            checksum = _run_value(
-                client.get_run(run_id), "data_checksum", "data.checksum", "etl.checksum"
-            )
+        if checksum is None and run_id:  # a model logged before the forecaster carried it
+            checksum = client.get_run(run_id).data.tags.get("data_checksum")
     except Exception as exc:  # any failure must leave the previous model serving
         raise ModelLoadError(
             f"could not load {model_uri!r} from MLflow store {tracking.describe(tracking_uri)}: "
@@ -316,8 +305,20 @@ class MicroBatcher:
                 await self._call(model, jobs)
 
     async def _call(self, model: LoadedModel, jobs: list[_Job]) -> None:
+        patients = [p for j in jobs for p in j.patients]
+        # A large call (the batch endpoint) is compute-bound and alone: a second intra-op
+        # thread uses the core the event loop leaves idle while it waits. Small calls stay on
+        # one thread, where threading costs more than it saves.
+        big = len(patients) >= self._settings.parallel_batch_min
+        threads = self._settings.parallel_threads if big else None
         try:
-            await self._run(model, jobs)
+            if self._settings.model_in_thread:
+                results = await asyncio.to_thread(run_batch, model, patients, threads)
+            else:
+                # In the loop's own thread: no thread hop and no GIL hand-offs. While the model
+                # runs, new requests wait in the socket buffers and form the next batch; with
+                # one core per process this is the faster choice.
+                results = run_batch(model, patients, threads)
         except Exception as exc:
             if len(jobs) == 1:
                 if not jobs[0].future.done():
@@ -327,21 +328,7 @@ class MicroBatcher:
             # with: run them one by one, so only the culprit gets the error.
             for j in jobs:
                 await self._call(model, [j])
-
-    async def _run(self, model: LoadedModel, jobs: list[_Job]) -> None:
-        patients = [p for j in jobs for p in j.patients]
-        # A large call (the batch endpoint) is compute-bound and alone: a second intra-op
-        # thread uses the core the event loop leaves idle while it waits. Small calls stay on
-        # one thread, where threading costs more than it saves.
-        big = len(patients) >= self._settings.parallel_batch_min
-        threads = self._settings.parallel_threads if big else None
-        if self._settings.model_in_thread:
-            results = await asyncio.to_thread(run_batch, model, patients, threads)
-        else:
-            # In the loop's own thread: no thread hop and no GIL hand-offs. While the model
-            # runs, new requests wait in the socket buffers and form the next batch; with one
-            # core per process this is the faster choice.
-            results = run_batch(model, patients, threads)
+            return
         self._on_batch(len(patients))
         k = 0
         for j in jobs:
