@@ -214,7 +214,13 @@ def run_batch(
             torch.set_num_threads(previous)
     if out.shape != (b, h_max, N_STATE):
         raise RuntimeError(f"forecaster returned shape {out.shape}, expected {(b, h_max, N_STATE)}")
-    wanted = _levels(model.forecaster, patients)
+    # The levels each patient gets: those asked for, else the calibration's defaults; none when
+    # the model has no calibration (models logged before intervals existed).
+    calibration = getattr(model.forecaster, "calibration", None)
+    wanted: list[tuple[float, ...]] = [() for _ in patients]
+    if calibration is not None and callable(getattr(model.forecaster, "intervals", None)):
+        default = tuple(calibration.levels)
+        wanted = [default if p.interval_levels is None else p.interval_levels for p in patients]
     bands: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     if any(wanted):
         union = tuple(sorted({lv for w in wanted for lv in w}))
@@ -229,16 +235,6 @@ def run_batch(
         )
         for i, p in enumerate(patients)
     ]
-
-
-def _levels(forecaster: Any, patients: list[PatientInput]) -> list[tuple[float, ...]]:
-    """The levels each patient gets: those asked for, else the calibration's defaults; none
-    when the model has no calibration (models logged before intervals existed)."""
-    calibration = getattr(forecaster, "calibration", None)
-    if calibration is None or not callable(getattr(forecaster, "intervals", None)):
-        return [() for _ in patients]
-    default = tuple(calibration.levels)
-    return [default if p.interval_levels is None else p.interval_levels for p in patients]
 
 
 @dataclass

@@ -254,14 +254,5 @@ def patient_input(req: Any, loc: tuple = ("body",), events_binner: Any = None) -
     planned, plan_warnings = _planned(req, iv[-1], loc)
     warnings.extend(value_warnings(state, loc, "history" if has_history else "events"))
     warnings.extend(plan_warnings)
-    levels = getattr(req, "interval_levels", None)
-    return PatientInput(
-        state,
-        iv,
-        planned,
-        req.horizon,
-        first,
-        warnings,
-        getattr(req, "id", None),
-        None if levels is None else tuple(dict.fromkeys(float(x) for x in levels)),
-    )
+    levels = None if req.interval_levels is None else tuple(dict.fromkeys(req.interval_levels))
+    return PatientInput(state, iv, planned, req.horizon, first, warnings, req.id, levels)
