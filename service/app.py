@@ -52,7 +52,7 @@ from service.model import (
     PatientResult,
     load_from_mlflow,
 )
-from service.requests import BIN, InputError, PatientInput, format_loc, patient_input
+from service.requests import BIN, PatientInput, format_loc, patient_input
 from service.schemas import (
     BatchResponse,
     ForecastResponse,
@@ -234,10 +234,6 @@ def api_key_dependency(key: SecretStr | None) -> Any:
     return require_api_key
 
 
-class _NotLoaded(Exception):
-    """No model loaded yet: answered 503."""
-
-
 def _served_marker() -> str | None:
     folder = os.environ.get(RUN_DIR_ENV)
     return os.path.join(folder, SERVED_MARKER) if folder else None
@@ -353,23 +349,19 @@ def create_app(
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
         return _json({"detail": _clean_errors(list(exc.errors()))}, 422)
 
-    @app.exception_handler(InputError)
-    async def _input(request: Request, exc: InputError) -> Response:
-        return _json({"detail": _clean_errors(exc.errors)}, 422)
-
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         # The message may quote input values: it goes to the log only by type, not by text.
         log.error("unhandled %s on %s", type(exc).__name__, request.url.path, exc_info=False)
         return _json({"detail": "internal error"}, 500)
 
-    @app.exception_handler(_NotLoaded)
-    async def _not_loaded(request: Request, exc: _NotLoaded) -> Response:
+    @app.exception_handler(ModelLoadError)
+    async def _not_loaded(request: Request, exc: ModelLoadError) -> Response:
         return _json({"detail": "model not loaded yet", "error": holder.last_error}, 503)
 
     def _model() -> LoadedModel:
         if holder.current is None:
-            raise _NotLoaded
+            raise ModelLoadError("no model loaded")
         return holder.current
 
     health = APIRouter(tags=["health"])
@@ -415,10 +407,10 @@ def create_app(
         for i, r in enumerate(req.patients):
             try:
                 patients.append(patient_input(r, ("body", "patients", i), events))
-            except InputError as exc:
-                errors.extend(exc.errors)
+            except RequestValidationError as exc:
+                errors.extend(exc.errors())
         if errors:
-            raise InputError(errors)
+            raise RequestValidationError(errors)
         info, results = await _forecast(patients)
         return _json({"model": info.ref(), "results": _payloads(patients, results)})
 

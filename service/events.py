@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from fastapi.exceptions import RequestValidationError
 
 from features.catalog import (
     INTERVENTION_BY_NAME,
@@ -26,7 +27,7 @@ from features.catalog import (
     STATE_NAMES,
 )
 from features.preprocess import INTERVENTION_MAX
-from service.requests import BIN, InputError, as_utc, field_error, format_loc
+from service.requests import BIN, as_utc, field_error, format_loc
 
 
 def _accepted(variable: str) -> dict[str, tuple[float, float]]:
@@ -40,19 +41,21 @@ def bin_events(
     req: Any, loc: tuple, settings: Any
 ) -> tuple[np.ndarray, np.ndarray, datetime, list[dict]]:
     """Validate and bin ``req.events``: state, interventions, first bin start and warnings
-    (the history form's shapes), or :class:`InputError` naming every bad event."""
+    (the history form's shapes), or :class:`RequestValidationError` naming every bad event."""
     from features.binning import PRE_INTIME_HOURS, bin_patient_events
 
     errors: list[dict] = []
     warnings: list[dict] = []
     if req.icu_intime is None:
         msg = "required with `events`: bins are counted from ICU admission"
-        raise InputError([field_error((*loc, "icu_intime"), msg, "missing")])
+        raise RequestValidationError([field_error((*loc, "icu_intime"), msg, "missing")])
     try:
         intime = as_utc(req.icu_intime)
         earliest = intime - timedelta(hours=PRE_INTIME_HOURS)
     except OverflowError:
-        raise InputError([field_error((*loc, "icu_intime"), "date out of range")]) from None
+        raise RequestValidationError(
+            [field_error((*loc, "icu_intime"), "date out of range")]
+        ) from None
     rows: list[dict[str, Any]] = []
     ignored: list[int] = []
     last_bin = -1
@@ -123,7 +126,7 @@ def bin_events(
             }
         )
     if errors:
-        raise InputError(errors)
+        raise RequestValidationError(errors)
     if ignored:
         warnings.append(
             {
@@ -138,7 +141,7 @@ def bin_events(
         )
     if last_bin < 0:
         msg = "no event falls in a bin after icu_intime: the history is empty"
-        raise InputError([field_error((*loc, "events"), msg, "too_short")])
+        raise RequestValidationError([field_error((*loc, "events"), msg, "too_short")])
     wide = bin_patient_events(rows, pd.Timestamp(intime.replace(tzinfo=None)), last_bin + 1)
     state = wide[list(STATE_NAMES)].to_numpy(np.float64)
     iv = wide[list(INTERVENTION_NAMES)].to_numpy(np.float64)

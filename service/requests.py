@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+from fastapi.exceptions import RequestValidationError
 
 from features.catalog import (
     BIN_HOURS,
@@ -36,14 +37,6 @@ _UNITS = [STATE_BY_NAME[n].unit for n in STATE_NAMES]
 _STATE_OF = operator.itemgetter(*STATE_NAMES)
 _INTERVENTIONS_OF = operator.itemgetter(*INTERVENTION_NAMES)
 _chain = itertools.chain.from_iterable
-
-
-class InputError(Exception):
-    """Bad input found after schema validation; rendered as a 422 like pydantic's errors."""
-
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        super().__init__("; ".join(f"{format_loc(e['loc'])}: {e['msg']}" for e in errors))
-        self.errors = errors
 
 
 def format_loc(loc: tuple | list) -> str:
@@ -94,7 +87,7 @@ def _history_arrays(history: list[Any], loc: tuple) -> tuple[np.ndarray, np.ndar
             starts.append(as_utc(b.bin_start))
         except OverflowError:  # an offset pushes it outside years 1..9999
             where = (*loc, "history", i, "bin_start")
-            raise InputError([field_error(where, "date out of range")]) from None
+            raise RequestValidationError([field_error(where, "date out of range")]) from None
     for i in range(1, n):
         gap = starts[i] - starts[i - 1]
         if gap == BIN:
@@ -114,7 +107,7 @@ def _history_arrays(history: list[Any], loc: tuple) -> tuple[np.ndarray, np.ndar
             )
         errors.append(field_error(where, msg))
     if errors:
-        raise InputError(errors)
+        raise RequestValidationError(errors)
     # One C-level lookup per bin, read by ``fromiter`` (which turns the ``None`` of an absent
     # value into NaN) without the nested list that ``np.array`` would inspect first.
     state = np.fromiter(
@@ -145,7 +138,7 @@ def _planned(req: Any, last_iv: np.ndarray, loc: tuple) -> tuple[np.ndarray, lis
     plan = req.planned_interventions
     if len(plan) != horizon:
         msg = f"has {len(plan)} entries, expected one per forecast bin (horizon={horizon})"
-        raise InputError([field_error((*loc, "planned_interventions"), msg)])
+        raise RequestValidationError([field_error((*loc, "planned_interventions"), msg)])
     out = np.fromiter(
         _chain(map(_INTERVENTIONS_OF, [step.__dict__ for step in plan])),
         np.float64,
@@ -234,12 +227,12 @@ def value_warnings(state: np.ndarray, loc: tuple, source: str) -> list[dict[str,
 
 
 def patient_input(req: Any, loc: tuple = ("body",), events_binner: Any = None) -> PatientInput:
-    """Validate what the schema cannot and build the arrays; raises :class:`InputError`."""
+    """Validate what the schema cannot and build the arrays; bad input raises a 422 error."""
     has_history = req.history is not None
     has_events = req.events is not None
     if has_history == has_events:
         msg = "give exactly one of `history` and `events`"
-        raise InputError([field_error((*loc, "history"), msg, "missing")])
+        raise RequestValidationError([field_error((*loc, "history"), msg, "missing")])
     if has_history:
         state, iv, first = _history_arrays(req.history, loc)
         warnings: list[dict[str, Any]] = []
@@ -250,7 +243,9 @@ def patient_input(req: Any, loc: tuple = ("body",), events_binner: Any = None) -
     except OverflowError:
         last = ("history", state.shape[0] - 1, "bin_start") if has_history else ("icu_intime",)
         where = (*loc, *last)
-        raise InputError([field_error(where, "the forecast would end after year 9999")]) from None
+        raise RequestValidationError(
+            [field_error(where, "the forecast would end after year 9999")]
+        ) from None
     planned, plan_warnings = _planned(req, iv[-1], loc)
     warnings.extend(value_warnings(state, loc, "history" if has_history else "events"))
     warnings.extend(plan_warnings)
