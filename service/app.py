@@ -257,8 +257,7 @@ def create_app(
 
     def on_change(m: LoadedModel) -> None:
         metrics.set_model(m.info.name, m.info.version, m.info.run_id)
-        marker = _served_marker()
-        if marker:
+        if marker := _served_marker():
             open(marker, "a").close()  # noqa: SIM115 - touch
 
     holder = ModelHolder(loader, on_change)

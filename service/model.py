@@ -136,7 +136,7 @@ Loader = Callable[[], LoadedModel]
 class ModelHolder:
     """The model being served. A reload swaps it in one assignment, or leaves it untouched."""
 
-    def __init__(self, loader: Loader, on_change: Callable[[LoadedModel], None] | None = None):
+    def __init__(self, loader: Loader, on_change: Callable[[LoadedModel], None]):
         self._loader = loader
         self._on_change = on_change
         self._lock = asyncio.Lock()
@@ -161,8 +161,7 @@ class ModelHolder:
                 raise ModelLoadError(self.last_error) from exc
             self.current = loaded
             self.last_error = None
-            if self._on_change:
-                self._on_change(loaded)
+            self._on_change(loaded)
             log.info(
                 "model loaded: %s version %s (run %s) in %.1f s",
                 loaded.info.name,
