@@ -23,8 +23,6 @@ from fastapi.exceptions import RequestValidationError
 from features.catalog import (
     BIN_HOURS,
     INTERVENTION_NAMES,
-    N_INTERVENTION,
-    N_STATE,
     STATE_BY_NAME,
     STATE_NAMES,
 )
@@ -32,11 +30,6 @@ from features.preprocess import CLAMP_HIGH, CLAMP_LOW
 
 BIN = timedelta(hours=BIN_HOURS)
 _UNITS = [STATE_BY_NAME[n].unit for n in STATE_NAMES]
-# One C-level call per bin instead of a Python-level lookup per variable (the batch endpoint
-# builds thousands of bins per request).
-_STATE_OF = operator.itemgetter(*STATE_NAMES)
-_INTERVENTIONS_OF = operator.itemgetter(*INTERVENTION_NAMES)
-_chain = itertools.chain.from_iterable
 
 
 def format_loc(loc: tuple | list) -> str:
@@ -78,6 +71,20 @@ class PatientInput:
         return self.state.shape[0]
 
 
+def _matrix(models: list[Any], names: tuple[str, ...]) -> np.ndarray:
+    """The ``names`` fields of each of ``models`` as a (len(models), len(names)) array, an
+    absent value (None) as NaN.
+
+    One C-level lookup per model instead of a Python-level one per field (the batch endpoint
+    builds thousands of bins per request), read by ``fromiter`` (which turns None into NaN)
+    without the nested list that ``np.array`` would inspect first.
+    """
+    values = itertools.chain.from_iterable(
+        map(operator.itemgetter(*names), [m.__dict__ for m in models])
+    )
+    return np.fromiter(values, np.float64, len(models) * len(names)).reshape(-1, len(names))
+
+
 def _history_arrays(history: list[Any], loc: tuple) -> tuple[np.ndarray, np.ndarray, datetime]:
     errors: list[dict] = []
     n = len(history)
@@ -108,17 +115,8 @@ def _history_arrays(history: list[Any], loc: tuple) -> tuple[np.ndarray, np.ndar
         errors.append(field_error(where, msg))
     if errors:
         raise RequestValidationError(errors)
-    # One C-level lookup per bin, read by ``fromiter`` (which turns the ``None`` of an absent
-    # value into NaN) without the nested list that ``np.array`` would inspect first.
-    state = np.fromiter(
-        _chain(map(_STATE_OF, [b.values.__dict__ for b in history])), np.float64, n * N_STATE
-    ).reshape(n, N_STATE)
-    iv = np.fromiter(
-        _chain(map(_INTERVENTIONS_OF, [b.interventions.__dict__ for b in history])),
-        np.float64,
-        n * N_INTERVENTION,
-    ).reshape(n, N_INTERVENTION)
-    return state, iv, starts[0]
+    state = _matrix([b.values for b in history], STATE_NAMES)
+    return state, _matrix([b.interventions for b in history], INTERVENTION_NAMES), starts[0]
 
 
 def _planned(req: Any, last_iv: np.ndarray, loc: tuple) -> tuple[np.ndarray, list[dict]]:
@@ -139,11 +137,7 @@ def _planned(req: Any, last_iv: np.ndarray, loc: tuple) -> tuple[np.ndarray, lis
     if len(plan) != horizon:
         msg = f"has {len(plan)} entries, expected one per forecast bin (horizon={horizon})"
         raise RequestValidationError([field_error((*loc, "planned_interventions"), msg)])
-    out = np.fromiter(
-        _chain(map(_INTERVENTIONS_OF, [step.__dict__ for step in plan])),
-        np.float64,
-        horizon * N_INTERVENTION,
-    ).reshape(horizon, N_INTERVENTION)
+    out = _matrix(plan, INTERVENTION_NAMES)
     # An absent (None, read as NaN) planned intervention is 0; the schema refuses a real NaN.
     out[np.isnan(out)] = 0.0
     return out, []
