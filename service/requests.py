@@ -29,7 +29,6 @@ from features.catalog import (
 from features.preprocess import CLAMP_HIGH, CLAMP_LOW
 
 BIN = timedelta(hours=BIN_HOURS)
-_UNITS = [STATE_BY_NAME[n].unit for n in STATE_NAMES]
 
 
 def format_loc(loc: tuple | list) -> str:
@@ -153,12 +152,13 @@ def _clamp_warning(state: np.ndarray, t: int, j: int, loc: tuple, source: str) -
     name = STATE_NAMES[j]
     v = float(state[t, j])
     lo, hi = float(CLAMP_LOW[j]), float(CLAMP_HIGH[j])
+    what = f"{name} {v!r} {STATE_BY_NAME[name].unit}"
     if source == "history":
         where = format_loc((*loc, "history", t, "values", name))
-        what = f"{name} {v!r} {_UNITS[j]} in {where}"
+        what += f" in {where}"
     else:
         where = format_loc((*loc, "events"))
-        what = f"{name} {v!r} {_UNITS[j]} (mean of bin {t})"
+        what += f" (mean of bin {t})"
     return {
         "kind": "clamped",
         "variable": name,
