@@ -98,39 +98,34 @@ def validation_summary(config: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def variables_info() -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [
-        {
-            "name": v.name,
-            "kind": "state",
-            "unit": v.unit,
-            "description": v.description,
-            "accepted_units": sorted(set(v.accepted_units) | {v.unit}),
-            "drop_range": list(v.drop),
-            "clamp_range": list(v.clamp),
-            "max_value": None,
-        }
-        for v in STATE_VARIABLES
-    ]
-    out += [
-        {
-            "name": i.name,
-            "kind": "intervention",
-            "unit": i.unit,
-            "description": i.description,
-            "accepted_units": [i.unit],
-            "drop_range": None,
-            "clamp_range": [0.0, i.max_value],
-            "max_value": i.max_value,
-        }
-        for i in INTERVENTIONS
-    ]
-    return out
-
-
-_VARIABLES = variables_info()
+# The rows of GET /v1/variables (and of /v1/model's "variables").
+_VARIABLES: list[dict[str, Any]] = [
+    {
+        "name": v.name,
+        "kind": "state",
+        "unit": v.unit,
+        "description": v.description,
+        "accepted_units": sorted(set(v.accepted_units) | {v.unit}),
+        "drop_range": list(v.drop),
+        "clamp_range": list(v.clamp),
+        "max_value": None,
+    }
+    for v in STATE_VARIABLES
+] + [
+    {
+        "name": i.name,
+        "kind": "intervention",
+        "unit": i.unit,
+        "description": i.description,
+        "accepted_units": [i.unit],
+        "drop_range": None,
+        "clamp_range": [0.0, i.max_value],
+        "max_value": i.max_value,
+    }
+    for i in INTERVENTIONS
+]
+_UNIT = {v["name"]: v["unit"] for v in _VARIABLES}
 _RANGE_ERRORS = {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}
-_UNIT = {v.name: v.unit for v in STATE_VARIABLES} | {i.name: i.unit for i in INTERVENTIONS}
 
 
 def _clean_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
