@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 bodies[arm] = json.dumps(ps[0] if n == 1 else {"patients": ps}).encode()
             times: dict[str, list[float]] = {"off": [], "on": []}
             cpu: dict[str, list[float]] = {"off": [], "on": []}
-            size: dict[str, int] = {}
-            payload: dict[str, object] = {}
+            payload: dict[str, bytes] = {}
             for _ in range(repeats):
                 for arm in ("off", "on"):
                     t0, c0 = time.perf_counter(), time.process_time()
@@ -69,20 +69,13 @@ def main(argv: list[str] | None = None) -> int:
                     times[arm].append(time.perf_counter() - t0)
                     cpu[arm].append(time.process_time() - c0)
                     r.raise_for_status()
-                    size[arm] = len(r.content)
-                    payload[arm] = r.json()
-            med = {a: statistics.median(t) * 1e3 for a, t in times.items()}
-            low = {a: min(t) * 1e3 for a, t in times.items()}
-            busy = {a: statistics.median(t) * 1e3 for a, t in cpu.items()}
+                    payload[arm] = r.content
+            encode = {a: encode_times(json.loads(p), repeats) for a, p in payload.items()}
             print(
-                f"{name}: median {med['off']:.2f} -> {med['on']:.2f} ms "
-                f"({100 * (med['on'] / med['off'] - 1):+.0f}%), min {low['off']:.2f} -> "
-                f"{low['on']:.2f} ms ({100 * (low['on'] / low['off'] - 1):+.0f}%), CPU median "
-                f"{busy['off']:.2f} -> {busy['on']:.2f} ms "
-                f"({100 * (busy['on'] / busy['off'] - 1):+.0f}%); response "
-                f"{size['off']:,} -> {size['on']:,} bytes, encoding it alone (orjson) "
-                f"{encode_ms(payload['off'], repeats):.2f} -> "
-                f"{encode_ms(payload['on'], repeats):.2f} ms",
+                f"{name}: median {change(times, statistics.median)}, min {change(times, min)}, "
+                f"CPU median {change(cpu, statistics.median)}; response "
+                f"{len(payload['off']):,} -> {len(payload['on']):,} bytes, encoding it alone "
+                f"(orjson) {change(encode, statistics.median)}",
                 flush=True,
             )
         forecaster = client.app.state.holder.current.forecaster
@@ -95,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def encode_ms(payload: object, repeats: int) -> float:
-    """Median ms of ``orjson.dumps`` of a response's objects (what the app writes)."""
+def change(samples: dict[str, list[float]], stat: Callable) -> str:
+    """``stat`` of the "off" and "on" samples (ms) and the relative change."""
+    off, on = stat(samples["off"]) * 1e3, stat(samples["on"]) * 1e3
+    return f"{off:.2f} -> {on:.2f} ms ({100 * (on / off - 1):+.0f}%)"
+
+
+def encode_times(payload: object, repeats: int) -> list[float]:
+    """Seconds of each ``orjson.dumps`` of a response's objects (what the app writes)."""
     import orjson
 
     times = []
@@ -104,7 +103,7 @@ def encode_ms(payload: object, repeats: int) -> float:
         t0 = time.perf_counter()
         orjson.dumps(payload)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return times
 
 
 def model_parts(forecaster, n: int, bins: int, horizon: int, repeats: int) -> dict[str, float]:  # noqa: ANN001

@@ -45,8 +45,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         import uvloop
     except ImportError:
         return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
+    return uvloop.run(coro)
 
 
 def build_request(host: str, port: int, path: str, body: bytes, headers: dict | None = None):
@@ -61,27 +60,18 @@ def build_request(host: str, port: int, path: str, body: bytes, headers: dict | 
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-class _Connection:
-    """One keep-alive connection: ``await request(data)`` -> ``(status, body)``."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    async def request(self, data: bytes) -> tuple[int, bytes]:
-        self.writer.write(data)
-        head = (await self.reader.readuntil(b"\r\n\r\n")).lower()
-        i = head.find(b"\r\ncontent-length:")
-        if i < 0:
-            raise ConnectionError(f"response without Content-Length: {head[:200]!r}")
-        length = int(head[i + 17 : head.index(b"\r\n", i + 2)])
-        return int(head[9:12]), await self.reader.readexactly(length)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def _connect(host: str, port: int) -> _Connection:
-    return _Connection(*await asyncio.open_connection(host, port))
+async def _request(
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], data: bytes
+) -> tuple[int, bytes]:
+    """One request on a keep-alive connection: ``(status, body)``."""
+    reader, writer = conn
+    writer.write(data)
+    head = (await reader.readuntil(b"\r\n\r\n")).lower()
+    i = head.find(b"\r\ncontent-length:")
+    if i < 0:
+        raise ConnectionError(f"response without Content-Length: {head[:200]!r}")
+    length = int(head[i + 17 : head.index(b"\r\n", i + 2)])
+    return int(head[9:12]), await reader.readexactly(length)
 
 
 async def run_load(
@@ -103,27 +93,27 @@ async def run_load(
 
     async def client() -> None:
         nonlocal issued, errors
-        conn = await _connect(host, port)
+        conn = await asyncio.open_connection(host, port)
         try:
             for _ in range(max(1, warmup // concurrency)):
-                await conn.request(request)
+                await _request(conn, request)
             ready.append(1)
             await start.wait()
             # A slow server may take longer to warm every connection up than its keep-alive
             # timeout, closing the connections that finished first: start on fresh ones.
-            conn.close()
-            conn = await _connect(host, port)
+            conn[1].close()
+            conn = await asyncio.open_connection(host, port)
             while issued < max_requests and clock() < deadline:
                 issued += 1
                 t0 = clock()
-                status, body = await conn.request(request)
+                status, body = await _request(conn, request)
                 latencies.append(clock() - t0)
                 if status != 200:
                     errors += 1
                     if not first_error:
                         first_error.append(f"{status}: {body[:300]!r}")
         finally:
-            conn.close()
+            conn[1].close()
 
     start = asyncio.Event()
     ready: list[int] = []

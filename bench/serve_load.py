@@ -89,11 +89,7 @@ def mlflow_frame_json(patients: list[dict]) -> dict:
 
 
 @contextlib.contextmanager
-def server(cmd: list[str], env: dict, ready_url: str, log: Path, cpus: set[int] | None) -> Iterator:
-    def pin() -> None:
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-
+def server(cmd: list[str], env: dict, ready_url: str, log: Path) -> Iterator:
     with open(log, "wb") as out:
         # A session of its own: `mlflow models serve` runs uvicorn as a child process, and the
         # whole group must stop at the end.
@@ -103,7 +99,6 @@ def server(cmd: list[str], env: dict, ready_url: str, log: Path, cpus: set[int] 
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
-            preexec_fn=pin,
             start_new_session=True,
         )
     try:
@@ -176,21 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         default=min(2, os.cpu_count() or 1),
         help="worker processes of each server (both get the same)",
     )
-    ap.add_argument(
-        "--batch-concurrency",
-        type=int,
-        help="batch requests in flight (default 4 per worker: each worker has a request "
-        "waiting while the client sends or reads another)",
-    )
     ap.add_argument("--no-mlflow", action="store_true", help="skip `mlflow models serve`")
-    ap.add_argument("--server-cpus", help="pin the servers to these CPUs, e.g. 0,1")
     ap.add_argument("--work", type=Path, help="folder for the throwaway model and logs")
     args = ap.parse_args(argv)
 
-    batch_c = args.batch_concurrency or 4 * args.workers
+    # 4 batch requests in flight per worker: each has one waiting while the client sends or
+    # reads another.
+    batch_c = 4 * args.workers
     work = args.work or Path(tempfile.mkdtemp(prefix="icu-serve-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    cpus = {int(c) for c in args.server_cpus.split(",")} if args.server_cpus else None
     if args.model_uri:
         uri, model_uri = args.tracking_uri or "sqlite:///mlflow.db", args.model_uri
     else:
@@ -209,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     one = patient(0, args.bins, args.horizon)
     batch = [patient(i, args.bins, args.horizon) for i in range(args.batch)]
     print(
-        f"model {model_uri}; {os.cpu_count()} CPUs here"
-        + (f", servers pinned to {sorted(cpus)}" if cpus else "")
-        + f"; {args.workers} worker(s) per server"
+        f"model {model_uri}; {os.cpu_count()} CPUs here; {args.workers} worker(s) per server"
         + f"; one forecast = {args.bins} history bins, K={args.horizon}",
         flush=True,
     )
@@ -220,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     cmd = [py, "-m", "pipeline.cli", "serve", "--host", HOST, "--port", str(port)]
     cmd += ["--workers", str(args.workers)]
-    with server(cmd, env, f"http://{HOST}:{port}/readyz", work / "service.log", cpus):
+    with server(cmd, env, f"http://{HOST}:{port}/readyz", work / "service.log"):
         ours = httpx.post(f"http://{HOST}:{port}/v1/forecast", json=one, timeout=30).json()
         results["icu-forecast serve"], res = measure(
             "icu-forecast serve",
@@ -243,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             py, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
             "-h", HOST, "-p", str(port), "--workers", str(args.workers),
         ]  # fmt: skip
-        with server(cmd, env, f"http://{HOST}:{port}/ping", work / "mlflow.log", cpus):
+        with server(cmd, env, f"http://{HOST}:{port}/ping", work / "mlflow.log"):
             theirs = httpx.post(
                 f"http://{HOST}:{port}/invocations", json=mlflow_frame_json([one]), timeout=60
             ).json()

@@ -8,6 +8,7 @@ protected router, so OpenAPI lists the schemes and Swagger UI's "Authorize" butt
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import hmac
 import logging
@@ -51,7 +52,7 @@ from service.model import (
     PatientResult,
     load_from_mlflow,
 )
-from service.requests import BIN, InputError, PatientInput, format_loc, patient_input
+from service.requests import BIN, PatientInput, format_loc, patient_input
 from service.schemas import (
     BatchResponse,
     ForecastResponse,
@@ -78,15 +79,15 @@ def validation_summary(config: dict[str, Any]) -> dict[str, Any] | None:
     """The served model's skill against persistence on its validation patients, per K, with
     the 95% patient-bootstrap interval (recorded in the model at training time)."""
     metrics = config.get("validation") or {}
-    by_k: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if key.startswith("val/skill_k") and key[len("val/skill_k") :].isdigit():
-            k = key[len("val/skill_k") :]
-            by_k[k] = {
-                "skill": value,
-                "skill_ci": [metrics.get(f"{key}_lo"), metrics.get(f"{key}_hi")],
-                "rmse_measured": metrics.get(f"val/rmse_measured_k{k}"),
-            }
+    by_k = {
+        k: {
+            "skill": value,
+            "skill_ci": [metrics.get(f"{key}_lo"), metrics.get(f"{key}_hi")],
+            "rmse_measured": metrics.get(f"val/rmse_measured_k{k}"),
+        }
+        for key, value in metrics.items()
+        if (k := key.removeprefix("val/skill_k")) != key and k.isdigit()
+    }
     if not by_k:
         return None
     return {
@@ -97,39 +98,34 @@ def validation_summary(config: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def variables_info() -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [
-        {
-            "name": v.name,
-            "kind": "state",
-            "unit": v.unit,
-            "description": v.description,
-            "accepted_units": sorted(set(v.accepted_units) | {v.unit}),
-            "drop_range": list(v.drop),
-            "clamp_range": list(v.clamp),
-            "max_value": None,
-        }
-        for v in STATE_VARIABLES
-    ]
-    out += [
-        {
-            "name": i.name,
-            "kind": "intervention",
-            "unit": i.unit,
-            "description": i.description,
-            "accepted_units": [i.unit],
-            "drop_range": None,
-            "clamp_range": [0.0, i.max_value],
-            "max_value": i.max_value,
-        }
-        for i in INTERVENTIONS
-    ]
-    return out
-
-
-_VARIABLES = variables_info()
+# The rows of GET /v1/variables (and of /v1/model's "variables").
+_VARIABLES: list[dict[str, Any]] = [
+    {
+        "name": v.name,
+        "kind": "state",
+        "unit": v.unit,
+        "description": v.description,
+        "accepted_units": sorted(set(v.accepted_units) | {v.unit}),
+        "drop_range": list(v.drop),
+        "clamp_range": list(v.clamp),
+        "max_value": None,
+    }
+    for v in STATE_VARIABLES
+] + [
+    {
+        "name": i.name,
+        "kind": "intervention",
+        "unit": i.unit,
+        "description": i.description,
+        "accepted_units": [i.unit],
+        "drop_range": None,
+        "clamp_range": [0.0, i.max_value],
+        "max_value": i.max_value,
+    }
+    for i in INTERVENTIONS
+]
+_UNIT = {v["name"]: v["unit"] for v in _VARIABLES}
 _RANGE_ERRORS = {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}
-_UNIT = {v.name: v.unit for v in STATE_VARIABLES} | {i.name: i.unit for i in INTERVENTIONS}
 
 
 def _clean_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -233,10 +229,6 @@ def api_key_dependency(key: SecretStr | None) -> Any:
     return require_api_key
 
 
-class _NotLoaded(Exception):
-    """No model loaded yet: answered 503."""
-
-
 def _served_marker() -> str | None:
     folder = os.environ.get(RUN_DIR_ENV)
     return os.path.join(folder, SERVED_MARKER) if folder else None
@@ -260,8 +252,7 @@ def create_app(
 
     def on_change(m: LoadedModel) -> None:
         metrics.set_model(m.info.name, m.info.version, m.info.run_id)
-        marker = _served_marker()
-        if marker:
+        if marker := _served_marker():
             open(marker, "a").close()  # noqa: SIM115 - touch
 
     holder = ModelHolder(loader, on_change)
@@ -339,10 +330,8 @@ def create_app(
         summary="K-step forecasts of 18 ICU state variables under planned interventions.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
     app.state.holder = holder
     app.state.metrics = metrics
-    app.state.reload = reload
     app.add_middleware(
         GatewayMiddleware,
         metrics=metrics,
@@ -354,23 +343,19 @@ def create_app(
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
         return _json({"detail": _clean_errors(list(exc.errors()))}, 422)
 
-    @app.exception_handler(InputError)
-    async def _input(request: Request, exc: InputError) -> Response:
-        return _json({"detail": _clean_errors(exc.errors)}, 422)
-
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         # The message may quote input values: it goes to the log only by type, not by text.
         log.error("unhandled %s on %s", type(exc).__name__, request.url.path, exc_info=False)
         return _json({"detail": "internal error"}, 500)
 
-    @app.exception_handler(_NotLoaded)
-    async def _not_loaded(request: Request, exc: _NotLoaded) -> Response:
+    @app.exception_handler(ModelLoadError)
+    async def _not_loaded(request: Request, exc: ModelLoadError) -> Response:
         return _json({"detail": "model not loaded yet", "error": holder.last_error}, 503)
 
     def _model() -> LoadedModel:
         if holder.current is None:
-            raise _NotLoaded
+            raise ModelLoadError("no model loaded")
         return holder.current
 
     health = APIRouter(tags=["health"])
@@ -416,31 +401,20 @@ def create_app(
         for i, r in enumerate(req.patients):
             try:
                 patients.append(patient_input(r, ("body", "patients", i), events))
-            except InputError as exc:
-                errors.extend(exc.errors)
+            except RequestValidationError as exc:
+                errors.extend(exc.errors())
         if errors:
-            raise InputError(errors)
+            raise RequestValidationError(errors)
         info, results = await _forecast(patients)
-        return _json(
-            {
-                "model": info.ref(),
-                "results": _payloads(patients, results),
-            }
-        )
+        return _json({"model": info.ref(), "results": _payloads(patients, results)})
 
     @api.get("/v1/model", response_model=ModelDescription, tags=["model"])
     async def model_description() -> Response:
         """The model being served, its training data checksum, and the variables it uses."""
         m = _model()
-        i = m.info
         return _json(
-            {
-                "name": i.name,
-                "version": i.version,
-                "run_id": i.run_id,
-                "uri": i.uri,
-                "data_checksum": i.data_checksum,
-                "loaded_at": i.loaded_at,
+            dataclasses.asdict(m.info)
+            | {
                 "family": getattr(m.forecaster, "model_name", None),
                 "validation": validation_summary(getattr(m.forecaster, "config", {}) or {}),
                 "catalog_version": catalog_version(),

@@ -7,10 +7,10 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 from features.settings import settings_from_namespace
 from service.settings import LOOPBACK_HOSTS, RUN_DIR_ENV, SETTINGS_ENV, ServiceSettings
@@ -108,25 +108,14 @@ def worker_environment(settings: ServiceSettings) -> Iterator[str]:
     The settings travel as JSON so every worker builds exactly the supervisor's settings (CLI
     flags included); prometheus-client's multiprocess mode keeps its files in the folder.
     """
-    folder = tempfile.mkdtemp(prefix="icu-forecast-run-")
-    prometheus = os.path.join(folder, "prometheus")
-    os.mkdir(prometheus)
     payload = settings.model_dump(mode="json")
     if settings.api_key is not None:
         payload["api_key"] = settings.api_key.get_secret_value()
-    env = {
-        RUN_DIR_ENV: folder,
-        SETTINGS_ENV: json.dumps(payload),
-        "PROMETHEUS_MULTIPROC_DIR": prometheus,
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield folder
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(folder, ignore_errors=True)
+    with tempfile.TemporaryDirectory(
+        prefix="icu-forecast-run-", ignore_cleanup_errors=True
+    ) as folder:
+        prometheus = os.path.join(folder, "prometheus")
+        os.mkdir(prometheus)
+        env = {RUN_DIR_ENV: folder, SETTINGS_ENV: json.dumps(payload)}
+        with mock.patch.dict(os.environ, env | {"PROMETHEUS_MULTIPROC_DIR": prometheus}):
+            yield folder

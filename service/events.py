@@ -18,18 +18,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from fastapi.exceptions import RequestValidationError
 
 from features.catalog import (
-    BIN_HOURS,
     INTERVENTION_BY_NAME,
     INTERVENTION_NAMES,
     STATE_BY_NAME,
     STATE_NAMES,
 )
 from features.preprocess import INTERVENTION_MAX
-from service.requests import InputError, as_utc, check_drop_range, field_error, format_loc
-
-BIN = timedelta(hours=BIN_HOURS)
+from service.requests import BIN, as_utc, field_error, format_loc
 
 
 def _accepted(variable: str) -> dict[str, tuple[float, float]]:
@@ -43,19 +41,21 @@ def bin_events(
     req: Any, loc: tuple, settings: Any
 ) -> tuple[np.ndarray, np.ndarray, datetime, list[dict]]:
     """Validate and bin ``req.events``: state, interventions, first bin start and warnings
-    (the history form's shapes), or :class:`InputError` naming every bad event."""
+    (the history form's shapes), or :class:`RequestValidationError` naming every bad event."""
     from features.binning import PRE_INTIME_HOURS, bin_patient_events
 
     errors: list[dict] = []
     warnings: list[dict] = []
     if req.icu_intime is None:
         msg = "required with `events`: bins are counted from ICU admission"
-        raise InputError([field_error((*loc, "icu_intime"), msg, "missing")])
+        raise RequestValidationError([field_error((*loc, "icu_intime"), msg, "missing")])
     try:
         intime = as_utc(req.icu_intime)
         earliest = intime - timedelta(hours=PRE_INTIME_HOURS)
     except OverflowError:
-        raise InputError([field_error((*loc, "icu_intime"), "date out of range")]) from None
+        raise RequestValidationError(
+            [field_error((*loc, "icu_intime"), "date out of range")]
+        ) from None
     rows: list[dict[str, Any]] = []
     ignored: list[int] = []
     last_bin = -1
@@ -76,10 +76,14 @@ def bin_events(
             continue
         scale, offset = accepted[unit] if unit is not None else (1.0, 0.0)
         value = (ev.value + offset) * scale
-        if ev.variable in STATE_BY_NAME:
-            why = check_drop_range(value, ev.variable)
-            if why:
-                errors.append(field_error((*where, "value"), why, "range_error"))
+        if spec := STATE_BY_NAME.get(ev.variable):
+            lo, hi = spec.drop
+            if not lo <= value <= hi:
+                msg = (
+                    f"{value:g} {spec.unit} is outside the accepted range [{lo:g}, {hi:g}] "
+                    f"for {ev.variable}: likely a unit error"
+                )
+                errors.append(field_error((*where, "value"), msg, "range_error"))
                 continue
             if t < earliest:
                 ignored.append(i)
@@ -122,7 +126,7 @@ def bin_events(
             }
         )
     if errors:
-        raise InputError(errors)
+        raise RequestValidationError(errors)
     if ignored:
         warnings.append(
             {
@@ -137,7 +141,7 @@ def bin_events(
         )
     if last_bin < 0:
         msg = "no event falls in a bin after icu_intime: the history is empty"
-        raise InputError([field_error((*loc, "events"), msg, "too_short")])
+        raise RequestValidationError([field_error((*loc, "events"), msg, "too_short")])
     wide = bin_patient_events(rows, pd.Timestamp(intime.replace(tzinfo=None)), last_bin + 1)
     state = wide[list(STATE_NAMES)].to_numpy(np.float64)
     iv = wide[list(INTERVENTION_NAMES)].to_numpy(np.float64)

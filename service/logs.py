@@ -16,12 +16,12 @@ from collections.abc import Callable
 from logging.handlers import QueueHandler, QueueListener
 
 
-def queue_log_writes(logger: logging.Logger | None = None) -> Callable[[], None]:
-    """Route ``logger``'s (default: the root's) handlers through a queue and a listener thread.
+def queue_log_writes() -> Callable[[], None]:
+    """Route the root logger's handlers through a queue and a listener thread.
 
     Returns a function that writes what is queued, stops the thread and puts the handlers back.
     """
-    logger = logger or logging.getLogger()
+    logger = logging.getLogger()
     handlers = list(logger.handlers)
     if not handlers:
         return lambda: None

@@ -63,10 +63,6 @@ class ServiceMetrics:
             multiprocess_mode="livemin",
         )
 
-    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
-
     def set_model(self, name: str, version: str | None, run_id: str | None) -> None:
         labels = (name, version or "", run_id or "")
         if self.multiprocess and self._model_labels not in (None, labels):

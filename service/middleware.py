@@ -29,12 +29,11 @@ access_log = logging.getLogger("icu_forecast.service.access")
 # The status recorded for a request whose client went away before the answer.
 CLIENT_CLOSED = 499
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
-_JSON_TYPES = (b"application/json", b"application/problem+json")
 
 
 def _is_json(content_type: bytes) -> bool:
     base = content_type.split(b";", 1)[0].strip().lower()
-    return base in _JSON_TYPES or base.endswith(b"+json")
+    return base == b"application/json" or base.endswith(b"+json")
 
 
 class GatewayMiddleware:
@@ -108,7 +107,8 @@ class GatewayMiddleware:
             # A client gone while its body was read: whatever answer the app wrote (FastAPI makes
             # the ClientDisconnect a 400), nobody read it.
             status = CLIENT_CLOSED if state["gone"] else state["status"]
-            self.metrics.observe_request(method, template, status, elapsed)
+            self.metrics.requests.labels(method, template, str(status)).inc()
+            self.metrics.latency.labels(template).observe(elapsed)
             access_log.info(
                 "request_id=%s method=%s route=%s status=%d latency_ms=%.2f",
                 rid.decode(),

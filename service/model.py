@@ -54,15 +54,6 @@ class ModelLoadError(Exception):
     pass
 
 
-def _run_value(run: Any, *keys: str) -> str | None:
-    """First of ``keys`` among the run's tags, then params (training logs the checksum there)."""
-    for source in (run.data.tags, run.data.params):
-        for k in keys:
-            if source.get(k):
-                return str(source[k])
-    return None
-
-
 def load_from_mlflow(model_uri: str, tracking_uri: str) -> LoadedModel:
     """Resolve ``model_uri`` to one concrete version, then load exactly that version.
 
@@ -99,10 +90,8 @@ def load_from_mlflow(model_uri: str, tracking_uri: str) -> LoadedModel:
         if run_id is None:
             run_id = pyfunc.metadata.run_id
         checksum = getattr(forecaster, "data_checksum", None)
-        if checksum is None and run_id:
-            checksum = _run_value(
-                client.get_run(run_id), "data_checksum", "data.checksum", "etl.checksum"
-            )
+        if checksum is None and run_id:  # a model logged before the forecaster carried it
+            checksum = client.get_run(run_id).data.tags.get("data_checksum")
     except Exception as exc:  # any failure must leave the previous model serving
         raise ModelLoadError(
             f"could not load {model_uri!r} from MLflow store {tracking.describe(tracking_uri)}: "
@@ -147,7 +136,7 @@ Loader = Callable[[], LoadedModel]
 class ModelHolder:
     """The model being served. A reload swaps it in one assignment, or leaves it untouched."""
 
-    def __init__(self, loader: Loader, on_change: Callable[[LoadedModel], None] | None = None):
+    def __init__(self, loader: Loader, on_change: Callable[[LoadedModel], None]):
         self._loader = loader
         self._on_change = on_change
         self._lock = asyncio.Lock()
@@ -172,8 +161,7 @@ class ModelHolder:
                 raise ModelLoadError(self.last_error) from exc
             self.current = loaded
             self.last_error = None
-            if self._on_change:
-                self._on_change(loaded)
+            self._on_change(loaded)
             log.info(
                 "model loaded: %s version %s (run %s) in %.1f s",
                 loaded.info.name,
@@ -225,7 +213,13 @@ def run_batch(
             torch.set_num_threads(previous)
     if out.shape != (b, h_max, N_STATE):
         raise RuntimeError(f"forecaster returned shape {out.shape}, expected {(b, h_max, N_STATE)}")
-    wanted = _levels(model.forecaster, patients)
+    # The levels each patient gets: those asked for, else the calibration's defaults; none when
+    # the model has no calibration (models logged before intervals existed).
+    calibration = getattr(model.forecaster, "calibration", None)
+    wanted: list[tuple[float, ...]] = [() for _ in patients]
+    if calibration is not None and callable(getattr(model.forecaster, "intervals", None)):
+        default = tuple(calibration.levels)
+        wanted = [default if p.interval_levels is None else p.interval_levels for p in patients]
     bands: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     if any(wanted):
         union = tuple(sorted({lv for w in wanted for lv in w}))
@@ -240,16 +234,6 @@ def run_batch(
         )
         for i, p in enumerate(patients)
     ]
-
-
-def _levels(forecaster: Any, patients: list[PatientInput]) -> list[tuple[float, ...]]:
-    """The levels each patient gets: those asked for, else the calibration's defaults; none
-    when the model has no calibration (models logged before intervals existed)."""
-    calibration = getattr(forecaster, "calibration", None)
-    if calibration is None or not callable(getattr(forecaster, "intervals", None)):
-        return [() for _ in patients]
-    default = tuple(calibration.levels)
-    return [default if p.interval_levels is None else p.interval_levels for p in patients]
 
 
 @dataclass
@@ -316,8 +300,20 @@ class MicroBatcher:
                 await self._call(model, jobs)
 
     async def _call(self, model: LoadedModel, jobs: list[_Job]) -> None:
+        patients = [p for j in jobs for p in j.patients]
+        # A large call (the batch endpoint) is compute-bound and alone: a second intra-op
+        # thread uses the core the event loop leaves idle while it waits. Small calls stay on
+        # one thread, where threading costs more than it saves.
+        big = len(patients) >= self._settings.parallel_batch_min
+        threads = self._settings.parallel_threads if big else None
         try:
-            await self._run(model, jobs)
+            if self._settings.model_in_thread:
+                results = await asyncio.to_thread(run_batch, model, patients, threads)
+            else:
+                # In the loop's own thread: no thread hop and no GIL hand-offs. While the model
+                # runs, new requests wait in the socket buffers and form the next batch; with
+                # one core per process this is the faster choice.
+                results = run_batch(model, patients, threads)
         except Exception as exc:
             if len(jobs) == 1:
                 if not jobs[0].future.done():
@@ -327,21 +323,7 @@ class MicroBatcher:
             # with: run them one by one, so only the culprit gets the error.
             for j in jobs:
                 await self._call(model, [j])
-
-    async def _run(self, model: LoadedModel, jobs: list[_Job]) -> None:
-        patients = [p for j in jobs for p in j.patients]
-        # A large call (the batch endpoint) is compute-bound and alone: a second intra-op
-        # thread uses the core the event loop leaves idle while it waits. Small calls stay on
-        # one thread, where threading costs more than it saves.
-        big = len(patients) >= self._settings.parallel_batch_min
-        threads = self._settings.parallel_threads if big else None
-        if self._settings.model_in_thread:
-            results = await asyncio.to_thread(run_batch, model, patients, threads)
-        else:
-            # In the loop's own thread: no thread hop and no GIL hand-offs. While the model
-            # runs, new requests wait in the socket buffers and form the next batch; with one
-            # core per process this is the faster choice.
-            results = run_batch(model, patients, threads)
+            return
         self._on_batch(len(patients))
         k = 0
         for j in jobs:

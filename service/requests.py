@@ -12,38 +12,23 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+from fastapi.exceptions import RequestValidationError
 
 from features.catalog import (
     BIN_HOURS,
     INTERVENTION_NAMES,
-    N_INTERVENTION,
-    N_STATE,
     STATE_BY_NAME,
     STATE_NAMES,
 )
-from features.preprocess import CLAMP_HIGH, CLAMP_LOW, DROP_HIGH, DROP_LOW
+from features.preprocess import CLAMP_HIGH, CLAMP_LOW
 
 BIN = timedelta(hours=BIN_HOURS)
-_STATE_INDEX = {n: i for i, n in enumerate(STATE_NAMES)}
-_UNITS = [STATE_BY_NAME[n].unit for n in STATE_NAMES]
-# One C-level call per bin instead of a Python-level lookup per variable (the batch endpoint
-# builds thousands of bins per request).
-_STATE_OF = operator.itemgetter(*STATE_NAMES)
-_INTERVENTIONS_OF = operator.itemgetter(*INTERVENTION_NAMES)
-_chain = itertools.chain.from_iterable
-
-
-class InputError(Exception):
-    """Bad input found after schema validation; rendered as a 422 like pydantic's errors."""
-
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        super().__init__("; ".join(f"{format_loc(e['loc'])}: {e['msg']}" for e in errors))
-        self.errors = errors
 
 
 def format_loc(loc: tuple | list) -> str:
@@ -85,6 +70,20 @@ class PatientInput:
         return self.state.shape[0]
 
 
+def _matrix(models: list[Any], names: tuple[str, ...]) -> np.ndarray:
+    """The ``names`` fields of each of ``models`` as a (len(models), len(names)) array, an
+    absent value (None) as NaN.
+
+    One C-level lookup per model instead of a Python-level one per field (the batch endpoint
+    builds thousands of bins per request), read by ``fromiter`` (which turns None into NaN)
+    without the nested list that ``np.array`` would inspect first.
+    """
+    values = itertools.chain.from_iterable(
+        map(operator.itemgetter(*names), [m.__dict__ for m in models])
+    )
+    return np.fromiter(values, np.float64, len(models) * len(names)).reshape(-1, len(names))
+
+
 def _history_arrays(history: list[Any], loc: tuple) -> tuple[np.ndarray, np.ndarray, datetime]:
     errors: list[dict] = []
     n = len(history)
@@ -94,7 +93,7 @@ def _history_arrays(history: list[Any], loc: tuple) -> tuple[np.ndarray, np.ndar
             starts.append(as_utc(b.bin_start))
         except OverflowError:  # an offset pushes it outside years 1..9999
             where = (*loc, "history", i, "bin_start")
-            raise InputError([field_error(where, "date out of range")]) from None
+            raise RequestValidationError([field_error(where, "date out of range")]) from None
     for i in range(1, n):
         gap = starts[i] - starts[i - 1]
         if gap == BIN:
@@ -114,18 +113,9 @@ def _history_arrays(history: list[Any], loc: tuple) -> tuple[np.ndarray, np.ndar
             )
         errors.append(field_error(where, msg))
     if errors:
-        raise InputError(errors)
-    # One C-level lookup per bin, read by ``fromiter`` (which turns the ``None`` of an absent
-    # value into NaN) without the nested list that ``np.array`` would inspect first.
-    state = np.fromiter(
-        _chain(map(_STATE_OF, [b.values.__dict__ for b in history])), np.float64, n * N_STATE
-    ).reshape(n, N_STATE)
-    iv = np.fromiter(
-        _chain(map(_INTERVENTIONS_OF, [b.interventions.__dict__ for b in history])),
-        np.float64,
-        n * N_INTERVENTION,
-    ).reshape(n, N_INTERVENTION)
-    return state, iv, starts[0]
+        raise RequestValidationError(errors)
+    state = _matrix([b.values for b in history], STATE_NAMES)
+    return state, _matrix([b.interventions for b in history], INTERVENTION_NAMES), starts[0]
 
 
 def _planned(req: Any, last_iv: np.ndarray, loc: tuple) -> tuple[np.ndarray, list[dict]]:
@@ -145,56 +135,30 @@ def _planned(req: Any, last_iv: np.ndarray, loc: tuple) -> tuple[np.ndarray, lis
     plan = req.planned_interventions
     if len(plan) != horizon:
         msg = f"has {len(plan)} entries, expected one per forecast bin (horizon={horizon})"
-        raise InputError([field_error((*loc, "planned_interventions"), msg)])
-    out = np.fromiter(
-        _chain(map(_INTERVENTIONS_OF, [step.__dict__ for step in plan])),
-        np.float64,
-        horizon * N_INTERVENTION,
-    ).reshape(horizon, N_INTERVENTION)
+        raise RequestValidationError([field_error((*loc, "planned_interventions"), msg)])
+    out = _matrix(plan, INTERVENTION_NAMES)
     # An absent (None, read as NaN) planned intervention is 0; the schema refuses a real NaN.
     out[np.isnan(out)] = 0.0
     return out, []
 
 
-def _fmt_bins(bins: list[int]) -> str:
+def _fmt_bins(bins: Sequence[int]) -> str:
     if len(bins) > 6:
         return f"{len(bins)} bins ({bins[0]}..{bins[-1]})"
     return "bin " + str(bins[0]) if len(bins) == 1 else "bins " + ", ".join(map(str, bins))
 
 
-_CLAMP_LOW = np.asarray(CLAMP_LOW, dtype=np.float64)
-_CLAMP_HIGH = np.asarray(CLAMP_HIGH, dtype=np.float64)
-_CLAMP_LOW_L = _CLAMP_LOW.tolist()
-_CLAMP_HIGH_L = _CLAMP_HIGH.tolist()
-
-
-def _missing_message(kind: str, j: int, bins: tuple[int, ...]) -> str:
-    """The text of a forward-fill or imputation warning."""
-    name = STATE_NAMES[j]
-    if kind == "forward_filled":
-        return (
-            f"{name} not measured in {_fmt_bins(list(bins))}: carried forward from its "
-            "last measurement, as in training"
-        )
-    return (
-        f"{name} not measured up to {_fmt_bins(list(bins))}: imputed from the other "
-        "variables of the bin (the training split's iterative imputer)"
-    )
-
-
 def _clamp_warning(state: np.ndarray, t: int, j: int, loc: tuple, source: str) -> dict[str, Any]:
     name = STATE_NAMES[j]
     v = float(state[t, j])
-    lo, hi = _CLAMP_LOW_L[j], _CLAMP_HIGH_L[j]
-    bound = lo if v < lo else hi
-    where = (
-        format_loc((*loc, "history", t, "values", name))
-        if source == "history"
-        else format_loc((*loc, "events"))
-    )
-    what = f"{name} {v!r} {_UNITS[j]}" + (
-        f" in {where}" if source == "history" else f" (mean of bin {t})"
-    )
+    lo, hi = float(CLAMP_LOW[j]), float(CLAMP_HIGH[j])
+    what = f"{name} {v!r} {STATE_BY_NAME[name].unit}"
+    if source == "history":
+        where = format_loc((*loc, "history", t, "values", name))
+        what += f" in {where}"
+    else:
+        where = format_loc((*loc, "events"))
+        what += f" (mean of bin {t})"
     return {
         "kind": "clamped",
         "variable": name,
@@ -202,7 +166,7 @@ def _clamp_warning(state: np.ndarray, t: int, j: int, loc: tuple, source: str) -
         "bins": [t],
         "message": (
             f"{what} is outside the plausible range [{lo:g}, {hi:g}]: "
-            f"clamped to {bound:g}, as in training"
+            f"clamped to {lo if v < lo else hi:g}, as in training"
         ),
     }
 
@@ -213,16 +177,23 @@ def _column_warnings(j: int, missing: tuple[bool, ...]) -> tuple[tuple[str, tupl
     with the missing-value pattern ``missing`` (one flag per bin). The same few gap patterns
     recur in every request (a lab drawn once a day leaves every other bin empty), so each is
     worked out and its text formatted once (a few microseconds per warning otherwise)."""
-    n = len(missing)
+    name, n = STATE_NAMES[j], len(missing)
     # Bins before the first measurement are imputed; later gaps are carried forward.
     first = missing.index(False) if False in missing else n
     out: list[tuple[str, tuple, str]] = []
-    ffilled = tuple([t for t in range(first + 1, n) if missing[t]])
-    if ffilled:
-        out.append(("forward_filled", ffilled, _missing_message("forward_filled", j, ffilled)))
+    if ffilled := tuple([t for t in range(first + 1, n) if missing[t]]):
+        msg = (
+            f"{name} not measured in {_fmt_bins(ffilled)}: carried forward from its last "
+            "measurement, as in training"
+        )
+        out.append(("forward_filled", ffilled, msg))
     if first:
         imputed = tuple(range(first))
-        out.append(("imputed", imputed, _missing_message("imputed", j, imputed)))
+        msg = (
+            f"{name} not measured up to {_fmt_bins(imputed)}: imputed from the other variables "
+            "of the bin (the training split's iterative imputer)"
+        )
+        out.append(("imputed", imputed, msg))
     return tuple(out)
 
 
@@ -233,13 +204,13 @@ def value_warnings(state: np.ndarray, loc: tuple, source: str) -> list[dict[str,
     the forward-filled and the imputed bins. Whole-array masks find the few values that need a
     warning; only those are walked in Python.
     """
-    out: list[dict[str, Any]] = []
-    outside = state < _CLAMP_LOW
-    outside |= state > _CLAMP_HIGH  # NaN compares False
+    outside = state < CLAMP_LOW
+    outside |= state > CLAMP_HIGH  # NaN compares False
     bins, cols = outside.nonzero()  # row-major: in bin order
-    if bins.size:
-        for t, j in zip(bins.tolist(), cols.tolist(), strict=True):
-            out.append(_clamp_warning(state, t, j, loc, source))
+    out = [
+        _clamp_warning(state, t, j, loc, source)
+        for t, j in zip(bins.tolist(), cols.tolist(), strict=True)
+    ]
     for j, missing in enumerate(np.isnan(state).T.tolist()):
         if True not in missing:
             continue
@@ -250,49 +221,27 @@ def value_warnings(state: np.ndarray, loc: tuple, source: str) -> list[dict[str,
 
 
 def patient_input(req: Any, loc: tuple = ("body",), events_binner: Any = None) -> PatientInput:
-    """Validate what the schema cannot and build the arrays; raises :class:`InputError`."""
+    """Validate what the schema cannot and build the arrays; bad input raises a 422 error."""
     has_history = req.history is not None
     has_events = req.events is not None
     if has_history == has_events:
         msg = "give exactly one of `history` and `events`"
-        raise InputError([field_error((*loc, "history"), msg, "missing")])
+        raise RequestValidationError([field_error((*loc, "history"), msg, "missing")])
     if has_history:
         state, iv, first = _history_arrays(req.history, loc)
         warnings: list[dict[str, Any]] = []
-        source = "history"
     else:
-        if events_binner is None:  # pragma: no cover - wired in app.py
-            raise InputError([field_error((*loc, "events"), "events are not supported")])
         state, iv, first, warnings = events_binner(req, loc)
-        source = "events"
     try:
         first + BIN * (state.shape[0] + req.horizon)
     except OverflowError:
         last = ("history", state.shape[0] - 1, "bin_start") if has_history else ("icu_intime",)
         where = (*loc, *last)
-        raise InputError([field_error(where, "the forecast would end after year 9999")]) from None
+        raise RequestValidationError(
+            [field_error(where, "the forecast would end after year 9999")]
+        ) from None
     planned, plan_warnings = _planned(req, iv[-1], loc)
-    warnings.extend(value_warnings(state, loc, source))
+    warnings.extend(value_warnings(state, loc, "history" if has_history else "events"))
     warnings.extend(plan_warnings)
-    levels = getattr(req, "interval_levels", None)
-    return PatientInput(
-        state,
-        iv,
-        planned,
-        req.horizon,
-        first,
-        warnings,
-        getattr(req, "id", None),
-        None if levels is None else tuple(dict.fromkeys(float(x) for x in levels)),
-    )
-
-
-def check_drop_range(value: float, variable: str) -> str | None:
-    """Why ``value`` (canonical unit) is rejected, or None when it is inside the drop range."""
-    j = _STATE_INDEX[variable]
-    if DROP_LOW[j] <= value <= DROP_HIGH[j]:
-        return None
-    return (
-        f"{value:g} {_UNITS[j]} is outside the accepted range [{DROP_LOW[j]:g}, "
-        f"{DROP_HIGH[j]:g}] for {variable}: likely a unit error"
-    )
+    levels = None if req.interval_levels is None else tuple(dict.fromkeys(req.interval_levels))
+    return PatientInput(state, iv, planned, req.horizon, first, warnings, req.id, levels)

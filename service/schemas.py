@@ -174,10 +174,7 @@ class VariableInfo(BaseModel):
     max_value: float | None = None
 
 
-class ModelDescription(BaseModel):
-    name: str
-    version: str | None
-    run_id: str | None
+class ModelDescription(ModelRef):
     uri: str
     data_checksum: str | None
     loaded_at: datetime
