@@ -87,22 +87,13 @@ _BEFORE_FIELD_EXISTED = {
 
 
 class DynamicsModel(nn.Module):
-    """Base class: ``forward`` for training, ``init_state`` + ``step`` for rollouts."""
-
-    recurrent: bool = True
+    """Base class: ``forward`` (B, T, 39) -> (B, T, 18) teacher-forced for training,
+    ``init_state`` + ``step`` for rollouts; a model's ``forward`` and chained ``step`` calls
+    give the same numbers."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, T, 39) -> (B, T, 18)
-        """Teacher-forced prediction of the next scaled state at every bin."""
-        state = self.init_state(x.shape[0], x.device, x.dtype)
-        outs = []
-        for t in range(x.shape[1]):
-            y, state = self.step(x[:, t], state)
-            outs.append(y)
-        return torch.stack(outs, dim=1)
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
         return []

@@ -22,7 +22,6 @@ class Ensemble(DynamicsModel):
     def __init__(self, cfg: ModelConfig, members: list[DynamicsModel]) -> None:
         super().__init__(cfg)
         self.members = nn.ModuleList(members)
-        self.recurrent = any(m.recurrent for m in members)
         # How many state tensors each member keeps (fixed by its type), to split the state.
         self.state_sizes = [
             len(m.init_state(1, torch.device("cpu"), torch.float32)) for m in members

@@ -127,7 +127,6 @@ class LevelMemory(DynamicsModel):
     def __init__(self, cfg: ModelConfig, inner: DynamicsModel) -> None:
         super().__init__(cfg)
         self.inner = inner
-        self.recurrent = True
         self.gain = nn.Parameter(
             torch.zeros(len(HALF_LIVES) + 1, N_STATE), requires_grad=cfg.level_train
         )
