@@ -148,8 +148,7 @@ def prepare_bins(frame: pd.DataFrame, stay_col: str = "icustay_id") -> pd.DataFr
     )
     out[list(STATE_NAMES)] = prepared.state
     out[list(INTERVENTION_NAMES)] = prepared.interventions
-    for i, name in enumerate(STATE_NAMES):
-        out[f"{name}_observed"] = prepared.observed[:, i]
+    out[list(OBSERVED_NAMES)] = prepared.observed
     return out
 
 
@@ -167,6 +166,11 @@ class _LinearStep:
     neighbors: np.ndarray
     coef: np.ndarray
     intercept: float
+
+    def __post_init__(self) -> None:
+        self.feature, self.intercept = int(self.feature), float(self.intercept)
+        self.neighbors = np.asarray(self.neighbors, dtype=np.int64)
+        self.coef = np.asarray(self.coef, dtype=np.float64)
 
 
 class Preprocessor:
@@ -246,12 +250,7 @@ class Preprocessor:
         mid = (low + high) / 2
         initial = np.where(np.isfinite(initial), initial, mid)
         steps = [
-            _LinearStep(
-                feature=int(t.feat_idx),
-                neighbors=np.asarray(t.neighbor_feat_idx, dtype=np.int64),
-                coef=np.asarray(t.estimator.coef_, dtype=np.float64),
-                intercept=float(t.estimator.intercept_),
-            )
+            _LinearStep(t.feat_idx, t.neighbor_feat_idx, t.estimator.coef_, t.estimator.intercept_)
             for t in imputer.imputation_sequence_
         ]
         pre = cls(initial, steps, np.zeros(len(FEATURE_NAMES)), np.ones(len(FEATURE_NAMES)))
@@ -348,17 +347,9 @@ class Preprocessor:
                     f"{source}: built for variable catalog {meta.get('catalog_version')!r}, "
                     f"this code has {catalog_version()!r}; re-run the ETL"
                 )
-            steps = [
-                _LinearStep(
-                    int(s["feature"]),
-                    np.asarray(s["neighbors"], dtype=np.int64),
-                    np.asarray(s["coef"], dtype=np.float64),
-                    float(s["intercept"]),
-                )
-                for s in d["steps"]
-            ]
+            steps = [_LinearStep(**s) for s in d["steps"]]
             return cls(d["initial_fill"], steps, d["scale_min"], d["scale_max"], meta)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise PreprocessorError(f"{source}: malformed preprocessor ({exc!r})") from exc
 
     @classmethod

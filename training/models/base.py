@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -62,7 +62,6 @@ class ModelConfig:
     level_train: bool = False
     # Members of a deep ensemble (training.models.ensemble); 1 = a single network.
     ensemble: int = 5
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,10 +1,8 @@
 """A deep ensemble: independently initialised members whose forecasts are averaged.
 
-On data this small (tens of training patients) a single network's forecast depends a lot on
-its initialisation; the mean of a few members has lower variance. Each member is trained on
-its own closed-loop loss (its own rollout, :func:`training.lit.rollout_errors`), as in
-Lakshminarayanan et al.'s deep ensembles; a rollout of the ensemble feeds back the members'
-mean, which is what is served.
+Each member is trained on its own closed-loop loss (Lakshminarayanan et al.'s deep
+ensembles); a rollout feeds back the members' mean, which is what is served. Why: one
+network's forecast varied a lot with its initialisation (docs/training.md, ``--ensemble``).
 """
 
 from __future__ import annotations
