@@ -39,8 +39,7 @@ from features.catalog import (
     STATE_NAMES,
 )
 
-BIN_SECONDS = BIN_HOURS * 3600
-BIN_US = BIN_SECONDS * 1_000_000
+BIN_US = BIN_HOURS * 3600 * 1_000_000
 PRE_INTIME_HOURS = LAB_WINDOW_HOURS
 """State values charted this long before intime still count (for bin 0)."""
 ROUND_DECIMALS = 6
@@ -164,13 +163,11 @@ def coverage_bins_sql(intervals: str, stays: str) -> str:
                least(epoch_us(i."end"), coalesce(epoch_us(s.outtime), epoch_us(i."end"))) AS en
         FROM {intervals} i JOIN {stays} s ON i.icustay_id = s.icustay_id
         WHERE i.start IS NOT NULL AND i."end" IS NOT NULL
-    ), valid AS (
-        SELECT * FROM clipped WHERE en > st
     ), ordered AS (
         SELECT *, max(en) OVER (
             PARTITION BY icustay_id, variable ORDER BY st, en
             ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end
-        FROM valid
+        FROM clipped WHERE en > st
     ), islands AS (
         SELECT *, sum(CASE WHEN prev_end IS NULL OR st > prev_end THEN 1 ELSE 0 END) OVER (
             PARTITION BY icustay_id, variable ORDER BY st, en

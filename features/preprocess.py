@@ -44,6 +44,10 @@ from features.catalog import (
 from features.errors import UserError
 
 PREPROCESSOR_FORMAT = 1
+IMPUTER_MAX_ITER = 10
+IMPUTER_MAX_ROWS = 200_000
+"""Very large training sets are subsampled to this for the imputer fit only; the scaler always
+sees every training row."""
 FEATURE_NAMES: tuple[str, ...] = STATE_NAMES + INTERVENTION_NAMES
 BINS_COLUMNS: tuple[str, ...] = (
     "subject_id",
@@ -131,20 +135,17 @@ def group_starts(stay_ids: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(np.where(is_start, np.arange(n), 0))
 
 
-def prepare_bins(frame: pd.DataFrame, stay_col: str = "icustay_id") -> pd.DataFrame:
-    """:func:`prepare_arrays` on a frame of aggregated bins, one row per (stay, bin).
-
-    Returns the frame sorted by (stay, bin) with state clamped and forward-filled within each
-    stay (NaN where nothing is known yet), ``<var>_observed`` masks, and interventions zero-filled.
-    """
-    for col in (stay_col, "bin", *STATE_NAMES):
+def prepare_bins(frame: pd.DataFrame) -> pd.DataFrame:
+    """:func:`prepare_arrays` on a frame of aggregated bins, one row per (icustay_id, bin);
+    returned sorted by (icustay_id, bin), with the ``<var>_observed`` masks added."""
+    for col in ("icustay_id", "bin", *STATE_NAMES):
         if col not in frame:
             raise KeyError(f"prepare_bins: column {col!r} missing")
-    out = frame.sort_values([stay_col, "bin"], kind="stable").reset_index(drop=True)
+    out = frame.sort_values(["icustay_id", "bin"], kind="stable").reset_index(drop=True)
     prepared = prepare_arrays(
         out[list(STATE_NAMES)].to_numpy(np.float64),
         out.reindex(columns=list(INTERVENTION_NAMES)).to_numpy(np.float64),  # absent: NaN
-        group_starts(out[stay_col].to_numpy()),
+        group_starts(out["icustay_id"].to_numpy()),
     )
     out[list(STATE_NAMES)] = prepared.state
     out[list(INTERVENTION_NAMES)] = prepared.interventions
@@ -202,19 +203,10 @@ class Preprocessor:
 
     # ----------------------------------------------------------------- fitting
     @classmethod
-    def fit(
-        cls,
-        train: pd.DataFrame,
-        *,
-        max_iter: int = 10,
-        seed: int = 0,
-        max_rows: int | None = 200_000,
-    ) -> tuple[Preprocessor, object]:
+    def fit(cls, train: pd.DataFrame, *, seed: int = 0) -> tuple[Preprocessor, object]:
         """Fit on prepared training bins (state may hold NaN; interventions are complete).
 
         Returns the preprocessor and the fitted sklearn imputer (kept for reference and tests).
-        ``max_rows`` subsamples very large training sets for the imputer fit only; the scaler
-        always sees every training row.
         """
         from sklearn.experimental import enable_iterative_imputer  # noqa: F401
         from sklearn.impute import IterativeImputer
@@ -224,13 +216,13 @@ class Preprocessor:
         if len(x) == 0:
             raise ValueError("cannot fit the preprocessor on an empty training split")
         fit_x = x
-        if max_rows is not None and len(x) > max_rows:
+        if len(x) > IMPUTER_MAX_ROWS:
             rng = np.random.default_rng(seed)
-            fit_x = x[np.sort(rng.choice(len(x), size=max_rows, replace=False))]
+            fit_x = x[np.sort(rng.choice(len(x), size=IMPUTER_MAX_ROWS, replace=False))]
         low, high = _feature_bounds()
         imputer = IterativeImputer(
             estimator=BayesianRidge(),
-            max_iter=max_iter,
+            max_iter=IMPUTER_MAX_ITER,
             random_state=seed,
             min_value=low,
             max_value=high,
@@ -262,7 +254,7 @@ class Preprocessor:
             "catalog_version": catalog_version(),
             "n_train_rows": int(len(x)),
             "n_fit_rows": int(len(fit_x)),
-            "max_iter": max_iter,
+            "max_iter": IMPUTER_MAX_ITER,
             "n_iter": int(imputer.n_iter_),
             "seed": seed,
             "feature_names": list(FEATURE_NAMES),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from features.catalog import N_INTERVENTION, N_STATE
+from training.models.cfc import CfC
 
 N_INPUT = 2 * N_STATE + N_INTERVENTION
 """Model input at bin t: scaled state (18), observed mask (18), scaled interventions (3)."""
@@ -97,10 +99,16 @@ class DynamicsModel(nn.Module):
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
         return []
 
-    def stepping(self) -> AbstractContextManager:
-        """Wrap a loop of :meth:`step` calls in it: a model may prepare its weights once for
-        the loop (CfC). The parameters must not change inside; autograd works through it."""
-        return nullcontext()
+    @contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Wrap a loop of :meth:`step` calls in it: every CfC layer inside the model arranges
+        its weights once for the loop. The parameters must not change inside; autograd works
+        through it."""
+        with ExitStack() as stack:
+            for m in self.modules():
+                if isinstance(m, CfC):
+                    stack.enter_context(m.stepping())
+            yield
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:  # (B, 39) -> (B, 18)
         raise NotImplementedError

@@ -7,9 +7,6 @@ network's forecast varied a lot with its initialisation (docs/training.md, ``--e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-
 import torch
 from torch import Tensor, nn
 
@@ -37,13 +34,6 @@ class Ensemble(DynamicsModel):
             out.append(list(state[i : i + n]))
             i += n
         return out
-
-    @contextmanager
-    def stepping(self) -> Iterator[None]:
-        with ExitStack() as stack:
-            for m in self.members:
-                stack.enter_context(m.stepping())
-            yield
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         ys, new = [], []

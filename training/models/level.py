@@ -11,8 +11,7 @@ level. Why, and why the gains start at a ridge fit (:func:`fit_gains`): docs/tra
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -133,11 +132,6 @@ class LevelMemory(DynamicsModel):
 
     def _pull(self, levels: Tensor, x: Tensor) -> Tensor:
         return (_GAIN_SCALE * self.gain.to(x.dtype) * (levels - x[:, None, :N_STATE])).sum(dim=1)
-
-    @contextmanager
-    def stepping(self) -> Iterator[None]:
-        with self.inner.stepping():
-            yield
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         memory, levels = update_levels(state[self._n_inner :], x)

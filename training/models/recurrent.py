@@ -7,9 +7,6 @@ per-sample timespans are broken (ncps issue #83), so the default elapsed time of
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-
 import torch
 from torch import Tensor, nn
 
@@ -49,14 +46,6 @@ class _NcpsStack(DynamicsModel):
             if rnn.use_mixed:
                 out.append(torch.zeros(batch, rnn.state_size, device=device, dtype=dtype))
         return out
-
-    @contextmanager
-    def stepping(self) -> Iterator[None]:
-        with ExitStack() as stack:
-            for rnn in self.rnns:
-                if isinstance(rnn, CfC):
-                    stack.enter_context(rnn.stepping())
-            yield
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         h = x
