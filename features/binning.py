@@ -82,13 +82,11 @@ def bin_patient_events(
         ][["icustay_id", "variable", "start", "end", "value"]].rename(columns={"value": "amount"}),
         "stays": pd.DataFrame({"icustay_id": [0], "intime": [icu_intime], "outtime": [pd.NaT]}),
     }
-    con = _patient_db().cursor()  # a connection of its own: the tables below are its own
-    try:
+    # A connection of its own (closed on exit): the tables below are its own.
+    with _patient_db().cursor() as con:
         for name, table in tables.items():
             con.register(name, table)
         wide = con.execute(wide_bins_sql(*tables)).df()
-    finally:
-        con.close()
     if n_bins is None:
         n_bins = int(wide["bin"].max()) + 1 if len(wide) else 0
     # One row per bin of the history; aggregates of bins beyond it are ignored.

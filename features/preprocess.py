@@ -67,24 +67,26 @@ CLAMP_HIGH = np.array([STATE_BY_NAME[n].clamp[1] for n in STATE_NAMES], dtype=np
 DROP_LOW = np.array([STATE_BY_NAME[n].drop[0] for n in STATE_NAMES], dtype=np.float64)
 DROP_HIGH = np.array([STATE_BY_NAME[n].drop[1] for n in STATE_NAMES], dtype=np.float64)
 INTERVENTION_MAX = np.array([INTERVENTION_BY_NAME[n].max_value for n in INTERVENTION_NAMES])
+# Bounds of ``[state, interventions]``: the imputer never leaves them.
+FEATURE_LOW = np.concatenate([CLAMP_LOW, np.zeros(len(INTERVENTION_NAMES))])
+FEATURE_HIGH = np.concatenate([CLAMP_HIGH, INTERVENTION_MAX])
 
 
 class PreprocessorError(UserError):
     """A preprocessor artifact that is missing, corrupt or built for another catalog."""
 
 
-def forward_fill(values: np.ndarray, group_start: np.ndarray | None = None) -> np.ndarray:
+def forward_fill(values: np.ndarray, group_start: np.ndarray) -> np.ndarray:
     """Forward-fill NaNs down the rows of ``values`` (n, k), never across groups.
 
-    ``group_start[i]`` is the first row of row i's group (its stay); None means one group.
+    ``group_start[i]`` is the first row of row i's group (its stay).
     """
     values = np.asarray(values, dtype=np.float64)
     n = values.shape[0]
     rows = np.arange(n)[:, None]
     last_valid = np.where(np.isnan(values), -1, rows)
     np.maximum.accumulate(last_valid, axis=0, out=last_valid)
-    start = np.zeros((n, 1), dtype=np.int64) if group_start is None else group_start[:, None]
-    usable = last_valid >= start
+    usable = last_valid >= group_start[:, None]
     cols = np.broadcast_to(np.arange(values.shape[1]), values.shape)
     filled = values[np.where(usable, last_valid, 0), cols]
     return np.where(usable, filled, np.nan)
@@ -100,9 +102,7 @@ class PreparedBins:
 
 
 def prepare_arrays(
-    state: np.ndarray,
-    interventions: np.ndarray,
-    group_start: np.ndarray | None = None,
+    state: np.ndarray, interventions: np.ndarray, group_start: np.ndarray
 ) -> PreparedBins:
     """Steps 3-6 on aggregated bins, as arrays: clamp, observed masks, ffill, zero-fill.
 
@@ -151,12 +151,6 @@ def prepare_bins(frame: pd.DataFrame) -> pd.DataFrame:
     out[list(INTERVENTION_NAMES)] = prepared.interventions
     out[list(OBSERVED_NAMES)] = prepared.observed
     return out
-
-
-def _feature_bounds() -> tuple[np.ndarray, np.ndarray]:
-    """Lower/upper bounds of ``[state, interventions]``: the imputer never leaves them."""
-    low = np.concatenate([CLAMP_LOW, np.zeros(len(INTERVENTION_NAMES))])
-    return low, np.concatenate([CLAMP_HIGH, INTERVENTION_MAX])
 
 
 @dataclass
@@ -219,13 +213,12 @@ class Preprocessor:
         if len(x) > IMPUTER_MAX_ROWS:
             rng = np.random.default_rng(seed)
             fit_x = x[np.sort(rng.choice(len(x), size=IMPUTER_MAX_ROWS, replace=False))]
-        low, high = _feature_bounds()
         imputer = IterativeImputer(
             estimator=BayesianRidge(),
             max_iter=IMPUTER_MAX_ITER,
             random_state=seed,
-            min_value=low,
-            max_value=high,
+            min_value=FEATURE_LOW,
+            max_value=FEATURE_HIGH,
             keep_empty_features=True,
             skip_complete=True,
         )
@@ -239,8 +232,7 @@ class Preprocessor:
             imputer.fit(fit_x)
         initial = np.asarray(imputer.initial_imputer_.statistics_, dtype=np.float64)
         # A variable never observed in training has no mean: fall back to its clamp midpoint.
-        mid = (low + high) / 2
-        initial = np.where(np.isfinite(initial), initial, mid)
+        initial = np.where(np.isfinite(initial), initial, (FEATURE_LOW + FEATURE_HIGH) / 2)
         steps = [
             _LinearStep(t.feat_idx, t.neighbor_feat_idx, t.estimator.coef_, t.estimator.intercept_)
             for t in imputer.imputation_sequence_
@@ -274,7 +266,6 @@ class Preprocessor:
         missing = np.isnan(x)
         if not missing.any():
             return x.copy()
-        low, high = _feature_bounds()
         xt = np.where(missing, self.initial_fill, x)
         rows_missing = missing.any(axis=0)
         for step in self.steps:
@@ -283,7 +274,7 @@ class Preprocessor:
                 continue
             m = missing[:, f]
             pred = xt[m][:, step.neighbors] @ step.coef + step.intercept
-            xt[m, f] = np.clip(pred, low[f], high[f])
+            xt[m, f] = np.clip(pred, FEATURE_LOW[f], FEATURE_HIGH[f])
         return xt
 
     def scale(self, x: np.ndarray) -> np.ndarray:

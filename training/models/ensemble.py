@@ -7,6 +7,8 @@ network's forecast varied a lot with its initialisation (docs/training.md, ``--e
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -29,11 +31,8 @@ class Ensemble(DynamicsModel):
         return [t for m in self.members for t in m.init_state(batch, device, dtype)]
 
     def _split(self, state: State) -> list[State]:
-        out, i = [], 0
-        for n in self.state_sizes:
-            out.append(list(state[i : i + n]))
-            i += n
-        return out
+        rest = iter(state)
+        return [list(itertools.islice(rest, n)) for n in self.state_sizes]
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         ys, new = [], []

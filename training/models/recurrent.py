@@ -42,22 +42,14 @@ class _NcpsStack(DynamicsModel):
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
         out: State = []
         for rnn in self.rnns:
-            out.append(torch.zeros(batch, rnn.state_size, device=device, dtype=dtype))
-            if rnn.use_mixed:
-                out.append(torch.zeros(batch, rnn.state_size, device=device, dtype=dtype))
+            z = torch.zeros(batch, rnn.state_size, device=device, dtype=dtype)
+            out += [z, z.clone()] if rnn.use_mixed else [z]
         return out
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        h = x
-        new: State = []
-        i = 0
+        h, new, rest = x, [], iter(state)
         for rnn in self.rnns:
-            if rnn.use_mixed:
-                hx = (state[i], state[i + 1])
-                i += 2
-            else:
-                hx = state[i]
-                i += 1
+            hx = (next(rest), next(rest)) if rnn.use_mixed else next(rest)
             if isinstance(rnn, CfC):
                 h, hx = rnn.step(h, hx)
             else:  # ncps modules take sequences: a sequence of one bin
