@@ -45,7 +45,6 @@ PRE_INTIME_HOURS = LAB_WINDOW_HOURS
 ROUND_DECIMALS = 6
 
 
-# ---------------------------------------------------------------------------- one patient
 def bin_patient_events(
     events: list[Mapping], icu_intime: pd.Timestamp, n_bins: int | None = None
 ) -> pd.DataFrame:
@@ -108,7 +107,6 @@ def _patient_db() -> Any:
     return duckdb.connect(config={"threads": 1})
 
 
-# ---------------------------------------------------------------------------- SQL
 # Sums run in exact arithmetic (fixed-point decimals, integer microseconds): DuckDB adds in
 # parallel in a varying order, and with floating point the last bits, and now and then a value
 # rounded to ROUND_DECIMALS, changed between runs on large inputs. Exact sums make reruns
@@ -209,10 +207,8 @@ def volume_bins_sql(doses: str, stays: str) -> str:
                greatest(st, intime_us) AS cst, least(en, outtime_us) AS cen
         FROM d WHERE en > st
     ), parts AS (
-        SELECT icustay_id, bin, variable,
-               rate * (least(cen, bin_start_us + {BIN_US}) - greatest(cst, bin_start_us)) / 1e6
-                   AS part,
-               (least(cen, bin_start_us + {BIN_US}) - greatest(cst, bin_start_us)) AS overlap
+        SELECT icustay_id, bin, variable, rate,
+               least(cen, bin_start_us + {BIN_US}) - greatest(cst, bin_start_us) AS overlap
         FROM ({_bins_of("spread", "cst", "cen")})
     )
     SELECT icustay_id, bin::INTEGER AS bin, variable,
@@ -222,7 +218,7 @@ def volume_bins_sql(doses: str, stays: str) -> str:
     FROM (
         SELECT icustay_id, bin, variable, part FROM points
         UNION ALL
-        SELECT icustay_id, bin, variable, part FROM parts WHERE overlap > 0
+        SELECT icustay_id, bin, variable, rate * overlap / 1e6 FROM parts WHERE overlap > 0
     )
     GROUP BY ALL
     """

@@ -195,7 +195,6 @@ class Preprocessor:
         # A constant column (e.g. an intervention never given in training) scales to 0.
         self._span = np.where(span > 0, span, 1.0)
 
-    # ----------------------------------------------------------------- fitting
     @classmethod
     def fit(cls, train: pd.DataFrame, *, seed: int = 0) -> tuple[Preprocessor, object]:
         """Fit on prepared training bins (state may hold NaN; interventions are complete).
@@ -254,7 +253,6 @@ class Preprocessor:
         out = cls(initial, steps, scale_min, scale_max, meta)
         return out, imputer
 
-    # --------------------------------------------------------------- transform
     def impute(self, x: np.ndarray) -> np.ndarray:
         """Impute NaNs in rows of ``[state(18), interventions(3)]`` in physical units.
 
@@ -295,7 +293,6 @@ class Preprocessor:
         """max - min of each state variable (for noise in physical units and per-variable RMSE)."""
         return self._span[:N_STATE].copy()
 
-    # -------------------------------------------------------------- persistence
     def to_dict(self) -> dict:
         return {
             "meta": self.meta,

@@ -50,17 +50,11 @@ class ModelConfig:
     # With residual: the output head starts at zero, so the untrained model is persistence and
     # training moves away from it only as far as the (closed-loop) loss rewards.
     zero_head: bool = True
-    # Keep each variable's measured level (EWMAs, stay mean) beside a network's state and learn
-    # a per-variable pull towards it (training.models.level).
+    # The level memory and its gains' start and training: training.models.level and
+    # docs/training.md (--level-memory, --level-init, --level-train).
     level_memory: bool = True
-    # How the pull's gains start: "ridge" = a ridge fit of the one-step change on the pull's
-    # inputs over the training stays (training.models.level.fit_gains), so training starts
-    # from the level forecaster instead of persistence; "zero" = persistence.
     level_init: Literal["zero", "ridge"] = "ridge"
     level_alpha: float = 1.0
-    # False: the gains stay at their start and training fits the network only. Chosen on the
-    # development patients (docs/results.md): with the ridge start, training the gains too
-    # was no better for GRU and worse for CfC at K = 3, 5.
     level_train: bool = False
     # Members of a deep ensemble (training.models.ensemble); 1 = a single network.
     ensemble: int = 5
