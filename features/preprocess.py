@@ -236,10 +236,8 @@ class Preprocessor:
             _LinearStep(t.feat_idx, t.neighbor_feat_idx, t.estimator.coef_, t.estimator.intercept_)
             for t in imputer.imputation_sequence_
         ]
-        pre = cls(initial, steps, np.zeros(len(FEATURE_NAMES)), np.ones(len(FEATURE_NAMES)))
-        filled = pre.impute(x)
-        scale_min = filled.min(axis=0)
-        scale_max = filled.max(axis=0)
+        unscaled = cls(initial, steps, np.zeros(len(FEATURE_NAMES)), np.ones(len(FEATURE_NAMES)))
+        filled = unscaled.impute(x)
         meta = {
             "format": PREPROCESSOR_FORMAT,
             "catalog_version": catalog_version(),
@@ -250,8 +248,7 @@ class Preprocessor:
             "seed": seed,
             "feature_names": list(FEATURE_NAMES),
         }
-        out = cls(initial, steps, scale_min, scale_max, meta)
-        return out, imputer
+        return cls(initial, steps, filled.min(axis=0), filled.max(axis=0), meta), imputer
 
     def impute(self, x: np.ndarray) -> np.ndarray:
         """Impute NaNs in rows of ``[state(18), interventions(3)]`` in physical units.

@@ -282,15 +282,9 @@ class CfC(nn.Module):
 
     def step(self, x: Tensor, hx: Hidden) -> tuple[Tensor, Hidden]:
         """One bin: x (B, input_size) -> (output (B, output_size), new state)."""
-        h, c = hx if self.use_mixed else (hx, None)
-        if self.use_mixed:
-            h, c = self.lstm(x, (h, c))
-        w = self._weights
-        h = (
-            self.rnn_cell(x, h)
-            if w is None
-            else self.rnn_cell.recur(self.rnn_cell.project(x, w), h, w)
-        )
+        h, c = self.lstm(x, hx) if self.use_mixed else (hx, None)
+        cell, w = self.rnn_cell, self._weights
+        h = cell(x, h) if w is None else cell.recur(cell.project(x, w), h, w)
         return self._output(h), ((h, c) if self.use_mixed else h)
 
     def forward(self, x: Tensor, hx: Hidden | None = None) -> tuple[Tensor, Hidden]:
