@@ -61,24 +61,21 @@ def bin_patient_events(
     NaN where nothing was charted (interventions too: :func:`features.preprocess.prepare_bins`
     zero-fills them).
     """
-    frame = pd.DataFrame(list(events), columns=["time", "variable", "value", "end_time"])
-    frame = frame.assign(
-        icustay_id=0,
-        start=pd.to_datetime(frame["time"]),
-        end=pd.to_datetime(frame["end_time"]),
-        value=frame["value"].astype(np.float64),
+    raw = pd.DataFrame(list(events), columns=["time", "variable", "value", "end_time"])
+    time, value = pd.to_datetime(raw["time"]), raw["value"].astype(np.float64)
+    # One frame with the columns of all three SQL inputs (each reads the ones it names).
+    frame = pd.DataFrame(
+        {"icustay_id": 0, "variable": raw["variable"], "time": time, "start": time}
+        | {"end": pd.to_datetime(raw["end_time"]), "value": value, "amount": value}
     )
-    coverage = [n for n in INTERVENTION_NAMES if INTERVENTION_BY_NAME[n].kind == "coverage"]
+    variable = frame["variable"]
+    coverage = variable.isin(
+        [n for n in INTERVENTION_NAMES if INTERVENTION_BY_NAME[n].kind == "coverage"]
+    )
     tables = {
-        "events": frame[frame["variable"].isin(STATE_NAMES)][
-            ["icustay_id", "start", "variable", "value"]
-        ].rename(columns={"start": "time"}),
-        "intervals": frame[frame["variable"].isin(coverage) & (frame["value"] > 0)][
-            ["icustay_id", "variable", "start", "end"]
-        ],
-        "doses": frame[
-            frame["variable"].isin(INTERVENTION_NAMES) & ~frame["variable"].isin(coverage)
-        ][["icustay_id", "variable", "start", "end", "value"]].rename(columns={"value": "amount"}),
+        "events": frame[variable.isin(STATE_NAMES)],
+        "intervals": frame[coverage & (value > 0)],
+        "doses": frame[variable.isin(INTERVENTION_NAMES) & ~coverage],
         "stays": pd.DataFrame({"icustay_id": [0], "intime": [icu_intime], "outtime": [pd.NaT]}),
     }
     # A connection of its own (closed on exit): the tables below are its own.
