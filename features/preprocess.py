@@ -127,12 +127,9 @@ def prepare_arrays(
 def group_starts(stay_ids: np.ndarray) -> np.ndarray:
     """For rows sorted by stay, the index of the first row of each row's stay."""
     stay_ids = np.asarray(stay_ids)
-    n = len(stay_ids)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    is_start = np.ones(n, dtype=bool)
-    is_start[1:] = stay_ids[1:] != stay_ids[:-1]
-    return np.maximum.accumulate(np.where(is_start, np.arange(n), 0))
+    # The slice keeps no row when there are none (the leading True is row 0's).
+    is_start = np.concatenate([[True], stay_ids[1:] != stay_ids[:-1]])[: len(stay_ids)]
+    return np.maximum.accumulate(np.where(is_start, np.arange(len(stay_ids)), 0))
 
 
 def prepare_bins(frame: pd.DataFrame) -> pd.DataFrame:

@@ -43,14 +43,9 @@ def update_levels(memory: State, x: Tensor) -> tuple[State, Tensor]:
     num = d * num + (1 - d) * (m * s)[:, None]
     den = d * den + (1 - d) * m[:, None]
     total, count = total + m * s, count + m
-    levels = torch.cat(
-        [
-            torch.where(den > 0, num / den.clamp_min(1e-12), s[:, None]),
-            torch.where(count > 0, total / count.clamp_min(1.0), s)[:, None],
-        ],
-        dim=1,
-    )
-    return [num, den, total, count], levels
+    ewmas = torch.where(den > 0, num / den.clamp_min(1e-12), s[:, None])
+    mean = torch.where(count > 0, total / count.clamp_min(1.0), s)
+    return [num, den, total, count], torch.cat([ewmas, mean[:, None]], dim=1)
 
 
 def empty_levels(batch: int, device: torch.device, dtype: torch.dtype) -> State:

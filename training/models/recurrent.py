@@ -61,22 +61,20 @@ class _NcpsStack(DynamicsModel):
 
 def build_cfc(cfg: ModelConfig) -> DynamicsModel:
     cls = _cfc_class(cfg.cfc_impl)
-    layers = []
-    size = N_INPUT
-    for _ in range(cfg.layers):
-        layers.append(
-            cls(
-                size,
-                cfg.units,
-                mixed_memory=cfg.mixed_memory,
-                mode=cfg.mode,
-                backbone_units=cfg.backbone_units,
-                backbone_layers=cfg.backbone_layers,
-                backbone_dropout=cfg.backbone_dropout,
-            )
+    sizes = [N_INPUT, *[cfg.units] * cfg.layers]  # each layer's input, then the head's
+    layers = [
+        cls(
+            size,
+            cfg.units,
+            mixed_memory=cfg.mixed_memory,
+            mode=cfg.mode,
+            backbone_units=cfg.backbone_units,
+            backbone_layers=cfg.backbone_layers,
+            backbone_dropout=cfg.backbone_dropout,
         )
-        size = cfg.units
-    return _NcpsStack(cfg, layers, size)
+        for size in sizes[:-1]
+    ]
+    return _NcpsStack(cfg, layers, sizes[-1])
 
 
 def build_cfc_ncp(cfg: ModelConfig) -> DynamicsModel:
@@ -91,14 +89,12 @@ def build_cfc_ncp(cfg: ModelConfig) -> DynamicsModel:
 def build_ltc(cfg: ModelConfig) -> DynamicsModel:
     from ncps.torch import LTC
 
-    layers = []
-    size = N_INPUT
-    for _ in range(cfg.layers):
-        layers.append(
-            LTC(size, cfg.units, mixed_memory=cfg.mixed_memory, ode_unfolds=cfg.ode_unfolds)
-        )
-        size = cfg.units
-    return _NcpsStack(cfg, layers, size)
+    sizes = [N_INPUT, *[cfg.units] * cfg.layers]  # each layer's input, then the head's
+    layers = [
+        LTC(size, cfg.units, mixed_memory=cfg.mixed_memory, ode_unfolds=cfg.ode_unfolds)
+        for size in sizes[:-1]
+    ]
+    return _NcpsStack(cfg, layers, sizes[-1])
 
 
 class TorchRNN(DynamicsModel):
