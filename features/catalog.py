@@ -280,10 +280,8 @@ INTERVENTION_BY_NAME: dict[str, Intervention] = {i.name: i for i in INTERVENTION
 def chart_itemids() -> tuple[int, ...]:
     """Every CHARTEVENTS item the ETL needs (state variables and ventilation)."""
     ids = {i for v in STATE_VARIABLES for i in v.chart_itemids}
-    for iv in INTERVENTIONS:
-        ids.update(iv.chartevents)
-    ids.add(EXTUBATION_CHART_ITEMID)
-    return tuple(sorted(ids))
+    ids |= {i for iv in INTERVENTIONS for i in iv.chartevents}
+    return tuple(sorted(ids | {EXTUBATION_CHART_ITEMID}))
 
 
 def lab_itemids() -> tuple[int, ...]:

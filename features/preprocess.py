@@ -269,10 +269,6 @@ class Preprocessor:
             xt[m, f] = np.clip(pred, FEATURE_LOW[f], FEATURE_HIGH[f])
         return xt
 
-    def scale(self, x: np.ndarray) -> np.ndarray:
-        """Min-max scale full feature rows ``[state, interventions]``."""
-        return (np.asarray(x, dtype=np.float64) - self.scale_min) / self._span
-
     def scale_state(self, x: np.ndarray) -> np.ndarray:
         return (np.asarray(x, dtype=np.float64) - self.scale_min[:N_STATE]) / self._span[:N_STATE]
 
@@ -300,12 +296,10 @@ class Preprocessor:
             "scale_max": self.scale_max.tolist(),
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike) -> None:
         """Write the artifact folder ``preprocessor.json`` atomically."""
-        path = Path(path)
         with atomic_dir(path) as tmp:
             (tmp / "preprocessor.json").write_text(json.dumps(self.to_dict(), indent=1))
-        return path
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> Preprocessor:

@@ -312,8 +312,7 @@ class CfC(nn.Module):
                 h, c = self.lstm.recur(pre_lstm[t], h, c)
             h = recur(t, h)
             outs.append(h)
-        out = self._output(torch.stack(outs, dim=1))
-        return out, ((h, c) if self.use_mixed else h)
+        return self._output(torch.stack(outs, dim=1)), ((h, c) if self.use_mixed else h)
 
     def _output(self, h: Tensor) -> Tensor:
         return h if self.output_size == self.state_size else h[..., -self.output_size :]

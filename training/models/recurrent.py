@@ -1,8 +1,7 @@
 """Recurrent dynamics models: CfC (plain or NCP-wired), ncps LTC, and torch GRU / LSTM.
 
 CfC is :mod:`training.models.cfc` (``cfc_impl="torch"``) or ncps' reference (``"ncps"``).
-ncps cells are called without ``timespans``: the bins are regular (12 h), and ncps 1.0.1's
-per-sample timespans are broken (ncps issue #83), so the default elapsed time of 1 is used.
+ncps cells are called without ``timespans``, at elapsed time 1 as in :mod:`training.models.cfc`.
 """
 
 from __future__ import annotations
