@@ -124,10 +124,8 @@ class CfCCell(nn.Module):
             ta, tb = self.time_a, self.time_b
             head_w = torch.cat([ff1_w, ff2_w, ta.weight + tb.weight])
             head_b = torch.cat([self.ff1.bias, self.ff2.bias, ta.bias + tb.bias])
-        linears = (
-            [] if self.backbone is None else [m for m in self.backbone if isinstance(m, nn.Linear)]
-        )
-        layers = [(m.weight, m.bias) for m in linears] + [(head_w, head_b)]
+        layers = [(m.weight, m.bias) for m in self.backbone or () if isinstance(m, nn.Linear)]
+        layers.append((head_w, head_b))
         if self._lecun:
             # 1.7159 tanh(0.666 u): 0.666 moves into the Linear before each activation and
             # 1.7159 into the one after it, leaving a bare tanh (fewer ops per step).

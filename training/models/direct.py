@@ -83,7 +83,6 @@ class DirectRidge:
         from sklearn.model_selection import GridSearchCV, GroupKFold
 
         groups = np.arange(len(inputs)) if groups is None else np.asarray(groups)
-
         for k in ks:
             x, stay, start = _features(inputs, k)
             coef = np.zeros((N_STATE, x.shape[2]))
