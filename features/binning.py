@@ -39,14 +39,12 @@ from features.catalog import (
     STATE_NAMES,
 )
 
-BIN_SECONDS = BIN_HOURS * 3600
-BIN_US = BIN_SECONDS * 1_000_000
+BIN_US = BIN_HOURS * 3600 * 1_000_000
 PRE_INTIME_HOURS = LAB_WINDOW_HOURS
 """State values charted this long before intime still count (for bin 0)."""
 ROUND_DECIMALS = 6
 
 
-# ---------------------------------------------------------------------------- one patient
 def bin_patient_events(
     events: list[Mapping], icu_intime: pd.Timestamp, n_bins: int | None = None
 ) -> pd.DataFrame:
@@ -63,33 +61,28 @@ def bin_patient_events(
     NaN where nothing was charted (interventions too: :func:`features.preprocess.prepare_bins`
     zero-fills them).
     """
-    frame = pd.DataFrame(list(events), columns=["time", "variable", "value", "end_time"])
-    frame = frame.assign(
-        icustay_id=0,
-        start=pd.to_datetime(frame["time"]),
-        end=pd.to_datetime(frame["end_time"]),
-        value=frame["value"].astype(np.float64),
+    raw = pd.DataFrame(list(events), columns=["time", "variable", "value", "end_time"])
+    time, value = pd.to_datetime(raw["time"]), raw["value"].astype(np.float64)
+    # One frame with the columns of all three SQL inputs (each reads the ones it names).
+    frame = pd.DataFrame(
+        {"icustay_id": 0, "variable": raw["variable"], "time": time, "start": time}
+        | {"end": pd.to_datetime(raw["end_time"]), "value": value, "amount": value}
     )
-    coverage = [n for n in INTERVENTION_NAMES if INTERVENTION_BY_NAME[n].kind == "coverage"]
+    variable = frame["variable"]
+    coverage = variable.isin(
+        [n for n in INTERVENTION_NAMES if INTERVENTION_BY_NAME[n].kind == "coverage"]
+    )
     tables = {
-        "events": frame[frame["variable"].isin(STATE_NAMES)][
-            ["icustay_id", "start", "variable", "value"]
-        ].rename(columns={"start": "time"}),
-        "intervals": frame[frame["variable"].isin(coverage) & (frame["value"] > 0)][
-            ["icustay_id", "variable", "start", "end"]
-        ],
-        "doses": frame[
-            frame["variable"].isin(INTERVENTION_NAMES) & ~frame["variable"].isin(coverage)
-        ][["icustay_id", "variable", "start", "end", "value"]].rename(columns={"value": "amount"}),
+        "events": frame[variable.isin(STATE_NAMES)],
+        "intervals": frame[coverage & (value > 0)],
+        "doses": frame[variable.isin(INTERVENTION_NAMES) & ~coverage],
         "stays": pd.DataFrame({"icustay_id": [0], "intime": [icu_intime], "outtime": [pd.NaT]}),
     }
-    con = _patient_db().cursor()  # a connection of its own: the tables below are its own
-    try:
+    # A connection of its own (closed on exit): the tables below are its own.
+    with _patient_db().cursor() as con:
         for name, table in tables.items():
             con.register(name, table)
         wide = con.execute(wide_bins_sql(*tables)).df()
-    finally:
-        con.close()
     if n_bins is None:
         n_bins = int(wide["bin"].max()) + 1 if len(wide) else 0
     # One row per bin of the history; aggregates of bins beyond it are ignored.
@@ -111,7 +104,6 @@ def _patient_db() -> Any:
     return duckdb.connect(config={"threads": 1})
 
 
-# ---------------------------------------------------------------------------- SQL
 # Sums run in exact arithmetic (fixed-point decimals, integer microseconds): DuckDB adds in
 # parallel in a varying order, and with floating point the last bits, and now and then a value
 # rounded to ROUND_DECIMALS, changed between runs on large inputs. Exact sums make reruns
@@ -164,13 +156,11 @@ def coverage_bins_sql(intervals: str, stays: str) -> str:
                least(epoch_us(i."end"), coalesce(epoch_us(s.outtime), epoch_us(i."end"))) AS en
         FROM {intervals} i JOIN {stays} s ON i.icustay_id = s.icustay_id
         WHERE i.start IS NOT NULL AND i."end" IS NOT NULL
-    ), valid AS (
-        SELECT * FROM clipped WHERE en > st
     ), ordered AS (
         SELECT *, max(en) OVER (
             PARTITION BY icustay_id, variable ORDER BY st, en
             ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_end
-        FROM valid
+        FROM clipped WHERE en > st
     ), islands AS (
         SELECT *, sum(CASE WHEN prev_end IS NULL OR st > prev_end THEN 1 ELSE 0 END) OVER (
             PARTITION BY icustay_id, variable ORDER BY st, en
@@ -214,10 +204,8 @@ def volume_bins_sql(doses: str, stays: str) -> str:
                greatest(st, intime_us) AS cst, least(en, outtime_us) AS cen
         FROM d WHERE en > st
     ), parts AS (
-        SELECT icustay_id, bin, variable,
-               rate * (least(cen, bin_start_us + {BIN_US}) - greatest(cst, bin_start_us)) / 1e6
-                   AS part,
-               (least(cen, bin_start_us + {BIN_US}) - greatest(cst, bin_start_us)) AS overlap
+        SELECT icustay_id, bin, variable, rate,
+               least(cen, bin_start_us + {BIN_US}) - greatest(cst, bin_start_us) AS overlap
         FROM ({_bins_of("spread", "cst", "cen")})
     )
     SELECT icustay_id, bin::INTEGER AS bin, variable,
@@ -227,7 +215,7 @@ def volume_bins_sql(doses: str, stays: str) -> str:
     FROM (
         SELECT icustay_id, bin, variable, part FROM points
         UNION ALL
-        SELECT icustay_id, bin, variable, part FROM parts WHERE overlap > 0
+        SELECT icustay_id, bin, variable, rate * overlap / 1e6 FROM parts WHERE overlap > 0
     )
     GROUP BY ALL
     """

@@ -46,10 +46,10 @@ class StateVariable:
 
     name: str
     unit: str
-    chart_itemids: tuple[int, ...]
-    lab_itemids: tuple[int, ...]
     drop: tuple[float, float]
     clamp: tuple[float, float]
+    chart_itemids: tuple[int, ...] = ()
+    lab_itemids: tuple[int, ...] = ()
     conversions: tuple[UnitConversion, ...] = ()
     description: str = ""
     # Units accepted on input (service events); values are converted to ``unit``.
@@ -81,7 +81,6 @@ STATE_VARIABLES: tuple[StateVariable, ...] = (
         "heart_rate",
         "bpm",
         chart_itemids=(211, 220045),  # Heart Rate (cv / mv)
-        lab_itemids=(),
         drop=(0, 390),
         clamp=(0, 300),
         accepted_units={"bpm": (1.0, 0.0), "/min": (1.0, 0.0)},
@@ -92,7 +91,6 @@ STATE_VARIABLES: tuple[StateVariable, ...] = (
         # Arterial BP [Systolic], Manual BP [Systolic], NBP [Systolic], Arterial BP #2 [Systolic];
         # Arterial Blood Pressure systolic, Non Invasive Blood Pressure systolic.
         chart_itemids=(51, 442, 455, 6701, 220050, 220179),
-        lab_itemids=(),
         drop=(0, 375),
         clamp=(0, 300),
     ),
@@ -100,7 +98,6 @@ STATE_VARIABLES: tuple[StateVariable, ...] = (
         "dbp",
         "mmHg",
         chart_itemids=(8368, 8440, 8441, 8555, 220051, 220180),
-        lab_itemids=(),
         drop=(0, 375),
         clamp=(0, 200),
     ),
@@ -110,7 +107,6 @@ STATE_VARIABLES: tuple[StateVariable, ...] = (
         # ricu lists 6072 for MAP, but in D_ITEMS 6072 is "vision fields"; mimic-code's 6702
         # ("Arterial BP Mean #2") is the right one.
         chart_itemids=(52, 443, 456, 6702, 220052, 220181, 225312),
-        lab_itemids=(),
         drop=(0, 375),
         clamp=(0, 250),
     ),
@@ -118,7 +114,6 @@ STATE_VARIABLES: tuple[StateVariable, ...] = (
         "resp_rate",
         "/min",
         chart_itemids=(615, 618, 220210, 224690),
-        lab_itemids=(),
         drop=(0, 330),
         clamp=(0, 120),
         accepted_units={"/min": (1.0, 0.0), "insp/min": (1.0, 0.0), "bpm": (1.0, 0.0)},
@@ -129,7 +124,6 @@ STATE_VARIABLES: tuple[StateVariable, ...] = (
         # Temperature C, Temperature C (calc), Temperature Celsius; F items converted. The drop
         # range is applied after conversion, in degC.
         chart_itemids=(676, 677, 223762, 678, 679, 223761),
-        lab_itemids=(),
         drop=(14.2, 47),
         clamp=(32, 42),
         conversions=(_F_TO_C,),
@@ -140,7 +134,6 @@ STATE_VARIABLES: tuple[StateVariable, ...] = (
         "%",
         # SpO2, O2 saturation pulseoxymetry. Not 834 / 220227: those are arterial SaO2.
         chart_itemids=(646, 220277),
-        lab_itemids=(),
         drop=(0, 150),
         clamp=(50, 100),
     ),
@@ -153,7 +146,6 @@ STATE_VARIABLES: tuple[StateVariable, ...] = (
         # (mimic-code's pivoted_gcs scores it 0 and then substitutes the previous total;
         # taking the charted 1 keeps the sum within 3-15 and needs no look-back).
         chart_itemids=(198, 220739, 223900, 223901),
-        lab_itemids=(),
         drop=(3, 15),
         clamp=(3, 15),
         accepted_units={"points": (1.0, 0.0)},
@@ -170,35 +162,20 @@ STATE_VARIABLES: tuple[StateVariable, ...] = (
         clamp=(0, 1000),
         accepted_units={"mg/dL": (1.0, 0.0), "mmol/L": (18.0, 0.0)},
     ),
-    StateVariable(
-        "creatinine", "mg/dL", chart_itemids=(), lab_itemids=(50912,), drop=(0, 66), clamp=(0, 15)
-    ),
+    StateVariable("creatinine", "mg/dL", lab_itemids=(50912,), drop=(0, 66), clamp=(0, 15)),
     StateVariable(
         "bun",
         "mg/dL",
-        chart_itemids=(),
         lab_itemids=(51006,),  # Urea Nitrogen
         drop=(0, 275),
         clamp=(0, 200),
     ),
-    StateVariable(
-        "wbc", "K/uL", chart_itemids=(), lab_itemids=(51301, 51300), drop=(0, 1100), clamp=(0, 1000)
-    ),
-    StateVariable(
-        "hemoglobin",
-        "g/dL",
-        chart_itemids=(),
-        lab_itemids=(51222, 50811),
-        drop=(0, 30),
-        clamp=(4, 18),
-    ),
-    StateVariable(
-        "platelets", "K/uL", chart_itemids=(), lab_itemids=(51265,), drop=(0, 2200), clamp=(5, 1200)
-    ),
+    StateVariable("wbc", "K/uL", lab_itemids=(51301, 51300), drop=(0, 1100), clamp=(0, 1000)),
+    StateVariable("hemoglobin", "g/dL", lab_itemids=(51222, 50811), drop=(0, 30), clamp=(4, 18)),
+    StateVariable("platelets", "K/uL", lab_itemids=(51265,), drop=(0, 2200), clamp=(5, 1200)),
     StateVariable(
         "sodium",
         "mEq/L",
-        chart_itemids=(),
         lab_itemids=(50983, 50824),
         drop=(0, 250),
         clamp=(110, 165),
@@ -207,7 +184,6 @@ STATE_VARIABLES: tuple[StateVariable, ...] = (
     StateVariable(
         "potassium",
         "mEq/L",
-        chart_itemids=(),
         lab_itemids=(50971, 50822),
         drop=(0, 15),
         clamp=(0, 10),
@@ -216,18 +192,35 @@ STATE_VARIABLES: tuple[StateVariable, ...] = (
     StateVariable(
         "bicarbonate",
         "mEq/L",
-        chart_itemids=(),
         lab_itemids=(50882, 50803),
         drop=(0, 66),
         clamp=(5, 50),
         accepted_units={"mEq/L": (1.0, 0.0), "mmol/L": (1.0, 0.0)},
     ),
-    StateVariable(
-        "lactate", "mmol/L", chart_itemids=(), lab_itemids=(50813,), drop=(0, 33), clamp=(0, 50)
-    ),
+    StateVariable("lactate", "mmol/L", lab_itemids=(50813,), drop=(0, 33), clamp=(0, 50)),
 )
 
 GCS_COMPONENT_ITEMIDS: tuple[int, int, int] = (220739, 223900, 223901)
+
+# Ventilator settings (mimic-code ventilation_classification); 720 counts only when its value
+# is not 'Other/Remarks', 467 only when it is 'Ventilator'.
+_VENT_SETTINGS = (
+    *(639, 654, 681, 682, 683, 684, 224684, 224685, 224686),  # tidal volume
+    *(445, 448, 449, 450, 1340, 1486, 1600, 224687),  # minute volume
+    *(60, 437, 505, 506, 686, 220339, 224700),  # PEEP
+    543,  # plateau pressure
+    *(720, 223849),  # ventilator mode
+    467,  # O2 delivery device
+)
+# Crystalloids, then colloids (albumin, hetastarch, dextran).
+_FLUIDS_MV = (
+    *(225158, 225828, 225944, 225797, 225159, 225823, 225825, 225827, 225941, 226089),
+    *(220864, 220862, 225174, 225795, 225796),
+)
+_FLUIDS_CV = (
+    *(30015, 30018, 30020, 30021, 30058, 30060, 30061, 30063, 30065, 30159, 30160, 30169, 30190),
+    *(30008, 30009, 30011, 30012),
+)
 
 INTERVENTIONS: tuple[Intervention, ...] = (
     Intervention(
@@ -250,36 +243,7 @@ INTERVENTIONS: tuple[Intervention, ...] = (
         "ventilation_classification): a ventilator setting charted starts or extends an "
         "episode; it ends at extubation or when settings stop for more than 8 hours.",
         max_value=1.0,
-        chartevents=(
-            639,
-            654,
-            681,
-            682,
-            683,
-            684,
-            224684,
-            224685,
-            224686,  # tidal volume
-            445,
-            448,
-            449,
-            450,
-            1340,
-            1486,
-            1600,
-            224687,  # minute volume
-            60,
-            437,
-            505,
-            506,
-            686,
-            220339,
-            224700,  # PEEP
-            543,  # plateau pressure
-            720,
-            223849,  # ventilator mode (720 only when value != 'Other/Remarks')
-            467,
-        ),  # O2 delivery device, only when value = 'Ventilator'
+        chartevents=_VENT_SETTINGS,
         procedureevents_mv=(227194, 225468, 225477),  # extubation (planned / unplanned)
     ),
     Intervention(
@@ -289,42 +253,8 @@ INTERVENTIONS: tuple[Intervention, ...] = (
         "Crystalloid and colloid volume given in the bin, mL. MV amounts are spread "
         "uniformly over starttime..endtime; CV amounts count at charttime.",
         max_value=20000.0,
-        inputevents_mv=(
-            225158,
-            225828,
-            225944,
-            225797,
-            225159,
-            225823,
-            225825,
-            225827,
-            225941,
-            226089,
-            220864,
-            220862,
-            225174,
-            225795,
-            225796,
-        ),
-        inputevents_cv=(
-            30015,
-            30018,
-            30020,
-            30021,
-            30058,
-            30060,
-            30061,
-            30063,
-            30065,
-            30159,
-            30160,
-            30169,
-            30190,
-            30008,
-            30009,
-            30011,
-            30012,
-        ),
+        inputevents_mv=_FLUIDS_MV,
+        inputevents_cv=_FLUIDS_CV,
     ),
 )
 
@@ -350,10 +280,8 @@ INTERVENTION_BY_NAME: dict[str, Intervention] = {i.name: i for i in INTERVENTION
 def chart_itemids() -> tuple[int, ...]:
     """Every CHARTEVENTS item the ETL needs (state variables and ventilation)."""
     ids = {i for v in STATE_VARIABLES for i in v.chart_itemids}
-    for iv in INTERVENTIONS:
-        ids.update(iv.chartevents)
-    ids.add(EXTUBATION_CHART_ITEMID)
-    return tuple(sorted(ids))
+    ids |= {i for iv in INTERVENTIONS for i in iv.chartevents}
+    return tuple(sorted(ids | {EXTUBATION_CHART_ITEMID}))
 
 
 def lab_itemids() -> tuple[int, ...]:
@@ -364,11 +292,7 @@ def catalog_dict() -> dict:
     """A JSON-able description of the catalog (shipped with the preprocessor and the model)."""
     return {
         "bin_hours": BIN_HOURS,
-        "state_variables": [
-            {k: v for k, v in asdict(var).items() if k != "conversions"}
-            | {"conversions": [asdict(c) for c in var.conversions]}
-            for var in STATE_VARIABLES
-        ],
+        "state_variables": [asdict(var) for var in STATE_VARIABLES],
         "interventions": [asdict(iv) for iv in INTERVENTIONS],
     }
 

@@ -48,14 +48,6 @@ def process_gone(pid: int, made_at: float | None = None) -> bool:
     return made_at is not None and started > made_at + 1.0
 
 
-def owner_of(name: str, prefix: str) -> tuple[int, str] | None:
-    """(pid, host) of a name made as ``prefix + owner_mark() + ...``, else None."""
-    if not name.startswith(prefix):
-        return None
-    m = _OWNER.match(name, len(prefix))
-    return (int(m.group(1)), m.group(2)) if m else None
-
-
 def stale(folder: Path, prefix: str) -> list[Path]:
     """Entries of ``folder`` named ``prefix + <owner>...`` whose owner process is gone."""
     try:
@@ -63,16 +55,15 @@ def stale(folder: Path, prefix: str) -> list[Path]:
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return []
     found = []
-    me = os.getpid()
     for entry in entries:
-        owner = owner_of(entry.name, prefix)
-        if owner is None or owner[1] != host() or owner[0] == me:
+        owner = _OWNER.match(entry.name, len(prefix)) if entry.name.startswith(prefix) else None
+        if owner is None or owner[2] != host() or int(owner[1]) == os.getpid():
             continue
         try:
             made_at = entry.lstat().st_mtime
         except FileNotFoundError:  # its owner just finished with it
             continue
-        if process_gone(owner[0], made_at):
+        if process_gone(int(owner[1]), made_at):
             found.append(entry)
     return sorted(found)
 
@@ -89,9 +80,7 @@ def remove(path: Path) -> None:
     log.info("removed %s, left behind by a run that was stopped", path)
 
 
-def remove_stale(folder: Path, prefix: str) -> int:
-    """Remove what :func:`stale` finds; returns how many entries went."""
-    gone = stale(folder, prefix)
-    for path in gone:
+def remove_stale(folder: Path, prefix: str) -> None:
+    """Remove what :func:`stale` finds."""
+    for path in stale(folder, prefix):
         remove(path)
-    return len(gone)

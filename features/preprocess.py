@@ -44,6 +44,10 @@ from features.catalog import (
 from features.errors import UserError
 
 PREPROCESSOR_FORMAT = 1
+IMPUTER_MAX_ITER = 10
+IMPUTER_MAX_ROWS = 200_000
+"""Very large training sets are subsampled to this for the imputer fit only; the scaler always
+sees every training row."""
 FEATURE_NAMES: tuple[str, ...] = STATE_NAMES + INTERVENTION_NAMES
 BINS_COLUMNS: tuple[str, ...] = (
     "subject_id",
@@ -63,24 +67,26 @@ CLAMP_HIGH = np.array([STATE_BY_NAME[n].clamp[1] for n in STATE_NAMES], dtype=np
 DROP_LOW = np.array([STATE_BY_NAME[n].drop[0] for n in STATE_NAMES], dtype=np.float64)
 DROP_HIGH = np.array([STATE_BY_NAME[n].drop[1] for n in STATE_NAMES], dtype=np.float64)
 INTERVENTION_MAX = np.array([INTERVENTION_BY_NAME[n].max_value for n in INTERVENTION_NAMES])
+# Bounds of ``[state, interventions]``: the imputer never leaves them.
+FEATURE_LOW = np.concatenate([CLAMP_LOW, np.zeros(len(INTERVENTION_NAMES))])
+FEATURE_HIGH = np.concatenate([CLAMP_HIGH, INTERVENTION_MAX])
 
 
 class PreprocessorError(UserError):
     """A preprocessor artifact that is missing, corrupt or built for another catalog."""
 
 
-def forward_fill(values: np.ndarray, group_start: np.ndarray | None = None) -> np.ndarray:
+def forward_fill(values: np.ndarray, group_start: np.ndarray) -> np.ndarray:
     """Forward-fill NaNs down the rows of ``values`` (n, k), never across groups.
 
-    ``group_start[i]`` is the first row of row i's group (its stay); None means one group.
+    ``group_start[i]`` is the first row of row i's group (its stay).
     """
     values = np.asarray(values, dtype=np.float64)
     n = values.shape[0]
     rows = np.arange(n)[:, None]
     last_valid = np.where(np.isnan(values), -1, rows)
     np.maximum.accumulate(last_valid, axis=0, out=last_valid)
-    start = np.zeros((n, 1), dtype=np.int64) if group_start is None else group_start[:, None]
-    usable = last_valid >= start
+    usable = last_valid >= group_start[:, None]
     cols = np.broadcast_to(np.arange(values.shape[1]), values.shape)
     filled = values[np.where(usable, last_valid, 0), cols]
     return np.where(usable, filled, np.nan)
@@ -96,9 +102,7 @@ class PreparedBins:
 
 
 def prepare_arrays(
-    state: np.ndarray,
-    interventions: np.ndarray,
-    group_start: np.ndarray | None = None,
+    state: np.ndarray, interventions: np.ndarray, group_start: np.ndarray
 ) -> PreparedBins:
     """Steps 3-6 on aggregated bins, as arrays: clamp, observed masks, ffill, zero-fill.
 
@@ -123,40 +127,27 @@ def prepare_arrays(
 def group_starts(stay_ids: np.ndarray) -> np.ndarray:
     """For rows sorted by stay, the index of the first row of each row's stay."""
     stay_ids = np.asarray(stay_ids)
-    n = len(stay_ids)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    is_start = np.ones(n, dtype=bool)
-    is_start[1:] = stay_ids[1:] != stay_ids[:-1]
-    return np.maximum.accumulate(np.where(is_start, np.arange(n), 0))
+    # The slice keeps no row when there are none (the leading True is row 0's).
+    is_start = np.concatenate([[True], stay_ids[1:] != stay_ids[:-1]])[: len(stay_ids)]
+    return np.maximum.accumulate(np.where(is_start, np.arange(len(stay_ids)), 0))
 
 
-def prepare_bins(frame: pd.DataFrame, stay_col: str = "icustay_id") -> pd.DataFrame:
-    """:func:`prepare_arrays` on a frame of aggregated bins, one row per (stay, bin).
-
-    Returns the frame sorted by (stay, bin) with state clamped and forward-filled within each
-    stay (NaN where nothing is known yet), ``<var>_observed`` masks, and interventions zero-filled.
-    """
-    for col in (stay_col, "bin", *STATE_NAMES):
+def prepare_bins(frame: pd.DataFrame) -> pd.DataFrame:
+    """:func:`prepare_arrays` on a frame of aggregated bins, one row per (icustay_id, bin);
+    returned sorted by (icustay_id, bin), with the ``<var>_observed`` masks added."""
+    for col in ("icustay_id", "bin", *STATE_NAMES):
         if col not in frame:
             raise KeyError(f"prepare_bins: column {col!r} missing")
-    out = frame.sort_values([stay_col, "bin"], kind="stable").reset_index(drop=True)
+    out = frame.sort_values(["icustay_id", "bin"], kind="stable").reset_index(drop=True)
     prepared = prepare_arrays(
         out[list(STATE_NAMES)].to_numpy(np.float64),
         out.reindex(columns=list(INTERVENTION_NAMES)).to_numpy(np.float64),  # absent: NaN
-        group_starts(out[stay_col].to_numpy()),
+        group_starts(out["icustay_id"].to_numpy()),
     )
     out[list(STATE_NAMES)] = prepared.state
     out[list(INTERVENTION_NAMES)] = prepared.interventions
-    for i, name in enumerate(STATE_NAMES):
-        out[f"{name}_observed"] = prepared.observed[:, i]
+    out[list(OBSERVED_NAMES)] = prepared.observed
     return out
-
-
-def _feature_bounds() -> tuple[np.ndarray, np.ndarray]:
-    """Lower/upper bounds of ``[state, interventions]``: the imputer never leaves them."""
-    low = np.concatenate([CLAMP_LOW, np.zeros(len(INTERVENTION_NAMES))])
-    return low, np.concatenate([CLAMP_HIGH, INTERVENTION_MAX])
 
 
 @dataclass
@@ -167,6 +158,11 @@ class _LinearStep:
     neighbors: np.ndarray
     coef: np.ndarray
     intercept: float
+
+    def __post_init__(self) -> None:
+        self.feature, self.intercept = int(self.feature), float(self.intercept)
+        self.neighbors = np.asarray(self.neighbors, dtype=np.int64)
+        self.coef = np.asarray(self.coef, dtype=np.float64)
 
 
 class Preprocessor:
@@ -196,21 +192,11 @@ class Preprocessor:
         # A constant column (e.g. an intervention never given in training) scales to 0.
         self._span = np.where(span > 0, span, 1.0)
 
-    # ----------------------------------------------------------------- fitting
     @classmethod
-    def fit(
-        cls,
-        train: pd.DataFrame,
-        *,
-        max_iter: int = 10,
-        seed: int = 0,
-        max_rows: int | None = 200_000,
-    ) -> tuple[Preprocessor, object]:
+    def fit(cls, train: pd.DataFrame, *, seed: int = 0) -> tuple[Preprocessor, object]:
         """Fit on prepared training bins (state may hold NaN; interventions are complete).
 
         Returns the preprocessor and the fitted sklearn imputer (kept for reference and tests).
-        ``max_rows`` subsamples very large training sets for the imputer fit only; the scaler
-        always sees every training row.
         """
         from sklearn.experimental import enable_iterative_imputer  # noqa: F401
         from sklearn.impute import IterativeImputer
@@ -220,16 +206,15 @@ class Preprocessor:
         if len(x) == 0:
             raise ValueError("cannot fit the preprocessor on an empty training split")
         fit_x = x
-        if max_rows is not None and len(x) > max_rows:
+        if len(x) > IMPUTER_MAX_ROWS:
             rng = np.random.default_rng(seed)
-            fit_x = x[np.sort(rng.choice(len(x), size=max_rows, replace=False))]
-        low, high = _feature_bounds()
+            fit_x = x[np.sort(rng.choice(len(x), size=IMPUTER_MAX_ROWS, replace=False))]
         imputer = IterativeImputer(
             estimator=BayesianRidge(),
-            max_iter=max_iter,
+            max_iter=IMPUTER_MAX_ITER,
             random_state=seed,
-            min_value=low,
-            max_value=high,
+            min_value=FEATURE_LOW,
+            max_value=FEATURE_HIGH,
             keep_empty_features=True,
             skip_complete=True,
         )
@@ -243,35 +228,25 @@ class Preprocessor:
             imputer.fit(fit_x)
         initial = np.asarray(imputer.initial_imputer_.statistics_, dtype=np.float64)
         # A variable never observed in training has no mean: fall back to its clamp midpoint.
-        mid = (low + high) / 2
-        initial = np.where(np.isfinite(initial), initial, mid)
+        initial = np.where(np.isfinite(initial), initial, (FEATURE_LOW + FEATURE_HIGH) / 2)
         steps = [
-            _LinearStep(
-                feature=int(t.feat_idx),
-                neighbors=np.asarray(t.neighbor_feat_idx, dtype=np.int64),
-                coef=np.asarray(t.estimator.coef_, dtype=np.float64),
-                intercept=float(t.estimator.intercept_),
-            )
+            _LinearStep(t.feat_idx, t.neighbor_feat_idx, t.estimator.coef_, t.estimator.intercept_)
             for t in imputer.imputation_sequence_
         ]
-        pre = cls(initial, steps, np.zeros(len(FEATURE_NAMES)), np.ones(len(FEATURE_NAMES)))
-        filled = pre.impute(x)
-        scale_min = filled.min(axis=0)
-        scale_max = filled.max(axis=0)
+        unscaled = cls(initial, steps, np.zeros(len(FEATURE_NAMES)), np.ones(len(FEATURE_NAMES)))
+        filled = unscaled.impute(x)
         meta = {
             "format": PREPROCESSOR_FORMAT,
             "catalog_version": catalog_version(),
             "n_train_rows": int(len(x)),
             "n_fit_rows": int(len(fit_x)),
-            "max_iter": max_iter,
+            "max_iter": IMPUTER_MAX_ITER,
             "n_iter": int(imputer.n_iter_),
             "seed": seed,
             "feature_names": list(FEATURE_NAMES),
         }
-        out = cls(initial, steps, scale_min, scale_max, meta)
-        return out, imputer
+        return cls(initial, steps, filled.min(axis=0), filled.max(axis=0), meta), imputer
 
-    # --------------------------------------------------------------- transform
     def impute(self, x: np.ndarray) -> np.ndarray:
         """Impute NaNs in rows of ``[state(18), interventions(3)]`` in physical units.
 
@@ -283,7 +258,6 @@ class Preprocessor:
         missing = np.isnan(x)
         if not missing.any():
             return x.copy()
-        low, high = _feature_bounds()
         xt = np.where(missing, self.initial_fill, x)
         rows_missing = missing.any(axis=0)
         for step in self.steps:
@@ -292,12 +266,8 @@ class Preprocessor:
                 continue
             m = missing[:, f]
             pred = xt[m][:, step.neighbors] @ step.coef + step.intercept
-            xt[m, f] = np.clip(pred, low[f], high[f])
+            xt[m, f] = np.clip(pred, FEATURE_LOW[f], FEATURE_HIGH[f])
         return xt
-
-    def scale(self, x: np.ndarray) -> np.ndarray:
-        """Min-max scale full feature rows ``[state, interventions]``."""
-        return (np.asarray(x, dtype=np.float64) - self.scale_min) / self._span
 
     def scale_state(self, x: np.ndarray) -> np.ndarray:
         return (np.asarray(x, dtype=np.float64) - self.scale_min[:N_STATE]) / self._span[:N_STATE]
@@ -313,7 +283,6 @@ class Preprocessor:
         """max - min of each state variable (for noise in physical units and per-variable RMSE)."""
         return self._span[:N_STATE].copy()
 
-    # -------------------------------------------------------------- persistence
     def to_dict(self) -> dict:
         return {
             "meta": self.meta,
@@ -327,12 +296,10 @@ class Preprocessor:
             "scale_max": self.scale_max.tolist(),
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike) -> None:
         """Write the artifact folder ``preprocessor.json`` atomically."""
-        path = Path(path)
         with atomic_dir(path) as tmp:
             (tmp / "preprocessor.json").write_text(json.dumps(self.to_dict(), indent=1))
-        return path
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> Preprocessor:
@@ -348,17 +315,9 @@ class Preprocessor:
                     f"{source}: built for variable catalog {meta.get('catalog_version')!r}, "
                     f"this code has {catalog_version()!r}; re-run the ETL"
                 )
-            steps = [
-                _LinearStep(
-                    int(s["feature"]),
-                    np.asarray(s["neighbors"], dtype=np.int64),
-                    np.asarray(s["coef"], dtype=np.float64),
-                    float(s["intercept"]),
-                )
-                for s in d["steps"]
-            ]
+            steps = [_LinearStep(**s) for s in d["steps"]]
             return cls(d["initial_fill"], steps, d["scale_min"], d["scale_max"], meta)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise PreprocessorError(f"{source}: malformed preprocessor ({exc!r})") from exc
 
     @classmethod

@@ -119,7 +119,8 @@ def test_imputer_and_scaler_come_from_the_rows_given() -> None:
     filled = pre_a.impute(train[list(FEATURE_NAMES)].to_numpy())
     np.testing.assert_array_equal(pre_a.scale_min, filled.min(axis=0))
     np.testing.assert_array_equal(pre_a.scale_max, filled.max(axis=0))
-    scaled = pre_a.scale(filled)
+    n = len(STATE_NAMES)
+    scaled = np.hstack([pre_a.scale_state(filled[:, :n]), pre_a.scale_interventions(filled[:, n:])])
     assert scaled.min() >= -1e-12 and scaled.max() <= 1 + 1e-12
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from features.catalog import N_INTERVENTION, N_STATE
+from training.models.cfc import CfC
 
 N_INPUT = 2 * N_STATE + N_INTERVENTION
 """Model input at bin t: scaled state (18), observed mask (18), scaled interventions (3)."""
@@ -48,21 +50,14 @@ class ModelConfig:
     # With residual: the output head starts at zero, so the untrained model is persistence and
     # training moves away from it only as far as the (closed-loop) loss rewards.
     zero_head: bool = True
-    # Keep each variable's measured level (EWMAs, stay mean) beside a network's state and learn
-    # a per-variable pull towards it (training.models.level).
+    # The level memory and its gains' start and training: training.models.level and
+    # docs/training.md (--level-memory, --level-init, --level-train).
     level_memory: bool = True
-    # How the pull's gains start: "ridge" = a ridge fit of the one-step change on the pull's
-    # inputs over the training stays (training.models.level.fit_gains), so training starts
-    # from the level forecaster instead of persistence; "zero" = persistence.
     level_init: Literal["zero", "ridge"] = "ridge"
     level_alpha: float = 1.0
-    # False: the gains stay at their start and training fits the network only. Chosen on the
-    # development patients (docs/results.md): with the ridge start, training the gains too
-    # was no better for GRU and worse for CfC at K = 3, 5.
     level_train: bool = False
     # Members of a deep ensemble (training.models.ensemble); 1 = a single network.
     ensemble: int = 5
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,30 +82,27 @@ _BEFORE_FIELD_EXISTED = {
 
 
 class DynamicsModel(nn.Module):
-    """Base class: ``forward`` for training, ``init_state`` + ``step`` for rollouts."""
-
-    recurrent: bool = True
+    """Base class: ``forward`` (B, T, 39) -> (B, T, 18) teacher-forced for training,
+    ``init_state`` + ``step`` for rollouts; a model's ``forward`` and chained ``step`` calls
+    give the same numbers."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, T, 39) -> (B, T, 18)
-        """Teacher-forced prediction of the next scaled state at every bin."""
-        state = self.init_state(x.shape[0], x.device, x.dtype)
-        outs = []
-        for t in range(x.shape[1]):
-            y, state = self.step(x[:, t], state)
-            outs.append(y)
-        return torch.stack(outs, dim=1)
-
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
         return []
 
-    def stepping(self) -> AbstractContextManager:
-        """Wrap a loop of :meth:`step` calls in it: a model may prepare its weights once for
-        the loop (CfC). The parameters must not change inside; autograd works through it."""
-        return nullcontext()
+    @contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Wrap a loop of :meth:`step` calls in it: every CfC layer inside the model arranges
+        its weights once for the loop. The parameters must not change inside; autograd works
+        through it."""
+        with ExitStack() as stack:
+            for m in self.modules():
+                if isinstance(m, CfC):
+                    stack.enter_context(m.stepping())
+            yield
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:  # (B, 39) -> (B, 18)
         raise NotImplementedError

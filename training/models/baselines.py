@@ -13,11 +13,6 @@ from training.models.base import N_INPUT, DynamicsModel, ModelConfig, State
 class Persistence(DynamicsModel):
     """Predicts that the next bin equals the current one (in a rollout: stays constant)."""
 
-    recurrent = False
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
-
     def forward(self, x: Tensor) -> Tensor:
         return x[..., :N_STATE]
 
@@ -31,8 +26,6 @@ class Linear(DynamicsModel):
     The ridge target is the change ``state_{t+1} - state_t`` (with ``residual``), so the penalty
     shrinks towards persistence rather than towards zero.
     """
-
-    recurrent = False
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)

@@ -3,21 +3,9 @@
 Computes the function of ``ncps.torch.CfC`` (ncps 1.0.1) with the same module names and shapes,
 so an ncps CfC state dict loads unchanged (tests/test_cfc.py checks outputs and gradients).
 Always at ncps' default elapsed time of 1 per step: the bins are regular (12 h), and ncps'
-per-sample timespans are broken anyway (ncps issue #83).
-
-What differs from ncps is only how the function is evaluated, for speed:
-
-* the backbone's first Linear acts on ``cat([x_t, h])``; its input part is applied to all
-  steps of a sequence in one matrix product before the time loop (as is the mixed-memory
-  LSTM's ``input_map``), leaving one small ``h @ W_h`` per step;
-* ``ff1``, ``ff2``, ``time_a`` and ``time_b`` are one matmul per step; with elapsed time 1,
-  ``time_a(x) * 1 + time_b(x)`` is one head whose weights are the sum of the two;
-* LeCun tanh's constants are moved into the neighbouring Linears' weights;
-* these weight arrangements are made once per ``forward``, or once per loop of ``step`` calls
-  inside ``CfC.stepping()``.
-
-Autograd does the backward pass, so any loss over ``forward`` or over chained ``step`` calls
-(closed-loop training) is differentiable.
+per-sample timespans are broken anyway (ncps issue #83). Only the evaluation differs from
+ncps, for speed (weights fused and arranged once per sequence, the input's projection hoisted
+out of the time loop: docs/cfc.md); autograd does the backward pass.
 """
 
 from __future__ import annotations
@@ -136,10 +124,8 @@ class CfCCell(nn.Module):
             ta, tb = self.time_a, self.time_b
             head_w = torch.cat([ff1_w, ff2_w, ta.weight + tb.weight])
             head_b = torch.cat([self.ff1.bias, self.ff2.bias, ta.bias + tb.bias])
-        linears = (
-            [] if self.backbone is None else [m for m in self.backbone if isinstance(m, nn.Linear)]
-        )
-        layers = [(m.weight, m.bias) for m in linears] + [(head_w, head_b)]
+        layers = [(m.weight, m.bias) for m in self.backbone or () if isinstance(m, nn.Linear)]
+        layers.append((head_w, head_b))
         if self._lecun:
             # 1.7159 tanh(0.666 u): 0.666 moves into the Linear before each activation and
             # 1.7159 into the one after it, leaving a bare tanh (fewer ops per step).
@@ -292,28 +278,20 @@ class CfC(nn.Module):
         finally:
             self._weights = previous
 
-    def init_hidden(self, batch: int, like: Tensor) -> Hidden:
-        h = like.new_zeros(batch, self.state_size)
-        return (h, h.clone()) if self.use_mixed else h
-
     def step(self, x: Tensor, hx: Hidden) -> tuple[Tensor, Hidden]:
         """One bin: x (B, input_size) -> (output (B, output_size), new state)."""
-        h, c = hx if self.use_mixed else (hx, None)
-        if self.use_mixed:
-            h, c = self.lstm(x, (h, c))
-        w = self._weights
-        h = (
-            self.rnn_cell(x, h)
-            if w is None
-            else self.rnn_cell.recur(self.rnn_cell.project(x, w), h, w)
-        )
+        h, c = self.lstm(x, hx) if self.use_mixed else (hx, None)
+        cell, w = self.rnn_cell, self._weights
+        h = cell(x, h) if w is None else cell.recur(cell.project(x, w), h, w)
         return self._output(h), ((h, c) if self.use_mixed else h)
 
     def forward(self, x: Tensor, hx: Hidden | None = None) -> tuple[Tensor, Hidden]:
         """x (B, T, input_size) -> (outputs (B, T, output_size), state after the last step)."""
         if hx is None:
-            hx = self.init_hidden(x.shape[0], x)
-        h, c = hx if self.use_mixed else (hx, None)
+            h = x.new_zeros(x.shape[0], self.state_size)
+            c = h.clone() if self.use_mixed else None
+        else:
+            h, c = hx if self.use_mixed else (hx, None)
         # unbind, not xs[t]: indexing's backward would zero-fill a whole-sequence gradient
         # for every step.
         xs = x.unbind(1)
@@ -332,8 +310,7 @@ class CfC(nn.Module):
                 h, c = self.lstm.recur(pre_lstm[t], h, c)
             h = recur(t, h)
             outs.append(h)
-        out = self._output(torch.stack(outs, dim=1))
-        return out, ((h, c) if self.use_mixed else h)
+        return self._output(torch.stack(outs, dim=1)), ((h, c) if self.use_mixed else h)
 
     def _output(self, h: Tensor) -> Tensor:
         return h if self.output_size == self.state_size else h[..., -self.output_size :]

@@ -1,14 +1,9 @@
 """Direct multi-horizon ridge: predicts the change over K bins straight from bin t.
 
-Not a dynamics model (it does not roll out): for each horizon K and variable v it regresses
-``state[t+K, v] - state[t, v]`` on a compact design of v's own: its scaled state and observed
-mask at t, the interventions of bins t..t+K-1 (the planned ones are known), and summaries of
-v's history up to t: exponentially weighted means of its *measured* values (half-lives of 1
-and 3 bins) and its running mean, each minus the state at t, and the bin index. Fitted on
-training windows whose target was measured. Its own history is what lets it predict a return
-towards the patient's level (a noisy value is followed by a smaller change); other variables'
-states added little but variance on the demo's ~60 training patients. A strong, cheap
-baseline: a dynamics model that sees the whole history should do at least this well.
+Not a dynamics model (it does not roll out): for each horizon K and variable v a ridge on v's
+own compact design (docs/training.md, ``direct``). Other variables' states added little but
+variance on the demo's ~60 training patients. A strong, cheap baseline: a dynamics model that
+sees the whole history should do at least this well.
 """
 
 from __future__ import annotations
@@ -88,7 +83,6 @@ class DirectRidge:
         from sklearn.model_selection import GridSearchCV, GroupKFold
 
         groups = np.arange(len(inputs)) if groups is None else np.asarray(groups)
-
         for k in ks:
             x, stay, start = _features(inputs, k)
             coef = np.zeros((N_STATE, x.shape[2]))

@@ -1,16 +1,13 @@
 """A deep ensemble: independently initialised members whose forecasts are averaged.
 
-On data this small (tens of training patients) a single network's forecast depends a lot on
-its initialisation; the mean of a few members has lower variance. Each member is trained on
-its own closed-loop loss (its own rollout, :func:`training.lit.rollout_errors`), as in
-Lakshminarayanan et al.'s deep ensembles; a rollout of the ensemble feeds back the members'
-mean, which is what is served.
+Each member is trained on its own closed-loop loss (Lakshminarayanan et al.'s deep
+ensembles); a rollout feeds back the members' mean, which is what is served. Why: one
+network's forecast varied a lot with its initialisation (docs/training.md, ``--ensemble``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+import itertools
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +19,6 @@ class Ensemble(DynamicsModel):
     def __init__(self, cfg: ModelConfig, members: list[DynamicsModel]) -> None:
         super().__init__(cfg)
         self.members = nn.ModuleList(members)
-        self.recurrent = any(m.recurrent for m in members)
         # How many state tensors each member keeps (fixed by its type), to split the state.
         self.state_sizes = [
             len(m.init_state(1, torch.device("cpu"), torch.float32)) for m in members
@@ -35,18 +31,8 @@ class Ensemble(DynamicsModel):
         return [t for m in self.members for t in m.init_state(batch, device, dtype)]
 
     def _split(self, state: State) -> list[State]:
-        out, i = [], 0
-        for n in self.state_sizes:
-            out.append(list(state[i : i + n]))
-            i += n
-        return out
-
-    @contextmanager
-    def stepping(self) -> Iterator[None]:
-        with ExitStack() as stack:
-            for m in self.members:
-                stack.enter_context(m.stepping())
-            yield
+        rest = iter(state)
+        return [list(itertools.islice(rest, n)) for n in self.state_sizes]
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         ys, new = [], []

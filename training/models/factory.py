@@ -26,12 +26,9 @@ BASELINES: tuple[str, ...] = ("persistence", "linear", "level")
 
 
 def build_model(cfg: ModelConfig) -> DynamicsModel:
-    try:
-        builder = _BUILDERS[cfg.model]
-    except KeyError:
-        raise ValueError(
-            f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}"
-        ) from None
+    if cfg.model not in _BUILDERS:
+        raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    builder = _BUILDERS[cfg.model]
     if cfg.ensemble > 1 and cfg.model not in BASELINES:
         from training.models.ensemble import Ensemble
 

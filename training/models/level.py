@@ -1,32 +1,17 @@
 """A per-variable memory of the patient's measured level, around any recurrent network.
 
-On the demo, most of what can be forecast beyond "nothing changes" is each variable drifting
-back towards the patient's own recent level: a 12-hour bin mean is a noisy reading, and the
-last one over- or undershoots. A ridge on a variable's own measured history (exponentially
-weighted means, the stay's mean) beats persistence where a 2 x 32 network trained on ~50
-patients stays near it: the network could learn such averages in its hidden state, but not
-from this little data. So the averages are kept explicitly, beside the network's state:
+    y = network(x_t) + sum_j gain_j * (level_j - x_t)      (per variable)
 
-    y = network(x_t) + sum_j gain_j * (level_j - x_t)      (per variable, gains start at 0)
-
-``level_j`` are exponentially weighted means of the **measured** values up to bin t (half-lives
-of 1 and 3 bins) and the mean of all measured values so far; a variable not yet measured has
-level = x_t (no pull). In a closed-loop rollout the fed-back predictions carry an observed mask
-of 0, so they do not move the levels: the forecast relaxes towards the measured level, step
-by step, as the (closed-loop) training loss finds it pays. With zero gains and a zero head the
-untrained model is persistence.
-
-By default the gains do not start at zero but at a ridge fit of the one-step change of each
-measured value on its pulls, over the training stays (:func:`fit_gains`): 54 numbers that a
-closed-form fit gets right, where Adam on ~50 patients, stopped early on ~10, left them short
-(docs/results.md, "Level gains from a ridge fit"). Training then starts from that level
-forecaster, and the network learns what is left.
+``level_j`` are exponentially weighted means of the **measured** values up to bin t and the
+mean of all measured values so far; a variable not yet measured has level = x_t (no pull).
+Fed-back predictions carry an observed mask of 0, so a rollout relaxes towards the measured
+level. Why, and why the gains start at a ridge fit (:func:`fit_gains`): docs/training.md
+(``--level-memory``, ``--level-init``) and docs/results.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -58,14 +43,9 @@ def update_levels(memory: State, x: Tensor) -> tuple[State, Tensor]:
     num = d * num + (1 - d) * (m * s)[:, None]
     den = d * den + (1 - d) * m[:, None]
     total, count = total + m * s, count + m
-    levels = torch.cat(
-        [
-            torch.where(den > 0, num / den.clamp_min(1e-12), s[:, None]),
-            torch.where(count > 0, total / count.clamp_min(1.0), s)[:, None],
-        ],
-        dim=1,
-    )
-    return [num, den, total, count], levels
+    ewmas = torch.where(den > 0, num / den.clamp_min(1e-12), s[:, None])
+    mean = torch.where(count > 0, total / count.clamp_min(1.0), s)
+    return [num, den, total, count], torch.cat([ewmas, mean[:, None]], dim=1)
 
 
 def empty_levels(batch: int, device: torch.device, dtype: torch.dtype) -> State:
@@ -127,7 +107,6 @@ class LevelMemory(DynamicsModel):
     def __init__(self, cfg: ModelConfig, inner: DynamicsModel) -> None:
         super().__init__(cfg)
         self.inner = inner
-        self.recurrent = True
         self.gain = nn.Parameter(
             torch.zeros(len(HALF_LIVES) + 1, N_STATE), requires_grad=cfg.level_train
         )
@@ -148,11 +127,6 @@ class LevelMemory(DynamicsModel):
 
     def _pull(self, levels: Tensor, x: Tensor) -> Tensor:
         return (_GAIN_SCALE * self.gain.to(x.dtype) * (levels - x[:, None, :N_STATE])).sum(dim=1)
-
-    @contextmanager
-    def stepping(self) -> Iterator[None]:
-        with self.inner.stepping():
-            yield
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         memory, levels = update_levels(state[self._n_inner :], x)

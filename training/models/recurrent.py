@@ -1,14 +1,10 @@
 """Recurrent dynamics models: CfC (plain or NCP-wired), ncps LTC, and torch GRU / LSTM.
 
 CfC is :mod:`training.models.cfc` (``cfc_impl="torch"``) or ncps' reference (``"ncps"``).
-ncps cells are called without ``timespans``: the bins are regular (12 h), and ncps 1.0.1's
-per-sample timespans are broken (ncps issue #83), so the default elapsed time of 1 is used.
+ncps cells are called without ``timespans``, at elapsed time 1 as in :mod:`training.models.cfc`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -45,30 +41,14 @@ class _NcpsStack(DynamicsModel):
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
         out: State = []
         for rnn in self.rnns:
-            out.append(torch.zeros(batch, rnn.state_size, device=device, dtype=dtype))
-            if rnn.use_mixed:
-                out.append(torch.zeros(batch, rnn.state_size, device=device, dtype=dtype))
+            z = torch.zeros(batch, rnn.state_size, device=device, dtype=dtype)
+            out += [z, z.clone()] if rnn.use_mixed else [z]
         return out
 
-    @contextmanager
-    def stepping(self) -> Iterator[None]:
-        with ExitStack() as stack:
-            for rnn in self.rnns:
-                if isinstance(rnn, CfC):
-                    stack.enter_context(rnn.stepping())
-            yield
-
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        h = x
-        new: State = []
-        i = 0
+        h, new, rest = x, [], iter(state)
         for rnn in self.rnns:
-            if rnn.use_mixed:
-                hx = (state[i], state[i + 1])
-                i += 2
-            else:
-                hx = state[i]
-                i += 1
+            hx = (next(rest), next(rest)) if rnn.use_mixed else next(rest)
             if isinstance(rnn, CfC):
                 h, hx = rnn.step(h, hx)
             else:  # ncps modules take sequences: a sequence of one bin
@@ -80,22 +60,20 @@ class _NcpsStack(DynamicsModel):
 
 def build_cfc(cfg: ModelConfig) -> DynamicsModel:
     cls = _cfc_class(cfg.cfc_impl)
-    layers = []
-    size = N_INPUT
-    for _ in range(cfg.layers):
-        layers.append(
-            cls(
-                size,
-                cfg.units,
-                mixed_memory=cfg.mixed_memory,
-                mode=cfg.mode,
-                backbone_units=cfg.backbone_units,
-                backbone_layers=cfg.backbone_layers,
-                backbone_dropout=cfg.backbone_dropout,
-            )
+    sizes = [N_INPUT, *[cfg.units] * cfg.layers]  # each layer's input, then the head's
+    layers = [
+        cls(
+            size,
+            cfg.units,
+            mixed_memory=cfg.mixed_memory,
+            mode=cfg.mode,
+            backbone_units=cfg.backbone_units,
+            backbone_layers=cfg.backbone_layers,
+            backbone_dropout=cfg.backbone_dropout,
         )
-        size = cfg.units
-    return _NcpsStack(cfg, layers, size)
+        for size in sizes[:-1]
+    ]
+    return _NcpsStack(cfg, layers, sizes[-1])
 
 
 def build_cfc_ncp(cfg: ModelConfig) -> DynamicsModel:
@@ -110,14 +88,12 @@ def build_cfc_ncp(cfg: ModelConfig) -> DynamicsModel:
 def build_ltc(cfg: ModelConfig) -> DynamicsModel:
     from ncps.torch import LTC
 
-    layers = []
-    size = N_INPUT
-    for _ in range(cfg.layers):
-        layers.append(
-            LTC(size, cfg.units, mixed_memory=cfg.mixed_memory, ode_unfolds=cfg.ode_unfolds)
-        )
-        size = cfg.units
-    return _NcpsStack(cfg, layers, size)
+    sizes = [N_INPUT, *[cfg.units] * cfg.layers]  # each layer's input, then the head's
+    layers = [
+        LTC(size, cfg.units, mixed_memory=cfg.mixed_memory, ode_unfolds=cfg.ode_unfolds)
+        for size in sizes[:-1]
+    ]
+    return _NcpsStack(cfg, layers, sizes[-1])
 
 
 class TorchRNN(DynamicsModel):
