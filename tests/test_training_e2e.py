@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -253,12 +254,11 @@ def test_ddp_two_cpu_processes(store: dict) -> None:
     """``--strategy ddp --devices 2`` trains one epoch in 2 processes and logs one run."""
     from mlflow import MlflowClient
 
-    before = {
-        r.info.run_id
-        for r in MlflowClient().search_runs(
-            [MlflowClient().get_experiment_by_name("icu-forecast").experiment_id]
-        )
-    }
+    # The experiment exists only if another test of this module trained first.
+    exp = MlflowClient().get_experiment_by_name("icu-forecast")
+    before = (
+        {r.info.run_id for r in MlflowClient().search_runs([exp.experiment_id])} if exp else set()
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -289,7 +289,7 @@ def test_ddp_two_cpu_processes(store: dict) -> None:
         "1",
     ]
     repo = Path(__file__).resolve().parents[1]
-    env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     proc = subprocess.run(
         cmd, cwd=store["root"], env=env, capture_output=True, text=True, timeout=300
     )
