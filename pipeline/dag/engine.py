@@ -242,22 +242,12 @@ class Dag:
 
     def upstream(self, name: str) -> set[str]:
         """``name`` and every step it depends on, transitively."""
-        seen: set[str] = set()
-        stack = [name]
-        while stack:
-            cur = stack.pop()
-            if cur not in seen:
-                seen.add(cur)
-                stack.extend(self.steps[cur].needs)
-        return seen
+        return {name}.union(*(self.upstream(need) for need in self.steps[name].needs))
 
     def fingerprint(self, step: Step, cache: DigestCache) -> Fingerprint:
-        code = code_digests(step.code)
+        files, libraries = code_digests(step.code)
         return Fingerprint(
-            inputs=inputs_digests(step.inputs, cache),
-            params=params_canonical(step.params),
-            code=code.files,
-            libraries=code.libraries,
+            inputs_digests(step.inputs, cache), params_canonical(step.params), files, libraries
         )
 
     def _decide(
@@ -365,11 +355,7 @@ class Dag:
         finally:
             store.save()
             ok = not failed and all(d.action != "blocked" for d in decisions)
-            self.tracker.end_dag(
-                dag_run_id,
-                ok,
-                {d.step: d.action for d in decisions},
-            )
+            self.tracker.end_dag(dag_run_id, ok, {d.step: d.action for d in decisions})
         return RunReport(decisions, failed, dag_run_id)
 
     def _line(self, name: str, label: str, text: str) -> None:

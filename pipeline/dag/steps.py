@@ -30,9 +30,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-# --- fetch -------------------------------------------------------------------------------
-
-
 def fetch_step(s: DagSettings) -> Step:
     def action(ctx: StepContext) -> StepResult:
         result = fetch_demo(s.mimic_dir, url=s.fetch_url, expected_sha256=s.fetch_sha256)
@@ -56,9 +53,6 @@ def fetch_step(s: DagSettings) -> Step:
         not_needed=not_needed,
         description="download the open MIMIC-III demo when the data folder is empty",
     )
-
-
-# --- etl ---------------------------------------------------------------------------------
 
 
 def _etl_settings(s: DagSettings):
@@ -91,9 +85,6 @@ def etl_step(s: DagSettings) -> Step:
         code=("pipeline.etl", "features"),
         description="MIMIC-III tables -> 12-hour bins, data card",
     )
-
-
-# --- train -------------------------------------------------------------------------------
 
 
 def train_step(s: DagSettings, model: str) -> Step:
@@ -135,9 +126,6 @@ def train_step(s: DagSettings, model: str) -> Step:
         verify=run_exists,
         description=f"train and evaluate {model}, log and register it in MLflow",
     )
-
-
-# --- compare / promote -------------------------------------------------------------------
 
 
 def compare_step(s: DagSettings, train_steps: list[Step]) -> Step:

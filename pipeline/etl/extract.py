@@ -23,56 +23,32 @@ log = logging.getLogger(__name__)
 
 TS = pa.timestamp("s")
 I64 = pa.int64()
-F64 = pa.float64()
 STR = pa.string()
-
+# Each column the ETL reads has the same type in every table that holds it.
+COLUMN_TYPES = (
+    dict.fromkeys(("subject_id", "hadm_id", "icustay_id", "itemid"), I64)
+    | dict.fromkeys(("intime", "outtime", "charttime", "starttime", "endtime"), TS)
+    | dict.fromkeys(("valuenum", "amount", "rate"), pa.float64())
+    | dict.fromkeys(("value", "error", "amountuom", "statusdescription"), STR)
+)
 SPECS: dict[str, TableSpec] = {
-    "ICUSTAYS": TableSpec(
-        "ICUSTAYS",
-        {"subject_id": I64, "hadm_id": I64, "icustay_id": I64, "intime": TS, "outtime": TS},
-    ),
-    "CHARTEVENTS": TableSpec(
-        "CHARTEVENTS",
-        {
-            "icustay_id": I64,
-            "itemid": I64,
-            "charttime": TS,
-            "value": STR,
-            "valuenum": F64,
-            "error": STR,
-        },
-    ),
-    "LABEVENTS": TableSpec(
-        "LABEVENTS",
-        {"subject_id": I64, "hadm_id": I64, "itemid": I64, "charttime": TS, "valuenum": F64},
-    ),
-    "INPUTEVENTS_CV": TableSpec(
-        "INPUTEVENTS_CV",
-        {
-            "icustay_id": I64,
-            "charttime": TS,
-            "itemid": I64,
-            "amount": F64,
-            "amountuom": STR,
-            "rate": F64,
-        },
-    ),
-    "INPUTEVENTS_MV": TableSpec(
-        "INPUTEVENTS_MV",
-        {
-            "icustay_id": I64,
-            "starttime": TS,
-            "endtime": TS,
-            "itemid": I64,
-            "amount": F64,
-            "amountuom": STR,
-            "statusdescription": STR,
-        },
-    ),
-    "PROCEDUREEVENTS_MV": TableSpec(
-        "PROCEDUREEVENTS_MV",
-        {"icustay_id": I64, "starttime": TS, "itemid": I64, "statusdescription": STR},
-    ),
+    name: TableSpec(name, {c: COLUMN_TYPES[c] for c in columns})
+    for name, columns in {
+        "ICUSTAYS": ("subject_id", "hadm_id", "icustay_id", "intime", "outtime"),
+        "CHARTEVENTS": ("icustay_id", "itemid", "charttime", "value", "valuenum", "error"),
+        "LABEVENTS": ("subject_id", "hadm_id", "itemid", "charttime", "valuenum"),
+        "INPUTEVENTS_CV": ("icustay_id", "charttime", "itemid", "amount", "amountuom", "rate"),
+        "INPUTEVENTS_MV": (
+            "icustay_id",
+            "starttime",
+            "endtime",
+            "itemid",
+            "amount",
+            "amountuom",
+            "statusdescription",
+        ),
+        "PROCEDUREEVENTS_MV": ("icustay_id", "starttime", "itemid", "statusdescription"),
+    }.items()
 }
 
 Filter = Callable[[pa.Table], pa.Table]

@@ -52,14 +52,7 @@ from pipeline.etl.tables import InputError, TableStats
 
 log = logging.getLogger(__name__)
 
-TABLE_ORDER = (
-    "ICUSTAYS",
-    "CHARTEVENTS",
-    "LABEVENTS",
-    "INPUTEVENTS_CV",
-    "INPUTEVENTS_MV",
-    "PROCEDUREEVENTS_MV",
-)
+TABLE_ORDER = tuple(extract.SPECS)
 SCRATCH_PREFIX = ".etl-work-"
 DATA_CARD_FORMAT = 2
 """2: state columns keep NaN until first measured in the stay; no ``preprocessor/`` (was 1)."""
@@ -351,14 +344,14 @@ def _full_card(settings: EtlSettings, stats: dict[str, TableStats], parts: dict)
     }
 
 
-def _write(out: Path, frame: pd.DataFrame, card: dict) -> tuple[str, dict]:
+def _write(out: Path, frame: pd.DataFrame, card: dict) -> dict:
     """Write bins and card into a staging folder that replaces ``out`` at the end."""
     with atomic_dir(out) as staging:
         bins_path = staging / "bins.parquet"
         frame.to_parquet(bins_path, index=False, compression="zstd")
         card = card | {"bins_sha256": sha256_file(bins_path)}
         (staging / "data_card.json").write_text(json.dumps(card, indent=1) + "\n")
-    return card["bins_sha256"], card
+    return card
 
 
 def run_etl(settings: EtlSettings | None = None) -> EtlResult:
@@ -412,7 +405,7 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     log.info("writing %s (%d stays, %d bins)", out, card["cohort"]["stays_kept"], len(frame))
     check_out_dir(out, settings.mimic_dir, settings.temp_dir)
     try:
-        bins_sha, card = _write(out, frame, _full_card(settings, stats, card))
+        card = _write(out, frame, _full_card(settings, stats, card))
     except OSError as exc:
         raise UserError(
             f"cannot write --out {out} ({exc.strerror or exc}); any previous output is unchanged"
@@ -423,7 +416,7 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
         out_dir=out,
         bins_path=out / "bins.parquet",
         data_card_path=out / "data_card.json",
-        bins_sha256=bins_sha,
+        bins_sha256=card["bins_sha256"],
         counts={
             k: card["cohort"][k]
             for k in ("icustays_rows", "stays_kept", "stays_excluded", "subjects_kept")
