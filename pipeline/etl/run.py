@@ -198,6 +198,23 @@ def build_bins(
     frame = frame.sort_values(["icustay_id", "bin"], kind="stable").reset_index(drop=True)
 
     n_bins = kept["n_bins"].to_numpy(np.int64)
+    values = {
+        n: dropped[n] | {"bins_clamped": int(clamped[:, i].sum())}
+        for i, n in enumerate(STATE_NAMES)
+    }
+    interventions = {
+        n: iv_problems[n] | {"bins_clamped": int(iv_clamped[:, i].sum())}
+        for i, n in enumerate(INTERVENTION_NAMES)
+    }
+    tables = {
+        name: {
+            "rows_read": s.rows_read,
+            "rows_kept": s.rows_kept,
+            "duplicate_rows": s.duplicate_rows,
+            "time_out_of_range_rows": s.time_out_of_range_rows,
+        }
+        for name, s in stats.items()
+    }
     per_split = {
         s: {
             "subjects": int(frame.loc[frame["split"] == s, "subject_id"].nunique()),
@@ -235,82 +252,62 @@ def build_bins(
         "interventions_nonzero": {
             n: round(float((frame[n] > 0).mean()), 6) for n in INTERVENTION_NAMES
         },
-        "values": {
-            n: dropped[n] | {"bins_clamped": int(clamped[:, i].sum())}
-            for i, n in enumerate(STATE_NAMES)
-        },
-        "interventions": {
-            n: iv_problems[n] | {"bins_clamped": int(iv_clamped[:, i].sum())}
-            for i, n in enumerate(INTERVENTION_NAMES)
-        },
+        "values": values,
+        "interventions": interventions,
         "input_problems": _input_problems(
-            stats, settings, int(kept["cut"].sum()), dropped, iv_problems, iv_clamped
+            tables, values, interventions, int(kept["cut"].sum()), settings.max_stay_days
         ),
+        "tables": tables,
     }
     return frame, card
 
 
-def _problem(count: int, action: str, **detail) -> dict:
-    return {"count": int(count), "action": action, **{k: v for k, v in detail.items() if v}}
-
-
 def _input_problems(
-    stats: dict[str, TableStats],
-    settings: EtlSettings,
+    tables: dict[str, dict],
+    values: dict[str, dict],
+    interventions: dict[str, dict],
     stays_cut: int,
-    dropped: dict[str, dict[str, int]],
-    iv_problems: dict[str, dict[str, int]],
-    iv_clamped: np.ndarray,
+    max_stay_days: int,
 ) -> dict[str, dict]:
     """Every kind of bad input the ETL repaired or dropped: how many, and what was done."""
-    dup = {n: s.duplicate_rows for n, s in stats.items() if s.duplicate_rows}
-    bad_time = {n: s.time_out_of_range_rows for n, s in stats.items() if s.time_out_of_range_rows}
-    outside = {n: d["outside_stay"] for n, d in dropped.items() if d["outside_stay"]} | {
-        n: p["outside_stay"] for n, p in iv_problems.items() if p["outside_stay"]
-    }
-    implausible = {
-        n: p["implausible_doses"] for n, p in iv_problems.items() if p["implausible_doses"]
-    }
-    clamped = {
-        n: int(iv_clamped[:, i].sum())
-        for i, n in enumerate(INTERVENTION_NAMES)
-        if iv_clamped[:, i].any()
-    }
+
+    def nonzero(*sections: dict[str, dict], key: str) -> dict[str, int]:
+        return {n: d[key] for section in sections for n, d in section.items() if d[key]}
+
+    def problem(action: str, count: int | None = None, **detail: dict[str, int]) -> dict:
+        total = sum(v for d in detail.values() for v in d.values()) if count is None else count
+        return {"count": int(total), "action": action, **{k: v for k, v in detail.items() if v}}
+
     return {
-        "duplicate_rows": _problem(
-            sum(dup.values()),
+        "duplicate_rows": problem(
             "rows identical in every column the ETL reads were kept once",
-            per_table=dup,
+            per_table=nonzero(tables, key="duplicate_rows"),
         ),
-        "timestamps_out_of_range": _problem(
-            sum(bad_time.values()),
+        "timestamps_out_of_range": problem(
             f"rows with a timestamp outside {extract.TIME_MIN} .. {extract.TIME_MAX} (no "
             "timestamp type used here holds it) were dropped; in ICUSTAYS the stay was "
             "excluded with that reason",
-            per_table=bad_time,
+            per_table=nonzero(tables, key="time_out_of_range_rows"),
         ),
-        "stays_cut_to_max_length": _problem(
-            stays_cut,
-            f"stays longer than max_stay_days = {settings.max_stay_days} were cut to their "
+        "stays_cut_to_max_length": problem(
+            f"stays longer than max_stay_days = {max_stay_days} were cut to their "
             "first max_stay_days; events after the cut count as outside the stay",
+            stays_cut,
         ),
-        "events_outside_stay": _problem(
-            sum(outside.values()),
+        "events_outside_stay": problem(
             "state values charted before intime minus the lab window or after outtime (or the "
             "cut), and intervention records lying entirely outside the stay, were dropped",
-            per_variable=outside,
+            per_variable=nonzero(values, interventions, key="outside_stay"),
         ),
-        "implausible_intervention_amounts": _problem(
-            sum(implausible.values()),
+        "implausible_intervention_amounts": problem(
             "doses that are negative, infinite, NaN or larger than the intervention's maximum "
             "per bin, and CareVue vasopressor rates that are negative, infinite or NaN, were "
             "dropped as charting errors",
-            per_variable=implausible,
+            per_variable=nonzero(interventions, key="implausible_doses"),
         ),
-        "intervention_bins_clamped": _problem(
-            sum(clamped.values()),
+        "intervention_bins_clamped": problem(
             "bins whose summed intervention exceeded its maximum were clamped to it",
-            per_variable=clamped,
+            per_variable=nonzero(interventions, key="bins_clamped"),
         ),
     }
 
@@ -331,15 +328,6 @@ def _full_card(settings: EtlSettings, stats: dict[str, TableStats], parts: dict)
         },
         "bins_sha256": None,
         **parts,
-        "tables": {
-            name: {
-                "rows_read": s.rows_read,
-                "rows_kept": s.rows_kept,
-                "duplicate_rows": s.duplicate_rows,
-                "time_out_of_range_rows": s.time_out_of_range_rows,
-            }
-            for name, s in stats.items()
-        },
         "inputs": {s.path.name: {"sha256": s.sha256, "bytes": s.bytes} for s in stats.values()},
     }
 
