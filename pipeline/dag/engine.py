@@ -74,7 +74,6 @@ class Step:
     not_needed: Callable[[], str | None] | None = None
     # Returns why recorded outputs are no longer valid (e.g. a run gone from MLflow), or None.
     verify: Callable[[], str | None] | None = None
-    description: str = ""
 
 
 @dataclass
@@ -274,12 +273,9 @@ class Dag:
 
     @staticmethod
     def _not_needed(step: Step) -> Decision | None:
-        why_not = step.not_needed() if step.not_needed else None
-        return (
-            Decision(step.name, "done", [f"not needed: {why_not}"], "not-needed")
-            if why_not
-            else None
-        )
+        if step.not_needed and (why_not := step.not_needed()):
+            return Decision(step.name, "done", [f"not needed: {why_not}"], "not-needed")
+        return None
 
     def status(self) -> list[Decision]:
         """Each step as done / stale / missing / failed, and why, without running anything."""
@@ -308,7 +304,30 @@ class Dag:
             self.check_names([until], "--until")
             selected = self.upstream(until)
         with self._lock():
-            return self._run(force, until, selected, dag_params)
+            store = StateStore(self.state_path)
+            dag_run_id = self.tracker.start_dag(
+                {**(dag_params or {}), "until": until or "", "force": ",".join(sorted(force))}
+            )
+            decisions: list[Decision] = []
+            statuses: dict[str, Status] = {}
+            failed: list[str] = []
+            try:
+                for name in self.order:
+                    step = self.steps[name]
+                    if name not in selected:
+                        decisions.append(Decision(name, "missing", ["after --until"], "excluded"))
+                        continue
+                    decision = self._run_one(step, store, statuses, force, dag_run_id)
+                    decisions.append(decision)
+                    failing = decision.status == "failed" or decision.action == "blocked"
+                    statuses[name] = "failed" if failing else "done"
+                    if decision.status == "failed":
+                        failed.append(name)
+            finally:
+                store.save()
+                ok = not failed and all(d.action != "blocked" for d in decisions)
+                self.tracker.end_dag(dag_run_id, ok, {d.step: d.action for d in decisions})
+            return RunReport(decisions, failed, dag_run_id)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -323,40 +342,6 @@ class Dag:
                     f"another `dag run` is using {self.state_path} (lock {lock_path})"
                 ) from None
             yield
-
-    def _run(
-        self,
-        force: set[str],
-        until: str | None,
-        selected: set[str],
-        dag_params: Mapping[str, Any] | None,
-    ) -> RunReport:
-        store = StateStore(self.state_path)
-        dag_run_id = self.tracker.start_dag(
-            {**(dag_params or {}), "until": until or "", "force": ",".join(sorted(force))}
-        )
-        decisions: list[Decision] = []
-        statuses: dict[str, Status] = {}
-        failed: list[str] = []
-        try:
-            for name in self.order:
-                step = self.steps[name]
-                if name not in selected:
-                    decisions.append(Decision(name, "missing", ["after --until"], "excluded"))
-                    continue
-                decision = self._run_one(step, store, statuses, force, dag_run_id)
-                decisions.append(decision)
-                if decision.status == "failed" or decision.action == "blocked":
-                    statuses[name] = "failed"
-                    if decision.status == "failed":
-                        failed.append(name)
-                else:
-                    statuses[name] = "done"
-        finally:
-            store.save()
-            ok = not failed and all(d.action != "blocked" for d in decisions)
-            self.tracker.end_dag(dag_run_id, ok, {d.step: d.action for d in decisions})
-        return RunReport(decisions, failed, dag_run_id)
 
     def _line(self, name: str, label: str, text: str) -> None:
         width = max(len(n) for n in self.steps)

@@ -51,7 +51,6 @@ def fetch_step(s: DagSettings) -> Step:
         params={"url": s.fetch_url, "sha256": s.fetch_sha256},
         code=("pipeline.dag.fetch",),
         not_needed=not_needed,
-        description="download the open MIMIC-III demo when the data folder is empty",
     )
 
 
@@ -83,7 +82,6 @@ def etl_step(s: DagSettings) -> Step:
         outputs=(s.etl_dir / "bins.parquet", s.etl_dir / "data_card.json"),
         params=etl,
         code=("pipeline.etl", "features"),
-        description="MIMIC-III tables -> 12-hour bins, data card",
     )
 
 
@@ -124,7 +122,6 @@ def train_step(s: DagSettings, model: str) -> Step:
         params=params,
         code=TRAIN_CODE,
         verify=run_exists,
-        description=f"train and evaluate {model}, log and register it in MLflow",
     )
 
 
@@ -147,7 +144,6 @@ def compare_step(s: DagSettings, train_steps: list[Step]) -> Step:
         inputs=tuple(p for st in train_steps for p in st.outputs),
         outputs=(md, js),
         code=TRAIN_CODE,
-        description="side-by-side table of the runs (markdown)",
     )
 
 
@@ -179,7 +175,6 @@ def promote_step(s: DagSettings, compare: Step) -> Step:
         outputs=(out,),
         params={"metric": SELECTION_METRIC, "alias": "champion"},
         code=TRAIN_CODE,
-        description="'champion' per family and overall (icu-forecast@champion, served)",
     )
 
 
@@ -211,7 +206,6 @@ def cv_step(s: DagSettings) -> Step:
         outputs=(out / "report.json", out / "report.md"),
         params=params,
         code=TRAIN_CODE,
-        description="patient-grouped k-fold cross-validation against the baselines",
     )
 
 

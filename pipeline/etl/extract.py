@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features import catalog as cat
-from pipeline.etl.tables import InputError, TableSpec, TableStats, find_table, stream_table
+from pipeline.etl.tables import TableSpec, TableStats, find_table, stream_table
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +226,3 @@ def clean_table(con: duckdb.DuckDBPyConnection, name: str, stats: TableStats) ->
             TIME_MIN,
             TIME_MAX,
         )
-
-
-def require_rows(stats: TableStats, what: str) -> None:
-    if stats.rows_read == 0:
-        raise InputError(f"{stats.path}: {what} has no data rows")

@@ -113,8 +113,9 @@ def _extract(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> dict[str,
             extract.clean_table(con, name, stats[name])
             progress.update(task, description=f"{name} done")
             progress.stop_task(task)
-    extract.require_rows(stats["ICUSTAYS"], "ICUSTAYS")
-    extract.require_rows(stats["CHARTEVENTS"], "CHARTEVENTS")
+    for name in ("ICUSTAYS", "CHARTEVENTS"):
+        if stats[name].rows_read == 0:
+            raise InputError(f"{stats[name].path}: {name} has no data rows")
     return stats
 
 
@@ -128,17 +129,6 @@ def _grid(stays: pd.DataFrame) -> pd.DataFrame:
     grid["bin"] = bins.astype(np.int64)
     grid["bin_start"] = grid["intime"] + pd.to_timedelta(grid["bin"] * BIN_HOURS, unit="h")
     return grid.drop(columns=["intime"])
-
-
-def _summary(values: np.ndarray) -> dict[str, float]:
-    if len(values) == 0:
-        return {"min": 0, "median": 0, "mean": 0, "max": 0}
-    return {
-        "min": int(values.min()),
-        "median": float(np.median(values)),
-        "mean": round(float(values.mean()), 3),
-        "max": int(values.max()),
-    }
 
 
 def build_bins(
@@ -188,8 +178,7 @@ def build_bins(
     if frame[list(INTERVENTION_NAMES)].isna().any().any():  # pragma: no cover - a bug, not input
         raise RuntimeError("interventions left missing")
 
-    columns = list(BINS_COLUMNS)
-    frame = frame[columns].astype(
+    frame = frame[list(BINS_COLUMNS)].astype(
         {"subject_id": "int64", "hadm_id": "int64", "icustay_id": "int64", "bin": "int32"}
         | {n: "float64" for n in FEATURE_NAMES}
         | {n: "float32" for n in OBSERVED_NAMES}
@@ -206,15 +195,8 @@ def build_bins(
         n: iv_problems[n] | {"bins_clamped": int(iv_clamped[:, i].sum())}
         for i, n in enumerate(INTERVENTION_NAMES)
     }
-    tables = {
-        name: {
-            "rows_read": s.rows_read,
-            "rows_kept": s.rows_kept,
-            "duplicate_rows": s.duplicate_rows,
-            "time_out_of_range_rows": s.time_out_of_range_rows,
-        }
-        for name, s in stats.items()
-    }
+    counted = ("rows_read", "rows_kept", "duplicate_rows", "time_out_of_range_rows")
+    tables = {name: {k: getattr(s, k) for k in counted} for name, s in stats.items()}
     per_split = {
         s: {
             "subjects": int(frame.loc[frame["split"] == s, "subject_id"].nunique()),
@@ -241,7 +223,15 @@ def build_bins(
             "subjects_kept": int(kept["subject_id"].nunique()),
             "splits": per_split,
         },
-        "bins": {"total": int(len(frame)), "per_stay": _summary(n_bins)},
+        "bins": {
+            "total": int(len(frame)),
+            "per_stay": {
+                "min": int(n_bins.min()),
+                "median": float(np.median(n_bins)),
+                "mean": round(float(n_bins.mean()), 3),
+                "max": int(n_bins.max()),
+            },
+        },
         "missingness": {
             n: {
                 "not_observed": round(float(1 - observed_before[:, i].mean()), 6),

@@ -224,21 +224,6 @@ def _line_chunks(
             free.put(buf)
 
 
-def _parse_options(quoted: bool) -> pcsv.ParseOptions:
-    # Without a quote anywhere in a chunk, quoting rules cannot change a value, and Arrow
-    # tokenizes a fifth faster with them off. A chunk is parsed as one Arrow block (see
-    # ``parse``), and within a block Arrow's parser keeps quoted line breaks in their value:
-    # ``newlines_in_values`` only steers where Arrow would cut blocks, and costs 5 %.
-    if quoted:
-        return pcsv.ParseOptions()
-    return pcsv.ParseOptions(quote_char=False, double_quote=False)
-
-
-def _one_block(read: pcsv.ReadOptions, size: int) -> pcsv.ReadOptions:
-    """``read`` with a block size that holds ``size`` bytes (a row longer than a block)."""
-    return pcsv.ReadOptions(column_names=read.column_names, use_threads=False, block_size=size + 1)
-
-
 def _arrow_error(path: Path, header: list[str], exc: Exception, rows_before: int) -> InputError:
     """One line naming file, column and value; Arrow's row number counts from the start of
     its block, so ``rows_before`` (the data rows of the earlier blocks) is added to it."""
@@ -287,7 +272,14 @@ def stream_table(
         quoted_strings_can_be_null=True,
     )
     read = pcsv.ReadOptions(column_names=header, use_threads=False, block_size=block_size * 2)
-    parse_options = {q: _parse_options(q) for q in (False, True)}
+    # Without a quote anywhere in a chunk, quoting rules cannot change a value, and Arrow
+    # tokenizes a fifth faster with them off. A chunk is parsed as one Arrow block (see
+    # ``parse``), and within a block Arrow's parser keeps quoted line breaks in their value:
+    # ``newlines_in_values`` only steers where Arrow would cut blocks, and costs 5 %.
+    parse_options = {
+        False: pcsv.ParseOptions(quote_char=False, double_quote=False),
+        True: pcsv.ParseOptions(),
+    }
     free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
 
     def convert_deferred(table: pa.Table) -> pa.Table:
@@ -304,8 +296,13 @@ def stream_table(
         return table
 
     def parse(chunk: Chunk) -> tuple[int, pa.Table]:
-        # One Arrow block per chunk: Arrow must not cut it again (at a quoted line break).
-        options = read if chunk.stop < read.block_size else _one_block(read, chunk.stop)
+        # One Arrow block per chunk: Arrow must not cut it again (at a quoted line break), so
+        # a row longer than a block gets a block of its own size.
+        options = read
+        if chunk.stop >= read.block_size:
+            options = pcsv.ReadOptions(
+                column_names=header, use_threads=False, block_size=chunk.stop + 1
+            )
         try:
             table = pcsv.read_csv(
                 pa.py_buffer(chunk.view()),
