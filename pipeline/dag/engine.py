@@ -397,8 +397,7 @@ class Dag:
         result.metrics.setdefault("duration_s", round(elapsed, 3))
         # Inputs are hashed again after the run: a step must not record a fingerprint of
         # inputs that changed while it ran (it would then be skipped with stale outputs).
-        fp_after = self.fingerprint(step, store.cache)
-        if fp_after.inputs != fp.inputs:
+        if inputs_digests(step.inputs, store.cache) != fp.inputs:
             self.echo(f"[dag] warning: inputs of {step.name} changed while it ran")
         store.steps[step.name] = {
             "fingerprint": asdict(fp),

@@ -44,8 +44,7 @@ class DigestCache:
 
 
 def _path_digests(path: Path, cache: DigestCache) -> dict[str, str]:
-    # Keys name the files so that a change can be reported by name; hidden files are skipped
-    # (staging leftovers are not content).
+    # Keys name the files so that a change can be reported by name.
     if path.is_file():
         return {str(path): cache.file_digest(path)}
     if not path.is_dir():

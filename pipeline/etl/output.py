@@ -1,15 +1,8 @@
 """Where the ETL may write: it replaces only a folder that it wrote itself.
 
 The output folder is swapped in as a whole (``features.atomic.atomic_dir``), so whatever was
-at ``--out`` before is removed. That is only safe for a previous ETL output; anything else
-(the input tables, a user's folder, a file) is refused with one line naming the path.
-
-A previous output is recognised by both of:
-
-- its ``data_card.json`` is a JSON object written by this ETL (``"producer"`` below; outputs
-  from before that field have ``format`` 1, ``catalog_version`` and ``bins_sha256``);
-- every entry in the folder is one the ETL writes (a stray file of the user's is not ours to
-  delete, even inside an old output).
+at ``--out`` before is removed. That is only safe for a previous ETL output (its data card, and
+nothing in it but what the ETL writes: a stray file of the user's is not ours to delete).
 """
 
 from __future__ import annotations
@@ -31,6 +24,7 @@ class OutputFolderError(UserError):
 
 
 def _card_is_ours(card_path: Path) -> bool:
+    # Cards from before the "producer" field: format 1 with catalog_version and bins_sha256.
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -42,7 +36,7 @@ def _card_is_ours(card_path: Path) -> bool:
     return card.get("format") == 1 and "catalog_version" in card and "bins_sha256" in card
 
 
-def check_out_dir(out: Path, mimic_dir: Path, temp_dir: Path | None = None) -> None:
+def check_out_dir(out: Path, mimic_dir: Path, temp_dir: Path | None) -> None:
     """Raise :class:`OutputFolderError` unless replacing ``out`` can only lose ETL output."""
     if paths_overlap(out, mimic_dir):
         raise OutputFolderError(
