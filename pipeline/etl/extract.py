@@ -167,11 +167,7 @@ def load_table(
     if pending:
         flush()
     log.info(
-        "%s: %s rows read, %s kept (%.1f s)",
-        name,
-        f"{stats.rows_read:,}",
-        f"{stats.rows_kept:,}",
-        stats.seconds,
+        f"{name}: {stats.rows_read:,} rows read, {stats.rows_kept:,} kept ({stats.seconds:.1f} s)"
     )
     return stats
 
@@ -219,10 +215,6 @@ def clean_table(con: duckdb.DuckDBPyConnection, name: str, stats: TableStats) ->
     stats.time_out_of_range_rows = int(bad)
     if stats.duplicate_rows or bad:
         log.warning(
-            "%s: %d exact duplicate row(s) dropped, %d row(s) with a timestamp outside %s .. %s",
-            name,
-            stats.duplicate_rows,
-            bad,
-            TIME_MIN,
-            TIME_MAX,
+            f"{name}: {stats.duplicate_rows} exact duplicate row(s) dropped, {bad} row(s) with a "
+            f"timestamp outside {TIME_MIN} .. {TIME_MAX}"
         )
