@@ -371,11 +371,7 @@ def stream_table(
     finally:
         stop.set()
         reader.join()
-        while not parsed.empty():
-            item = parsed.get_nowait()
-            if isinstance(item, Future):
-                item.cancel()
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)
         hasher.close()
     # Hash the rest of the file (bytes after the last block the reader needed).
     with open(path, "rb") as fh:
