@@ -8,13 +8,13 @@ checksums cost no second pass over 30 GB.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gzip
 import hashlib
 import io
 import queue
 import re
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -248,9 +248,9 @@ def stream_table(
 ) -> Iterator[pa.Table]:
     """Yield tables of the spec's columns (lower-case names, the spec's types), ``transform``ed.
 
-    A reader thread inflates the file (ISA-L, outside the GIL) into reused buffers and cuts
-    them into chunks of whole rows; ``threads`` workers parse the chunks with Arrow and apply
-    ``transform`` (a filter) in parallel, which Arrow's own streaming reader does not do.
+    ISA-L inflates the file in a thread of its own (outside the GIL); it is read into reused
+    buffers and cut into chunks of whole rows; ``threads`` workers parse the chunks with Arrow
+    and apply ``transform`` (a filter) in parallel, which Arrow's streaming reader does not do.
     ``stats.rows_read`` counts rows before ``transform``.
 
     ``transform`` sees timestamp columns as text: they are converted after it, so only the
@@ -321,43 +321,19 @@ def stream_table(
     hasher = _HashingReader(open(path, "rb"))  # noqa: SIM115 - closed in finally
     start = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="etl-parse")
-    # Parsed chunks in file order, at most ``threads + 1`` ahead: memory stays flat.
-    parsed: queue.Queue[Future | BaseException | None] = queue.Queue(maxsize=threads + 1)
-    stop = threading.Event()
-
-    def offer(item: Future | BaseException | None) -> bool:
-        while not stop.is_set():
-            try:
-                parsed.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def read_chunks() -> None:
-        stream = None
-        try:
-            stream = _open_stream(path, hasher, block_size)
-            stream.readline()  # the header, already read
-            for chunk in _line_chunks(stream, block_size, free):
-                if not offer(pool.submit(parse, chunk)):
-                    return
-            offer(None)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            offer(exc)
-        finally:
-            if stream is not None:
-                # A close error after a failed read would hide the real error.
-                with contextlib.suppress(Exception):
-                    stream.close()
-
-    reader = threading.Thread(target=read_chunks, name="etl-read", daemon=True)
-    reader.start()
+    # Chunks being parsed, in file order, at most ``threads + 1``: memory stays flat.
+    parsing: collections.deque[Future[tuple[int, pa.Table]]] = collections.deque()
+    stream = None
     try:
-        while (item := parsed.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            n, table = item.result()
+        stream = _open_stream(path, hasher, block_size)
+        stream.readline()  # the header, already read
+        chunks = _line_chunks(stream, block_size, free)
+        while True:
+            while len(parsing) <= threads and (chunk := next(chunks, None)) is not None:
+                parsing.append(pool.submit(parse, chunk))
+            if not parsing:
+                break
+            n, table = parsing.popleft().result()
             stats.rows_read += n
             if on_rows is not None:
                 on_rows(n)
@@ -369,9 +345,11 @@ def stream_table(
     except (OSError, EOFError, zlib.error, IsalError, pa.ArrowException) as exc:
         raise InputError(f"{path}: {_gzip_message(exc)}") from exc
     finally:
-        stop.set()
-        reader.join()
         pool.shutdown(wait=True, cancel_futures=True)
+        if stream is not None:
+            # A close error after a failed read would hide the real error.
+            with contextlib.suppress(Exception):
+                stream.close()
         hasher.close()
     # Hash the rest of the file (bytes after the last block the reader needed).
     with open(path, "rb") as fh:
