@@ -70,7 +70,6 @@ def params_canonical(params: Mapping[str, Any]) -> dict[str, Any]:
 RESULT_LIBRARIES = frozenset(
     {"duckdb", "lightning", "ncps", "numpy", "pandas", "pyarrow", "scikit-learn", "torch"}
 )
-NOT_INSTALLED = "<not installed>"
 
 
 def _package_root(module: str) -> tuple[Path, list[Path]]:
@@ -100,13 +99,6 @@ def _files_under(folder: Path) -> list[Path]:
 @functools.cache
 def _distributions() -> dict[str, list[str]]:
     return importlib.metadata.packages_distributions()
-
-
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return NOT_INSTALLED
 
 
 def code_digests(modules: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -153,7 +145,7 @@ def code_digests(modules: Iterable[str]) -> tuple[dict[str, str], dict[str, str]
             path.relative_to(root).as_posix(): sha256_file(path)
             for path, root in sorted(files.items())
         },
-        {dist: _version(dist) for dist in sorted(libraries)},
+        {dist: importlib.metadata.version(dist) for dist in sorted(libraries)},
     )
 
 

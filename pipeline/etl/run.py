@@ -175,8 +175,6 @@ def build_bins(
         frame["subject_id"].unique(), settings.train_frac, settings.val_frac, settings.seed
     )
     frame.insert(frame.columns.get_loc("bin_start") + 1, "split", frame["subject_id"].map(split_of))
-    if frame[list(INTERVENTION_NAMES)].isna().any().any():  # pragma: no cover - a bug, not input
-        raise RuntimeError("interventions left missing")
 
     frame = frame[list(BINS_COLUMNS)].astype(
         {"subject_id": "int64", "hadm_id": "int64", "icustay_id": "int64", "bin": "int32"}
