@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features import catalog as cat
-from pipeline.etl.tables import TableSpec, TableStats, find_table, stream_table
+from pipeline.etl.tables import TableStats, find_table, stream_table
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,9 @@ COLUMN_TYPES = (
     | dict.fromkeys(("valuenum", "amount", "rate"), pa.float64())
     | dict.fromkeys(("value", "error", "amountuom", "statusdescription"), STR)
 )
-SPECS: dict[str, TableSpec] = {
-    name: TableSpec(name, {c: COLUMN_TYPES[c] for c in columns})
+# Per table, the columns the ETL reads (lower-case name -> type).
+SPECS: dict[str, dict[str, pa.DataType]] = {
+    name: {c: COLUMN_TYPES[c] for c in columns}
     for name, columns in {
         "ICUSTAYS": ("subject_id", "hadm_id", "icustay_id", "intime", "outtime"),
         "CHARTEVENTS": ("icustay_id", "itemid", "charttime", "value", "valuenum", "error"),
@@ -141,7 +142,7 @@ def load_table(
     stats = TableStats(name, path)
     target = f"raw_{name.lower()}"
     # The filter of an empty table gives the schema of what it keeps.
-    empty = keep(pa.schema(list(SPECS[name].columns.items())).empty_table())  # noqa: F841
+    empty = keep(pa.schema(list(SPECS[name].items())).empty_table())  # noqa: F841
     con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT * FROM empty")
     pending: list[pa.Table] = []
 
@@ -190,7 +191,7 @@ def clean_table(con: duckdb.DuckDBPyConnection, name: str, stats: TableStats) ->
     """
     target = f"raw_{name.lower()}"
     columns = [r[0] for r in con.execute(f"DESCRIBE {target}").fetchall()]
-    times = [c for c in columns if pa.types.is_timestamp(SPECS[name].columns.get(c, STR))]
+    times = [c for c in columns if pa.types.is_timestamp(SPECS[name].get(c, STR))]
     before = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0]
     ok = (
         " AND ".join(

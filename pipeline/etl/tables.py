@@ -17,7 +17,7 @@ import queue
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +33,6 @@ from features.errors import UserError
 
 class InputError(UserError):
     """A MIMIC-III input that is missing, unreadable or malformed."""
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """The columns the ETL needs from one table, lower-case name -> Arrow type."""
-
-    name: str
-    columns: dict[str, pa.DataType]
 
 
 @dataclass
@@ -139,16 +131,18 @@ def _gzip_message(exc: BaseException) -> str:
     return msg
 
 
-def resolve_columns(path: Path, header: list[str], spec: TableSpec) -> dict[str, str]:
-    """Lower-case name -> name as in the file, for every column the spec needs."""
+def resolve_columns(
+    path: Path, header: list[str], table: str, columns: Iterable[str]
+) -> dict[str, str]:
+    """Lower-case name -> name as in the file, for every one of ``columns`` (lower-case)."""
     by_lower = {c.lower(): c for c in header}
-    missing = [c for c in spec.columns if c not in by_lower]
+    missing = [c for c in columns if c not in by_lower]
     if missing:
         raise InputError(
-            f"{path}: missing column(s) {', '.join(missing)} (table {spec.name}; "
+            f"{path}: missing column(s) {', '.join(missing)} (table {table}; "
             f"header has {', '.join(header[:20])}{' ...' if len(header) > 20 else ''})"
         )
-    return {c: by_lower[c] for c in spec.columns}
+    return {c: by_lower[c] for c in columns}
 
 
 _QUOTE = ord('"')
@@ -238,7 +232,7 @@ def _arrow_error(path: Path, header: list[str], exc: Exception, rows_before: int
 
 def stream_table(
     path: Path,
-    spec: TableSpec,
+    spec: Mapping[str, pa.DataType],
     stats: TableStats,
     *,
     block_size: int = 4 << 20,
@@ -246,7 +240,7 @@ def stream_table(
     transform: Callable[[pa.Table], pa.Table] | None = None,
     on_rows: Callable[[int], None] | None = None,
 ) -> Iterator[pa.Table]:
-    """Yield tables of the spec's columns (lower-case names, the spec's types), ``transform``ed.
+    """Yield tables of ``spec``'s columns (lower-case name -> type), ``transform``ed.
 
     ISA-L inflates the file in a thread of its own (outside the GIL); it is read into reused
     buffers and cut into chunks of whole rows; ``threads`` workers parse the chunks with Arrow
@@ -260,14 +254,12 @@ def stream_table(
     one :class:`InputError` naming the file, and the column where that is known.
     """
     header = read_header(path)
-    names = resolve_columns(path, header, spec)
+    names = resolve_columns(path, header, stats.name, spec)
     lower = list(names)
-    deferred = {c: t for c, t in spec.columns.items() if pa.types.is_timestamp(t)}
+    deferred = {c: t for c, t in spec.items() if pa.types.is_timestamp(t)}
     convert = pcsv.ConvertOptions(
         include_columns=list(names.values()),
-        column_types={
-            names[c]: pa.string() if c in deferred else t for c, t in spec.columns.items()
-        },
+        column_types={names[c]: pa.string() if c in deferred else t for c, t in spec.items()},
         strings_can_be_null=True,
         quoted_strings_can_be_null=True,
     )
