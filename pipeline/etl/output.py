@@ -19,10 +19,6 @@ OUTPUT_ENTRIES = frozenset({"bins.parquet", "data_card.json"})
 LEGACY_ENTRIES = frozenset({"preprocessor"})
 
 
-class OutputFolderError(UserError):
-    """``--out`` names something the ETL must not replace."""
-
-
 def _card_is_ours(card_path: Path) -> bool:
     # Cards from before the "producer" field: format 1 with catalog_version and bins_sha256.
     try:
@@ -37,37 +33,35 @@ def _card_is_ours(card_path: Path) -> bool:
 
 
 def check_out_dir(out: Path, mimic_dir: Path, temp_dir: Path | None) -> None:
-    """Raise :class:`OutputFolderError` unless replacing ``out`` can only lose ETL output."""
+    """Raise :class:`UserError` unless replacing ``out`` can only lose ETL output."""
     if paths_overlap(out, mimic_dir):
-        raise OutputFolderError(
+        raise UserError(
             f"--out {out} overlaps the input folder {mimic_dir} (is it, contains it or lies "
             "inside it); the ETL never writes over its inputs: choose another --out"
         )
     if temp_dir is not None and paths_overlap(temp_dir, mimic_dir):
-        raise OutputFolderError(
+        raise UserError(
             f"--temp-dir {temp_dir} overlaps the input folder {mimic_dir}; choose another one"
         )
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():
-        raise OutputFolderError(
-            f"--out {out} is an existing file, not a folder; refusing to replace it"
-        )
+        raise UserError(f"--out {out} is an existing file, not a folder; refusing to replace it")
     try:
         entries = sorted(p.name for p in out.iterdir())
     except OSError as exc:
-        raise OutputFolderError(f"--out {out}: cannot list the folder ({exc.strerror})") from exc
+        raise UserError(f"--out {out}: cannot list the folder ({exc.strerror})") from exc
     if not entries:
         return
     if "data_card.json" not in entries or not _card_is_ours(out / "data_card.json"):
-        raise OutputFolderError(
+        raise UserError(
             f"--out {out} is a non-empty folder that is not an earlier ETL output (no "
             f"data_card.json written by {PRODUCER}); refusing to replace it: choose a new or "
             "empty folder"
         )
     foreign = [e for e in entries if e not in OUTPUT_ENTRIES | LEGACY_ENTRIES]
     if foreign:
-        raise OutputFolderError(
+        raise UserError(
             f"--out {out} is an earlier ETL output but also holds {', '.join(foreign[:5])}"
             f"{' ...' if len(foreign) > 5 else ''}, which the ETL did not write; refusing to "
             "replace it: move those out first or choose another folder"

@@ -147,8 +147,7 @@ def build_bins(
     stays = con.execute("SELECT * FROM stays ORDER BY icustay_id").df()
 
     has_state = wide[list(STATE_NAMES)].notna().any(axis=1)
-    with_events = set(wide.loc[has_state, "icustay_id"].unique().tolist())
-    no_events = ~stays["icustay_id"].isin(with_events)
+    no_events = ~stays["icustay_id"].isin(wide.loc[has_state, "icustay_id"])
     excluded = pd.concat(
         [
             stays_all[stays_all["reason"].notna()][["icustay_id", "reason"]],
