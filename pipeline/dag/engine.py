@@ -55,7 +55,6 @@ class StepResult:
 
 @dataclass
 class StepContext:
-    step: str
     parent_run_id: str | None
     child_run_id: str | None
     echo: Callable[[str], None]
@@ -381,7 +380,7 @@ class Dag:
             return self._skipped(step, decision, fp)
         self._line(step.name, "RUN", "; ".join(decision.reasons))
         run_id = self.tracker.start_step(step, decision, fp)
-        ctx = StepContext(step.name, dag_run_id, run_id, self.echo)
+        ctx = StepContext(dag_run_id, run_id, self.echo)
         started = time.perf_counter()
         try:
             result = step.action(ctx) or StepResult()
