@@ -203,10 +203,6 @@ class Dag:
             if step.name in self.steps:
                 raise DagError(f"duplicate step name {step.name!r}")
             self.steps[step.name] = step
-        for step in self.steps.values():
-            for need in step.needs:
-                if need not in self.steps:
-                    raise DagError(f"step {step.name!r} needs unknown step {need!r}")
         self.order = self._topological()
         self.state_path = Path(state_path)
         self.tracker = tracker or Tracker()
@@ -216,14 +212,16 @@ class Dag:
         order: list[str] = []
         visiting: set[str] = set()
 
-        def visit(name: str) -> None:
+        def visit(name: str, needed_by: str = "") -> None:
+            if name not in self.steps:
+                raise DagError(f"step {needed_by!r} needs unknown step {name!r}")
             if name in order:
                 return
             if name in visiting:
                 raise DagError(f"dependency cycle through step {name!r}")
             visiting.add(name)
             for need in self.steps[name].needs:
-                visit(need)
+                visit(need, name)
             visiting.discard(name)
             order.append(name)
 

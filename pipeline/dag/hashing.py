@@ -96,9 +96,7 @@ def _files_under(folder: Path) -> list[Path]:
     )
 
 
-@functools.cache
-def _distributions() -> dict[str, list[str]]:
-    return importlib.metadata.packages_distributions()
+_distributions = functools.cache(importlib.metadata.packages_distributions)
 
 
 def code_digests(modules: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:

@@ -1,9 +1,7 @@
 """Find and stream MIMIC-III tables: ``.csv`` or ``.csv.gz``, upper- or lower-case names.
 
-Tables are streamed in blocks (pyarrow's CSV reader, gzip through ISA-L, which inflates several
-times faster than zlib), filtered block by block and appended to DuckDB, so memory stays flat
-however large the table is. The compressed bytes are hashed as they are read: the data card's
-checksums cost no second pass over 30 GB.
+The compressed bytes are hashed as they are read: the data card's checksums cost no second pass
+over 30 GB.
 """
 
 from __future__ import annotations
