@@ -88,8 +88,6 @@ def etl_step(s: DagSettings) -> Step:
 def train_step(s: DagSettings, model: str) -> Step:
     out = s.dag_dir / f"train_{model}.json"
 
-    params = training_api.train_params(s, model)
-
     def action(ctx: StepContext) -> StepResult:
         record = training_api.train(s, model, ctx)
         _write_json(out, record)
@@ -107,11 +105,8 @@ def train_step(s: DagSettings, model: str) -> Step:
             f"test skill K=5 {record['metrics'].get('test/skill_k5', float('nan')):+.3f}",
         )
 
-    def run_exists() -> str | None:
-        if not out.exists():
-            return None
-        run_id = _read_json(out).get("run_id")
-        return training_api.missing_run(s, run_id)
+    def run_exists() -> str | None:  # asked only while ``out`` exists
+        return training_api.missing_run(s, _read_json(out).get("run_id"))
 
     return Step(
         f"train_{model}",
@@ -119,7 +114,7 @@ def train_step(s: DagSettings, model: str) -> Step:
         needs=("etl",),
         inputs=(s.etl_dir,),
         outputs=(out,),
-        params=params,
+        params=training_api.train_params(s, model),
         code=TRAIN_CODE,
         verify=run_exists,
     )
@@ -152,8 +147,7 @@ def promote_step(s: DagSettings, compare: Step) -> Step:
     from training.registry import SELECTION_METRIC
 
     def action(ctx: StepContext) -> StepResult:
-        payload = _read_json(s.dag_dir / "comparison.json")
-        record = training_api.promote(s, payload)
+        record = training_api.promote(s, _read_json(s.dag_dir / "comparison.json"))
         _write_json(out, record)
         champions = record["champions"]
         overall = record["overall"]
