@@ -25,11 +25,10 @@ def _card_is_ours(card_path: Path) -> bool:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    if not isinstance(card, dict):
-        return False
-    if card.get("producer") == PRODUCER:
-        return True
-    return card.get("format") == 1 and "catalog_version" in card and "bins_sha256" in card
+    return isinstance(card, dict) and (
+        card.get("producer") == PRODUCER
+        or (card.get("format") == 1 and "catalog_version" in card and "bins_sha256" in card)
+    )
 
 
 def check_out_dir(out: Path, mimic_dir: Path, temp_dir: Path | None) -> None:
