@@ -212,5 +212,6 @@ def build_dag(s: DagSettings, track: bool = True, echo: Callable[[str], None] = 
     if track:
         from pipeline.dag.tracking import MlflowTracker
 
-        tracker = MlflowTracker(s.tracking_uri, s.dag_experiment, (s.experiment,))
-    return Dag(steps, s.state_path, tracker=tracker, echo=echo)
+        # The DAG's parent and step runs, kept apart from the training runs.
+        tracker = MlflowTracker(s.tracking_uri, f"{s.experiment}-dag", (s.experiment,))
+    return Dag(steps, s.dag_dir / "state.json", tracker=tracker, echo=echo)
