@@ -319,16 +319,6 @@ def _full_card(settings: EtlSettings, stats: dict[str, TableStats], parts: dict)
     }
 
 
-def _write(out: Path, frame: pd.DataFrame, card: dict) -> dict:
-    """Write bins and card into a staging folder that replaces ``out`` at the end."""
-    with atomic_dir(out) as staging:
-        bins_path = staging / "bins.parquet"
-        frame.to_parquet(bins_path, index=False, compression="zstd")
-        card = card | {"bins_sha256": sha256_file(bins_path)}
-        (staging / "data_card.json").write_text(json.dumps(card, indent=1) + "\n")
-    return card
-
-
 def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     """Run the whole ETL; raise :class:`features.errors.UserError` on bad input."""
     settings = settings or EtlSettings()
@@ -379,8 +369,13 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
             con.close()
     log.info("writing %s (%d stays, %d bins)", out, card["cohort"]["stays_kept"], len(frame))
     check_out_dir(out, settings.mimic_dir, settings.temp_dir)
+    card = _full_card(settings, stats, card)
     try:
-        card = _write(out, frame, _full_card(settings, stats, card))
+        # Both files go into a staging folder that replaces ``out`` at the end.
+        with atomic_dir(out) as staging:
+            frame.to_parquet(staging / "bins.parquet", index=False, compression="zstd")
+            card["bins_sha256"] = sha256_file(staging / "bins.parquet")
+            (staging / "data_card.json").write_text(json.dumps(card, indent=1) + "\n")
     except OSError as exc:
         raise UserError(
             f"cannot write --out {out} ({exc.strerror or exc}); any previous output is unchanged"

@@ -253,7 +253,6 @@ def stream_table(
     """
     header = read_header(path)
     names = resolve_columns(path, header, stats.name, spec)
-    lower = list(names)
     deferred = {c: t for c, t in spec.items() if pa.types.is_timestamp(t)}
     convert = pcsv.ConvertOptions(
         include_columns=list(names.values()),
@@ -302,7 +301,7 @@ def stream_table(
             )
         finally:
             free.put(chunk.buf)  # Arrow copies the values out: the buffer can be refilled
-        table = table.rename_columns(lower)
+        table = table.rename_columns(list(names))
         n = table.num_rows
         if transform is not None:
             table = transform(table)
