@@ -61,14 +61,13 @@ def find_table(mimic_dir: Path, name: str) -> Path:
         raise InputError(
             f"MIMIC-III folder {mimic_dir} cannot be read ({exc.strerror or exc})"
         ) from exc
-    found = sorted(p for p in entries if p.name.lower() in wanted and p.is_file())
+    found = [p for p in entries if p.name.lower() in wanted and p.is_file()]
     if not found:
         raise InputError(
             f"{mimic_dir}: table {name} not found (expected {name}.csv.gz or {name}.csv, any case)"
         )
     # Prefer the compressed file when both exist: it is what the release ships.
-    found.sort(key=lambda p: not p.name.lower().endswith(".gz"))
-    return found[0]
+    return min(found, key=lambda p: (not p.name.lower().endswith(".gz"), p))
 
 
 class _HashingReader(io.RawIOBase):
