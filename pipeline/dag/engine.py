@@ -407,10 +407,7 @@ class Dag:
         store.failures.pop(step.name, None)
         store.save()
         self.tracker.end_step(run_id, True, result, None)
-        self._line(
-            step.name,
-            "DONE",
-            f"in {elapsed:.1f}s" + (f": {result.message}" if result.message else ""),
-        )
+        message = f": {result.message}" if result.message else ""
+        self._line(step.name, "DONE", f"in {elapsed:.1f}s{message}")
         decision.status = "done"
         return decision

@@ -138,13 +138,8 @@ def code_digests(modules: Iterable[str]) -> tuple[dict[str, str], dict[str, str]
         for dist in distributions.get(top, [])
         if dist.lower() in RESULT_LIBRARIES
     }
-    return (
-        {
-            path.relative_to(root).as_posix(): sha256_file(path)
-            for path, root in sorted(files.items())
-        },
-        {dist: importlib.metadata.version(dist) for dist in sorted(libraries)},
-    )
+    digests = {p.relative_to(root).as_posix(): sha256_file(p) for p, root in sorted(files.items())}
+    return digests, {dist: importlib.metadata.version(dist) for dist in sorted(libraries)}
 
 
 def combined(digests: Mapping[str, Any]) -> str:
