@@ -12,13 +12,10 @@ from etl_support import tables, write_mimic
 
 from features import catalog as cat
 from pipeline.cli import main
-from pipeline.etl.tables import InputError, TableSpec, TableStats, stream_table
+from pipeline.etl.tables import InputError, TableStats, stream_table
 
-SPEC = TableSpec(
-    "EVENTS",
-    {"icustay_id": pa.int64(), "itemid": pa.int64(), "charttime": pa.timestamp("s"),
-     "value": pa.string(), "valuenum": pa.float64()},
-)  # fmt: skip
+SPEC = {"icustay_id": pa.int64(), "itemid": pa.int64(), "charttime": pa.timestamp("s"),
+        "value": pa.string(), "valuenum": pa.float64()}  # fmt: skip
 
 
 def _rows(n: int, seed: int = 0) -> bytes:
@@ -46,7 +43,7 @@ def _expected(data: bytes) -> pa.Table:
             quoted_strings_can_be_null=True,
         ),
     )
-    return table.rename_columns(list(SPEC.columns))
+    return table.rename_columns(list(SPEC))
 
 
 @pytest.mark.parametrize("kind", ["gz", "gz-two-members", "csv"])

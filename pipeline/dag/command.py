@@ -38,7 +38,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--cv",
             action=argparse.BooleanOptionalAction,
-            default=None,
             help="also run the patient-grouped cross-validation (cv step; minutes)",
         )
         p.add_argument("--cv-folds", type=int, help="folds of the cv step (default 5)")

@@ -55,7 +55,6 @@ class StepResult:
 
 @dataclass
 class StepContext:
-    step: str
     parent_run_id: str | None
     child_run_id: str | None
     echo: Callable[[str], None]
@@ -74,7 +73,6 @@ class Step:
     not_needed: Callable[[], str | None] | None = None
     # Returns why recorded outputs are no longer valid (e.g. a run gone from MLflow), or None.
     verify: Callable[[], str | None] | None = None
-    description: str = ""
 
 
 @dataclass
@@ -205,10 +203,6 @@ class Dag:
             if step.name in self.steps:
                 raise DagError(f"duplicate step name {step.name!r}")
             self.steps[step.name] = step
-        for step in self.steps.values():
-            for need in step.needs:
-                if need not in self.steps:
-                    raise DagError(f"step {step.name!r} needs unknown step {need!r}")
         self.order = self._topological()
         self.state_path = Path(state_path)
         self.tracker = tracker or Tracker()
@@ -218,14 +212,16 @@ class Dag:
         order: list[str] = []
         visiting: set[str] = set()
 
-        def visit(name: str) -> None:
+        def visit(name: str, needed_by: str = "") -> None:
+            if name not in self.steps:
+                raise DagError(f"step {needed_by!r} needs unknown step {name!r}")
             if name in order:
                 return
             if name in visiting:
                 raise DagError(f"dependency cycle through step {name!r}")
             visiting.add(name)
             for need in self.steps[name].needs:
-                visit(need)
+                visit(need, name)
             visiting.discard(name)
             order.append(name)
 
@@ -242,22 +238,12 @@ class Dag:
 
     def upstream(self, name: str) -> set[str]:
         """``name`` and every step it depends on, transitively."""
-        seen: set[str] = set()
-        stack = [name]
-        while stack:
-            cur = stack.pop()
-            if cur not in seen:
-                seen.add(cur)
-                stack.extend(self.steps[cur].needs)
-        return seen
+        return {name}.union(*(self.upstream(need) for need in self.steps[name].needs))
 
     def fingerprint(self, step: Step, cache: DigestCache) -> Fingerprint:
-        code = code_digests(step.code)
+        files, libraries = code_digests(step.code)
         return Fingerprint(
-            inputs=inputs_digests(step.inputs, cache),
-            params=params_canonical(step.params),
-            code=code.files,
-            libraries=code.libraries,
+            inputs_digests(step.inputs, cache), params_canonical(step.params), files, libraries
         )
 
     def _decide(
@@ -284,12 +270,9 @@ class Dag:
 
     @staticmethod
     def _not_needed(step: Step) -> Decision | None:
-        why_not = step.not_needed() if step.not_needed else None
-        return (
-            Decision(step.name, "done", [f"not needed: {why_not}"], "not-needed")
-            if why_not
-            else None
-        )
+        if step.not_needed and (why_not := step.not_needed()):
+            return Decision(step.name, "done", [f"not needed: {why_not}"], "not-needed")
+        return None
 
     def status(self) -> list[Decision]:
         """Each step as done / stale / missing / failed, and why, without running anything."""
@@ -318,7 +301,30 @@ class Dag:
             self.check_names([until], "--until")
             selected = self.upstream(until)
         with self._lock():
-            return self._run(force, until, selected, dag_params)
+            store = StateStore(self.state_path)
+            dag_run_id = self.tracker.start_dag(
+                {**(dag_params or {}), "until": until or "", "force": ",".join(sorted(force))}
+            )
+            decisions: list[Decision] = []
+            statuses: dict[str, Status] = {}
+            failed: list[str] = []
+            try:
+                for name in self.order:
+                    step = self.steps[name]
+                    if name not in selected:
+                        decisions.append(Decision(name, "missing", ["after --until"], "excluded"))
+                        continue
+                    decision = self._run_one(step, store, statuses, force, dag_run_id)
+                    decisions.append(decision)
+                    failing = decision.status == "failed" or decision.action == "blocked"
+                    statuses[name] = "failed" if failing else "done"
+                    if decision.status == "failed":
+                        failed.append(name)
+            finally:
+                store.save()
+                ok = not failed and all(d.action != "blocked" for d in decisions)
+                self.tracker.end_dag(dag_run_id, ok, {d.step: d.action for d in decisions})
+            return RunReport(decisions, failed, dag_run_id)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -333,44 +339,6 @@ class Dag:
                     f"another `dag run` is using {self.state_path} (lock {lock_path})"
                 ) from None
             yield
-
-    def _run(
-        self,
-        force: set[str],
-        until: str | None,
-        selected: set[str],
-        dag_params: Mapping[str, Any] | None,
-    ) -> RunReport:
-        store = StateStore(self.state_path)
-        dag_run_id = self.tracker.start_dag(
-            {**(dag_params or {}), "until": until or "", "force": ",".join(sorted(force))}
-        )
-        decisions: list[Decision] = []
-        statuses: dict[str, Status] = {}
-        failed: list[str] = []
-        try:
-            for name in self.order:
-                step = self.steps[name]
-                if name not in selected:
-                    decisions.append(Decision(name, "missing", ["after --until"], "excluded"))
-                    continue
-                decision = self._run_one(step, store, statuses, force, dag_run_id)
-                decisions.append(decision)
-                if decision.status == "failed" or decision.action == "blocked":
-                    statuses[name] = "failed"
-                    if decision.status == "failed":
-                        failed.append(name)
-                else:
-                    statuses[name] = "done"
-        finally:
-            store.save()
-            ok = not failed and all(d.action != "blocked" for d in decisions)
-            self.tracker.end_dag(
-                dag_run_id,
-                ok,
-                {d.step: d.action for d in decisions},
-            )
-        return RunReport(decisions, failed, dag_run_id)
 
     def _line(self, name: str, label: str, text: str) -> None:
         width = max(len(n) for n in self.steps)
@@ -410,7 +378,7 @@ class Dag:
             return self._skipped(step, decision, fp)
         self._line(step.name, "RUN", "; ".join(decision.reasons))
         run_id = self.tracker.start_step(step, decision, fp)
-        ctx = StepContext(step.name, dag_run_id, run_id, self.echo)
+        ctx = StepContext(dag_run_id, run_id, self.echo)
         started = time.perf_counter()
         try:
             result = step.action(ctx) or StepResult()
@@ -426,8 +394,7 @@ class Dag:
         result.metrics.setdefault("duration_s", round(elapsed, 3))
         # Inputs are hashed again after the run: a step must not record a fingerprint of
         # inputs that changed while it ran (it would then be skipped with stale outputs).
-        fp_after = self.fingerprint(step, store.cache)
-        if fp_after.inputs != fp.inputs:
+        if inputs_digests(step.inputs, store.cache) != fp.inputs:
             self.echo(f"[dag] warning: inputs of {step.name} changed while it ran")
         store.steps[step.name] = {
             "fingerprint": asdict(fp),
@@ -440,10 +407,7 @@ class Dag:
         store.failures.pop(step.name, None)
         store.save()
         self.tracker.end_step(run_id, True, result, None)
-        self._line(
-            step.name,
-            "DONE",
-            f"in {elapsed:.1f}s" + (f": {result.message}" if result.message else ""),
-        )
+        message = f": {result.message}" if result.message else ""
+        self._line(step.name, "DONE", f"in {elapsed:.1f}s{message}")
         decision.status = "done"
         return decision

@@ -84,24 +84,17 @@ def _parse_sums(text: str, source: str) -> dict[str, str]:
     return sums
 
 
-def _safe_members(archive: zipfile.ZipFile) -> tuple[str, list[zipfile.ZipInfo]]:
-    """The archive's single top folder ('' if none) and its file members, traversal-checked."""
-    files = [m for m in archive.infolist() if not m.is_dir()]
+def _members(archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """The file members by path below the archive's single top folder (if it has one),
+    traversal-checked."""
+    files = {PurePosixPath(m.filename): m for m in archive.infolist() if not m.is_dir()}
     if not files:
         raise FetchError("the downloaded zip is empty")
-    for m in files:
-        p = PurePosixPath(m.filename)
+    for p, m in files.items():
         if p.is_absolute() or ".." in p.parts:
             raise FetchError(f"the downloaded zip holds an unsafe path: {m.filename!r}")
-    tops = {PurePosixPath(m.filename).parts[0] for m in files}
-    nested = all(len(PurePosixPath(m.filename).parts) > 1 for m in files)
-    top = tops.pop() if nested and len(tops) == 1 else ""
-    return top, files
-
-
-def _relative(name: str, top: str) -> str:
-    parts = PurePosixPath(name).parts
-    return str(PurePosixPath(*parts[1:])) if top else name
+    nested = len({p.parts[0] for p in files}) == 1 and all(len(p.parts) > 1 for p in files)
+    return {str(p.relative_to(p.parts[0]) if nested else p): m for p, m in files.items()}
 
 
 def fetch_demo(
@@ -143,8 +136,7 @@ def fetch_demo(
         except zipfile.BadZipFile as exc:
             raise FetchError(f"{url} did not return a zip archive: {exc}") from exc
         with archive:
-            top, members = _safe_members(archive)
-            by_rel = {_relative(m.filename, top): m for m in members}
+            by_rel = _members(archive)
             if SUMS_NAME in by_rel:
                 sums = _parse_sums(archive.read(by_rel[SUMS_NAME]).decode(), SUMS_NAME)
             elif expected_sha256:

@@ -16,15 +16,12 @@ import importlib.util
 import json
 import modulefinder
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from features.checksum import sha256_file
 
 MISSING = "<missing>"
-# Files that never carry content a step depends on.
-_IGNORED_NAMES = {"__pycache__", ".DS_Store"}
 _COMPILED = {".pyc", ".pyo"}
 _CODE = {".py", *_COMPILED}
 
@@ -46,23 +43,20 @@ class DigestCache:
         return value
 
 
-def path_digests(path: Path, cache: DigestCache) -> dict[str, str]:
-    """One digest per file: ``{"<path>": sha}`` for a file, ``{"<path>/<rel>": sha}`` per file
-    of a folder (hidden files skipped: staging leftovers are not content), ``{"<path>":
-    "<missing>"}`` when absent. Keys name the files so a change can be reported by name."""
-    label = str(path)
+def _path_digests(path: Path, cache: DigestCache) -> dict[str, str]:
+    # Keys name the files so that a change can be reported by name.
     if path.is_file():
-        return {label: cache.file_digest(path)}
-    if path.is_dir():
-        files = _files_under(path)
-        if not files:
-            return {label: "<empty>"}
-        return {f"{label}/{p.relative_to(path).as_posix()}": cache.file_digest(p) for p in files}
-    return {label: MISSING}
+        return {str(path): cache.file_digest(path)}
+    if not path.is_dir():
+        return {str(path): MISSING}
+    if not (files := _files_under(path)):
+        return {str(path): "<empty>"}
+    return {f"{path}/{p.relative_to(path).as_posix()}": cache.file_digest(p) for p in files}
 
 
 def inputs_digests(paths: Iterable[Path], cache: DigestCache) -> dict[str, str]:
-    return {k: v for path in paths for k, v in path_digests(Path(path), cache).items()}
+    """One digest per file of ``paths`` (files or folders), ``<missing>`` for an absent one."""
+    return {k: v for path in paths for k, v in _path_digests(Path(path), cache).items()}
 
 
 def params_canonical(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,16 +70,6 @@ def params_canonical(params: Mapping[str, Any]) -> dict[str, Any]:
 RESULT_LIBRARIES = frozenset(
     {"duckdb", "lightning", "ncps", "numpy", "pandas", "pyarrow", "scikit-learn", "torch"}
 )
-NOT_INSTALLED = "<not installed>"
-
-
-@dataclass(frozen=True)
-class CodeDigests:
-    """What a step's code is: its source files (path from the project root -> sha256) and the
-    versions of the result-shaping libraries it imports (distribution -> version)."""
-
-    files: dict[str, str]
-    libraries: dict[str, str]
 
 
 def _package_root(module: str) -> tuple[Path, list[Path]]:
@@ -103,33 +87,23 @@ def _package_root(module: str) -> tuple[Path, list[Path]]:
 
 
 def _files_under(folder: Path) -> list[Path]:
+    # Hidden entries (.DS_Store, staging leftovers) and byte-code caches carry no content.
     return sorted(
         p
         for p in folder.rglob("*")
         if p.is_file()
-        and not any(
-            part in _IGNORED_NAMES or part.startswith(".") for part in p.relative_to(folder).parts
-        )
+        and not any(part == "__pycache__" or part[0] == "." for part in p.relative_to(folder).parts)
     )
 
 
-@functools.cache
-def _distributions() -> dict[str, list[str]]:
-    return importlib.metadata.packages_distributions()
+_distributions = functools.cache(importlib.metadata.packages_distributions)
 
 
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return NOT_INSTALLED
-
-
-def code_digests(modules: Iterable[str]) -> CodeDigests:
-    """The source files ``modules`` consist of and, followed through their imports (the
-    stdlib's ``modulefinder``: lazy imports inside functions count too, packages above a
-    module are loaded), every project file they load with the data files beside it in its
-    package, and the versions of the :data:`RESULT_LIBRARIES` any of them imports."""
+def code_digests(modules: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(project file -> sha256, distribution -> version) of ``modules`` and, followed through
+    their imports (the stdlib's ``modulefinder``: lazy imports inside functions count too),
+    every project file they load with the data files beside it in its package, and the
+    versions of the :data:`RESULT_LIBRARIES` any of them imports."""
     files: dict[Path, Path] = {}  # file -> the project root it is under
     third_party: set[str] = set()
     for module in modules:
@@ -164,13 +138,8 @@ def code_digests(modules: Iterable[str]) -> CodeDigests:
         for dist in distributions.get(top, [])
         if dist.lower() in RESULT_LIBRARIES
     }
-    return CodeDigests(
-        files={
-            path.relative_to(root).as_posix(): sha256_file(path)
-            for path, root in sorted(files.items())
-        },
-        libraries={dist: _version(dist) for dist in sorted(libraries)},
-    )
+    digests = {p.relative_to(root).as_posix(): sha256_file(p) for p, root in sorted(files.items())}
+    return digests, {dist: importlib.metadata.version(dist) for dist in sorted(libraries)}
 
 
 def combined(digests: Mapping[str, Any]) -> str:

@@ -79,18 +79,9 @@ class DagSettings(BaseSettings):
         return tuple(dict.fromkeys(value))
 
     @property
-    def dag_experiment(self) -> str:
-        """The DAG's parent and step runs, kept apart from the training runs."""
-        return f"{self.experiment}-dag"
-
-    @property
     def etl_dir(self) -> Path:
         return self.data_dir / "etl"
 
     @property
     def dag_dir(self) -> Path:
         return self.data_dir / "dag"
-
-    @property
-    def state_path(self) -> Path:
-        return self.dag_dir / "state.json"

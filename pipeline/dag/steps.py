@@ -30,9 +30,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-# --- fetch -------------------------------------------------------------------------------
-
-
 def fetch_step(s: DagSettings) -> Step:
     def action(ctx: StepContext) -> StepResult:
         result = fetch_demo(s.mimic_dir, url=s.fetch_url, expected_sha256=s.fetch_sha256)
@@ -54,11 +51,7 @@ def fetch_step(s: DagSettings) -> Step:
         params={"url": s.fetch_url, "sha256": s.fetch_sha256},
         code=("pipeline.dag.fetch",),
         not_needed=not_needed,
-        description="download the open MIMIC-III demo when the data folder is empty",
     )
-
-
-# --- etl ---------------------------------------------------------------------------------
 
 
 def _etl_settings(s: DagSettings):
@@ -89,17 +82,11 @@ def etl_step(s: DagSettings) -> Step:
         outputs=(s.etl_dir / "bins.parquet", s.etl_dir / "data_card.json"),
         params=etl,
         code=("pipeline.etl", "features"),
-        description="MIMIC-III tables -> 12-hour bins, data card",
     )
-
-
-# --- train -------------------------------------------------------------------------------
 
 
 def train_step(s: DagSettings, model: str) -> Step:
     out = s.dag_dir / f"train_{model}.json"
-
-    params = training_api.train_params(s, model)
 
     def action(ctx: StepContext) -> StepResult:
         record = training_api.train(s, model, ctx)
@@ -118,11 +105,8 @@ def train_step(s: DagSettings, model: str) -> Step:
             f"test skill K=5 {record['metrics'].get('test/skill_k5', float('nan')):+.3f}",
         )
 
-    def run_exists() -> str | None:
-        if not out.exists():
-            return None
-        run_id = _read_json(out).get("run_id")
-        return training_api.missing_run(s, run_id)
+    def run_exists() -> str | None:  # asked only while ``out`` exists
+        return training_api.missing_run(s, _read_json(out).get("run_id"))
 
     return Step(
         f"train_{model}",
@@ -130,14 +114,10 @@ def train_step(s: DagSettings, model: str) -> Step:
         needs=("etl",),
         inputs=(s.etl_dir,),
         outputs=(out,),
-        params=params,
+        params=training_api.train_params(s, model),
         code=TRAIN_CODE,
         verify=run_exists,
-        description=f"train and evaluate {model}, log and register it in MLflow",
     )
-
-
-# --- compare / promote -------------------------------------------------------------------
 
 
 def compare_step(s: DagSettings, train_steps: list[Step]) -> Step:
@@ -159,7 +139,6 @@ def compare_step(s: DagSettings, train_steps: list[Step]) -> Step:
         inputs=tuple(p for st in train_steps for p in st.outputs),
         outputs=(md, js),
         code=TRAIN_CODE,
-        description="side-by-side table of the runs (markdown)",
     )
 
 
@@ -168,8 +147,7 @@ def promote_step(s: DagSettings, compare: Step) -> Step:
     from training.registry import SELECTION_METRIC
 
     def action(ctx: StepContext) -> StepResult:
-        payload = _read_json(s.dag_dir / "comparison.json")
-        record = training_api.promote(s, payload)
+        record = training_api.promote(s, _read_json(s.dag_dir / "comparison.json"))
         _write_json(out, record)
         champions = record["champions"]
         overall = record["overall"]
@@ -191,7 +169,6 @@ def promote_step(s: DagSettings, compare: Step) -> Step:
         outputs=(out,),
         params={"metric": SELECTION_METRIC, "alias": "champion"},
         code=TRAIN_CODE,
-        description="'champion' per family and overall (icu-forecast@champion, served)",
     )
 
 
@@ -223,7 +200,6 @@ def cv_step(s: DagSettings) -> Step:
         outputs=(out / "report.json", out / "report.md"),
         params=params,
         code=TRAIN_CODE,
-        description="patient-grouped k-fold cross-validation against the baselines",
     )
 
 
@@ -236,5 +212,6 @@ def build_dag(s: DagSettings, track: bool = True, echo: Callable[[str], None] = 
     if track:
         from pipeline.dag.tracking import MlflowTracker
 
-        tracker = MlflowTracker(s.tracking_uri, s.dag_experiment, (s.experiment,))
-    return Dag(steps, s.state_path, tracker=tracker, echo=echo)
+        # The DAG's parent and step runs, kept apart from the training runs.
+        tracker = MlflowTracker(s.tracking_uri, f"{s.experiment}-dag", (s.experiment,))
+    return Dag(steps, s.dag_dir / "state.json", tracker=tracker, echo=echo)

@@ -60,10 +60,9 @@ class MlflowTracker(Tracker):
             "dag.step": step.name,
             "dag.action": decision.action,
             "dag.reason": "; ".join(decision.reasons)[:5000],
+            TAG_PARENT: self.dag_run_id,
             **owner_tags(),
         }
-        if self.dag_run_id:
-            tags[TAG_PARENT] = self.dag_run_id
         if fp is not None:
             tags.update({f"dag.hash.{k}": v for k, v in fp.short().items()})
         run = self.client.create_run(self.experiment_id, tags=tags)
@@ -80,8 +79,6 @@ class MlflowTracker(Tracker):
     def end_step(
         self, run_id: str | None, ok: bool, result: StepResult | None, error: str | None
     ) -> None:
-        if run_id is None:
-            return
         if result is not None:
             from mlflow.entities import Metric, RunTag
 
@@ -96,8 +93,6 @@ class MlflowTracker(Tracker):
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
     def end_dag(self, run_id: str | None, ok: bool, summary: Mapping[str, Any]) -> None:
-        if run_id is None:
-            return
         for step, action in summary.items():
             self.client.set_tag(run_id, f"dag.step.{step}", str(action))
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")

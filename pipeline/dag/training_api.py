@@ -76,10 +76,8 @@ def train_config(s: DagSettings, model: str, data_dir: Path | None = None, **ove
 
 def train_params(s: DagSettings, model: str) -> dict[str, Any]:
     """Every setting that decides a train step's result: the whole TrainConfig."""
-    params = train_config(s, model).model_dump(mode="json")
-    if model not in NEURAL:
-        params = {k: v for k, v in params.items() if k not in _NEURAL_ONLY}
-    return params
+    exclude = None if model in NEURAL else _NEURAL_ONLY
+    return train_config(s, model).model_dump(mode="json", exclude=exclude)
 
 
 def _record(result: Any) -> dict[str, Any]:

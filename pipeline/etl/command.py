@@ -20,12 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-limit", help="DuckDB memory limit, e.g. 3GB")
     parser.add_argument("--temp-dir", help="scratch folder (default: beside --out)")
     parser.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_const",
-        const=False,
-        default=None,
-        help="no progress display",
+        "--progress", action=argparse.BooleanOptionalAction, help="progress display per table"
     )
 
 

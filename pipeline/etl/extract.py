@@ -17,62 +17,39 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features import catalog as cat
-from pipeline.etl.tables import InputError, TableSpec, TableStats, find_table, stream_table
+from pipeline.etl.tables import TableStats, find_table, stream_table
 
 log = logging.getLogger(__name__)
 
 TS = pa.timestamp("s")
 I64 = pa.int64()
-F64 = pa.float64()
 STR = pa.string()
-
-SPECS: dict[str, TableSpec] = {
-    "ICUSTAYS": TableSpec(
-        "ICUSTAYS",
-        {"subject_id": I64, "hadm_id": I64, "icustay_id": I64, "intime": TS, "outtime": TS},
-    ),
-    "CHARTEVENTS": TableSpec(
-        "CHARTEVENTS",
-        {
-            "icustay_id": I64,
-            "itemid": I64,
-            "charttime": TS,
-            "value": STR,
-            "valuenum": F64,
-            "error": STR,
-        },
-    ),
-    "LABEVENTS": TableSpec(
-        "LABEVENTS",
-        {"subject_id": I64, "hadm_id": I64, "itemid": I64, "charttime": TS, "valuenum": F64},
-    ),
-    "INPUTEVENTS_CV": TableSpec(
-        "INPUTEVENTS_CV",
-        {
-            "icustay_id": I64,
-            "charttime": TS,
-            "itemid": I64,
-            "amount": F64,
-            "amountuom": STR,
-            "rate": F64,
-        },
-    ),
-    "INPUTEVENTS_MV": TableSpec(
-        "INPUTEVENTS_MV",
-        {
-            "icustay_id": I64,
-            "starttime": TS,
-            "endtime": TS,
-            "itemid": I64,
-            "amount": F64,
-            "amountuom": STR,
-            "statusdescription": STR,
-        },
-    ),
-    "PROCEDUREEVENTS_MV": TableSpec(
-        "PROCEDUREEVENTS_MV",
-        {"icustay_id": I64, "starttime": TS, "itemid": I64, "statusdescription": STR},
-    ),
+# Each column the ETL reads has the same type in every table that holds it.
+COLUMN_TYPES = (
+    dict.fromkeys(("subject_id", "hadm_id", "icustay_id", "itemid"), I64)
+    | dict.fromkeys(("intime", "outtime", "charttime", "starttime", "endtime"), TS)
+    | dict.fromkeys(("valuenum", "amount", "rate"), pa.float64())
+    | dict.fromkeys(("value", "error", "amountuom", "statusdescription"), STR)
+)
+# Per table, the columns the ETL reads (lower-case name -> type).
+SPECS: dict[str, dict[str, pa.DataType]] = {
+    name: {c: COLUMN_TYPES[c] for c in columns}
+    for name, columns in {
+        "ICUSTAYS": ("subject_id", "hadm_id", "icustay_id", "intime", "outtime"),
+        "CHARTEVENTS": ("icustay_id", "itemid", "charttime", "value", "valuenum", "error"),
+        "LABEVENTS": ("subject_id", "hadm_id", "itemid", "charttime", "valuenum"),
+        "INPUTEVENTS_CV": ("icustay_id", "charttime", "itemid", "amount", "amountuom", "rate"),
+        "INPUTEVENTS_MV": (
+            "icustay_id",
+            "starttime",
+            "endtime",
+            "itemid",
+            "amount",
+            "amountuom",
+            "statusdescription",
+        ),
+        "PROCEDUREEVENTS_MV": ("icustay_id", "starttime", "itemid", "statusdescription"),
+    }.items()
 }
 
 Filter = Callable[[pa.Table], pa.Table]
@@ -165,7 +142,7 @@ def load_table(
     stats = TableStats(name, path)
     target = f"raw_{name.lower()}"
     # The filter of an empty table gives the schema of what it keeps.
-    empty = keep(pa.schema(list(SPECS[name].columns.items())).empty_table())  # noqa: F841
+    empty = keep(pa.schema(list(SPECS[name].items())).empty_table())  # noqa: F841
     con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT * FROM empty")
     pending: list[pa.Table] = []
 
@@ -191,11 +168,7 @@ def load_table(
     if pending:
         flush()
     log.info(
-        "%s: %s rows read, %s kept (%.1f s)",
-        name,
-        f"{stats.rows_read:,}",
-        f"{stats.rows_kept:,}",
-        stats.seconds,
+        f"{name}: {stats.rows_read:,} rows read, {stats.rows_kept:,} kept ({stats.seconds:.1f} s)"
     )
     return stats
 
@@ -218,7 +191,7 @@ def clean_table(con: duckdb.DuckDBPyConnection, name: str, stats: TableStats) ->
     """
     target = f"raw_{name.lower()}"
     columns = [r[0] for r in con.execute(f"DESCRIBE {target}").fetchall()]
-    times = [c for c in columns if pa.types.is_timestamp(SPECS[name].columns.get(c, STR))]
+    times = [c for c in columns if pa.types.is_timestamp(SPECS[name].get(c, STR))]
     before = con.execute(f"SELECT count(*) FROM {target}").fetchone()[0]
     ok = (
         " AND ".join(
@@ -243,15 +216,6 @@ def clean_table(con: duckdb.DuckDBPyConnection, name: str, stats: TableStats) ->
     stats.time_out_of_range_rows = int(bad)
     if stats.duplicate_rows or bad:
         log.warning(
-            "%s: %d exact duplicate row(s) dropped, %d row(s) with a timestamp outside %s .. %s",
-            name,
-            stats.duplicate_rows,
-            bad,
-            TIME_MIN,
-            TIME_MAX,
+            f"{name}: {stats.duplicate_rows} exact duplicate row(s) dropped, {bad} row(s) with a "
+            f"timestamp outside {TIME_MIN} .. {TIME_MAX}"
         )
-
-
-def require_rows(stats: TableStats, what: str) -> None:
-    if stats.rows_read == 0:
-        raise InputError(f"{stats.path}: {what} has no data rows")

@@ -1,15 +1,8 @@
 """Where the ETL may write: it replaces only a folder that it wrote itself.
 
 The output folder is swapped in as a whole (``features.atomic.atomic_dir``), so whatever was
-at ``--out`` before is removed. That is only safe for a previous ETL output; anything else
-(the input tables, a user's folder, a file) is refused with one line naming the path.
-
-A previous output is recognised by both of:
-
-- its ``data_card.json`` is a JSON object written by this ETL (``"producer"`` below; outputs
-  from before that field have ``format`` 1, ``catalog_version`` and ``bins_sha256``);
-- every entry in the folder is one the ETL writes (a stray file of the user's is not ours to
-  delete, even inside an old output).
+at ``--out`` before is removed. That is only safe for a previous ETL output (its data card, and
+nothing in it but what the ETL writes: a stray file of the user's is not ours to delete).
 """
 
 from __future__ import annotations
@@ -26,54 +19,48 @@ OUTPUT_ENTRIES = frozenset({"bins.parquet", "data_card.json"})
 LEGACY_ENTRIES = frozenset({"preprocessor"})
 
 
-class OutputFolderError(UserError):
-    """``--out`` names something the ETL must not replace."""
-
-
 def _card_is_ours(card_path: Path) -> bool:
+    # Cards from before the "producer" field: format 1 with catalog_version and bins_sha256.
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    if not isinstance(card, dict):
-        return False
-    if card.get("producer") == PRODUCER:
-        return True
-    return card.get("format") == 1 and "catalog_version" in card and "bins_sha256" in card
+    return isinstance(card, dict) and (
+        card.get("producer") == PRODUCER
+        or (card.get("format") == 1 and "catalog_version" in card and "bins_sha256" in card)
+    )
 
 
-def check_out_dir(out: Path, mimic_dir: Path, temp_dir: Path | None = None) -> None:
-    """Raise :class:`OutputFolderError` unless replacing ``out`` can only lose ETL output."""
+def check_out_dir(out: Path, mimic_dir: Path, temp_dir: Path | None) -> None:
+    """Raise :class:`UserError` unless replacing ``out`` can only lose ETL output."""
     if paths_overlap(out, mimic_dir):
-        raise OutputFolderError(
+        raise UserError(
             f"--out {out} overlaps the input folder {mimic_dir} (is it, contains it or lies "
             "inside it); the ETL never writes over its inputs: choose another --out"
         )
     if temp_dir is not None and paths_overlap(temp_dir, mimic_dir):
-        raise OutputFolderError(
+        raise UserError(
             f"--temp-dir {temp_dir} overlaps the input folder {mimic_dir}; choose another one"
         )
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():
-        raise OutputFolderError(
-            f"--out {out} is an existing file, not a folder; refusing to replace it"
-        )
+        raise UserError(f"--out {out} is an existing file, not a folder; refusing to replace it")
     try:
         entries = sorted(p.name for p in out.iterdir())
     except OSError as exc:
-        raise OutputFolderError(f"--out {out}: cannot list the folder ({exc.strerror})") from exc
+        raise UserError(f"--out {out}: cannot list the folder ({exc.strerror})") from exc
     if not entries:
         return
     if "data_card.json" not in entries or not _card_is_ours(out / "data_card.json"):
-        raise OutputFolderError(
+        raise UserError(
             f"--out {out} is a non-empty folder that is not an earlier ETL output (no "
             f"data_card.json written by {PRODUCER}); refusing to replace it: choose a new or "
             "empty folder"
         )
     foreign = [e for e in entries if e not in OUTPUT_ENTRIES | LEGACY_ENTRIES]
     if foreign:
-        raise OutputFolderError(
+        raise UserError(
             f"--out {out} is an earlier ETL output but also holds {', '.join(foreign[:5])}"
             f"{' ...' if len(foreign) > 5 else ''}, which the ETL did not write; refusing to "
             "replace it: move those out first or choose another folder"

@@ -52,14 +52,7 @@ from pipeline.etl.tables import InputError, TableStats
 
 log = logging.getLogger(__name__)
 
-TABLE_ORDER = (
-    "ICUSTAYS",
-    "CHARTEVENTS",
-    "LABEVENTS",
-    "INPUTEVENTS_CV",
-    "INPUTEVENTS_MV",
-    "PROCEDUREEVENTS_MV",
-)
+TABLE_ORDER = tuple(extract.SPECS)
 SCRATCH_PREFIX = ".etl-work-"
 DATA_CARD_FORMAT = 2
 """2: state columns keep NaN until first measured in the stay; no ``preprocessor/`` (was 1)."""
@@ -120,8 +113,9 @@ def _extract(con: duckdb.DuckDBPyConnection, settings: EtlSettings) -> dict[str,
             extract.clean_table(con, name, stats[name])
             progress.update(task, description=f"{name} done")
             progress.stop_task(task)
-    extract.require_rows(stats["ICUSTAYS"], "ICUSTAYS")
-    extract.require_rows(stats["CHARTEVENTS"], "CHARTEVENTS")
+    for name in ("ICUSTAYS", "CHARTEVENTS"):
+        if stats[name].rows_read == 0:
+            raise InputError(f"{stats[name].path}: {name} has no data rows")
     return stats
 
 
@@ -135,17 +129,6 @@ def _grid(stays: pd.DataFrame) -> pd.DataFrame:
     grid["bin"] = bins.astype(np.int64)
     grid["bin_start"] = grid["intime"] + pd.to_timedelta(grid["bin"] * BIN_HOURS, unit="h")
     return grid.drop(columns=["intime"])
-
-
-def _summary(values: np.ndarray) -> dict[str, float]:
-    if len(values) == 0:
-        return {"min": 0, "median": 0, "mean": 0, "max": 0}
-    return {
-        "min": int(values.min()),
-        "median": float(np.median(values)),
-        "mean": round(float(values.mean()), 3),
-        "max": int(values.max()),
-    }
 
 
 def build_bins(
@@ -164,8 +147,7 @@ def build_bins(
     stays = con.execute("SELECT * FROM stays ORDER BY icustay_id").df()
 
     has_state = wide[list(STATE_NAMES)].notna().any(axis=1)
-    with_events = set(wide.loc[has_state, "icustay_id"].unique().tolist())
-    no_events = ~stays["icustay_id"].isin(with_events)
+    no_events = ~stays["icustay_id"].isin(wide.loc[has_state, "icustay_id"])
     excluded = pd.concat(
         [
             stays_all[stays_all["reason"].notna()][["icustay_id", "reason"]],
@@ -192,11 +174,8 @@ def build_bins(
         frame["subject_id"].unique(), settings.train_frac, settings.val_frac, settings.seed
     )
     frame.insert(frame.columns.get_loc("bin_start") + 1, "split", frame["subject_id"].map(split_of))
-    if frame[list(INTERVENTION_NAMES)].isna().any().any():  # pragma: no cover - a bug, not input
-        raise RuntimeError("interventions left missing")
 
-    columns = list(BINS_COLUMNS)
-    frame = frame[columns].astype(
+    frame = frame[list(BINS_COLUMNS)].astype(
         {"subject_id": "int64", "hadm_id": "int64", "icustay_id": "int64", "bin": "int32"}
         | {n: "float64" for n in FEATURE_NAMES}
         | {n: "float32" for n in OBSERVED_NAMES}
@@ -205,6 +184,16 @@ def build_bins(
     frame = frame.sort_values(["icustay_id", "bin"], kind="stable").reset_index(drop=True)
 
     n_bins = kept["n_bins"].to_numpy(np.int64)
+    values = {
+        n: dropped[n] | {"bins_clamped": int(clamped[:, i].sum())}
+        for i, n in enumerate(STATE_NAMES)
+    }
+    interventions = {
+        n: iv_problems[n] | {"bins_clamped": int(iv_clamped[:, i].sum())}
+        for i, n in enumerate(INTERVENTION_NAMES)
+    }
+    counted = ("rows_read", "rows_kept", "duplicate_rows", "time_out_of_range_rows")
+    tables = {name: {k: getattr(s, k) for k in counted} for name, s in stats.items()}
     per_split = {
         s: {
             "subjects": int(frame.loc[frame["split"] == s, "subject_id"].nunique()),
@@ -231,7 +220,15 @@ def build_bins(
             "subjects_kept": int(kept["subject_id"].nunique()),
             "splits": per_split,
         },
-        "bins": {"total": int(len(frame)), "per_stay": _summary(n_bins)},
+        "bins": {
+            "total": int(len(frame)),
+            "per_stay": {
+                "min": int(n_bins.min()),
+                "median": float(np.median(n_bins)),
+                "mean": round(float(n_bins.mean()), 3),
+                "max": int(n_bins.max()),
+            },
+        },
         "missingness": {
             n: {
                 "not_observed": round(float(1 - observed_before[:, i].mean()), 6),
@@ -242,82 +239,62 @@ def build_bins(
         "interventions_nonzero": {
             n: round(float((frame[n] > 0).mean()), 6) for n in INTERVENTION_NAMES
         },
-        "values": {
-            n: dropped[n] | {"bins_clamped": int(clamped[:, i].sum())}
-            for i, n in enumerate(STATE_NAMES)
-        },
-        "interventions": {
-            n: iv_problems[n] | {"bins_clamped": int(iv_clamped[:, i].sum())}
-            for i, n in enumerate(INTERVENTION_NAMES)
-        },
+        "values": values,
+        "interventions": interventions,
         "input_problems": _input_problems(
-            stats, settings, int(kept["cut"].sum()), dropped, iv_problems, iv_clamped
+            tables, values, interventions, int(kept["cut"].sum()), settings.max_stay_days
         ),
+        "tables": tables,
     }
     return frame, card
 
 
-def _problem(count: int, action: str, **detail) -> dict:
-    return {"count": int(count), "action": action, **{k: v for k, v in detail.items() if v}}
-
-
 def _input_problems(
-    stats: dict[str, TableStats],
-    settings: EtlSettings,
+    tables: dict[str, dict],
+    values: dict[str, dict],
+    interventions: dict[str, dict],
     stays_cut: int,
-    dropped: dict[str, dict[str, int]],
-    iv_problems: dict[str, dict[str, int]],
-    iv_clamped: np.ndarray,
+    max_stay_days: int,
 ) -> dict[str, dict]:
     """Every kind of bad input the ETL repaired or dropped: how many, and what was done."""
-    dup = {n: s.duplicate_rows for n, s in stats.items() if s.duplicate_rows}
-    bad_time = {n: s.time_out_of_range_rows for n, s in stats.items() if s.time_out_of_range_rows}
-    outside = {n: d["outside_stay"] for n, d in dropped.items() if d["outside_stay"]} | {
-        n: p["outside_stay"] for n, p in iv_problems.items() if p["outside_stay"]
-    }
-    implausible = {
-        n: p["implausible_doses"] for n, p in iv_problems.items() if p["implausible_doses"]
-    }
-    clamped = {
-        n: int(iv_clamped[:, i].sum())
-        for i, n in enumerate(INTERVENTION_NAMES)
-        if iv_clamped[:, i].any()
-    }
+
+    def nonzero(*sections: dict[str, dict], key: str) -> dict[str, int]:
+        return {n: d[key] for section in sections for n, d in section.items() if d[key]}
+
+    def problem(action: str, count: int | None = None, **detail: dict[str, int]) -> dict:
+        total = sum(v for d in detail.values() for v in d.values()) if count is None else count
+        return {"count": int(total), "action": action, **{k: v for k, v in detail.items() if v}}
+
     return {
-        "duplicate_rows": _problem(
-            sum(dup.values()),
+        "duplicate_rows": problem(
             "rows identical in every column the ETL reads were kept once",
-            per_table=dup,
+            per_table=nonzero(tables, key="duplicate_rows"),
         ),
-        "timestamps_out_of_range": _problem(
-            sum(bad_time.values()),
+        "timestamps_out_of_range": problem(
             f"rows with a timestamp outside {extract.TIME_MIN} .. {extract.TIME_MAX} (no "
             "timestamp type used here holds it) were dropped; in ICUSTAYS the stay was "
             "excluded with that reason",
-            per_table=bad_time,
+            per_table=nonzero(tables, key="time_out_of_range_rows"),
         ),
-        "stays_cut_to_max_length": _problem(
-            stays_cut,
-            f"stays longer than max_stay_days = {settings.max_stay_days} were cut to their "
+        "stays_cut_to_max_length": problem(
+            f"stays longer than max_stay_days = {max_stay_days} were cut to their "
             "first max_stay_days; events after the cut count as outside the stay",
+            stays_cut,
         ),
-        "events_outside_stay": _problem(
-            sum(outside.values()),
+        "events_outside_stay": problem(
             "state values charted before intime minus the lab window or after outtime (or the "
             "cut), and intervention records lying entirely outside the stay, were dropped",
-            per_variable=outside,
+            per_variable=nonzero(values, interventions, key="outside_stay"),
         ),
-        "implausible_intervention_amounts": _problem(
-            sum(implausible.values()),
+        "implausible_intervention_amounts": problem(
             "doses that are negative, infinite, NaN or larger than the intervention's maximum "
             "per bin, and CareVue vasopressor rates that are negative, infinite or NaN, were "
             "dropped as charting errors",
-            per_variable=implausible,
+            per_variable=nonzero(interventions, key="implausible_doses"),
         ),
-        "intervention_bins_clamped": _problem(
-            sum(clamped.values()),
+        "intervention_bins_clamped": problem(
             "bins whose summed intervention exceeded its maximum were clamped to it",
-            per_variable=clamped,
+            per_variable=nonzero(interventions, key="bins_clamped"),
         ),
     }
 
@@ -338,27 +315,8 @@ def _full_card(settings: EtlSettings, stats: dict[str, TableStats], parts: dict)
         },
         "bins_sha256": None,
         **parts,
-        "tables": {
-            name: {
-                "rows_read": s.rows_read,
-                "rows_kept": s.rows_kept,
-                "duplicate_rows": s.duplicate_rows,
-                "time_out_of_range_rows": s.time_out_of_range_rows,
-            }
-            for name, s in stats.items()
-        },
         "inputs": {s.path.name: {"sha256": s.sha256, "bytes": s.bytes} for s in stats.values()},
     }
-
-
-def _write(out: Path, frame: pd.DataFrame, card: dict) -> tuple[str, dict]:
-    """Write bins and card into a staging folder that replaces ``out`` at the end."""
-    with atomic_dir(out) as staging:
-        bins_path = staging / "bins.parquet"
-        frame.to_parquet(bins_path, index=False, compression="zstd")
-        card = card | {"bins_sha256": sha256_file(bins_path)}
-        (staging / "data_card.json").write_text(json.dumps(card, indent=1) + "\n")
-    return card["bins_sha256"], card
 
 
 def run_etl(settings: EtlSettings | None = None) -> EtlResult:
@@ -411,8 +369,13 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
             con.close()
     log.info("writing %s (%d stays, %d bins)", out, card["cohort"]["stays_kept"], len(frame))
     check_out_dir(out, settings.mimic_dir, settings.temp_dir)
+    card = _full_card(settings, stats, card)
     try:
-        bins_sha, card = _write(out, frame, _full_card(settings, stats, card))
+        # Both files go into a staging folder that replaces ``out`` at the end.
+        with atomic_dir(out) as staging:
+            frame.to_parquet(staging / "bins.parquet", index=False, compression="zstd")
+            card["bins_sha256"] = sha256_file(staging / "bins.parquet")
+            (staging / "data_card.json").write_text(json.dumps(card, indent=1) + "\n")
     except OSError as exc:
         raise UserError(
             f"cannot write --out {out} ({exc.strerror or exc}); any previous output is unchanged"
@@ -423,7 +386,7 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
         out_dir=out,
         bins_path=out / "bins.parquet",
         data_card_path=out / "data_card.json",
-        bins_sha256=bins_sha,
+        bins_sha256=card["bins_sha256"],
         counts={
             k: card["cohort"][k]
             for k in ("icustays_rows", "stays_kept", "stays_excluded", "subjects_kept")

@@ -8,7 +8,7 @@ import numpy as np
 
 
 def split_subjects(
-    subject_ids: Iterable[int], train_frac: float = 0.70, val_frac: float = 0.15, seed: int = 0
+    subject_ids: Iterable[int], train_frac: float, val_frac: float, seed: int
 ) -> dict[int, str]:
     """Map each subject to ``train`` / ``val`` / ``test``: a seeded shuffle of the sorted ids.
 

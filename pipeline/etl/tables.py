@@ -1,23 +1,21 @@
 """Find and stream MIMIC-III tables: ``.csv`` or ``.csv.gz``, upper- or lower-case names.
 
-Tables are streamed in blocks (pyarrow's CSV reader, gzip through ISA-L, which inflates several
-times faster than zlib), filtered block by block and appended to DuckDB, so memory stays flat
-however large the table is. The compressed bytes are hashed as they are read: the data card's
-checksums cost no second pass over 30 GB.
+The compressed bytes are hashed as they are read: the data card's checksums cost no second pass
+over 30 GB.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gzip
 import hashlib
 import io
 import queue
 import re
-import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +31,6 @@ from features.errors import UserError
 
 class InputError(UserError):
     """A MIMIC-III input that is missing, unreadable or malformed."""
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """The columns the ETL needs from one table, lower-case name -> Arrow type."""
-
-    name: str
-    columns: dict[str, pa.DataType]
 
 
 @dataclass
@@ -71,14 +61,13 @@ def find_table(mimic_dir: Path, name: str) -> Path:
         raise InputError(
             f"MIMIC-III folder {mimic_dir} cannot be read ({exc.strerror or exc})"
         ) from exc
-    found = sorted(p for p in entries if p.name.lower() in wanted and p.is_file())
+    found = [p for p in entries if p.name.lower() in wanted and p.is_file()]
     if not found:
         raise InputError(
             f"{mimic_dir}: table {name} not found (expected {name}.csv.gz or {name}.csv, any case)"
         )
     # Prefer the compressed file when both exist: it is what the release ships.
-    found.sort(key=lambda p: not p.name.lower().endswith(".gz"))
-    return found[0]
+    return min(found, key=lambda p: (not p.name.lower().endswith(".gz"), p))
 
 
 class _HashingReader(io.RawIOBase):
@@ -139,16 +128,18 @@ def _gzip_message(exc: BaseException) -> str:
     return msg
 
 
-def resolve_columns(path: Path, header: list[str], spec: TableSpec) -> dict[str, str]:
-    """Lower-case name -> name as in the file, for every column the spec needs."""
+def resolve_columns(
+    path: Path, header: list[str], table: str, columns: Iterable[str]
+) -> dict[str, str]:
+    """Lower-case name -> name as in the file, for every one of ``columns`` (lower-case)."""
     by_lower = {c.lower(): c for c in header}
-    missing = [c for c in spec.columns if c not in by_lower]
+    missing = [c for c in columns if c not in by_lower]
     if missing:
         raise InputError(
-            f"{path}: missing column(s) {', '.join(missing)} (table {spec.name}; "
+            f"{path}: missing column(s) {', '.join(missing)} (table {table}; "
             f"header has {', '.join(header[:20])}{' ...' if len(header) > 20 else ''})"
         )
-    return {c: by_lower[c] for c in spec.columns}
+    return {c: by_lower[c] for c in columns}
 
 
 _QUOTE = ord('"')
@@ -224,21 +215,6 @@ def _line_chunks(
             free.put(buf)
 
 
-def _parse_options(quoted: bool) -> pcsv.ParseOptions:
-    # Without a quote anywhere in a chunk, quoting rules cannot change a value, and Arrow
-    # tokenizes a fifth faster with them off. A chunk is parsed as one Arrow block (see
-    # ``parse``), and within a block Arrow's parser keeps quoted line breaks in their value:
-    # ``newlines_in_values`` only steers where Arrow would cut blocks, and costs 5 %.
-    if quoted:
-        return pcsv.ParseOptions()
-    return pcsv.ParseOptions(quote_char=False, double_quote=False)
-
-
-def _one_block(read: pcsv.ReadOptions, size: int) -> pcsv.ReadOptions:
-    """``read`` with a block size that holds ``size`` bytes (a row longer than a block)."""
-    return pcsv.ReadOptions(column_names=read.column_names, use_threads=False, block_size=size + 1)
-
-
 def _arrow_error(path: Path, header: list[str], exc: Exception, rows_before: int) -> InputError:
     """One line naming file, column and value; Arrow's row number counts from the start of
     its block, so ``rows_before`` (the data rows of the earlier blocks) is added to it."""
@@ -253,7 +229,7 @@ def _arrow_error(path: Path, header: list[str], exc: Exception, rows_before: int
 
 def stream_table(
     path: Path,
-    spec: TableSpec,
+    spec: Mapping[str, pa.DataType],
     stats: TableStats,
     *,
     block_size: int = 4 << 20,
@@ -261,11 +237,11 @@ def stream_table(
     transform: Callable[[pa.Table], pa.Table] | None = None,
     on_rows: Callable[[int], None] | None = None,
 ) -> Iterator[pa.Table]:
-    """Yield tables of the spec's columns (lower-case names, the spec's types), ``transform``ed.
+    """Yield tables of ``spec``'s columns (lower-case name -> type), ``transform``ed.
 
-    A reader thread inflates the file (ISA-L, outside the GIL) into reused buffers and cuts
-    them into chunks of whole rows; ``threads`` workers parse the chunks with Arrow and apply
-    ``transform`` (a filter) in parallel, which Arrow's own streaming reader does not do.
+    ISA-L inflates the file in a thread of its own (outside the GIL); it is read into reused
+    buffers and cut into chunks of whole rows; ``threads`` workers parse the chunks with Arrow
+    and apply ``transform`` (a filter) in parallel, which Arrow's streaming reader does not do.
     ``stats.rows_read`` counts rows before ``transform``.
 
     ``transform`` sees timestamp columns as text: they are converted after it, so only the
@@ -275,19 +251,23 @@ def stream_table(
     one :class:`InputError` naming the file, and the column where that is known.
     """
     header = read_header(path)
-    names = resolve_columns(path, header, spec)
-    lower = list(names)
-    deferred = {c: t for c, t in spec.columns.items() if pa.types.is_timestamp(t)}
+    names = resolve_columns(path, header, stats.name, spec)
+    deferred = {c: t for c, t in spec.items() if pa.types.is_timestamp(t)}
     convert = pcsv.ConvertOptions(
         include_columns=list(names.values()),
-        column_types={
-            names[c]: pa.string() if c in deferred else t for c, t in spec.columns.items()
-        },
+        column_types={names[c]: pa.string() if c in deferred else t for c, t in spec.items()},
         strings_can_be_null=True,
         quoted_strings_can_be_null=True,
     )
     read = pcsv.ReadOptions(column_names=header, use_threads=False, block_size=block_size * 2)
-    parse_options = {q: _parse_options(q) for q in (False, True)}
+    # Without a quote anywhere in a chunk, quoting rules cannot change a value, and Arrow
+    # tokenizes a fifth faster with them off. A chunk is parsed as one Arrow block (see
+    # ``parse``), and within a block Arrow's parser keeps quoted line breaks in their value:
+    # ``newlines_in_values`` only steers where Arrow would cut blocks, and costs 5 %.
+    parse_options = {
+        False: pcsv.ParseOptions(quote_char=False, double_quote=False),
+        True: pcsv.ParseOptions(),
+    }
     free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
 
     def convert_deferred(table: pa.Table) -> pa.Table:
@@ -304,8 +284,13 @@ def stream_table(
         return table
 
     def parse(chunk: Chunk) -> tuple[int, pa.Table]:
-        # One Arrow block per chunk: Arrow must not cut it again (at a quoted line break).
-        options = read if chunk.stop < read.block_size else _one_block(read, chunk.stop)
+        # One Arrow block per chunk: Arrow must not cut it again (at a quoted line break), so
+        # a row longer than a block gets a block of its own size.
+        options = read
+        if chunk.stop >= read.block_size:
+            options = pcsv.ReadOptions(
+                column_names=header, use_threads=False, block_size=chunk.stop + 1
+            )
         try:
             table = pcsv.read_csv(
                 pa.py_buffer(chunk.view()),
@@ -315,7 +300,7 @@ def stream_table(
             )
         finally:
             free.put(chunk.buf)  # Arrow copies the values out: the buffer can be refilled
-        table = table.rename_columns(lower)
+        table = table.rename_columns(list(names))
         n = table.num_rows
         if transform is not None:
             table = transform(table)
@@ -324,43 +309,19 @@ def stream_table(
     hasher = _HashingReader(open(path, "rb"))  # noqa: SIM115 - closed in finally
     start = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="etl-parse")
-    # Parsed chunks in file order, at most ``threads + 1`` ahead: memory stays flat.
-    parsed: queue.Queue[Future | BaseException | None] = queue.Queue(maxsize=threads + 1)
-    stop = threading.Event()
-
-    def offer(item: Future | BaseException | None) -> bool:
-        while not stop.is_set():
-            try:
-                parsed.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def read_chunks() -> None:
-        stream = None
-        try:
-            stream = _open_stream(path, hasher, block_size)
-            stream.readline()  # the header, already read
-            for chunk in _line_chunks(stream, block_size, free):
-                if not offer(pool.submit(parse, chunk)):
-                    return
-            offer(None)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            offer(exc)
-        finally:
-            if stream is not None:
-                # A close error after a failed read would hide the real error.
-                with contextlib.suppress(Exception):
-                    stream.close()
-
-    reader = threading.Thread(target=read_chunks, name="etl-read", daemon=True)
-    reader.start()
+    # Chunks being parsed, in file order, at most ``threads + 1``: memory stays flat.
+    parsing: collections.deque[Future[tuple[int, pa.Table]]] = collections.deque()
+    stream = None
     try:
-        while (item := parsed.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            n, table = item.result()
+        stream = _open_stream(path, hasher, block_size)
+        stream.readline()  # the header, already read
+        chunks = _line_chunks(stream, block_size, free)
+        while True:
+            while len(parsing) <= threads and (chunk := next(chunks, None)) is not None:
+                parsing.append(pool.submit(parse, chunk))
+            if not parsing:
+                break
+            n, table = parsing.popleft().result()
             stats.rows_read += n
             if on_rows is not None:
                 on_rows(n)
@@ -372,13 +333,11 @@ def stream_table(
     except (OSError, EOFError, zlib.error, IsalError, pa.ArrowException) as exc:
         raise InputError(f"{path}: {_gzip_message(exc)}") from exc
     finally:
-        stop.set()
-        reader.join()
-        while not parsed.empty():
-            item = parsed.get_nowait()
-            if isinstance(item, Future):
-                item.cancel()
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)
+        if stream is not None:
+            # A close error after a failed read would hide the real error.
+            with contextlib.suppress(Exception):
+                stream.close()
         hasher.close()
     # Hash the rest of the file (bytes after the last block the reader needed).
     with open(path, "rb") as fh:

@@ -19,6 +19,12 @@ REASON_TIME_RANGE = "intime or outtime outside the representable range (1678 .. 
 REASON_BAD_TIMES = "outtime not after intime"
 REASON_DUPLICATE = "duplicate icustay_id"
 REASON_NO_EVENTS = "no usable state-variable events in the stay"
+PRE_US = PRE_INTIME_HOURS * 3600 * 1_000_000
+PLAUSIBLE_RATE = "isfinite(rate) AND rate >= 0"
+PLAUSIBLE_DOSE = (
+    "isfinite(amount) AND amount > 0 "
+    f"AND amount <= {cat.INTERVENTION_BY_NAME['iv_fluid_ml'].max_value}"
+)
 
 
 def _in(ids) -> str:
@@ -96,7 +102,6 @@ def create_state_events(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("CREATE OR REPLACE TABLE item_map AS SELECT * FROM item_map")
     eye, verbal, motor = cat.GCS_COMPONENT_ITEMIDS
     gcs_lo, gcs_hi = cat.STATE_BY_NAME["gcs_total"].drop
-    pre_us = PRE_INTIME_HOURS * 3600 * 1_000_000
     con.execute(
         f"""
         CREATE OR REPLACE TABLE state_raw AS
@@ -120,7 +125,7 @@ def create_state_events(con: duckdb.DuckDBPyConnection) -> None:
         FROM raw_labevents l
         JOIN item_map m ON l.itemid = m.itemid AND m.source = 'lab'
         JOIN stays s ON l.subject_id = s.subject_id
-             AND epoch_us(l.charttime) >= epoch_us(s.intime) - {pre_us}
+             AND epoch_us(l.charttime) >= epoch_us(s.intime) - {PRE_US}
              AND l.charttime <= s.outtime;
         CREATE OR REPLACE VIEW state_events AS
         SELECT icustay_id, time, variable, value FROM state_raw
@@ -133,13 +138,12 @@ def dropped_counts(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, int]]:
     """Per variable: values extracted, values dropped as outside the drop range, and values
     of the cohort's stays dropped as charted outside the stay (before ``intime`` minus the
     lab window, or after ``outtime``, or after the cut of a stay longer than the maximum)."""
-    pre_us = PRE_INTIME_HOURS * 3600 * 1_000_000
     rows = con.execute(
         f"""
         SELECT r.variable, count(*) AS n,
                count(*) FILTER (WHERE value < lo OR value > hi) AS dropped,
                count(*) FILTER (WHERE value >= lo AND value <= hi AND s.icustay_id IS NOT NULL
-                   AND (r.time IS NULL OR epoch_us(r.time) < epoch_us(s.intime) - {pre_us}
+                   AND (r.time IS NULL OR epoch_us(r.time) < epoch_us(s.intime) - {PRE_US}
                         OR r.time > s.outtime)) AS outside
         FROM state_raw r LEFT JOIN stays s ON r.icustay_id = s.icustay_id
         GROUP BY r.variable
@@ -179,7 +183,7 @@ def create_interventions(con: duckdb.DuckDBPyConnection) -> None:
             FROM raw_inputevents_cv WHERE itemid IN {_in(vaso.inputevents_cv)}
               -- an infinite, NaN or negative rate is a charting error, neither on nor off
               -- (dropped; counted by intervention_problems)
-              AND (rate IS NULL OR {_plausible_rate()})
+              AND (rate IS NULL OR {PLAUSIBLE_RATE})
         ) WHERE rate > 0
         UNION ALL
         -- Ventilation: each charted setting extends the episode to the next event of the stay
@@ -218,18 +222,9 @@ def create_interventions(con: duckdb.DuckDBPyConnection) -> None:
 
         -- A single dose beyond the most a 12-hour bin may hold (or a negative, infinite or NaN
         -- one) is a charting error: it is dropped (counted by intervention_problems), not capped.
-        CREATE OR REPLACE TABLE doses AS SELECT * FROM doses_all WHERE {_plausible_dose()};
+        CREATE OR REPLACE TABLE doses AS SELECT * FROM doses_all WHERE {PLAUSIBLE_DOSE};
         """
     )
-
-
-def _plausible_dose() -> str:
-    fluid = cat.INTERVENTION_BY_NAME["iv_fluid_ml"]
-    return f"isfinite(amount) AND amount > 0 AND amount <= {fluid.max_value}"
-
-
-def _plausible_rate() -> str:
-    return "isfinite(rate) AND rate >= 0"
 
 
 def intervention_problems(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, int]]:
@@ -240,11 +235,11 @@ def intervention_problems(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str,
     for variable, n in con.execute(
         f"""
         SELECT variable, count(*) FROM (
-            SELECT icustay_id, variable FROM doses_all WHERE NOT ({_plausible_dose()})
+            SELECT icustay_id, variable FROM doses_all WHERE NOT ({PLAUSIBLE_DOSE})
             UNION ALL
             SELECT icustay_id, 'vasopressor' FROM raw_inputevents_cv
             WHERE itemid IN {_in(vaso.inputevents_cv)} AND rate IS NOT NULL
-              AND NOT ({_plausible_rate()})
+              AND NOT ({PLAUSIBLE_RATE})
         ) JOIN stays USING (icustay_id) GROUP BY variable
         """
     ).fetchall():
