@@ -77,22 +77,6 @@ def calibration_residuals(
     return out
 
 
-def calibrate(
-    model: DynamicsModel,
-    seqs: StaySequences,
-    pre: Preprocessor,
-    horizon: int,
-    levels: tuple[float, ...] = DEFAULT_LEVELS,
-    residuals: list[Residuals] | None = None,
-) -> Calibration:
-    """Split-conformal calibration of ``model`` on ``seqs`` (validation stays), steps 1..H
-    (from ``residuals`` when :func:`calibration_residuals` already gave them)."""
-    res = residuals or calibration_residuals(model, seqs, pre, horizon)
-    cal = fit_calibration(res, levels)
-    cal.info["calibration_stays"] = len(seqs)
-    return cal
-
-
 @dataclass
 class Coverage:
     """Coverage and width of one band on one split: ``summary[(K, level)]`` pooled over the
@@ -165,11 +149,11 @@ def held_out_coverage(
     pre: Preprocessor,
     levels: tuple[float, ...] = DEFAULT_LEVELS,
 ) -> Coverage:
-    """Calibrate ``model`` on ``val`` as training does (:func:`calibrate`, steps 1..max K) and
+    """Calibrate ``model`` on ``val`` as training does (steps 1..max K) and
     score the band on ``wins``, the clean rollouts of ``test`` that
     :func:`training.evaluate.evaluate` made (the same windows :func:`split_windows` gives),
     counted per patient too."""
-    cal = calibrate(model, val, pre, max(wins), levels)
+    cal = fit_calibration(calibration_residuals(model, val, pre, max(wins)), levels)
     return coverage(cal, wins, test.raw_state, pre, levels, test.subject_ids)
 
 
@@ -213,7 +197,7 @@ def log_intervals(
 
     ks = tuple(ks)
     res = calibration_residuals(model, val, pre, max(ks))
-    cal = calibrate(model, val, pre, max(ks), levels, res)
+    cal = fit_calibration(res, levels)
     wins, raw = split_windows(model, test, pre, ks)
     cov = coverage(cal, wins, raw, pre, levels)
     metrics = coverage_metrics(cov, "test/")
@@ -231,7 +215,7 @@ def log_intervals(
             )
     persistence = build_model(ModelConfig(model="persistence"))
     p_wins, p_raw = split_windows(persistence, test, pre, ks)
-    p_cal = calibrate(persistence, val, pre, max(ks), levels)
+    p_cal = fit_calibration(calibration_residuals(persistence, val, pre, max(ks)), levels)
     metrics |= coverage_metrics(
         coverage(p_cal, p_wins, p_raw, pre, levels), "baseline/persistence_"
     )
