@@ -10,7 +10,6 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic.fields import FieldInfo
 
 from features.settings import settings_from_flags
-from training.models import MODEL_NAMES
 
 
 def _flag_options(name: str, field: FieldInfo, paper: dict[str, object]) -> dict[str, Any]:
@@ -43,10 +42,7 @@ def add_train_flags(parser: argparse.ArgumentParser, exclude: set[str] = frozens
     for name, field in TrainConfig.model_fields.items():
         flag = "register" if name == "register_model" else name.replace("_", "-")
         if flag not in exclude:
-            options = _flag_options(name, field, PRESETS["paper"])
-            if name == "model":
-                options["choices"] = MODEL_NAMES
-            parser.add_argument(f"--{flag}", **options)
+            parser.add_argument(f"--{flag}", **_flag_options(name, field, PRESETS["paper"]))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
