@@ -254,12 +254,8 @@ def _plots(
     k = max(wins)
     w = wins[k]
     stays = []
-    for i in np.argsort([-len(s) for s in test.state]):
-        mine = np.flatnonzero(w.stay == i)  # the stay's windows, by start bin
-        if len(mine) == 0:
-            continue
-        j = int(mine[len(mine) // 2])
-        s = int(w.start[j])
+    for n, j in enumerate(w.middle_windows([len(s) for s in test.state])):
+        i, s = w.stay[j], int(w.start[j])
         pred = pre.unscale_state(w.pred[j : j + 1])
         bands = cal.intervals(pred, stay_windows(raw, [i], [s], cal.lookback), cal.levels)
         stays.append(
@@ -269,10 +265,8 @@ def _plots(
                 "start": s,
                 "forecast": pred[0],
                 "bands": {lv: (lo[0], hi[0]) for lv, (lo, hi) in bands.items()},
-                "label": f"test stay {len(stays) + 1}",
+                "label": f"test stay {n + 1}",
             }
         )
-        if len(stays) == 3:
-            break
     if stays:
         plots.fan_charts(stays, out / "interval_fans.png", f"Test stays: {k}-step bands ({title})")

@@ -11,6 +11,7 @@ why the service reproduces the offline rollouts exactly.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,6 +138,11 @@ class Windows:
     pred: np.ndarray  # (W, K, 18) scaled predictions for bins s+1..s+K
     true: np.ndarray  # (W, K, 18) scaled truth
     observed: np.ndarray | None = None  # (W, K, 18) 1 where the true value was measured
+
+    def middle_windows(self, lengths: list[int], n: int = 3) -> list[int]:
+        """The middle window of each of the ``n`` longest stays that have one (for plots)."""
+        mine = (np.flatnonzero(self.stay == i) for i in np.argsort([-m for m in lengths]))
+        return [int(m[len(m) // 2]) for m in itertools.islice(filter(len, mine), n)]
 
 
 def add_state_noise(inputs: list[np.ndarray], sigma: float, seed: int) -> list[np.ndarray]:

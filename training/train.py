@@ -170,11 +170,7 @@ def fit_lightning(
         )
         trainer.fit(lit, datamodule=dm, ckpt_path=str(last) if resuming else None)
         on_gpu = trainer.strategy.root_device.type == "cuda"
-    stats = mem.metrics() | footprint
-    if on_gpu:
-        stats["peak_mem_mb"] = stats.pop("peak_gpu_mem_mb")
-        stats["peak_rss_mb"] = mem.peak_rss / 2**20
-    stats.pop("peak_gpu_mem_mb", None)
+    stats = mem.metrics(on_gpu) | footprint
     if history.batch_seconds > 0:
         stats["train_examples_per_s"] = history.examples / history.batch_seconds
         stats["train_steps_per_s"] = history.steps / history.batch_seconds
@@ -341,15 +337,11 @@ def _evaluate_and_log(
         step = int(row["epoch"])
         mlflow.log_metrics({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=step)
     mlflow.log_metrics(metrics)
-    rows = ev_test.per_variable
-    mlflow.log_table(
-        {key: [r[key] for r in rows] for key in rows[0]} if rows else {},
-        "per_variable_test.json",
-    )
-    version = None
+    per_variable = pd.DataFrame(ev_test.per_variable)
+    mlflow.log_table(per_variable, "per_variable_test.json")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        pd.DataFrame(ev_test.per_variable).to_csv(tmp / "per_variable_test.csv", index=False)
+        per_variable.to_csv(tmp / "per_variable_test.csv", index=False)
         mlflow.log_artifact(str(tmp / "per_variable_test.csv"))
         if cfg.plots:
             _plots(cfg, ev_test, base_test, history, test, pre, tmp / "plots")
@@ -414,31 +406,18 @@ def _plots(
             out / "training_curves.png",
             f"Training curves ({cfg.run_label}, seed {cfg.seed})",
         )
-    k_max = max(ev.windows)
-    w1 = ev.windows[min(ev.windows)]
-    wk = ev.windows[k_max]
-    order = np.argsort([-len(s) for s in test.state])
-    stays = []
-    for i in order[:3]:
-        n = len(test.state[i])
-        if n < 2:
-            continue
-        one = w1.pred[w1.stay == i][:, 0]
-        starts = wk.start[wk.stay == i]
-        if len(starts) == 0:
-            continue
-        s = int(starts[len(starts) // 2])
-        roll = wk.pred[(wk.stay == i) & (wk.start == s)][0]
-        stays.append(
-            {
-                "truth": test.physical[i],
-                "observed": ~np.isnan(test.raw_state[i]),
-                "one_step": pre.unscale_state(one),
-                "rollout_start": s,
-                "rollout": pre.unscale_state(roll),
-                "label": f"test stay {len(stays) + 1}",
-            }
-        )
+    w1, wk = ev.windows[min(ev.windows)], ev.windows[max(ev.windows)]
+    stays = [
+        {
+            "truth": test.physical[wk.stay[j]],
+            "observed": ~np.isnan(test.raw_state[wk.stay[j]]),
+            "one_step": pre.unscale_state(w1.pred[w1.stay == wk.stay[j]][:, 0]),
+            "rollout_start": int(wk.start[j]),
+            "rollout": pre.unscale_state(wk.pred[j]),
+            "label": f"test stay {n + 1}",
+        }
+        for n, j in enumerate(wk.middle_windows([len(s) for s in test.state]))
+    ]
     if stays:
         plots.trajectories(
             stays,
