@@ -129,7 +129,6 @@ def run_cv(
     import lightning as L
     import mlflow
     import torch
-    from lightning.pytorch.loggers import MLFlowLogger
 
     from training.evaluate import evaluate
     from training.intervals import coverage_metrics, held_out_coverage
@@ -176,12 +175,7 @@ def run_cv(
                     nested=parent_run is not None,
                     tags={"label": label, "fold": str(fold), "cv_seed": str(seed)},
                 ) as run:
-                    logger = MLFlowLogger(
-                        experiment_name=base.experiment,
-                        tracking_uri=mlflow.get_tracking_uri(),
-                        run_id=run.info.run_id,
-                    )
-                    _, lit, _, stats = fit_lightning(cfg, dm, logger)
+                    _, lit, _, stats = fit_lightning(cfg, dm, run.info.run_id)
                     model = lit.model.cpu().float().eval()
                     ev = evaluate(model, test, pre, ks)
                     fold_metrics = ev.metrics("fold_test")

@@ -125,14 +125,22 @@ def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
 def fit_lightning(
     cfg: TrainConfig,
     dm: BinsDataModule,
-    logger=None,  # noqa: ANN001 - any Lightning logger
+    run_id: str | None = None,
 ) -> tuple[L.Trainer, LitDynamics, History, dict[str, float]]:
+    """Train ``cfg``'s network on ``dm``; with ``run_id`` Lightning's MLFlowLogger writes the
+    per-epoch curves into that MLflow run."""
+    import mlflow
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import MLFlowLogger
 
     ckpt_dir = _checkpoint_dir(cfg, f"{dm.checksum}-{dm.partition.name}")
     last = ckpt_dir / "last.ckpt"
     if not cfg.resume and ckpt_dir.exists() and not _is_launcher_child():
         shutil.rmtree(ckpt_dir)  # a fresh run must not mix with an old one's checkpoints
+    logger = False
+    if run_id is not None:
+        uri = mlflow.get_tracking_uri()
+        logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, run_id=run_id)
     history = History()
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor=cfg.monitor, save_top_k=1, save_last=True
@@ -146,7 +154,7 @@ def fit_lightning(
         num_nodes=cfg.num_nodes,
         gradient_clip_val=cfg.grad_clip or None,
         callbacks=[history, checkpoint, EarlyStopping(cfg.monitor, patience=cfg.patience)],
-        logger=logger if logger is not None else False,
+        logger=logger,
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
@@ -225,14 +233,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
             model = build_model(mcfg)
             train_stats = fit_baseline(model, dm.sequences["train"])
         else:
-            from lightning.pytorch.loggers import MLFlowLogger
-
-            logger = MLFlowLogger(
-                experiment_name=cfg.experiment,
-                tracking_uri=mlflow.get_tracking_uri(),
-                run_id=run.info.run_id,
-            )
-            trainer, lit, hist, train_stats = fit_lightning(cfg, dm, logger)
+            trainer, lit, hist, train_stats = fit_lightning(cfg, dm, run.info.run_id)
             if not trainer.is_global_zero:
                 return TrainResult(None, cfg.model, label=cfg.run_label)
             model, history = lit.model, hist.epochs
