@@ -262,29 +262,23 @@ def band_fields(res: CvResult, label: str, k: int, n_boot: int = 2000) -> dict[s
     mean ``width`` (scaled units), ``width_vs_persistence`` (width / the conformal persistence
     band's width on the same values) and ``n_interval_values``; None where the model has no
     band (the ridge baselines)."""
+    out: dict = {"coverage": {}, "coverage_ci": {}, "width": {}, "width_vs_persistence": {}}
     if (label, k, res.levels[0]) not in res.bands:
-        keys = ("coverage", "coverage_ci", "width", "width_vs_persistence", "n_interval_values")
-        return dict.fromkeys(keys)
-    cov, cov_ci, width, ratio = {}, {}, {}, {}
-    n = 0
+        return dict.fromkeys([*out, "n_interval_values"])
     for level in res.levels:
         inside, wsum, n = res.bands[(label, k, level)]
         ref = res.bands.get((REFERENCE, k, level))
-        key = level_label(level)
-        cov[key] = float(inside / n) if n else None
         counts = res.band_patients.get((label, k, level))
-        cov_ci[key] = list(rate_ci(counts, n_boot)) if counts is not None and n else None
-        width[key] = float(wsum / n) if n else None
+        key = level_label(level)
+        out["coverage"][key] = float(inside / n) if n else None
+        ci = list(rate_ci(counts, n_boot)) if counts is not None and n else None
+        out["coverage_ci"][key] = ci
+        out["width"][key] = float(wsum / n) if n else None
         # Same windows and measured values for every model, so the ratio of means is the
         # ratio of summed widths.
-        ratio[key] = float(wsum / ref[1]) if ref is not None and ref[1] > 0 else None
-    return {
-        "coverage": cov,
-        "coverage_ci": cov_ci,
-        "width": width,
-        "width_vs_persistence": ratio,
-        "n_interval_values": int(n),
-    }
+        ratio = float(wsum / ref[1]) if ref is not None and ref[1] > 0 else None
+        out["width_vs_persistence"][key] = ratio
+    return out | {"n_interval_values": int(n)}
 
 
 def ratio_rows(res: CvResult, pairs: list[tuple[str, str]], n_boot: int = 2000) -> list[dict]:

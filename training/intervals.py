@@ -179,7 +179,6 @@ def log_intervals(
     seed: int,
     plots: bool,
     title: str,
-    levels: tuple[float, ...] = DEFAULT_LEVELS,
 ) -> tuple[Calibration, dict[str, float]]:
     """Calibrate ``model`` and persistence on ``val``, score both on ``test``, inside the active
     MLflow run.
@@ -192,10 +191,11 @@ def log_intervals(
     import tempfile
 
     import mlflow
+    import pandas as pd
 
     from training.models import ModelConfig, build_model
 
-    ks = tuple(ks)
+    ks, levels = tuple(ks), DEFAULT_LEVELS
     res = calibration_residuals(model, val, pre, max(ks))
     cal = fit_calibration(res, levels)
     wins, raw = split_windows(model, test, pre, ks)
@@ -220,9 +220,7 @@ def log_intervals(
         coverage(p_cal, p_wins, p_raw, pre, levels), "baseline/persistence_"
     )
     if cov.rows:
-        mlflow.log_table(
-            {key: [r[key] for r in cov.rows] for key in cov.rows[0]}, "intervals_test.json"
-        )
+        mlflow.log_table(pd.DataFrame(cov.rows), "intervals_test.json")
     if plots:
         with tempfile.TemporaryDirectory() as tmp:
             _plots(cal, wins, raw, test, pre, Path(tmp), title)

@@ -38,10 +38,6 @@ def state_bounds(pre: Preprocessor, dtype: torch.dtype = torch.float64) -> Bound
     return lo, hi
 
 
-def model_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(iter(model.parameters()), torch.empty(0, dtype=torch.float64)).dtype
-
-
 def encode(model: DynamicsModel, x: torch.Tensor) -> tuple[torch.Tensor, State]:
     """Run histories (B, T, 39) through the model one bin at a time (one call per bin for the
     batch): the predictions at every bin (B, T, 18) and the recurrent state after every bin
@@ -174,7 +170,7 @@ def rollout_windows(
     model.eval()
     if noise_sigma > 0:
         inputs = add_state_noise(inputs, noise_sigma, seed)
-    dtype = model_dtype(model)
+    dtype = next(iter(model.parameters()), torch.empty(0, dtype=torch.float64)).dtype
     x = pad_sequence([torch.as_tensor(s, dtype=dtype) for s in inputs], batch_first=True)
     truth = pad_sequence([torch.as_tensor(s) for s in states], batch_first=True)
     lengths = torch.tensor([len(s) for s in inputs])

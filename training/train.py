@@ -49,19 +49,13 @@ class TrainResult:
     label: str | None = None
 
 
-def _transitions(seqs: StaySequences) -> tuple[np.ndarray, np.ndarray]:
-    xs = [x[:-1] for x in seqs.inputs if len(x) > 1]
-    ys = [s[1:] for s in seqs.state if len(s) > 1]
-    return np.concatenate(xs).astype(np.float64), np.concatenate(ys).astype(np.float64)
-
-
 def fit_baseline(model: DynamicsModel, seqs: StaySequences) -> dict[str, float]:
     """Fit a baseline in closed form on the training stays ``seqs``: the one-step ridge, or
     the level forecaster's gains (persistence has nothing to fit)."""
     t0 = time.perf_counter()
     if isinstance(model, Linear):
-        x, y = _transitions(seqs)
-        model.fit_ridge(x, y)
+        x = np.concatenate([x[:-1] for x in seqs.inputs]).astype(np.float64)
+        model.fit_ridge(x, np.concatenate([s[1:] for s in seqs.state]).astype(np.float64))
     elif isinstance(model, LevelMemory):
         start_from_ridge(model, seqs.inputs, model.cfg.level_alpha)
     else:
