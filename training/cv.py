@@ -133,7 +133,7 @@ def run_cv(
     from training.evaluate import evaluate
     from training.intervals import coverage_metrics, held_out_coverage
     from training.models import count_parameters
-    from training.train import baseline_evaluations, data_module, fit_baselines, fit_lightning
+    from training.train import baseline_evaluations, data_module, fit_lightning
 
     if base.threads:
         torch.set_num_threads(base.threads)
@@ -149,8 +149,8 @@ def run_cv(
             common = {"folds": folds, "fold": fold, "cv_seed": seed, "seed": seed}
             dm = data_module(base.model_copy(update=common))
             val, test, pre = dm.sequences["val"], dm.sequences["test"], dm.preprocessor
-            baselines = fit_baselines(dm.sequences["train"], base.ridge_alpha, base.level_alpha)
-            evals = baseline_evaluations(dm, ("test",), ks, baselines)["test"]
+            baselines, evals = baseline_evaluations(base, dm, ("test",))
+            evals = evals["test"]
             # The naive band, and the level forecaster's (the networks' starting point).
             for name in (REFERENCE, "level"):
                 res.add_bands(

@@ -138,15 +138,12 @@ class LitDynamics(L.LightningModule):
         self.log("val_loss", loss, on_epoch=True, batch_size=max(int(n), 1), sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_optimizer(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        """AdamW (decoupled weight decay; plain Adam when it is 0), fused on CPU / CUDA."""
+        params = list(self.parameters())
+        fused = bool(params) and all(
+            p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
         )
-
-
-def build_optimizer(params, lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay; plain Adam when ``weight_decay`` is 0), fused on CPU/CUDA."""
-    params = list(params)
-    fused = bool(params) and all(
-        p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
-    )
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+        hp = self.hparams
+        return torch.optim.AdamW(
+            params, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused or None
+        )

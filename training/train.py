@@ -235,35 +235,24 @@ def train_model(cfg: TrainConfig) -> TrainResult:
         return _evaluate_and_log(cfg, mcfg, model, dm, history, train_stats, run.info.run_id)
 
 
-def fit_baselines(
-    train: StaySequences, ridge_alpha: float = 1.0, level_alpha: float = 1.0
-) -> dict[str, DynamicsModel]:
-    """Persistence, the one-step ridge and the level forecaster, fitted on ``train``."""
-    models = {}
-    for name in BASELINES:
-        cfg = ModelConfig(model=name, ridge_alpha=ridge_alpha, level_alpha=level_alpha)
-        models[name] = build_model(cfg)
-        fit_baseline(models[name], train)
-    return models
-
-
 def baseline_evaluations(
-    dm: BinsDataModule,
-    splits: tuple[str, ...],
-    ks: tuple[int, ...],
-    models: dict[str, DynamicsModel],
-) -> dict[str, dict[str, Evaluation]]:
-    """The fitted baselines ``models`` (:func:`fit_baselines`) and the direct K-step ridge,
-    fitted here on the training patients, on the windows of each of ``splits``:
-    ``{split: {name: Evaluation}}``."""
-    pre, train = dm.preprocessor, dm.sequences["train"]
+    cfg: TrainConfig, dm: BinsDataModule, splits: tuple[str, ...]
+) -> tuple[dict[str, DynamicsModel], dict[str, dict[str, Evaluation]]]:
+    """Persistence, the one-step ridge and the level forecaster (the models returned) and the
+    direct K-step ridge, fitted on the training patients, on the windows of each of
+    ``splits``: ``{split: {name: Evaluation}}``."""
+    pre, train, ks = dm.preprocessor, dm.sequences["train"], tuple(cfg.ks)
+    alphas = {"ridge_alpha": cfg.ridge_alpha, "level_alpha": cfg.level_alpha}
+    models = {name: build_model(ModelConfig(model=name, **alphas)) for name in BASELINES}
+    for model in models.values():
+        fit_baseline(model, train)
     direct = DirectRidge().fit(train.inputs, train.state, ks, groups=train.subject_ids)
     out: dict[str, dict[str, Evaluation]] = {}
     for split in splits:
         seqs = dm.sequences[split]
         out[split] = {name: evaluate(b, seqs, pre, ks) for name, b in models.items()}
         out[split]["direct"] = evaluate_direct(direct, seqs, pre, ks)
-    return out
+    return models, out
 
 
 def _evaluate_and_log(
@@ -286,8 +275,7 @@ def _evaluate_and_log(
     ev_test = evaluate(model, test, pre, ks, sigmas, seed=cfg.seed)
     ev_val = evaluate(model, val, pre, ks)
     # Baselines on exactly the same windows: skill is only meaningful against them.
-    baselines = fit_baselines(dm.sequences["train"], cfg.ridge_alpha, cfg.level_alpha)
-    base = baseline_evaluations(dm, ("test", "val"), ks, baselines)
+    _, base = baseline_evaluations(cfg, dm, ("test", "val"))
     base_test, base_val = base["test"], base["val"]
 
     # Conformal intervals: calibrated on val, scored on test (training/intervals.py).
