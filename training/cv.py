@@ -193,13 +193,10 @@ def run_cv(
                 evals[label] = ev
                 for key, value in stats.items():
                     res.stats.setdefault(label, {}).setdefault(key, []).append(float(value))
-                log.info(
-                    "seed %d fold %d %s: skill %s",
-                    seed,
-                    fold,
-                    label,
-                    {k: round(fold_metrics.get(f"fold_test/skill_k{k}", np.nan), 3) for k in ks},
-                )
+                skills = {
+                    k: round(fold_metrics.get(f"fold_test/skill_k{k}", np.nan), 3) for k in ks
+                }
+                log.info("seed %d fold %d %s: skill %s", seed, fold, label, skills)
             for label, ev in evals.items():
                 for k in ks:
                     if k in ev.errors:

@@ -68,13 +68,11 @@ class Evaluation:
             for name, v in m.items():
                 out[f"{prefix}/{name}_measured_k{k}"] = v
         for (k, s), m in self.noise.items():
-            out[f"noise/rmse_k{k}_sigma{sigma_label(s)}"] = m["rmse"]
-            out[f"noise/mae_k{k}_sigma{sigma_label(s)}"] = m["mae"]
+            tag = f"k{k}_sigma{sigma_label(s)}"
+            out[f"noise/rmse_{tag}"], out[f"noise/mae_{tag}"] = m["rmse"], m["mae"]
             base = self.noise.get((k, 0.0), self.scaled.get(k))
             if base and base["rmse"] > 0:
-                out[f"noise/rel_degradation_k{k}_sigma{sigma_label(s)}"] = (
-                    m["rmse"] / base["rmse"] - 1.0
-                )
+                out[f"noise/rel_degradation_{tag}"] = m["rmse"] / base["rmse"] - 1.0
         return out
 
 

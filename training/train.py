@@ -164,12 +164,10 @@ def fit_lightning(
         warnings.filterwarnings("ignore", ".*number of training batches.*")
         # The model training starts from (persistence, or the level gains' ridge fit) is a
         # candidate too: if no epoch beats it on validation, it is what training returns.
-        start = None if resuming else copy.deepcopy(lit.state_dict())
-        start_score = (
-            None
-            if resuming
-            else float(trainer.validate(lit, datamodule=dm, verbose=False)[0][cfg.monitor])
-        )
+        start = start_score = None
+        if not resuming:
+            start = copy.deepcopy(lit.state_dict())
+            start_score = float(trainer.validate(lit, datamodule=dm, verbose=False)[0][cfg.monitor])
         trainer.fit(lit, datamodule=dm, ckpt_path=str(last) if resuming else None)
         on_gpu = trainer.strategy.root_device.type == "cuda"
     stats = mem.metrics(on_gpu) | footprint
