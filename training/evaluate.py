@@ -138,17 +138,12 @@ def evaluate_direct(
 ) -> Evaluation:
     """The direct multi-horizon ridge on the same windows as :func:`evaluate`."""
     lo, hi = (b.numpy() for b in state_bounds(pre))
+    state, inputs = pad(seqs.state), pad(seqs.inputs)
     ev = Evaluation(scaled={})
     for k in ks:
         pred, stay, start = direct.predict(seqs.inputs, k, (lo, hi))
-        pairs = list(zip(stay, start, strict=True))
-        true = np.stack([seqs.state[i][s + k] for i, s in pairs]) if len(stay) else pred
-        obs = (
-            np.stack([seqs.inputs[i][s + k, N_STATE : 2 * N_STATE] for i, s in pairs])
-            if len(stay)
-            else pred
-        )
-        _score(ev, k, pred, true.astype(np.float64), obs[:, None], stay, seqs, pre)
+        obs = inputs[stay, start + k, N_STATE : 2 * N_STATE]
+        _score(ev, k, pred, state[stay, start + k], obs[:, None], stay, seqs, pre)
     return ev
 
 
