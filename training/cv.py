@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -435,15 +436,8 @@ def replace_section(path: Path, title: str, body: str) -> None:
 
     path = Path(path)
     text = path.read_text() if path.is_file() else "# Results\n"
-    lines = text.splitlines(keepends=True)
-    heading = f"## {title}"
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == heading), None)
-    block = f"{heading}\n\n{body.rstrip()}\n\n"
-    if start is None:
-        new = text.rstrip() + "\n\n" + block
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        new = "".join(lines[:start]) + block + "".join(lines[end:])
-    atomic_write_text(path, new.rstrip() + "\n")
+    block = f"## {title}\n\n{body.rstrip()}\n\n"
+    # The section runs from its heading line to the next "## " heading or the end.
+    section = re.compile(rf"^## {re.escape(title)}[ \t\r]*$.*?(?=^## |\Z)", re.M | re.S)
+    new, found = section.subn(lambda _: block, text, count=1)
+    atomic_write_text(path, (new if found else text.rstrip() + "\n\n" + block).rstrip() + "\n")
