@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from features.catalog import N_STATE  # noqa: E402
 from training.models import ModelConfig, build_model  # noqa: E402
 from training.models.base import N_INPUT  # noqa: E402
-from training.rollout import forecast_rollout  # noqa: E402
+from training.rollout import continue_rollout, encode, forecast_rollout  # noqa: E402
 
 MODELS = {"gru": ("gru", "torch"), "cfc": ("cfc", "torch"), "cfc-ncps": ("cfc", "ncps")}
 
@@ -68,16 +68,10 @@ def teacher_forced_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: i
 def closed_loop_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int):
     """Encode bins 0..T-K-1 step by step, then feed back K-1 predictions; loss on K steps."""
     start = x.shape[1] - k
-    state = model.init_state(x.shape[0], x.device, x.dtype)
-    with model.stepping():
-        for t in range(start):
-            pred, state = model.step(x[:, t], state)
-        preds = [pred]
-        mask = torch.zeros_like(pred)
-        for t in range(start, x.shape[1] - 1):
-            pred, state = model.step(torch.cat([pred, mask, x[:, t, 2 * N_STATE :]], -1), state)
-            preds.append(pred)
-    return nn.functional.mse_loss(torch.stack(preds, 1), y[:, start - 1 : -1])
+    ys, states = encode(model, x[:, :start])
+    state = [s[:, -1] for s in states]
+    preds = continue_rollout(model, ys[:, -1], state, x[:, start:-1, 2 * N_STATE :])
+    return nn.functional.mse_loss(preds, y[:, start - 1 : -1])
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, x, y, k) -> None:
