@@ -100,8 +100,7 @@ class Forecaster:
         plan_scaled = self.preprocessor.scale_interventions(plan.reshape(-1, N_INTERVENTION))
         fut = torch.as_tensor(plan_scaled.reshape(b, h - 1, N_INTERVENTION), dtype=torch.float64)
         pred = forecast_rollout(self.model, x, torch.from_numpy(lengths), fut, self._bounds)
-        pred = pred.numpy()
-        return self.preprocessor.unscale_state(pred.astype(np.float64))
+        return self.preprocessor.unscale_state(pred.numpy())
 
     def intervals(
         self,
