@@ -30,11 +30,8 @@ class History(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
         m = trainer.callback_metrics
-        row = {"epoch": trainer.current_epoch}
-        for key in ("train_loss", "val_loss", "val_rollout_mse"):
-            if key in m:
-                row[key] = float(m[key])
-        self.epochs.append(row)
+        row = {k: float(m[k]) for k in ("train_loss", "val_loss", "val_rollout_mse") if k in m}
+        self.epochs.append({"epoch": trainer.current_epoch, **row})
 
 
 class PeakMemory:

@@ -132,9 +132,6 @@ class TrainConfig(BaseSettings):
         fields = ModelConfig.__dataclass_fields__
         return ModelConfig(**{k: getattr(self, k) for k in fields if k != "extra"})
 
-    def trainer_devices(self) -> int | str:
-        return int(self.devices) if str(self.devices).isdigit() else self.devices
-
 
 PRESETS: dict[str, dict[str, object]] = {
     "default": {},

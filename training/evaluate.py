@@ -151,21 +151,17 @@ def latency(forecaster, seqs: StaySequences, horizon: int = 5, repeats: int = 20
     """Median wall time of one Forecaster call: one history, and all histories at once."""
     if len(seqs) == 0:
         return {}
-    longest = int(np.argmax([len(s) for s in seqs.state]))
-    hist_state = seqs.raw_state[longest][None]
-    hist_iv = seqs.interventions[longest][None]
-    planned = np.zeros((1, horizon, hist_iv.shape[-1]))
+    b = len(seqs)
+    st, iv = pad(seqs.raw_state), pad(seqs.interventions)
+    lengths = np.array([len(s) for s in seqs.state])
+    longest = int(np.argmax(lengths))
+    i = slice(longest, longest + 1)  # the longest history, so no padding
 
     def timed(fn, repeats: int = repeats) -> float:
         fn()  # warm-up
         return float(np.median(timeit.repeat(fn, number=1, repeat=repeats)))
 
-    one = timed(
-        lambda: forecaster.forecast(hist_state, hist_iv, np.array([hist_state.shape[1]]), planned)
-    )
-    b = len(seqs)
-    st, iv = pad(seqs.raw_state), pad(seqs.interventions)
-    lengths = np.array([len(s) for s in seqs.state])
+    one = timed(lambda: forecaster.forecast(st[i], iv[i], lengths[i], np.zeros((1, horizon, 3))))
     batch = timed(lambda: forecaster.forecast(st, iv, lengths, np.zeros((b, horizon, 3))), 5)
     return {
         "infer_latency_ms": one * 1e3,

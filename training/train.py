@@ -142,7 +142,7 @@ def fit_lightning(
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
-        devices=cfg.trainer_devices(),
+        devices=int(cfg.devices) if cfg.devices.isdigit() else cfg.devices,
         strategy=cfg.strategy,
         precision=cfg.precision,
         num_nodes=cfg.num_nodes,
