@@ -220,7 +220,8 @@ def run_cv(
 def report_rows(res: CvResult, n_boot: int = 2000) -> list[dict]:
     """One row per (label, k): measured RMSE / MAE with CIs, skill against persistence with CI."""
     rows = []
-    labels = sorted({label for label, _ in res.errors}, key=_order)
+    # Models first, then the baselines.
+    labels = sorted({label for label, _ in res.errors}, key=lambda m: (m in BASELINE_LABELS, m))
     for label in labels:
         for k in res.ks:
             if (label, k) not in res.errors:
@@ -247,7 +248,10 @@ def report_rows(res: CvResult, n_boot: int = 2000) -> list[dict]:
                     "skill_ci": [s_lo, s_hi],
                     "n_windows": res.n_windows[(label, k)],
                     "n_patients": len(e.patients),
-                    **{key: _mean(stats.get(key)) for key in STAT_FIELDS},
+                    **{
+                        key: float(np.mean(stats[key])) if stats.get(key) else None
+                        for key in STAT_FIELDS
+                    },
                     **band_fields(res, label, k, n_boot),
                 }
             )
@@ -290,14 +294,6 @@ def ratio_rows(res: CvResult, pairs: list[tuple[str, str]], n_boot: int = 2000) 
                 )
                 out.append({"a": a, "b": b, "k": k, "rmse_ratio": r, "ci": [lo, hi]})
     return out
-
-
-def _mean(values: list[float] | None) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
-def _order(label: str) -> tuple[int, str]:
-    return (1 if label in BASELINE_LABELS else 0, label)
 
 
 def _fmt_ci(v: float, ci: list[float], pct: bool = False) -> str:

@@ -214,11 +214,9 @@ def log_intervals(
                 coverage(cal, noisy, noisy_raw, pre, levels), "noise/", f"_sigma{s:g}"
             )
     persistence = build_model(ModelConfig(model="persistence"))
-    p_wins, p_raw = split_windows(persistence, test, pre, ks)
-    p_cal = fit_calibration(calibration_residuals(persistence, val, pre, max(ks)), levels)
-    metrics |= coverage_metrics(
-        coverage(p_cal, p_wins, p_raw, pre, levels), "baseline/persistence_"
-    )
+    p_wins, _ = split_windows(persistence, test, pre, ks)
+    p_cov = held_out_coverage(persistence, val, test, p_wins, pre)
+    metrics |= coverage_metrics(p_cov, "baseline/persistence_")
     if cov.rows:
         mlflow.log_table(pd.DataFrame(cov.rows), "intervals_test.json")
     if plots:

@@ -368,10 +368,9 @@ def _plots(
 
     out.mkdir(parents=True, exist_ok=True)
     # Measured values only: imputed "truth" favours persistence by construction.
-    curves = {cfg.run_label: {k: m["rmse"] for k, m in ev.observed.items()}}
-    curves |= {n: {k: m["rmse"] for k, m in b.observed.items()} for n, b in baselines.items()}
+    models = {cfg.run_label: ev, **baselines}
     plots.rmse_vs_k(
-        curves,
+        {n: {k: m["rmse"] for k, m in e.observed.items()} for n, e in models.items()},
         out / "rmse_vs_k.png",
         f"Test RMSE (measured values) vs rollout length ({cfg.run_label}, seed {cfg.seed})",
     )
