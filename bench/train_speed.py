@@ -74,13 +74,6 @@ def closed_loop_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int)
     return nn.functional.mse_loss(preds, y[:, start - 1 : -1])
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, x, y, k) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss_fn(model, x, y, k).backward()
-    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-
-
 def interleaved(names: list[str], repeats: int, run: Callable[[str], None]) -> dict:
     """Wall and CPU seconds of ``run(name)`` per repeat, the model order rotating."""
     wall: dict[str, list[float]] = {n: [] for n in names}
@@ -101,28 +94,23 @@ def bench(args: argparse.Namespace) -> dict:
         model, impl = MODELS[name]
         torch.manual_seed(0)
         # Explicit sizes: the training defaults (small ensembles) are not the paper's networks.
-        cfg = ModelConfig(
-            model=model,
-            cfc_impl=impl,
-            layers=args.layers,
-            units=args.units,
-            backbone_units=args.units,
-            ensemble=1,
-        )
+        size = {"layers": args.layers, "units": args.units, "backbone_units": args.units}
+        cfg = ModelConfig(model=model, cfc_impl=impl, ensemble=1, **size)
         models[name] = build_model(cfg).train()
         opts[name] = torch.optim.Adam(models[name].parameters(), lr=1e-3, fused=True)
 
-    def trainer(loss_fn: Callable) -> Callable[[str], None]:
-        def run(name: str) -> None:
-            for s in range(args.steps):
-                x, y = batches[s % len(batches)]
-                train_step(models[name], opts[name], loss_fn, x, y, args.k)
-
-        return run
-
     rows: dict[str, dict] = {n: {} for n in args.models}
     for label, loss_fn in (("tf", teacher_forced_loss), ("cl", closed_loop_loss)):
-        run = trainer(loss_fn)
+
+        def run(name: str, loss_fn: Callable = loss_fn) -> None:
+            """``--steps`` optimisation steps: loss, backward, grad-norm clip 1.0, Adam."""
+            model, opt = models[name], opts[name]
+            for s in range(args.steps):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model, *batches[s % len(batches)], args.k).backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+
         for name in args.models:  # warm-up
             run(name)
         for name, (wall, cpu) in interleaved(args.models, args.repeats, run).items():
