@@ -46,8 +46,7 @@ def add_train_flags(parser: argparse.ArgumentParser, exclude: set[str] = frozens
             parser.add_argument(f"--{flag}", dest=name, **options)
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    add_train_flags(parser)
+configure = add_train_flags
 
 
 def run(args: argparse.Namespace) -> int:
