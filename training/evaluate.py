@@ -51,10 +51,8 @@ class Evaluation:
         out: dict[str, float] = {}
         for k, e in self.errors.items():
             if k in reference.errors and e.n.sum() > 0:
-                point, lo, hi = skill(e, reference.errors[k])
-                out[f"{prefix}/{name}_k{k}"] = point
-                out[f"{prefix}/{name}_k{k}_lo"] = lo
-                out[f"{prefix}/{name}_k{k}_hi"] = hi
+                key = f"{prefix}/{name}_k{k}"
+                out[key], out[f"{key}_lo"], out[f"{key}_hi"] = skill(e, reference.errors[k])
         return out
 
     def metrics(self, prefix: str) -> dict[str, float]:
@@ -93,7 +91,7 @@ def evaluate(
     wins = rollout_windows(model, seqs.inputs, seqs.state, ks, bounds=bounds)
     ev = Evaluation(scaled={}, windows=wins)
     for k, w in wins.items():
-        _score(ev, k, w.pred[:, -1], w.true[:, -1], w.observed, w.stay, seqs, pre)
+        _score(ev, k, w.pred[:, -1], w.true[:, -1], w.observed[:, -1], w.stay, seqs, pre)
     for s in sigmas:
         noisy = (
             wins
@@ -110,17 +108,17 @@ def _score(
     k: int,
     pred: np.ndarray,
     true: np.ndarray,
-    observed: np.ndarray | None,
+    obs: np.ndarray,
     stay: np.ndarray,
     seqs: StaySequences,
     pre: Preprocessor,
 ) -> None:
-    """Errors at step K of every window: all values, measured values, per variable."""
+    """Errors at step K of every window (``obs``: 1 where the truth was measured): all values,
+    measured values, per variable."""
     ev.scaled[k] = summary(pred, true)
     ev.n_windows[k] = len(stay)
-    if observed is None or not len(stay):
+    if not len(stay):
         return
-    obs = observed[:, -1]
     ev.errors[k] = patient_errors(pred, true, obs, seqs.subject_ids[stay])
     ev.observed[k] = {"mae": ev.errors[k].mae, "rmse": ev.errors[k].rmse}
     pred_phys, true_phys = pre.unscale_state(pred), pre.unscale_state(true)
@@ -143,7 +141,7 @@ def evaluate_direct(
     for k in ks:
         pred, stay, start = direct.predict(seqs.inputs, k, (lo, hi))
         obs = inputs[stay, start + k, N_STATE : 2 * N_STATE]
-        _score(ev, k, pred, state[stay, start + k], obs[:, None], stay, seqs, pre)
+        _score(ev, k, pred, state[stay, start + k], obs, stay, seqs, pre)
     return ev
 
 

@@ -133,7 +133,7 @@ class Windows:
     start: np.ndarray  # (W,) start bin s
     pred: np.ndarray  # (W, K, 18) scaled predictions for bins s+1..s+K
     true: np.ndarray  # (W, K, 18) scaled truth
-    observed: np.ndarray | None = None  # (W, K, 18) 1 where the true value was measured
+    observed: np.ndarray  # (W, K, 18) 1 where the true value was measured
 
     def middle_windows(self, lengths: list[int], n: int = 3) -> list[int]:
         """The middle window of each of the ``n`` longest stays that have one (for plots)."""
