@@ -134,12 +134,10 @@ def stay_windows(
     raw_state: Sequence[np.ndarray], stay: np.ndarray, start: np.ndarray, lookback: int = LOOKBACK
 ) -> np.ndarray:
     """:func:`history_windows` for rollouts from bin ``start`` of stay ``stay`` (offline)."""
-    out = np.full((len(stay), lookback, N_STATE), np.nan)
-    for j, (i, s) in enumerate(zip(stay, start, strict=True)):
-        lo = max(0, s + 1 - lookback)
-        part = raw_state[i][lo : s + 1]
-        out[j, lookback - len(part) :] = part
-    return out
+    flat = np.concatenate([*raw_state, np.full((1, N_STATE), np.nan)])  # last: before bin 0
+    first = np.cumsum([0, *map(len, raw_state)])[np.asarray(stay, dtype=np.int64)]
+    idx = np.asarray(start)[:, None] + 1 - lookback + np.arange(lookback)
+    return flat[np.where(idx >= 0, first[:, None] + idx, -1)]
 
 
 @dataclass

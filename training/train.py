@@ -327,16 +327,10 @@ def _evaluate_and_log(
         if cfg.plots:
             _plots(cfg, ev_test, base_test, history, test, pre, tmp / "plots")
             mlflow.log_artifacts(str(tmp / "plots"), artifact_path="plots")
-        meta = {
-            "catalog_version": catalog_version(),
-            "data_checksum": dm.checksum,
-            "model_name": cfg.model,
-            "label": cfg.run_label,
-            "seed": cfg.seed,
-            "validation": {
-                k: v for k, v in metrics.items() if k.startswith(("val/skill", "val/rmse_measured"))
-            },
-        }
+        meta = {k: params[k] for k in ("catalog_version", "data_checksum", "label", "seed")}
+        meta["model_name"] = cfg.model
+        validation = ("val/skill", "val/rmse_measured")
+        meta["validation"] = {k: v for k, v in metrics.items() if k.startswith(validation)}
         model_dir = save_model_dir(tmp / "model_files", model, mcfg, pre, meta, calibration)
         mlflow.log_artifact(str(model_dir / "model.pt"), artifact_path="state_dict")
         info = log_pyfunc(
