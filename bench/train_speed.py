@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from features.catalog import N_STATE  # noqa: E402
 from training.models import ModelConfig, build_model  # noqa: E402
 from training.models.base import N_INPUT  # noqa: E402
-from training.rollout import forecast_rollout  # noqa: E402
+from training.rollout import continue_rollout, encode, forecast_rollout  # noqa: E402
 
 MODELS = {"gru": ("gru", "torch"), "cfc": ("cfc", "torch"), "cfc-ncps": ("cfc", "ncps")}
 
@@ -68,23 +68,10 @@ def teacher_forced_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: i
 def closed_loop_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int):
     """Encode bins 0..T-K-1 step by step, then feed back K-1 predictions; loss on K steps."""
     start = x.shape[1] - k
-    state = model.init_state(x.shape[0], x.device, x.dtype)
-    with model.stepping():
-        for t in range(start):
-            pred, state = model.step(x[:, t], state)
-        preds = [pred]
-        mask = torch.zeros_like(pred)
-        for t in range(start, x.shape[1] - 1):
-            pred, state = model.step(torch.cat([pred, mask, x[:, t, 2 * N_STATE :]], -1), state)
-            preds.append(pred)
-    return nn.functional.mse_loss(torch.stack(preds, 1), y[:, start - 1 : -1])
-
-
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, x, y, k) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss_fn(model, x, y, k).backward()
-    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
+    ys, states = encode(model, x[:, :start])
+    state = [s[:, -1] for s in states]
+    preds = continue_rollout(model, ys[:, -1], state, x[:, start:-1, 2 * N_STATE :])
+    return nn.functional.mse_loss(preds, y[:, start - 1 : -1])
 
 
 def interleaved(names: list[str], repeats: int, run: Callable[[str], None]) -> dict:
@@ -107,28 +94,23 @@ def bench(args: argparse.Namespace) -> dict:
         model, impl = MODELS[name]
         torch.manual_seed(0)
         # Explicit sizes: the training defaults (small ensembles) are not the paper's networks.
-        cfg = ModelConfig(
-            model=model,
-            cfc_impl=impl,
-            layers=args.layers,
-            units=args.units,
-            backbone_units=args.units,
-            ensemble=1,
-        )
+        size = {"layers": args.layers, "units": args.units, "backbone_units": args.units}
+        cfg = ModelConfig(model=model, cfc_impl=impl, ensemble=1, **size)
         models[name] = build_model(cfg).train()
         opts[name] = torch.optim.Adam(models[name].parameters(), lr=1e-3, fused=True)
 
-    def trainer(loss_fn: Callable) -> Callable[[str], None]:
-        def run(name: str) -> None:
-            for s in range(args.steps):
-                x, y = batches[s % len(batches)]
-                train_step(models[name], opts[name], loss_fn, x, y, args.k)
-
-        return run
-
     rows: dict[str, dict] = {n: {} for n in args.models}
     for label, loss_fn in (("tf", teacher_forced_loss), ("cl", closed_loop_loss)):
-        run = trainer(loss_fn)
+
+        def run(name: str, loss_fn: Callable = loss_fn) -> None:
+            """``--steps`` optimisation steps: loss, backward, grad-norm clip 1.0, Adam."""
+            model, opt = models[name], opts[name]
+            for s in range(args.steps):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model, *batches[s % len(batches)], args.k).backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+
         for name in args.models:  # warm-up
             run(name)
         for name, (wall, cpu) in interleaved(args.models, args.repeats, run).items():

@@ -14,7 +14,6 @@ from training.conformal import (
     Calibration,
     Residuals,
     ScoreTable,
-    conformal_quantile,
     fit_calibration,
     history_windows,
     recent_variability,
@@ -22,6 +21,12 @@ from training.conformal import (
 )
 
 HR = STATE_NAMES.index("heart_rate")
+
+
+def conformal_quantile(scores: np.ndarray, level: float, cum: np.ndarray | None = None) -> float:
+    """One row's quantile through :class:`ScoreTable` (unit weights by default)."""
+    cum = np.arange(1.0, len(scores) + 1) if cum is None else cum
+    return float(ScoreTable.build([scores], [cum]).quantiles((level,))[0, 0])
 
 
 def _typical() -> np.ndarray:
@@ -151,7 +156,7 @@ def test_each_stay_weighs_the_same_whatever_its_length() -> None:
     err[100:, HR] = np.arange(1.0, 11.0)  # stays 1..10: one window each
     groups = np.r_[np.zeros(100, int), np.arange(1, 11)]
     cal = fit_calibration([Residuals(err, np.zeros_like(err), groups)], adaptive="never")
-    q = cal.quantiles(0.8)[0, HR]
+    q = cal.quantile_table((0.8,))[0, 0, HR]
     assert q >= 8.0  # by windows it would be 0.01
 
 

@@ -46,7 +46,7 @@ def test_teacher_forced_forward_equals_chained_steps(name: str) -> None:
     cfg = ModelConfig(model=name, units=8, backbone_units=8, ensemble=1, zero_head=False)
     model = _with_gain(build_model(cfg).double(), 0.02)
     x = _history(rng, 2, 7)
-    ys, _, _ = encode(model, x, torch.tensor([7, 7]))
+    ys, _ = encode(model, x)
     torch.testing.assert_close(model(x), ys)
 
 
@@ -60,8 +60,8 @@ def test_the_pull_is_towards_measured_values_only() -> None:
     free = build_model(ModelConfig(model="gru", units=4, ensemble=1, level_memory=False))
     free.load_state_dict(model.inner.state_dict())
     free.double()
-    ys, _, _ = encode(model, x, torch.tensor([5]))
-    base, _, _ = encode(free, x, torch.tensor([5]))
+    ys, _ = encode(model, x)
+    base, _ = encode(free, x)
     # At the last bin the level is 0.2 (all three measurements), the state 0.9: pulled down.
     assert (ys[0, -1] < base[0, -1]).all()
     # At bin 0 the only measurement is the value itself: no pull.
@@ -79,8 +79,8 @@ def test_levels_use_only_bins_up_to_t() -> None:
     x = _history(rng, 1, 8)
     y = x.clone()
     y[0, 5:] = torch.as_tensor(rng.random((3, N_IN)))
-    a, _, _ = encode(model, x, torch.tensor([8]))
-    b, _, _ = encode(model, y, torch.tensor([8]))
+    a, _ = encode(model, x)
+    b, _ = encode(model, y)
     torch.testing.assert_close(a[0, :5], b[0, :5])
     assert not torch.allclose(a[0, 5:], b[0, 5:])
 

@@ -48,10 +48,10 @@ def test_rollout_feeds_predictions_back_with_true_interventions() -> None:
         np.testing.assert_allclose(w.pred[j, :, 0], start + 0.1 * np.arange(1, 4))
         np.testing.assert_allclose(w.true[j, :, 0], start + np.arange(1, 4))
     # The inputs of the fed-back steps: prediction, mask 0, true interventions of that bin.
-    fed = model.seen[len(x) :]  # after the teacher-forced history pass
+    fed = model.seen[len(x) - 1 :]  # after the history pass (bins 0..n-2: every start)
     assert len(fed) == 2
     for k, inp in enumerate(fed, start=1):
-        inp = inp.numpy()
+        inp = inp.numpy()[w.start]  # one row per start bin, in order
         np.testing.assert_allclose(inp[:, 0], w.start + 0.1 * k)
         assert (inp[:, N_STATE : 2 * N_STATE] == 0).all()
         np.testing.assert_allclose(inp[:, 2 * N_STATE], 100 + w.start + k)

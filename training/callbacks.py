@@ -30,11 +30,8 @@ class History(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
         m = trainer.callback_metrics
-        row = {"epoch": trainer.current_epoch}
-        for key in ("train_loss", "val_loss", "val_rollout_mse"):
-            if key in m:
-                row[key] = float(m[key])
-        self.epochs.append(row)
+        row = {k: float(m[k]) for k in ("train_loss", "val_loss", "val_rollout_mse") if k in m}
+        self.epochs.append({"epoch": trainer.current_epoch, **row})
 
 
 class PeakMemory:
@@ -67,11 +64,13 @@ class PeakMemory:
             self._thread.join()
         self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, on_gpu: bool = False) -> dict[str, float]:
+        """Peak memory in MB: on a GPU the device's (the process's as ``peak_rss_mb``)."""
         out = {
             "peak_mem_mb": self.peak_rss / 2**20,
             "peak_mem_delta_mb": (self.peak_rss - self.start_rss) / 2**20,
         }
-        if torch.cuda.is_available():
-            out["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if on_gpu:
+            out["peak_rss_mb"] = out["peak_mem_mb"]
+            out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         return out

@@ -88,10 +88,8 @@ def _cell(values: np.ndarray, fmt: str, scale: float, sd_fmt: str | None = None)
 
 def table(runs: pd.DataFrame, labels: list[str] | None = None) -> pd.DataFrame:
     rows = []
-    if labels:
-        order = list(dict.fromkeys(labels))  # one row per label, however many seeds
-    else:
-        order = sorted(runs["label"].unique(), key=_label_order)
+    # One row per label, however many seeds.
+    order = dict.fromkeys(labels) if labels else sorted(runs["label"].unique(), key=_label_order)
     for label in order:
         group = runs[runs["label"] == label]
         if group.empty:

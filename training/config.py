@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training.models.base import ModelConfig
+from training.models import MODEL_NAMES, ModelConfig
 
 # One source for architecture defaults: TrainConfig's flat fields take ModelConfig's.
 _ARCH = ModelConfig()
@@ -19,7 +19,7 @@ class TrainConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="ICU_TRAIN_", extra="forbid")
 
-    model: str = Field("cfc", description="model")
+    model: Literal[MODEL_NAMES] = Field("cfc", description="model")
     preset: Literal["default", "paper"] = Field(
         "default",
         description="'paper': Zong et al.'s recipe (teacher-forced one-step MSE over all values, "
@@ -124,15 +124,6 @@ class TrainConfig(BaseSettings):
             return {**PRESETS[data["preset"]], **data}
         return data
 
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v: str) -> str:
-        from training.models import MODEL_NAMES
-
-        if v not in MODEL_NAMES:
-            raise ValueError(f"unknown model {v!r}; choose one of {', '.join(MODEL_NAMES)}")
-        return v
-
     @property
     def run_label(self) -> str:
         return self.label or self.model
@@ -140,9 +131,6 @@ class TrainConfig(BaseSettings):
     def model_cfg(self) -> ModelConfig:
         fields = ModelConfig.__dataclass_fields__
         return ModelConfig(**{k: getattr(self, k) for k in fields if k != "extra"})
-
-    def trainer_devices(self) -> int | str:
-        return int(self.devices) if str(self.devices).isdigit() else self.devices
 
 
 PRESETS: dict[str, dict[str, object]] = {

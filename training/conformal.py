@@ -38,21 +38,6 @@ def level_label(level: float) -> str:
     return f"{level:g}"
 
 
-def conformal_quantile(
-    sorted_scores: np.ndarray, level: float, cum_weights: np.ndarray | None = None
-) -> float:
-    """The smallest score whose cumulative weight reaches ``level`` times (total + the mean
-    weight, for the test point) (:class:`ScoreTable` for one row); ``inf`` where none does.
-
-    With unit weights (``cum_weights`` None), the ``ceil((n + 1) * level)``-th smallest of n
-    scores: with exchangeable calibration and test scores, ``score <= q`` holds with
-    probability at least ``level`` (and at most ``level + 1 / (n + 1)`` without ties).
-    """
-    if cum_weights is None:
-        cum_weights = np.arange(1.0, len(sorted_scores) + 1)
-    return float(ScoreTable.build([sorted_scores], [cum_weights]).quantiles((level,))[0, 0])
-
-
 def check_levels(levels: Sequence[float]) -> None:
     """ValueError naming the first level outside (0, 1)."""
     for level in levels:
@@ -149,12 +134,10 @@ def stay_windows(
     raw_state: Sequence[np.ndarray], stay: np.ndarray, start: np.ndarray, lookback: int = LOOKBACK
 ) -> np.ndarray:
     """:func:`history_windows` for rollouts from bin ``start`` of stay ``stay`` (offline)."""
-    out = np.full((len(stay), lookback, N_STATE), np.nan)
-    for j, (i, s) in enumerate(zip(stay, start, strict=True)):
-        lo = max(0, s + 1 - lookback)
-        part = raw_state[i][lo : s + 1]
-        out[j, lookback - len(part) :] = part
-    return out
+    flat = np.concatenate([*raw_state, np.full((1, N_STATE), np.nan)])  # last: before bin 0
+    first = np.cumsum([0, *map(len, raw_state)])[np.asarray(stay, dtype=np.int64)]
+    idx = np.asarray(start)[:, None] + 1 - lookback + np.arange(lookback)
+    return flat[np.where(idx >= 0, first[:, None] + idx, -1)]
 
 
 @dataclass
@@ -204,10 +187,6 @@ class Calibration:
                 self._cache.clear()  # atomic: safe with the service's model threads
             self._cache[key] = q
         return q
-
-    def quantiles(self, level: float) -> np.ndarray:
-        """(H, 18) score quantiles at ``level``."""
-        return self.quantile_table((level,))[0]
 
     def intervals(
         self, pred: np.ndarray, window: np.ndarray, levels: Sequence[float]
@@ -277,24 +256,19 @@ class Residuals:
 def fit_calibration(
     residuals: list[Residuals],
     levels: tuple[float, ...] = DEFAULT_LEVELS,
-    adaptive: str | np.ndarray = "auto",
-    lookback: int = LOOKBACK,
+    adaptive: str = "auto",
 ) -> Calibration:
     """Calibrate from the residuals of steps 1..H (``residuals[h - 1]``).
 
-    ``adaptive``: ``"auto"`` (per variable, two-fold on the groups), ``"never"``, ``"always"``,
-    or an explicit (18,) boolean array.
+    ``adaptive``: ``"auto"`` (per variable, two-fold on the groups) or ``"never"``.
     """
     floor = _floor(residuals)
-    if isinstance(adaptive, str):
-        if adaptive == "auto":
-            chosen = _choose_adaptive(residuals, floor, levels)
-        elif adaptive in ("never", "always"):
-            chosen = np.full(N_STATE, adaptive == "always")
-        else:
-            raise ValueError(f"adaptive must be auto, never or always, got {adaptive!r}")
+    if adaptive not in ("auto", "never"):
+        raise ValueError(f"adaptive must be auto or never, got {adaptive!r}")
+    if adaptive == "auto":
+        chosen = _choose_adaptive(residuals, floor, levels)
     else:
-        chosen = np.asarray(adaptive, dtype=bool)
+        chosen = np.zeros(N_STATE, dtype=bool)
     scored = [_scores(r, chosen, floor) for r in residuals]
     scores = [[s for s, _ in step] for step in scored]
     cum = [[c for _, c in step] for step in scored]
@@ -302,7 +276,7 @@ def fit_calibration(
         "n_scores": [[int(len(s)) for s in step] for step in scores],
         "n_groups": int(len(np.unique(np.concatenate([r.group for r in residuals])))),
     }
-    return Calibration(scores, cum, chosen, floor, lookback, tuple(levels), info)
+    return Calibration(scores, cum, chosen, floor, LOOKBACK, tuple(levels), info)
 
 
 def _floor(residuals: list[Residuals]) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -129,12 +130,11 @@ def run_cv(
     import lightning as L
     import mlflow
     import torch
-    from lightning.pytorch.loggers import MLFlowLogger
 
     from training.evaluate import evaluate
     from training.intervals import coverage_metrics, held_out_coverage
     from training.models import count_parameters
-    from training.train import baseline_evaluations, data_module, fit_baselines, fit_lightning
+    from training.train import baseline_evaluations, data_module, fit_lightning
 
     if base.threads:
         torch.set_num_threads(base.threads)
@@ -150,8 +150,8 @@ def run_cv(
             common = {"folds": folds, "fold": fold, "cv_seed": seed, "seed": seed}
             dm = data_module(base.model_copy(update=common))
             val, test, pre = dm.sequences["val"], dm.sequences["test"], dm.preprocessor
-            baselines = fit_baselines(dm.sequences["train"], base.ridge_alpha, base.level_alpha)
-            evals = baseline_evaluations(dm, ("test",), ks, baselines)["test"]
+            baselines, evals = baseline_evaluations(base, dm, ("test",))
+            evals = evals["test"]
             # The naive band, and the level forecaster's (the networks' starting point).
             for name in (REFERENCE, "level"):
                 res.add_bands(
@@ -176,12 +176,7 @@ def run_cv(
                     nested=parent_run is not None,
                     tags={"label": label, "fold": str(fold), "cv_seed": str(seed)},
                 ) as run:
-                    logger = MLFlowLogger(
-                        experiment_name=base.experiment,
-                        tracking_uri=mlflow.get_tracking_uri(),
-                        run_id=run.info.run_id,
-                    )
-                    _, lit, _, stats = fit_lightning(cfg, dm, logger)
+                    _, lit, _, stats = fit_lightning(cfg, dm, run.info.run_id)
                     model = lit.model.cpu().float().eval()
                     ev = evaluate(model, test, pre, ks)
                     fold_metrics = ev.metrics("fold_test")
@@ -199,13 +194,10 @@ def run_cv(
                 evals[label] = ev
                 for key, value in stats.items():
                     res.stats.setdefault(label, {}).setdefault(key, []).append(float(value))
-                log.info(
-                    "seed %d fold %d %s: skill %s",
-                    seed,
-                    fold,
-                    label,
-                    {k: round(fold_metrics.get(f"fold_test/skill_k{k}", np.nan), 3) for k in ks},
-                )
+                skills = {
+                    k: round(fold_metrics.get(f"fold_test/skill_k{k}", np.nan), 3) for k in ks
+                }
+                log.info("seed %d fold %d %s: skill %s", seed, fold, label, skills)
             for label, ev in evals.items():
                 for k in ks:
                     if k in ev.errors:
@@ -228,7 +220,8 @@ def run_cv(
 def report_rows(res: CvResult, n_boot: int = 2000) -> list[dict]:
     """One row per (label, k): measured RMSE / MAE with CIs, skill against persistence with CI."""
     rows = []
-    labels = sorted({label for label, _ in res.errors}, key=_order)
+    # Models first, then the baselines.
+    labels = sorted({label for label, _ in res.errors}, key=lambda m: (m in BASELINE_LABELS, m))
     for label in labels:
         for k in res.ks:
             if (label, k) not in res.errors:
@@ -255,7 +248,10 @@ def report_rows(res: CvResult, n_boot: int = 2000) -> list[dict]:
                     "skill_ci": [s_lo, s_hi],
                     "n_windows": res.n_windows[(label, k)],
                     "n_patients": len(e.patients),
-                    **{key: _mean(stats.get(key)) for key in STAT_FIELDS},
+                    **{
+                        key: float(np.mean(stats[key])) if stats.get(key) else None
+                        for key in STAT_FIELDS
+                    },
                     **band_fields(res, label, k, n_boot),
                 }
             )
@@ -268,29 +264,23 @@ def band_fields(res: CvResult, label: str, k: int, n_boot: int = 2000) -> dict[s
     mean ``width`` (scaled units), ``width_vs_persistence`` (width / the conformal persistence
     band's width on the same values) and ``n_interval_values``; None where the model has no
     band (the ridge baselines)."""
+    out: dict = {"coverage": {}, "coverage_ci": {}, "width": {}, "width_vs_persistence": {}}
     if (label, k, res.levels[0]) not in res.bands:
-        keys = ("coverage", "coverage_ci", "width", "width_vs_persistence", "n_interval_values")
-        return dict.fromkeys(keys)
-    cov, cov_ci, width, ratio = {}, {}, {}, {}
-    n = 0
+        return dict.fromkeys([*out, "n_interval_values"])
     for level in res.levels:
         inside, wsum, n = res.bands[(label, k, level)]
         ref = res.bands.get((REFERENCE, k, level))
-        key = level_label(level)
-        cov[key] = float(inside / n) if n else None
         counts = res.band_patients.get((label, k, level))
-        cov_ci[key] = list(rate_ci(counts, n_boot)) if counts is not None and n else None
-        width[key] = float(wsum / n) if n else None
+        key = level_label(level)
+        out["coverage"][key] = float(inside / n) if n else None
+        ci = list(rate_ci(counts, n_boot)) if counts is not None and n else None
+        out["coverage_ci"][key] = ci
+        out["width"][key] = float(wsum / n) if n else None
         # Same windows and measured values for every model, so the ratio of means is the
         # ratio of summed widths.
-        ratio[key] = float(wsum / ref[1]) if ref is not None and ref[1] > 0 else None
-    return {
-        "coverage": cov,
-        "coverage_ci": cov_ci,
-        "width": width,
-        "width_vs_persistence": ratio,
-        "n_interval_values": int(n),
-    }
+        ratio = float(wsum / ref[1]) if ref is not None and ref[1] > 0 else None
+        out["width_vs_persistence"][key] = ratio
+    return out | {"n_interval_values": int(n)}
 
 
 def ratio_rows(res: CvResult, pairs: list[tuple[str, str]], n_boot: int = 2000) -> list[dict]:
@@ -304,14 +294,6 @@ def ratio_rows(res: CvResult, pairs: list[tuple[str, str]], n_boot: int = 2000) 
                 )
                 out.append({"a": a, "b": b, "k": k, "rmse_ratio": r, "ci": [lo, hi]})
     return out
-
-
-def _mean(values: list[float] | None) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
-def _order(label: str) -> tuple[int, str]:
-    return (1 if label in BASELINE_LABELS else 0, label)
 
 
 def _fmt_ci(v: float, ci: list[float], pct: bool = False) -> str:
@@ -450,15 +432,8 @@ def replace_section(path: Path, title: str, body: str) -> None:
 
     path = Path(path)
     text = path.read_text() if path.is_file() else "# Results\n"
-    lines = text.splitlines(keepends=True)
-    heading = f"## {title}"
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == heading), None)
-    block = f"{heading}\n\n{body.rstrip()}\n\n"
-    if start is None:
-        new = text.rstrip() + "\n\n" + block
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        new = "".join(lines[:start]) + block + "".join(lines[end:])
-    atomic_write_text(path, new.rstrip() + "\n")
+    block = f"## {title}\n\n{body.rstrip()}\n\n"
+    # The section runs from its heading line to the next "## " heading or the end.
+    section = re.compile(rf"^## {re.escape(title)}[ \t\r]*$.*?(?=^## |\Z)", re.M | re.S)
+    new, found = section.subn(lambda _: block, text, count=1)
+    atomic_write_text(path, (new if found else text.rstrip() + "\n\n" + block).rstrip() + "\n")

@@ -99,10 +99,8 @@ def load_bins(data_dir: Path) -> tuple[pd.DataFrame, dict]:
     if bad:
         raise DataError(f"{bins_path}: infinite values in {bad}")
     frame = frame.sort_values(["icustay_id", "bin"], kind="stable").reset_index(drop=True)
-    bins = frame["bin"].to_numpy()
-    first = frame.groupby("icustay_id")["bin"].transform("min").to_numpy()
-    rank = frame.groupby("icustay_id").cumcount().to_numpy()
-    if (first != 0).any() or (bins != rank).any():
+    # Sorted by bin, each stay's bins must be its row ranks 0..n-1.
+    if (frame["bin"].to_numpy() != frame.groupby("icustay_id").cumcount().to_numpy()).any():
         raise DataError(f"{bins_path}: bins are not contiguous 0..n-1 within every stay")
     card_path = data_dir / "data_card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}

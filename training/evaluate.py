@@ -51,10 +51,8 @@ class Evaluation:
         out: dict[str, float] = {}
         for k, e in self.errors.items():
             if k in reference.errors and e.n.sum() > 0:
-                point, lo, hi = skill(e, reference.errors[k])
-                out[f"{prefix}/{name}_k{k}"] = point
-                out[f"{prefix}/{name}_k{k}_lo"] = lo
-                out[f"{prefix}/{name}_k{k}_hi"] = hi
+                key = f"{prefix}/{name}_k{k}"
+                out[key], out[f"{key}_lo"], out[f"{key}_hi"] = skill(e, reference.errors[k])
         return out
 
     def metrics(self, prefix: str) -> dict[str, float]:
@@ -68,13 +66,11 @@ class Evaluation:
             for name, v in m.items():
                 out[f"{prefix}/{name}_measured_k{k}"] = v
         for (k, s), m in self.noise.items():
-            out[f"noise/rmse_k{k}_sigma{sigma_label(s)}"] = m["rmse"]
-            out[f"noise/mae_k{k}_sigma{sigma_label(s)}"] = m["mae"]
+            tag = f"k{k}_sigma{sigma_label(s)}"
+            out[f"noise/rmse_{tag}"], out[f"noise/mae_{tag}"] = m["rmse"], m["mae"]
             base = self.noise.get((k, 0.0), self.scaled.get(k))
             if base and base["rmse"] > 0:
-                out[f"noise/rel_degradation_k{k}_sigma{sigma_label(s)}"] = (
-                    m["rmse"] / base["rmse"] - 1.0
-                )
+                out[f"noise/rel_degradation_{tag}"] = m["rmse"] / base["rmse"] - 1.0
         return out
 
 
@@ -95,7 +91,7 @@ def evaluate(
     wins = rollout_windows(model, seqs.inputs, seqs.state, ks, bounds=bounds)
     ev = Evaluation(scaled={}, windows=wins)
     for k, w in wins.items():
-        _score(ev, k, w.pred[:, -1], w.true[:, -1], w.observed, w.stay, seqs, pre)
+        _score(ev, k, w.pred[:, -1], w.true[:, -1], w.observed[:, -1], w.stay, seqs, pre)
     for s in sigmas:
         noisy = (
             wins
@@ -112,17 +108,17 @@ def _score(
     k: int,
     pred: np.ndarray,
     true: np.ndarray,
-    observed: np.ndarray | None,
+    obs: np.ndarray,
     stay: np.ndarray,
     seqs: StaySequences,
     pre: Preprocessor,
 ) -> None:
-    """Errors at step K of every window: all values, measured values, per variable."""
+    """Errors at step K of every window (``obs``: 1 where the truth was measured): all values,
+    measured values, per variable."""
     ev.scaled[k] = summary(pred, true)
     ev.n_windows[k] = len(stay)
-    if observed is None or not len(stay):
+    if not len(stay):
         return
-    obs = observed[:, -1]
     ev.errors[k] = patient_errors(pred, true, obs, seqs.subject_ids[stay])
     ev.observed[k] = {"mae": ev.errors[k].mae, "rmse": ev.errors[k].rmse}
     pred_phys, true_phys = pre.unscale_state(pred), pre.unscale_state(true)
@@ -140,17 +136,12 @@ def evaluate_direct(
 ) -> Evaluation:
     """The direct multi-horizon ridge on the same windows as :func:`evaluate`."""
     lo, hi = (b.numpy() for b in state_bounds(pre))
+    state, inputs = pad(seqs.state), pad(seqs.inputs)
     ev = Evaluation(scaled={})
     for k in ks:
         pred, stay, start = direct.predict(seqs.inputs, k, (lo, hi))
-        pairs = list(zip(stay, start, strict=True))
-        true = np.stack([seqs.state[i][s + k] for i, s in pairs]) if len(stay) else pred
-        obs = (
-            np.stack([seqs.inputs[i][s + k, N_STATE : 2 * N_STATE] for i, s in pairs])
-            if len(stay)
-            else pred
-        )
-        _score(ev, k, pred, true.astype(np.float64), obs[:, None], stay, seqs, pre)
+        obs = inputs[stay, start + k, N_STATE : 2 * N_STATE]
+        _score(ev, k, pred, state[stay, start + k], obs, stay, seqs, pre)
     return ev
 
 
@@ -158,21 +149,17 @@ def latency(forecaster, seqs: StaySequences, horizon: int = 5, repeats: int = 20
     """Median wall time of one Forecaster call: one history, and all histories at once."""
     if len(seqs) == 0:
         return {}
-    longest = int(np.argmax([len(s) for s in seqs.state]))
-    hist_state = seqs.raw_state[longest][None]
-    hist_iv = seqs.interventions[longest][None]
-    planned = np.zeros((1, horizon, hist_iv.shape[-1]))
+    b = len(seqs)
+    st, iv = pad(seqs.raw_state), pad(seqs.interventions)
+    lengths = np.array([len(s) for s in seqs.state])
+    longest = int(np.argmax(lengths))
+    i = slice(longest, longest + 1)  # the longest history, so no padding
 
     def timed(fn, repeats: int = repeats) -> float:
         fn()  # warm-up
         return float(np.median(timeit.repeat(fn, number=1, repeat=repeats)))
 
-    one = timed(
-        lambda: forecaster.forecast(hist_state, hist_iv, np.array([hist_state.shape[1]]), planned)
-    )
-    b = len(seqs)
-    st, iv = pad(seqs.raw_state), pad(seqs.interventions)
-    lengths = np.array([len(s) for s in seqs.state])
+    one = timed(lambda: forecaster.forecast(st[i], iv[i], lengths[i], np.zeros((1, horizon, 3))))
     batch = timed(lambda: forecaster.forecast(st, iv, lengths, np.zeros((b, horizon, 3))), 5)
     return {
         "infer_latency_ms": one * 1e3,

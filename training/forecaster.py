@@ -35,11 +35,8 @@ class Forecaster:
     def prepare(
         self, state: np.ndarray, interventions: np.ndarray, lengths: np.ndarray
     ) -> np.ndarray:
-        """Raw padded histories -> model inputs (B, T, 39), exactly as the ETL preprocesses.
-
-        Clamp, observed masks, forward-fill within each history, zero-fill interventions
-        (``prepare_arrays``), row-wise imputation and min-max scaling (``Preprocessor``).
-        """
+        """Raw padded histories -> model inputs (B, T, 39), exactly as training prepares
+        them (:func:`training.data.prepare_inputs`)."""
         b, t, _ = state.shape
         rows = np.flatnonzero(np.arange(t) < np.asarray(lengths)[:, None])  # real bins, in order
         flat_state = state.reshape(b * t, N_STATE)[rows]
@@ -103,8 +100,7 @@ class Forecaster:
         plan_scaled = self.preprocessor.scale_interventions(plan.reshape(-1, N_INTERVENTION))
         fut = torch.as_tensor(plan_scaled.reshape(b, h - 1, N_INTERVENTION), dtype=torch.float64)
         pred = forecast_rollout(self.model, x, torch.from_numpy(lengths), fut, self._bounds)
-        pred = pred.numpy()
-        return self.preprocessor.unscale_state(pred.astype(np.float64))
+        return self.preprocessor.unscale_state(pred.numpy())
 
     def intervals(
         self,

@@ -77,22 +77,6 @@ def calibration_residuals(
     return out
 
 
-def calibrate(
-    model: DynamicsModel,
-    seqs: StaySequences,
-    pre: Preprocessor,
-    horizon: int,
-    levels: tuple[float, ...] = DEFAULT_LEVELS,
-    residuals: list[Residuals] | None = None,
-) -> Calibration:
-    """Split-conformal calibration of ``model`` on ``seqs`` (validation stays), steps 1..H
-    (from ``residuals`` when :func:`calibration_residuals` already gave them)."""
-    res = residuals or calibration_residuals(model, seqs, pre, horizon)
-    cal = fit_calibration(res, levels)
-    cal.info["calibration_stays"] = len(seqs)
-    return cal
-
-
 @dataclass
 class Coverage:
     """Coverage and width of one band on one split: ``summary[(K, level)]`` pooled over the
@@ -165,11 +149,11 @@ def held_out_coverage(
     pre: Preprocessor,
     levels: tuple[float, ...] = DEFAULT_LEVELS,
 ) -> Coverage:
-    """Calibrate ``model`` on ``val`` as training does (:func:`calibrate`, steps 1..max K) and
+    """Calibrate ``model`` on ``val`` as training does (steps 1..max K) and
     score the band on ``wins``, the clean rollouts of ``test`` that
     :func:`training.evaluate.evaluate` made (the same windows :func:`split_windows` gives),
     counted per patient too."""
-    cal = calibrate(model, val, pre, max(wins), levels)
+    cal = fit_calibration(calibration_residuals(model, val, pre, max(wins)), levels)
     return coverage(cal, wins, test.raw_state, pre, levels, test.subject_ids)
 
 
@@ -195,7 +179,6 @@ def log_intervals(
     seed: int,
     plots: bool,
     title: str,
-    levels: tuple[float, ...] = DEFAULT_LEVELS,
 ) -> tuple[Calibration, dict[str, float]]:
     """Calibrate ``model`` and persistence on ``val``, score both on ``test``, inside the active
     MLflow run.
@@ -208,12 +191,13 @@ def log_intervals(
     import tempfile
 
     import mlflow
+    import pandas as pd
 
     from training.models import ModelConfig, build_model
 
-    ks = tuple(ks)
+    ks, levels = tuple(ks), DEFAULT_LEVELS
     res = calibration_residuals(model, val, pre, max(ks))
-    cal = calibrate(model, val, pre, max(ks), levels, res)
+    cal = fit_calibration(res, levels)
     wins, raw = split_windows(model, test, pre, ks)
     cov = coverage(cal, wins, raw, pre, levels)
     metrics = coverage_metrics(cov, "test/")
@@ -230,15 +214,11 @@ def log_intervals(
                 coverage(cal, noisy, noisy_raw, pre, levels), "noise/", f"_sigma{s:g}"
             )
     persistence = build_model(ModelConfig(model="persistence"))
-    p_wins, p_raw = split_windows(persistence, test, pre, ks)
-    p_cal = calibrate(persistence, val, pre, max(ks), levels)
-    metrics |= coverage_metrics(
-        coverage(p_cal, p_wins, p_raw, pre, levels), "baseline/persistence_"
-    )
+    p_wins, _ = split_windows(persistence, test, pre, ks)
+    p_cov = held_out_coverage(persistence, val, test, p_wins, pre)
+    metrics |= coverage_metrics(p_cov, "baseline/persistence_")
     if cov.rows:
-        mlflow.log_table(
-            {key: [r[key] for r in cov.rows] for key in cov.rows[0]}, "intervals_test.json"
-        )
+        mlflow.log_table(pd.DataFrame(cov.rows), "intervals_test.json")
     if plots:
         with tempfile.TemporaryDirectory() as tmp:
             _plots(cal, wins, raw, test, pre, Path(tmp), title)
@@ -270,12 +250,8 @@ def _plots(
     k = max(wins)
     w = wins[k]
     stays = []
-    for i in np.argsort([-len(s) for s in test.state]):
-        mine = np.flatnonzero(w.stay == i)  # the stay's windows, by start bin
-        if len(mine) == 0:
-            continue
-        j = int(mine[len(mine) // 2])
-        s = int(w.start[j])
+    for n, j in enumerate(w.middle_windows([len(s) for s in test.state])):
+        i, s = w.stay[j], int(w.start[j])
         pred = pre.unscale_state(w.pred[j : j + 1])
         bands = cal.intervals(pred, stay_windows(raw, [i], [s], cal.lookback), cal.levels)
         stays.append(
@@ -285,10 +261,8 @@ def _plots(
                 "start": s,
                 "forecast": pred[0],
                 "bands": {lv: (lo[0], hi[0]) for lv, (lo, hi) in bands.items()},
-                "label": f"test stay {len(stays) + 1}",
+                "label": f"test stay {n + 1}",
             }
         )
-        if len(stays) == 3:
-            break
     if stays:
         plots.fan_charts(stays, out / "interval_fans.png", f"Test stays: {k}-step bands ({title})")

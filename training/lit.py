@@ -23,6 +23,7 @@ import torch
 
 from features.catalog import N_STATE
 from training.models import DynamicsModel, ModelConfig, build_model
+from training.rollout import every_start_rollouts
 
 Objective = Literal["closed_loop", "teacher_forced"]
 
@@ -53,12 +54,9 @@ def rollout_errors(
     bounds: tuple[torch.Tensor, torch.Tensor] | None,
     measured_only: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-loop K-step rollouts from every start bin: per-step squared error sums (K,)
-    and value counts (K,).
-
-    Vectorised over starts: the history is encoded once (one ``step`` per bin for the batch),
-    then all (stay, start) pairs roll on together as one batch.
-    """
+    """Closed-loop K-step rollouts from every start bin
+    (:func:`training.rollout.every_start_rollouts`): per-step squared error sums (K,) and
+    value counts (K,)."""
     members = getattr(model, "members", None)
     if members is not None and torch.is_grad_enabled():
         # Training a deep ensemble: each member on its own rollout (independent members).
@@ -67,51 +65,14 @@ def rollout_errors(
             torch.stack([p[0] for p in parts]).mean(dim=0),
             torch.stack([p[1] for p in parts]).mean(dim=0),
         )
-    with model.stepping():  # CfC arranges its weights once for the whole loop of steps
-        return _rollout_errors(model, x, lengths, k, bounds, measured_only)
-
-
-def _rollout_errors(
-    model: DynamicsModel,
-    x: torch.Tensor,
-    lengths: torch.Tensor,
-    k: int,
-    bounds: tuple[torch.Tensor, torch.Tensor] | None,
-    measured_only: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    b, t, _ = x.shape
-    state = model.init_state(b, x.device, x.dtype)
-    ys, states = [], []
-    for i in range(t - 1):
-        y, state = model.step(x[:, i], state)
-        ys.append(y)
-        states.append(state)
-    if not ys:
-        z = x.new_zeros(k)
-        return z, z
-    live = torch.arange(t - 1, device=x.device)[None] < (lengths[:, None] - 1)
-    rows, starts = live.nonzero(as_tuple=True)
-    y = torch.stack(ys, dim=1)[rows, starts]
-    st = [torch.stack([s[j] for s in states], dim=1)[rows, starts] for j in range(len(state))]
-
-    def clip(v: torch.Tensor) -> torch.Tensor:
-        return v if bounds is None else torch.maximum(torch.minimum(v, bounds[1]), bounds[0])
-
-    target_state, target_obs = _targets(x)
-    sums, counts = [], []
-    y = clip(y)
-    zeros = torch.zeros_like(y)
-    for step in range(1, k + 1):
-        if step > 1:
-            iv = x[rows, (starts + step - 1).clamp_max(t - 1), 2 * N_STATE :]
-            y, st = model.step(torch.cat([y, zeros, iv], dim=-1), st)
-            y = clip(y)
-        target = (starts + step).clamp_max(t - 1)
-        alive = ((starts + step) <= (lengths[rows] - 1)).to(x.dtype)[:, None]
-        w = alive * (target_obs[rows, target] if measured_only else torch.ones_like(y))
-        sums.append(((y - target_state[rows, target]) ** 2 * w).sum())
-        counts.append(w.sum())
-    return torch.stack(sums), torch.stack(counts)
+    rows, starts, pred = every_start_rollouts(model, x, lengths, k, bounds)
+    target = starts[:, None] + torch.arange(1, k + 1, device=x.device)  # (W, K)
+    alive = (target <= lengths[rows, None] - 1).to(x.dtype)[..., None]
+    target = target.clamp_max(x.shape[1] - 1)
+    state, observed = _targets(x)
+    w = alive * (observed[rows[:, None], target] if measured_only else torch.ones_like(pred))
+    err = (pred - state[rows[:, None], target]) ** 2 * w
+    return err.sum(dim=(0, 2)), w.sum(dim=(0, 2))
 
 
 class LitDynamics(L.LightningModule):
@@ -136,21 +97,10 @@ class LitDynamics(L.LightningModule):
         else:
             self.lo = self.hi = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def _bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if self.lo is None else (self.lo, self.hi)
-
     def _rollout(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return rollout_errors(
-            self.model,
-            batch["x"],
-            batch["lengths"],
-            self.hparams.rollout_k,
-            self._bounds(),
-            self.hparams.measured_only,
-        )
+        bounds = None if self.lo is None else (self.lo, self.hi)
+        x, lengths, k = batch["x"], batch["lengths"], self.hparams.rollout_k
+        return rollout_errors(self.model, x, lengths, k, bounds, self.hparams.measured_only)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.hparams.objective == "teacher_forced":
@@ -188,15 +138,12 @@ class LitDynamics(L.LightningModule):
         self.log("val_loss", loss, on_epoch=True, batch_size=max(int(n), 1), sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_optimizer(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        """AdamW (decoupled weight decay; plain Adam when it is 0), fused on CPU / CUDA."""
+        params = list(self.parameters())
+        fused = bool(params) and all(
+            p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
         )
-
-
-def build_optimizer(params, lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay; plain Adam when ``weight_decay`` is 0), fused on CPU/CUDA."""
-    params = list(params)
-    fused = bool(params) and all(
-        p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
-    )
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+        hp = self.hparams
+        return torch.optim.AdamW(
+            params, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused or None
+        )

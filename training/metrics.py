@@ -32,16 +32,12 @@ def summary(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
 
 
 def per_variable(pred: np.ndarray, true: np.ndarray, names: tuple[str, ...]) -> list[dict]:
-    """One row per variable: MAE, RMSE and R2 of (n, v) arrays."""
-    p = pred.reshape(-1, len(names))
-    t = true.reshape(-1, len(names))
+    """One row per variable: MAE, RMSE and R2 of (n, v) arrays (NaN where there are none)."""
+    p, t = pred.reshape(-1, len(names)), true.reshape(-1, len(names))
+    err = p - t if len(p) else np.full((1, len(names)), np.nan)
+    mae, rmse = np.mean(np.abs(err), axis=0), np.sqrt(np.mean(err**2, axis=0))
     r2s = r2_per_variable(p, t) if len(p) else np.full(len(names), np.nan)
     return [
-        {
-            "variable": n,
-            "mae": float(np.mean(np.abs(p[:, j] - t[:, j]))) if len(p) else float("nan"),
-            "rmse": float(np.sqrt(np.mean((p[:, j] - t[:, j]) ** 2))) if len(p) else float("nan"),
-            "r2": float(r2s[j]),
-        }
+        {"variable": n, "mae": float(mae[j]), "rmse": float(rmse[j]), "r2": float(r2s[j])}
         for j, n in enumerate(names)
     ]

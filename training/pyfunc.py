@@ -55,6 +55,7 @@ class ForecastInputError(UserError, ValueError):
 
 CALIBRATION_FILE = "calibration.json"
 LEVELS_PARAM = "interval_levels"
+PACKAGES = ("torch", "ncps", "mlflow", "pandas", "numpy", "scikit-learn")  # pinned for the pyfunc
 
 
 def save_model_dir(
@@ -221,6 +222,8 @@ def synthetic_input_example() -> pd.DataFrame:
 
 def log_pyfunc(model_dir: Path, registered_name: str | None, forecaster: Forecaster):
     """Log (and register) the pyfunc under the active run; returns MLflow's ModelInfo."""
+    from importlib.metadata import version
+
     from mlflow.models import infer_signature
 
     example = synthetic_input_example()
@@ -237,14 +240,5 @@ def log_pyfunc(model_dir: Path, registered_name: str | None, forecaster: Forecas
         input_example=example,
         registered_model_name=registered_name,
         code_paths=[str(root / "training"), str(root / "features")],
-        pip_requirements=_requirements(),
+        pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in PACKAGES],
     )
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [
-        f"{pkg}=={version(pkg)}"
-        for pkg in ("torch", "ncps", "mlflow", "pandas", "numpy", "scikit-learn")
-    ]

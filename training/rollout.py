@@ -11,6 +11,7 @@ why the service reproduces the offline rollouts exactly.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,45 +38,20 @@ def state_bounds(pre: Preprocessor, dtype: torch.dtype = torch.float64) -> Bound
     return lo, hi
 
 
-def model_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(iter(model.parameters()), torch.empty(0, dtype=torch.float64)).dtype
-
-
-@torch.no_grad()
-def encode(
-    model: DynamicsModel, x: torch.Tensor, lengths: torch.Tensor, keep_all: bool = False
-) -> tuple[torch.Tensor, State, list[State] | None]:
-    """Run the history through the model one bin at a time (one call per bin for the batch).
-
-    Returns the predictions at every bin (B, T, 18), the recurrent state after each row's last
-    real bin (padding after it is never consumed), and, with ``keep_all``, the state after every
-    bin (for rollouts from every start).
-    """
-    b, t, _ = x.shape
-    state = model.init_state(b, x.device, x.dtype)
-    ys = []
-    every: list[State] | None = [] if keep_all else None
-    # Bins before the shortest history's end are real for every row: no masking needed.
-    all_live = int(lengths.min()) if b else t
+def encode(model: DynamicsModel, x: torch.Tensor) -> tuple[torch.Tensor, State]:
+    """Run histories (B, T, 39) through the model one bin at a time (one call per bin for the
+    batch): the predictions at every bin (B, T, 18) and the recurrent state after every bin
+    (each part stacked to (B, T, ...), so the state after any bin can be gathered)."""
+    state = model.init_state(x.shape[0], x.device, x.dtype)
+    ys, states = [], []
     with model.stepping():
-        for i in range(t):
-            y, new = model.step(x[:, i], state)
-            if i < all_live:
-                state = new
-            else:
-                live = i < lengths
-                # Rows whose history has ended keep the state after their last real bin.
-                state = [
-                    torch.where(live.view(-1, *[1] * (n.dim() - 1)), n, o)
-                    for n, o in zip(new, state, strict=True)
-                ]
-            if every is not None:
-                every.append(new)
+        for i in range(x.shape[1]):
+            y, state = model.step(x[:, i], state)
             ys.append(y)
-    return torch.stack(ys, dim=1), state, every
+            states.append(state)
+    return torch.stack(ys, dim=1), [torch.stack(part, dim=1) for part in zip(*states, strict=True)]
 
 
-@torch.no_grad()
 def continue_rollout(
     model: DynamicsModel,
     first: torch.Tensor,
@@ -114,11 +90,38 @@ def forecast_rollout(
     future_iv: torch.Tensor,
     bounds: Bounds | None = None,
 ) -> torch.Tensor:
-    """K-step rollouts from the last real bin of each history: :func:`encode` then
-    :func:`continue_rollout`. Returns (B, K, 18)."""
-    ys, state, _ = encode(model, x, lengths)
-    first = ys[torch.arange(x.shape[0]), lengths - 1]
-    return continue_rollout(model, first, state, future_iv, bounds)
+    """K-step rollouts from the last real bin of each history (padding after it is never
+    consumed): :func:`encode` then :func:`continue_rollout`. Returns (B, K, 18)."""
+    ys, states = encode(model, x)
+    rows, last = torch.arange(x.shape[0]), lengths - 1
+    state = [s[rows, last] for s in states]
+    return continue_rollout(model, ys[rows, last], state, future_iv, bounds)
+
+
+def every_start_rollouts(
+    model: DynamicsModel,
+    x: torch.Tensor,
+    lengths: torch.Tensor,
+    k: int,
+    bounds: Bounds | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K-step rollouts from every start bin s <= n - 2 of every padded history (B, T, 39), fed
+    the true interventions: the stay and start of each, and its (W, K, 18) predictions of bins
+    s+1..s+K (steps past a stay's end run on padding: callers mask them).
+
+    Autograd works through it: the closed-loop training objective (:mod:`training.lit`) and
+    evaluation (:func:`rollout_windows`) score this very rollout.
+    """
+    t = x.shape[1]
+    live = torch.arange(t - 1, device=x.device)[None] < (lengths[:, None] - 1)
+    rows, starts = live.nonzero(as_tuple=True)
+    if not len(rows):
+        return rows, starts, x.new_zeros((0, k, N_STATE))
+    ys, states = encode(model, x[:, :-1])
+    bins = (starts[:, None] + torch.arange(1, k, device=x.device)).clamp_max(t - 1)
+    state = [s[rows, starts] for s in states]
+    fut = x[rows[:, None], bins, 2 * N_STATE :]
+    return rows, starts, continue_rollout(model, ys[rows, starts], state, fut, bounds)
 
 
 @dataclass
@@ -130,7 +133,12 @@ class Windows:
     start: np.ndarray  # (W,) start bin s
     pred: np.ndarray  # (W, K, 18) scaled predictions for bins s+1..s+K
     true: np.ndarray  # (W, K, 18) scaled truth
-    observed: np.ndarray | None = None  # (W, K, 18) 1 where the true value was measured
+    observed: np.ndarray  # (W, K, 18) 1 where the true value was measured
+
+    def middle_windows(self, lengths: list[int], n: int = 3) -> list[int]:
+        """The middle window of each of the ``n`` longest stays that have one (for plots)."""
+        mine = (np.flatnonzero(self.stay == i) for i in np.argsort([-m for m in lengths]))
+        return [int(m[len(m) // 2]) for m in itertools.islice(filter(len, mine), n)]
 
 
 def add_state_noise(inputs: list[np.ndarray], sigma: float, seed: int) -> list[np.ndarray]:
@@ -162,26 +170,21 @@ def rollout_windows(
     model.eval()
     if noise_sigma > 0:
         inputs = add_state_noise(inputs, noise_sigma, seed)
-    dtype = model_dtype(model)
+    dtype = next(iter(model.parameters()), torch.empty(0, dtype=torch.float64)).dtype
     x = pad_sequence([torch.as_tensor(s, dtype=dtype) for s in inputs], batch_first=True)
+    truth = pad_sequence([torch.as_tensor(s) for s in states], batch_first=True)
     lengths = torch.tensor([len(s) for s in inputs])
-    ys, _, every = encode(model, x, lengths, keep_all=True)
+    # A k-step rollout is the first k steps of the longest one (the same interventions fed).
+    stay, start, pred = every_start_rollouts(model, x, lengths, max(ks), bounds)
+    bins = (start[:, None] + torch.arange(1, max(ks) + 1)).clamp_max(x.shape[1] - 1)
+    true = truth[stay[:, None], bins].double()
+    observed = x[stay[:, None], bins, N_STATE : 2 * N_STATE].double()
     out: dict[int, Windows] = {}
     for k in ks:
-        idx = [(i, s) for i, st in enumerate(states) for s in range(len(st) - k)]
-        if not idx:
-            empty = np.zeros((0, k, N_STATE))
-            out[k] = Windows(k, np.zeros(0, int), np.zeros(0, int), empty, empty, empty)
-            continue
-        stay = np.array([i for i, _ in idx])
-        start = np.array([s for _, s in idx])
-        st_t, sa_t = torch.as_tensor(stay), torch.as_tensor(start)
-        first = ys[st_t, sa_t]
-        state0 = [torch.stack([every[s][j][i] for i, s in idx]) for j in range(len(every[0]))]
-        # The interventions of bins s+1..s+K-1 (W, K-1, 3); none for K = 1.
-        fut = x[st_t[:, None], sa_t[:, None] + torch.arange(1, k), 2 * N_STATE :]
-        pred = continue_rollout(model, first, state0, fut, bounds).numpy()
-        true = np.stack([states[i][s + 1 : s + k + 1] for i, s in idx])
-        obs = np.stack([inputs[i][s + 1 : s + k + 1, N_STATE : 2 * N_STATE] for i, s in idx])
-        out[k] = Windows(k, stay, start, pred.astype(np.float64), true.astype(np.float64), obs)
+        keep = start + k <= lengths[stay] - 1
+        out[k] = Windows(
+            k,
+            *(a[keep].numpy() for a in (stay, start)),
+            *(a[keep, :k].numpy() for a in (pred.double(), true, observed)),
+        )
     return out

@@ -106,22 +106,22 @@ def mean_over_runs(runs: list[PatientErrors]) -> PatientErrors:
 
 
 def _bootstrap_ci(
-    stat: Callable[[np.ndarray], np.ndarray], n_units: int, n_boot: int, seed: int, level: float
+    stat: Callable[[np.ndarray], np.ndarray], n_units: int, n_boot: int
 ) -> tuple[float, float]:
-    """Percentile interval of ``stat(w)`` over ``n_boot`` resamples of the ``n_units`` patients
-    with replacement, ``w`` (n_boot, U) counting how often each is drawn (the same draws for
-    every model: paired). Non-finite replicates are left out; NaN with fewer than 2 patients."""
+    """95% percentile interval of ``stat(w)`` over ``n_boot`` resamples of the ``n_units``
+    patients with replacement, ``w`` (n_boot, U) counting how often each is drawn (one seed:
+    the same draws for every model, i.e. paired). Non-finite replicates are left out; NaN with
+    fewer than 2 patients."""
     if n_units < 2:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     w = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_boot).astype(float)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = stat(w)
     r = r[np.isfinite(r)]
     if not len(r):
         return float("nan"), float("nan")
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(r, [alpha, 1 - alpha])
+    lo, hi = np.quantile(r, [0.025, 0.975])
     return float(lo), float(hi)
 
 
@@ -130,31 +130,29 @@ def _rmse(e: PatientErrors, w: np.ndarray) -> np.ndarray:
 
 
 def rmse_ratio(
-    a: PatientErrors, b: PatientErrors, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
+    a: PatientErrors, b: PatientErrors, n_boot: int = N_BOOT
 ) -> tuple[float, float, float]:
-    """RMSE_a / RMSE_b on the same windows, with a paired patient-bootstrap percentile CI."""
+    """RMSE_a / RMSE_b on the same windows, with a paired patient-bootstrap 95% CI (lo, hi)."""
     if not np.array_equal(a.patients, b.patients):
         raise ValueError("paired comparison needs the same patients (the same windows)")
     point = a.rmse / b.rmse if b.rmse > 0 else float("nan")
-    ci = _bootstrap_ci(lambda w: _rmse(a, w) / _rmse(b, w), len(a.patients), n_boot, seed, level)
+    ci = _bootstrap_ci(lambda w: _rmse(a, w) / _rmse(b, w), len(a.patients), n_boot)
     return (float(point), *ci)
 
 
 def skill(
-    model: PatientErrors, reference: PatientErrors, n_boot: int = N_BOOT, seed: int = 0
+    model: PatientErrors, reference: PatientErrors, n_boot: int = N_BOOT
 ) -> tuple[float, float, float]:
     """``1 - RMSE_model / RMSE_reference`` with its 95% paired-bootstrap CI (lo, hi)."""
-    r, lo, hi = rmse_ratio(model, reference, n_boot, seed)
+    r, lo, hi = rmse_ratio(model, reference, n_boot)
     return 1.0 - r, 1.0 - hi, 1.0 - lo
 
 
-def rmse_ci(e: PatientErrors, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float]:
+def rmse_ci(e: PatientErrors, n_boot: int = N_BOOT) -> tuple[float, float]:
     """95% patient-bootstrap CI of one model's pooled RMSE."""
-    return _bootstrap_ci(lambda w: _rmse(e, w), len(e.patients), n_boot, seed, 0.95)
+    return _bootstrap_ci(lambda w: _rmse(e, w), len(e.patients), n_boot)
 
 
-def rate_ci(
-    c: PatientCounts, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Patient-bootstrap percentile CI of a pooled proportion (``c.rate``)."""
-    return _bootstrap_ci(lambda w: (w @ c.hits) / (w @ c.n), len(c.patients), n_boot, seed, level)
+def rate_ci(c: PatientCounts, n_boot: int = N_BOOT) -> tuple[float, float]:
+    """95% patient-bootstrap CI of a pooled proportion (``c.rate``)."""
+    return _bootstrap_ci(lambda w: (w @ c.hits) / (w @ c.n), len(c.patients), n_boot)

@@ -140,9 +140,8 @@ def end_abandoned_runs(client: Any, experiment_ids: Iterable[str]) -> int:
     for run in runs:
         tags = run.data.tags
         pid = tags.get(TAG_PID, "")
-        if tags.get(TAG_HOST) != host() or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        if not process_gone(int(pid), run.info.start_time / 1000):
+        other = tags.get(TAG_HOST) == host() and pid.isdigit() and int(pid) != os.getpid()
+        if not other or not process_gone(int(pid), run.info.start_time / 1000):
             continue
         client.set_tag(
             run.info.run_id,

@@ -49,19 +49,13 @@ class TrainResult:
     label: str | None = None
 
 
-def _transitions(seqs: StaySequences) -> tuple[np.ndarray, np.ndarray]:
-    xs = [x[:-1] for x in seqs.inputs if len(x) > 1]
-    ys = [s[1:] for s in seqs.state if len(s) > 1]
-    return np.concatenate(xs).astype(np.float64), np.concatenate(ys).astype(np.float64)
-
-
 def fit_baseline(model: DynamicsModel, seqs: StaySequences) -> dict[str, float]:
     """Fit a baseline in closed form on the training stays ``seqs``: the one-step ridge, or
     the level forecaster's gains (persistence has nothing to fit)."""
     t0 = time.perf_counter()
     if isinstance(model, Linear):
-        x, y = _transitions(seqs)
-        model.fit_ridge(x, y)
+        x = np.concatenate([x[:-1] for x in seqs.inputs]).astype(np.float64)
+        model.fit_ridge(x, np.concatenate([s[1:] for s in seqs.state]).astype(np.float64))
     elif isinstance(model, LevelMemory):
         start_from_ridge(model, seqs.inputs, model.cfg.level_alpha)
     else:
@@ -125,14 +119,22 @@ def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
 def fit_lightning(
     cfg: TrainConfig,
     dm: BinsDataModule,
-    logger=None,  # noqa: ANN001 - any Lightning logger
+    run_id: str | None = None,
 ) -> tuple[L.Trainer, LitDynamics, History, dict[str, float]]:
+    """Train ``cfg``'s network on ``dm``; with ``run_id`` Lightning's MLFlowLogger writes the
+    per-epoch curves into that MLflow run."""
+    import mlflow
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import MLFlowLogger
 
     ckpt_dir = _checkpoint_dir(cfg, f"{dm.checksum}-{dm.partition.name}")
     last = ckpt_dir / "last.ckpt"
     if not cfg.resume and ckpt_dir.exists() and not _is_launcher_child():
         shutil.rmtree(ckpt_dir)  # a fresh run must not mix with an old one's checkpoints
+    logger = False
+    if run_id is not None:
+        uri = mlflow.get_tracking_uri()
+        logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, run_id=run_id)
     history = History()
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor=cfg.monitor, save_top_k=1, save_last=True
@@ -140,13 +142,13 @@ def fit_lightning(
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
-        devices=cfg.trainer_devices(),
+        devices=int(cfg.devices) if cfg.devices.isdigit() else cfg.devices,
         strategy=cfg.strategy,
         precision=cfg.precision,
         num_nodes=cfg.num_nodes,
         gradient_clip_val=cfg.grad_clip or None,
         callbacks=[history, checkpoint, EarlyStopping(cfg.monitor, patience=cfg.patience)],
-        logger=logger if logger is not None else False,
+        logger=logger,
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1,
@@ -162,19 +164,13 @@ def fit_lightning(
         warnings.filterwarnings("ignore", ".*number of training batches.*")
         # The model training starts from (persistence, or the level gains' ridge fit) is a
         # candidate too: if no epoch beats it on validation, it is what training returns.
-        start = None if resuming else copy.deepcopy(lit.state_dict())
-        start_score = (
-            None
-            if resuming
-            else float(trainer.validate(lit, datamodule=dm, verbose=False)[0][cfg.monitor])
-        )
+        start = start_score = None
+        if not resuming:
+            start = copy.deepcopy(lit.state_dict())
+            start_score = float(trainer.validate(lit, datamodule=dm, verbose=False)[0][cfg.monitor])
         trainer.fit(lit, datamodule=dm, ckpt_path=str(last) if resuming else None)
         on_gpu = trainer.strategy.root_device.type == "cuda"
-    stats = mem.metrics() | footprint
-    if on_gpu:
-        stats["peak_mem_mb"] = stats.pop("peak_gpu_mem_mb")
-        stats["peak_rss_mb"] = mem.peak_rss / 2**20
-    stats.pop("peak_gpu_mem_mb", None)
+    stats = mem.metrics(on_gpu) | footprint
     if history.batch_seconds > 0:
         stats["train_examples_per_s"] = history.examples / history.batch_seconds
         stats["train_steps_per_s"] = history.steps / history.batch_seconds
@@ -229,14 +225,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
             model = build_model(mcfg)
             train_stats = fit_baseline(model, dm.sequences["train"])
         else:
-            from lightning.pytorch.loggers import MLFlowLogger
-
-            logger = MLFlowLogger(
-                experiment_name=cfg.experiment,
-                tracking_uri=mlflow.get_tracking_uri(),
-                run_id=run.info.run_id,
-            )
-            trainer, lit, hist, train_stats = fit_lightning(cfg, dm, logger)
+            trainer, lit, hist, train_stats = fit_lightning(cfg, dm, run.info.run_id)
             if not trainer.is_global_zero:
                 return TrainResult(None, cfg.model, label=cfg.run_label)
             model, history = lit.model, hist.epochs
@@ -244,35 +233,24 @@ def train_model(cfg: TrainConfig) -> TrainResult:
         return _evaluate_and_log(cfg, mcfg, model, dm, history, train_stats, run.info.run_id)
 
 
-def fit_baselines(
-    train: StaySequences, ridge_alpha: float = 1.0, level_alpha: float = 1.0
-) -> dict[str, DynamicsModel]:
-    """Persistence, the one-step ridge and the level forecaster, fitted on ``train``."""
-    models = {}
-    for name in BASELINES:
-        cfg = ModelConfig(model=name, ridge_alpha=ridge_alpha, level_alpha=level_alpha)
-        models[name] = build_model(cfg)
-        fit_baseline(models[name], train)
-    return models
-
-
 def baseline_evaluations(
-    dm: BinsDataModule,
-    splits: tuple[str, ...],
-    ks: tuple[int, ...],
-    models: dict[str, DynamicsModel],
-) -> dict[str, dict[str, Evaluation]]:
-    """The fitted baselines ``models`` (:func:`fit_baselines`) and the direct K-step ridge,
-    fitted here on the training patients, on the windows of each of ``splits``:
-    ``{split: {name: Evaluation}}``."""
-    pre, train = dm.preprocessor, dm.sequences["train"]
+    cfg: TrainConfig, dm: BinsDataModule, splits: tuple[str, ...]
+) -> tuple[dict[str, DynamicsModel], dict[str, dict[str, Evaluation]]]:
+    """Persistence, the one-step ridge and the level forecaster (the models returned) and the
+    direct K-step ridge, fitted on the training patients, on the windows of each of
+    ``splits``: ``{split: {name: Evaluation}}``."""
+    pre, train, ks = dm.preprocessor, dm.sequences["train"], tuple(cfg.ks)
+    alphas = {"ridge_alpha": cfg.ridge_alpha, "level_alpha": cfg.level_alpha}
+    models = {name: build_model(ModelConfig(model=name, **alphas)) for name in BASELINES}
+    for model in models.values():
+        fit_baseline(model, train)
     direct = DirectRidge().fit(train.inputs, train.state, ks, groups=train.subject_ids)
     out: dict[str, dict[str, Evaluation]] = {}
     for split in splits:
         seqs = dm.sequences[split]
         out[split] = {name: evaluate(b, seqs, pre, ks) for name, b in models.items()}
         out[split]["direct"] = evaluate_direct(direct, seqs, pre, ks)
-    return out
+    return models, out
 
 
 def _evaluate_and_log(
@@ -295,8 +273,7 @@ def _evaluate_and_log(
     ev_test = evaluate(model, test, pre, ks, sigmas, seed=cfg.seed)
     ev_val = evaluate(model, val, pre, ks)
     # Baselines on exactly the same windows: skill is only meaningful against them.
-    baselines = fit_baselines(dm.sequences["train"], cfg.ridge_alpha, cfg.level_alpha)
-    base = baseline_evaluations(dm, ("test", "val"), ks, baselines)
+    _, base = baseline_evaluations(cfg, dm, ("test", "val"))
     base_test, base_val = base["test"], base["val"]
 
     # Conformal intervals: calibrated on val, scored on test (training/intervals.py).
@@ -341,29 +318,19 @@ def _evaluate_and_log(
         step = int(row["epoch"])
         mlflow.log_metrics({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=step)
     mlflow.log_metrics(metrics)
-    rows = ev_test.per_variable
-    mlflow.log_table(
-        {key: [r[key] for r in rows] for key in rows[0]} if rows else {},
-        "per_variable_test.json",
-    )
-    version = None
+    per_variable = pd.DataFrame(ev_test.per_variable)
+    mlflow.log_table(per_variable, "per_variable_test.json")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        pd.DataFrame(ev_test.per_variable).to_csv(tmp / "per_variable_test.csv", index=False)
+        per_variable.to_csv(tmp / "per_variable_test.csv", index=False)
         mlflow.log_artifact(str(tmp / "per_variable_test.csv"))
         if cfg.plots:
             _plots(cfg, ev_test, base_test, history, test, pre, tmp / "plots")
             mlflow.log_artifacts(str(tmp / "plots"), artifact_path="plots")
-        meta = {
-            "catalog_version": catalog_version(),
-            "data_checksum": dm.checksum,
-            "model_name": cfg.model,
-            "label": cfg.run_label,
-            "seed": cfg.seed,
-            "validation": {
-                k: v for k, v in metrics.items() if k.startswith(("val/skill", "val/rmse_measured"))
-            },
-        }
+        meta = {k: params[k] for k in ("catalog_version", "data_checksum", "label", "seed")}
+        meta["model_name"] = cfg.model
+        validation = ("val/skill", "val/rmse_measured")
+        meta["validation"] = {k: v for k, v in metrics.items() if k.startswith(validation)}
         model_dir = save_model_dir(tmp / "model_files", model, mcfg, pre, meta, calibration)
         mlflow.log_artifact(str(model_dir / "model.pt"), artifact_path="state_dict")
         info = log_pyfunc(
@@ -395,10 +362,9 @@ def _plots(
 
     out.mkdir(parents=True, exist_ok=True)
     # Measured values only: imputed "truth" favours persistence by construction.
-    curves = {cfg.run_label: {k: m["rmse"] for k, m in ev.observed.items()}}
-    curves |= {n: {k: m["rmse"] for k, m in b.observed.items()} for n, b in baselines.items()}
+    models = {cfg.run_label: ev, **baselines}
     plots.rmse_vs_k(
-        curves,
+        {n: {k: m["rmse"] for k, m in e.observed.items()} for n, e in models.items()},
         out / "rmse_vs_k.png",
         f"Test RMSE (measured values) vs rollout length ({cfg.run_label}, seed {cfg.seed})",
     )
@@ -414,31 +380,18 @@ def _plots(
             out / "training_curves.png",
             f"Training curves ({cfg.run_label}, seed {cfg.seed})",
         )
-    k_max = max(ev.windows)
-    w1 = ev.windows[min(ev.windows)]
-    wk = ev.windows[k_max]
-    order = np.argsort([-len(s) for s in test.state])
-    stays = []
-    for i in order[:3]:
-        n = len(test.state[i])
-        if n < 2:
-            continue
-        one = w1.pred[w1.stay == i][:, 0]
-        starts = wk.start[wk.stay == i]
-        if len(starts) == 0:
-            continue
-        s = int(starts[len(starts) // 2])
-        roll = wk.pred[(wk.stay == i) & (wk.start == s)][0]
-        stays.append(
-            {
-                "truth": test.physical[i],
-                "observed": ~np.isnan(test.raw_state[i]),
-                "one_step": pre.unscale_state(one),
-                "rollout_start": s,
-                "rollout": pre.unscale_state(roll),
-                "label": f"test stay {len(stays) + 1}",
-            }
-        )
+    w1, wk = ev.windows[min(ev.windows)], ev.windows[max(ev.windows)]
+    stays = [
+        {
+            "truth": test.physical[wk.stay[j]],
+            "observed": ~np.isnan(test.raw_state[wk.stay[j]]),
+            "one_step": pre.unscale_state(w1.pred[w1.stay == wk.stay[j]][:, 0]),
+            "rollout_start": int(wk.start[j]),
+            "rollout": pre.unscale_state(wk.pred[j]),
+            "label": f"test stay {n + 1}",
+        }
+        for n, j in enumerate(wk.middle_windows([len(s) for s in test.state]))
+    ]
     if stays:
         plots.trajectories(
             stays,

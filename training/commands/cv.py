@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.commands.train import add_train_flags, train_values
+from training.commands.train import add_train_flags
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -80,7 +80,7 @@ def run_and_log(
 
 def run(args: argparse.Namespace) -> int:
     from features.errors import UserError
-    from features.settings import settings_from_flags
+    from features.settings import settings_from_namespace
     from training import tracking
     from training.config import TrainConfig
     from training.cv import parse_variant
@@ -93,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
         variants = dict(parse_variant(m) for m in args.models)
     except ValueError as exc:
         raise UserError(f"--models: {exc}") from exc
-    given = train_values(args)
-    given |= {"register_model": False, "plots": False}
-    base = settings_from_flags(TrainConfig, given, "cv")
+    base = settings_from_namespace(TrainConfig, args, "cv", register_model=False, plots=False)
     tracking.setup(base.tracking_uri, base.experiment)
     code = tracking.code_version()  # the code that runs, not the code when the report is written
     run_and_log(base, variants, args.folds, args.seeds, args.out)

@@ -9,8 +9,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from features.settings import settings_from_flags
-from training.models import MODEL_NAMES
+from features.settings import settings_from_namespace
 
 
 def _flag_options(name: str, field: FieldInfo, paper: dict[str, object]) -> dict[str, Any]:
@@ -44,22 +43,10 @@ def add_train_flags(parser: argparse.ArgumentParser, exclude: set[str] = frozens
         flag = "register" if name == "register_model" else name.replace("_", "-")
         if flag not in exclude:
             options = _flag_options(name, field, PRESETS["paper"])
-            if name == "model":
-                options["choices"] = MODEL_NAMES
-            parser.add_argument(f"--{flag}", **options)
+            parser.add_argument(f"--{flag}", dest=name, **options)
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    add_train_flags(parser)
-
-
-def train_values(args: argparse.Namespace) -> dict:
-    """The TrainConfig fields given on the command line."""
-    from training.config import TrainConfig
-
-    values = dict(vars(args))
-    values["register_model"] = values.pop("register", None)
-    return {k: v for k, v in values.items() if k in TrainConfig.model_fields}
+configure = add_train_flags
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
     from training.train import train_model
 
-    cfg = settings_from_flags(TrainConfig, train_values(args), "train")
+    cfg = settings_from_namespace(TrainConfig, args, "train")
     # Said first: from another folder, relative defaults point somewhere unexpected.
     print(
         f"data: {Path(cfg.data).resolve()}  MLflow store: "
