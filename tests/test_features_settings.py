@@ -1,4 +1,4 @@
-"""Settings built from CLI flags: only given flags count; invalid values name their flag."""
+"""Settings built from CLI flags: only given flags count; invalid values name flag and value."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ def test_only_given_flags_override_the_environment(monkeypatch) -> None:  # noqa
     assert settings_from_flags(_Settings, {"seed": 7}, "test").seed == 7
 
 
-def test_invalid_values_name_every_flag() -> None:
+def test_invalid_values_name_every_flag_and_value() -> None:
     with pytest.raises(UserError) as err:
         settings_from_flags(_Settings, {"seed": "many", "memory_limit": 3}, "test")
     msg = str(err.value)
     assert msg.startswith("invalid test settings: ")
-    assert "--seed: " in msg and "--memory-limit: " in msg
+    assert "--seed='many': " in msg and "--memory-limit=3: " in msg

@@ -254,11 +254,12 @@ def test_ddp_two_cpu_processes(store: dict) -> None:
     """``--strategy ddp --devices 2`` trains one epoch in 2 processes and logs one run."""
     from mlflow import MlflowClient
 
-    # The experiment exists only if another test of this module trained first.
-    exp = MlflowClient().get_experiment_by_name("icu-forecast")
-    before = (
-        {r.info.run_id for r in MlflowClient().search_runs([exp.experiment_id])} if exp else set()
-    )
+    # The store the subprocess logs to (not this process's current tracking URI, which an
+    # earlier in-process command may have moved); the experiment exists only if another test
+    # of this module trained first.
+    client = MlflowClient(tracking_uri=store["uri"], registry_uri=store["uri"])
+    exp = client.get_experiment_by_name("icu-forecast")
+    before = {r.info.run_id for r in client.search_runs([exp.experiment_id])} if exp else set()
     cmd = [
         sys.executable,
         "-m",
@@ -289,12 +290,12 @@ def test_ddp_two_cpu_processes(store: dict) -> None:
         "1",
     ]
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env = os.environ | {"PYTHONPATH": str(repo), "MLFLOW_TRACKING_URI": store["uri"]}
+    env["MLFLOW_REGISTRY_URI"] = store["uri"]
     proc = subprocess.run(
         cmd, cwd=store["root"], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient()
     exp = client.get_experiment_by_name("icu-forecast")
     new = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in before]
     assert len(new) == 1, "exactly one run (rank 0) is logged"
