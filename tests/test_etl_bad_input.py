@@ -188,12 +188,12 @@ def test_error_rows_count_from_the_start_of_the_file(tmp_path, capsys, monkeypat
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--seed", "-1", "--seed: Input should be greater than or equal to 0"),
+        ("--seed", "-1", "--seed=-1: Input should be greater than or equal to 0"),
         ("--memory-limit", "1KB", "below the 64 MB"),
         ("--memory-limit", "-1GB", "is not a size"),
         ("--memory-limit", "0%", "share of memory"),
-        ("--threads", "0", "--threads"),
-        ("--max-stay-days", "0", "--max-stay-days"),
+        ("--threads", "0", "--threads=0: "),
+        ("--max-stay-days", "0", "--max-stay-days=0: "),
     ],
 )
 def test_invalid_flags(tmp_path, capsys, flag, value, message) -> None:
