@@ -130,14 +130,6 @@ def server(cmd: list[str], env: dict, ready_url: str, log: Path) -> Iterator:
             proc.wait()
 
 
-def fmt(name: str, r: LoadResult) -> str:
-    err = f"  errors={r.errors} ({r.first_error})" if r.errors else ""
-    return (
-        f"{name:<22} c={r.concurrency:<3} {r.rps:9.1f} req/s   p50 {r.pct_ms(50):8.2f} ms   "
-        f"p99 {r.pct_ms(99):8.2f} ms   n={r.requests}{err}"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tracking-uri")
@@ -223,7 +215,13 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].append(
                     run(run_load(HOST, port, request, c, args.requests, args.seconds))
                 )
-                print(fmt(name, results[name][-1]), flush=True)
+                r = results[name][-1]
+                err = f"  errors={r.errors} ({r.first_error})" if r.errors else ""
+                print(
+                    f"{name:<22} c={c:<3} {r.rps:9.1f} req/s   p50 {r.pct_ms(50):8.2f} ms   "
+                    f"p99 {r.pct_ms(99):8.2f} ms   n={r.requests}{err}",
+                    flush=True,
+                )
             request = build_request(HOST, port, paths[1], json.dumps(bodies[1]).encode())
             res = run(run_load(HOST, port, request, batch_c, 10**6, args.batch_seconds, warmup=1))
             print(

@@ -17,7 +17,6 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import make_dataclass
 from functools import partial
 from itertools import starmap
 from typing import Annotated, Any
@@ -155,8 +154,10 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 # its fields (in this order), and instances of one class share their keys, so a row is built and
 # freed in a fraction of what ``dict(zip(names, row))`` costs (its own hash table each). A
 # 200-patient batch with intervals has 6,000 such rows; they were most of its response time.
-StateRow = make_dataclass("StateRow", [(n, float) for n in STATE_NAMES])
-InterventionRow = make_dataclass("InterventionRow", [(n, float) for n in INTERVENTION_NAMES])
+StateRow = dataclasses.make_dataclass("StateRow", [(n, float) for n in STATE_NAMES])
+InterventionRow = dataclasses.make_dataclass(
+    "InterventionRow", [(n, float) for n in INTERVENTION_NAMES]
+)
 
 
 def _rows(record: type, arrays: list[np.ndarray]) -> Iterator[Any]:

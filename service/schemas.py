@@ -34,10 +34,6 @@ def _integral_float_to_int(v: Any) -> Any:
     return int(v) if type(v) is float and v.is_integer() else v
 
 
-class _Strict(BaseModel):
-    model_config = _STRICT
-
-
 StateValues = create_model(
     "StateValues",
     __config__=_STRICT,
@@ -84,7 +80,8 @@ EventVariable = Literal[  # type: ignore[valid-type]
 ]
 
 
-class HistoryBin(_Strict):
+class HistoryBin(BaseModel):
+    model_config = _STRICT
     bin_start: datetime = Field(
         description=f"Start of the {BIN_HOURS}-hour bin (ISO 8601; no offset means UTC). "
         f"Bins must be contiguous: each starts {BIN_HOURS} h after the previous one."
@@ -93,7 +90,8 @@ class HistoryBin(_Strict):
     interventions: Interventions = Field(default_factory=Interventions)  # type: ignore[valid-type]
 
 
-class Event(_Strict):
+class Event(BaseModel):
+    model_config = _STRICT
     time: datetime = Field(description="When the value was charted (ISO 8601; no offset = UTC).")
     variable: EventVariable  # type: ignore[valid-type]
     value: float = Field(
@@ -211,15 +209,6 @@ FORECAST_EXAMPLE: dict[str, Any] = {
 
 def request_models(settings: ServiceSettings) -> tuple[type[BaseModel], type[BaseModel]]:
     """The forecast and batch request models for ``settings``' limits (OpenAPI shows them)."""
-    history_field = (
-        list[HistoryBin] | None,
-        Field(
-            None,
-            min_length=1,
-            max_length=settings.max_history_bins,
-            description="The patient's bins, oldest first. Give this or `events`.",
-        ),
-    )
     forecast = create_model(
         "ForecastRequest",
         __config__=ConfigDict(**_STRICT, json_schema_extra={"examples": [FORECAST_EXAMPLE]}),
@@ -232,7 +221,15 @@ def request_models(settings: ServiceSettings) -> tuple[type[BaseModel], type[Bas
             Annotated[int, BeforeValidator(_integral_float_to_int)],
             Field(strict=True, ge=1, le=settings.max_horizon, description="bins to forecast"),
         ),
-        history=history_field,
+        history=(
+            list[HistoryBin] | None,
+            Field(
+                None,
+                min_length=1,
+                max_length=settings.max_history_bins,
+                description="The patient's bins, oldest first. Give this or `events`.",
+            ),
+        ),
         events=(
             list[Event] | None,
             Field(
