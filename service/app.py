@@ -359,14 +359,12 @@ def create_app(
             raise ModelLoadError("no model loaded")
         return holder.current
 
-    health = APIRouter(tags=["health"])
-
-    @health.get("/healthz")
+    @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @health.get("/readyz", responses={503: {"description": "no model yet"}})
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "no model yet"}})
     async def readyz() -> Response:
         """Readiness: 200 once a model is loaded, 503 before."""
         return _json({"status": "ready", "model": _model().info.ref()})
@@ -463,7 +461,6 @@ def create_app(
         """Prometheus text format: request counts, latency histograms, model version."""
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(health)
     app.include_router(api)
     return app
 
