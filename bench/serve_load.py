@@ -71,20 +71,15 @@ def patient(seed: int, n_bins: int, horizon: int) -> dict:
 def mlflow_frame_json(patients: list[dict]) -> dict:
     """The same patients in the pyfunc's long input format (training/pyfunc.py)."""
     columns = ["patient_id", "kind", "step", *STATE_NAMES, *INTERVENTION_NAMES]
-    rows = []
-    for p_i, p in enumerate(patients):
-        for b, hb in enumerate(p["history"]):
-            rows.append(
-                [str(p_i), "history", b]
-                + [hb["values"].get(n) for n in STATE_NAMES]
-                + [hb["interventions"].get(n) for n in INTERVENTION_NAMES]
-            )
-        for k, step in enumerate(p["planned_interventions"]):
-            rows.append(
-                [str(p_i), "plan", k]
-                + [None] * len(STATE_NAMES)
-                + [step.get(n) for n in INTERVENTION_NAMES]
-            )
+    rows = [
+        [str(i), kind, step] + [values.get(n) for n in columns[3:]]
+        for i, p in enumerate(patients)
+        for kind, bins in (
+            ("history", [hb["values"] | hb["interventions"] for hb in p["history"]]),
+            ("plan", p["planned_interventions"]),
+        )
+        for step, values in enumerate(bins)
+    ]
     return {"dataframe_split": {"columns": columns, "data": rows}}
 
 
