@@ -55,11 +55,6 @@ class ServiceSettings(BaseSettings):
     # Concurrent single forecasts are gathered into one model call of at most this many
     # patients; the batch is whatever queued up while the previous call ran (no added delay).
     micro_batch_max: int = Field(256, ge=1)
-    model_in_thread: bool = Field(
-        False,
-        description="run model calls in a worker thread (keeps the event loop free; pays a "
-        "thread hop per call, which only helps with spare cores)",
-    )
     torch_threads: int = Field(
         1, ge=1, description="intra-op threads; 1 avoids oversubscription under concurrency"
     )
