@@ -207,6 +207,11 @@ FORECAST_EXAMPLE: dict[str, Any] = {
 }
 
 
+def _either(item: type[BaseModel], most: int, description: str) -> tuple[Any, Any]:
+    """The ``history`` or ``events`` field: a list of 1..``most`` items, or absent."""
+    return list[item] | None, Field(None, min_length=1, max_length=most, description=description)
+
+
 def request_models(settings: ServiceSettings) -> tuple[type[BaseModel], type[BaseModel]]:
     """The forecast and batch request models for ``settings``' limits (OpenAPI shows them)."""
     forecast = create_model(
@@ -221,23 +226,13 @@ def request_models(settings: ServiceSettings) -> tuple[type[BaseModel], type[Bas
             Annotated[int, BeforeValidator(_integral_float_to_int)],
             Field(strict=True, ge=1, le=settings.max_horizon, description="bins to forecast"),
         ),
-        history=(
-            list[HistoryBin] | None,
-            Field(
-                None,
-                min_length=1,
-                max_length=settings.max_history_bins,
-                description="The patient's bins, oldest first. Give this or `events`.",
-            ),
+        history=_either(
+            HistoryBin,
+            settings.max_history_bins,
+            "The patient's bins, oldest first. Give this or `events`.",
         ),
-        events=(
-            list[Event] | None,
-            Field(
-                None,
-                min_length=1,
-                max_length=settings.max_events,
-                description="Raw charted values; binned like the ETL from `icu_intime`.",
-            ),
+        events=_either(
+            Event, settings.max_events, "Raw charted values; binned like the ETL from `icu_intime`."
         ),
         icu_intime=(datetime | None, Field(None, description="ICU admission (events form)")),
         planned_interventions=(
