@@ -71,20 +71,15 @@ def patient(seed: int, n_bins: int, horizon: int) -> dict:
 def mlflow_frame_json(patients: list[dict]) -> dict:
     """The same patients in the pyfunc's long input format (training/pyfunc.py)."""
     columns = ["patient_id", "kind", "step", *STATE_NAMES, *INTERVENTION_NAMES]
-    rows = []
-    for p_i, p in enumerate(patients):
-        for b, hb in enumerate(p["history"]):
-            rows.append(
-                [str(p_i), "history", b]
-                + [hb["values"].get(n) for n in STATE_NAMES]
-                + [hb["interventions"].get(n) for n in INTERVENTION_NAMES]
-            )
-        for k, step in enumerate(p["planned_interventions"]):
-            rows.append(
-                [str(p_i), "plan", k]
-                + [None] * len(STATE_NAMES)
-                + [step.get(n) for n in INTERVENTION_NAMES]
-            )
+    rows = [
+        [str(i), kind, step] + [values.get(n) for n in columns[3:]]
+        for i, p in enumerate(patients)
+        for kind, bins in (
+            ("history", [hb["values"] | hb["interventions"] for hb in p["history"]]),
+            ("plan", p["planned_interventions"]),
+        )
+        for step, values in enumerate(bins)
+    ]
     return {"dataframe_split": {"columns": columns, "data": rows}}
 
 
@@ -130,29 +125,6 @@ def server(cmd: list[str], env: dict, ready_url: str, log: Path) -> Iterator:
             proc.wait()
 
 
-def measure(
-    name: str, port: int, paths: tuple[str, str], bodies: tuple[bytes, bytes], args, batch_c: int
-) -> tuple[list[LoadResult], LoadResult]:
-    """One server: the single forecast at each concurrency level (printed), then batch requests
-    (``paths`` and ``bodies``: single, batch), ``batch_c`` in flight."""
-    results = []
-    for c in args.levels:
-        request = build_request(HOST, port, paths[0], bodies[0])
-        results.append(run(run_load(HOST, port, request, c, args.requests, args.seconds)))
-        print(fmt(name, results[-1]), flush=True)
-    request = build_request(HOST, port, paths[1], bodies[1])
-    batch = run(run_load(HOST, port, request, batch_c, 10**6, args.batch_seconds, warmup=1))
-    return results, batch
-
-
-def fmt(name: str, r: LoadResult) -> str:
-    err = f"  errors={r.errors} ({r.first_error})" if r.errors else ""
-    return (
-        f"{name:<22} c={r.concurrency:<3} {r.rps:9.1f} req/s   p50 {r.pct_ms(50):8.2f} ms   "
-        f"p99 {r.pct_ms(99):8.2f} ms   n={r.requests}{err}"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tracking-uri")
@@ -194,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
         # `mlflow models serve` starts `uvicorn` from PATH: use this environment's.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    py = sys.executable
     one = patient(0, args.bins, args.horizon)
     batch = [patient(i, args.bins, args.horizon) for i in range(args.batch)]
     print(
@@ -202,63 +173,65 @@ def main(argv: list[str] | None = None) -> int:
         + f"; one forecast = {args.bins} history bins, K={args.horizon}",
         flush=True,
     )
-
-    results: dict[str, list[LoadResult]] = {}
-    port = free_port()
-    cmd = [py, "-m", "pipeline.cli", "serve", "--host", HOST, "--port", str(port)]
-    cmd += ["--workers", str(args.workers)]
-    with server(cmd, env, f"http://{HOST}:{port}/readyz", work / "service.log"):
-        ours = httpx.post(f"http://{HOST}:{port}/v1/forecast", json=one, timeout=30).json()
-        results["icu-forecast serve"], res = measure(
+    # (name, command, its port flag, readiness path, single and batch paths and bodies)
+    workers = f"--workers {args.workers}"
+    servers = [
+        (
             "icu-forecast serve",
-            port,
+            f"-m pipeline.cli serve --host {HOST} {workers} --port",
+            "/readyz",
             ("/v1/forecast", "/v1/forecast/batch"),
-            (json.dumps(one).encode(), json.dumps({"patients": batch}).encode()),
-            args,
-            batch_c,
+            (one, {"patients": batch}),
         )
-        print(
-            f"batch endpoint: {args.batch} patients/request, {batch_c} in flight, "
-            f"{res.requests} requests, {res.requests * args.batch / res.seconds:.0f} patient "
-            f"forecasts/s, p50 {res.pct_ms(50):.1f} ms/request",
-            flush=True,
-        )
-
+    ]
     if not args.no_mlflow:
-        port = free_port()
-        cmd = [
-            py, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-            "-h", HOST, "-p", str(port), "--workers", str(args.workers),
-        ]  # fmt: skip
-        with server(cmd, env, f"http://{HOST}:{port}/ping", work / "mlflow.log"):
-            theirs = httpx.post(
-                f"http://{HOST}:{port}/invocations", json=mlflow_frame_json([one]), timeout=60
-            ).json()
-            a = np.array([[s["values"][n] for n in STATE_NAMES] for s in ours["forecast"]])
-            b = np.array([[row[n] for n in STATE_NAMES] for row in theirs["predictions"]])
-            print(f"same forecast from both servers: max |diff| = {np.abs(a - b).max():.2e}")
-            results["mlflow models serve"], res = measure(
+        servers.append(
+            (
                 "mlflow models serve",
-                port,
+                f"-m mlflow models serve -m {model_uri} --env-manager local -h {HOST} {workers} -p",
+                "/ping",
                 ("/invocations", "/invocations"),
-                (
-                    json.dumps(mlflow_frame_json([one])).encode(),
-                    json.dumps(mlflow_frame_json(batch)).encode(),
-                ),
-                args,
-                batch_c,
+                (mlflow_frame_json([one]), mlflow_frame_json(batch)),
             )
+        )
+    results: dict[str, list[LoadResult]] = {}
+    forecasts = []
+    for name, args_but_port, ready, paths, bodies in servers:
+        port = free_port()
+        url = f"http://{HOST}:{port}"
+        cmd = [sys.executable, *args_but_port.split(), str(port)]
+        with server(cmd, env, url + ready, work / f"{name.split()[0]}.log"):
+            answer = httpx.post(url + paths[0], json=bodies[0], timeout=60).json()
+            rows = answer.get("predictions") or [s["values"] for s in answer["forecast"]]
+            forecasts.append(np.array([[row[n] for n in STATE_NAMES] for row in rows]))
+            results[name] = []
+            for c in args.levels:
+                request = build_request(HOST, port, paths[0], json.dumps(bodies[0]).encode())
+                results[name].append(
+                    run(run_load(HOST, port, request, c, args.requests, args.seconds))
+                )
+                r = results[name][-1]
+                err = f"  errors={r.errors} ({r.first_error})" if r.errors else ""
+                print(
+                    f"{name:<22} c={c:<3} {r.rps:9.1f} req/s   p50 {r.pct_ms(50):8.2f} ms   "
+                    f"p99 {r.pct_ms(99):8.2f} ms   n={r.requests}{err}",
+                    flush=True,
+                )
+            request = build_request(HOST, port, paths[1], json.dumps(bodies[1]).encode())
+            res = run(run_load(HOST, port, request, batch_c, 10**6, args.batch_seconds, warmup=1))
             print(
-                f"mlflow, same {args.batch} patients in one DataFrame: "
-                f"{res.requests * args.batch / res.seconds:.0f} patient forecasts/s",
+                f"{name}, batch: {args.batch} patients/request, {batch_c} in flight, "
+                f"{res.requests} requests, {res.requests * args.batch / res.seconds:.0f} patient "
+                f"forecasts/s, p50 {res.pct_ms(50):.1f} ms/request",
                 flush=True,
             )
+    if len(forecasts) == 2:
+        diff = np.abs(forecasts[0] - forecasts[1]).max()
+        print(f"same forecast from both servers: max |diff| = {diff:.2e}")
         print("\nthroughput ratio (icu-forecast / mlflow):")
-        for ours_r, theirs_r in zip(
-            results["icu-forecast serve"], results["mlflow models serve"], strict=True
-        ):
-            ratio = ours_r.rps / theirs_r.rps if theirs_r.rps else float("inf")
-            print(f"  c={ours_r.concurrency:<3} {ratio:6.1f}x")
+        for ours, theirs in zip(*results.values(), strict=True):
+            ratio = ours.rps / theirs.rps if theirs.rps else float("inf")
+            print(f"  c={ours.concurrency:<3} {ratio:6.1f}x")
     print(f"logs in {work}")
     return 0
 

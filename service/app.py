@@ -17,7 +17,6 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import make_dataclass
 from functools import partial
 from itertools import starmap
 from typing import Annotated, Any
@@ -155,8 +154,10 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 # its fields (in this order), and instances of one class share their keys, so a row is built and
 # freed in a fraction of what ``dict(zip(names, row))`` costs (its own hash table each). A
 # 200-patient batch with intervals has 6,000 such rows; they were most of its response time.
-StateRow = make_dataclass("StateRow", [(n, float) for n in STATE_NAMES])
-InterventionRow = make_dataclass("InterventionRow", [(n, float) for n in INTERVENTION_NAMES])
+StateRow = dataclasses.make_dataclass("StateRow", [(n, float) for n in STATE_NAMES])
+InterventionRow = dataclasses.make_dataclass(
+    "InterventionRow", [(n, float) for n in INTERVENTION_NAMES]
+)
 
 
 def _rows(record: type, arrays: list[np.ndarray]) -> Iterator[Any]:
@@ -358,14 +359,12 @@ def create_app(
             raise ModelLoadError("no model loaded")
         return holder.current
 
-    health = APIRouter(tags=["health"])
-
-    @health.get("/healthz")
+    @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @health.get("/readyz", responses={503: {"description": "no model yet"}})
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "no model yet"}})
     async def readyz() -> Response:
         """Readiness: 200 once a model is loaded, 503 before."""
         return _json({"status": "ready", "model": _model().info.ref()})
@@ -462,7 +461,6 @@ def create_app(
         """Prometheus text format: request counts, latency histograms, model version."""
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(health)
     app.include_router(api)
     return app
 

@@ -19,17 +19,14 @@ log = logging.getLogger("icu_forecast.service")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="port (default 8000)")
-    parser.add_argument("--model-uri", default=None, help="MLflow model URI (env MODEL_URI)")
-    parser.add_argument(
-        "--tracking-uri", default=None, help="MLflow tracking URI (env MLFLOW_TRACKING_URI)"
-    )
-    parser.add_argument("--log-level", default=None, help="uvicorn / service log level")
+    parser.add_argument("--host", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--model-uri", help="MLflow model URI (env MODEL_URI)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (env MLFLOW_TRACKING_URI)")
+    parser.add_argument("--log-level", help="uvicorn / service log level")
     parser.add_argument(
         "--workers",
         type=int,
-        default=None,
         help="worker processes on the port, under uvicorn's process manager (env "
         "ICU_FORECAST_WORKERS; default 1); one process uses one core",
     )

@@ -3,11 +3,11 @@
 Values are converted to the canonical unit here, and checks that need a client-facing answer
 come first (unknown unit, a value outside the drop range, a coverage interval without an end,
 events too far out), because the ETL treats those as data errors to drop, while a client must
-be told. Binning itself is
-``features.binning.bin_patient_events``, so a value lands in the bin, and is averaged, exactly as
-in training. Interventions then meet training's limit too (``features.preprocess``'s
-``INTERVENTION_MAX``, which ``prepare_arrays`` clips to): a bin total above it is clamped here,
-with a warning, so the arrays the response describes are the ones the model is fed.
+be told. Binning itself is ``features.binning.bin_patient_events``, so a value lands in the
+bin, and is averaged, exactly as in training. Interventions then meet training's limit too
+(``features.preprocess``'s ``INTERVENTION_MAX``, which ``prepare_arrays`` clips to): a bin
+total above it is clamped here, with a warning, so the arrays the response describes are the
+ones the model is fed.
 """
 
 from __future__ import annotations
@@ -150,12 +150,8 @@ def bin_events(
 
 
 def _clamp_interventions(iv: np.ndarray, loc: tuple) -> list[dict]:
-    """Clamp bin totals above training's intervention maxima in place; one warning per value.
-
-    Training clips every bin to ``[0, INTERVENTION_MAX]`` (``features.preprocess``); doing it
-    here, not only inside the model, lets the response (the assumed plan) report the value the
-    model actually used, and tells the client.
-    """
+    """Clamp bin totals above training's intervention maxima in place (the module docstring
+    says why); one warning per value."""
     over = iv > INTERVENTION_MAX  # NaN (not given) compares False
     out = []
     for t, j in zip(*over.nonzero(), strict=True):

@@ -62,22 +62,38 @@ class GatewayMiddleware:
         rid_in = headers.get(b"x-request-id")
         rid = rid_in if rid_in and _REQUEST_ID.match(rid_in) else uuid.uuid4().hex.encode()
         rid_header = (b"x-request-id", rid)
-        state = {"status": 500, "gone": False}
+        path, method = scope["path"], scope["method"]
+        status, gone, seen, done = 500, False, 0, False
+        deadline = time.monotonic() + self.body_timeout_s
 
         async def send_with_id(message: dict) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                state["status"] = message["status"]
+                status = message["status"]
                 message["headers"] = [*message.get("headers", ()), rid_header]
             await send(message)
 
-        async def watched_receive() -> dict:
-            message = await receive()
+        async def limited_receive() -> dict:
+            # Body bytes are counted as they arrive (a chunked body has no Content-Length to
+            # check), and the whole body gets body_timeout_s (a trickling client holds a slot).
+            nonlocal gone, seen, done
+            if done:  # after the body: waiting for a disconnect has no deadline
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+                except TimeoutError:
+                    detail = f"request body not received within {self.body_timeout_s:g} s"
+                    raise HTTPException(408, detail) from None
             if message["type"] == "http.disconnect":
-                state["gone"] = True
+                gone = True
+            elif message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise HTTPException(413, f"request body larger than {self.max_body} bytes")
+                done = not message.get("more_body", False)
             return message
 
-        path = scope["path"]
-        method = scope["method"]
         try:
             if method in ("POST", "PUT", "PATCH"):
                 length = headers.get(b"content-length")
@@ -90,11 +106,9 @@ class GatewayMiddleware:
                     detail = "request body must be JSON (Content-Type: application/json)"
                     await JSONResponse({"detail": detail}, 415)(scope, receive, send_with_id)
                     return
-                await self.app(scope, self._limited(watched_receive), send_with_id)
-            else:
-                await self.app(scope, watched_receive, send_with_id)
+            await self.app(scope, limited_receive, send_with_id)
         except ClientDisconnect:
-            state["gone"] = True  # nobody to answer: not a server error
+            gone = True  # nobody to answer: not a server error
         finally:
             elapsed = time.perf_counter() - t0
             route = scope.get("route")
@@ -106,7 +120,7 @@ class GatewayMiddleware:
             )
             # A client gone while its body was read: whatever answer the app wrote (FastAPI makes
             # the ClientDisconnect a 400), nobody read it.
-            status = CLIENT_CLOSED if state["gone"] else state["status"]
+            status = CLIENT_CLOSED if gone else status
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(template).observe(elapsed)
             access_log.info(
@@ -117,30 +131,3 @@ class GatewayMiddleware:
                 status,
                 elapsed * 1000,
             )
-
-    def _limited(self, receive: Any) -> Any:
-        """Count body bytes as they arrive (a chunked body has no Content-Length to check), and
-        give the whole body ``body_timeout_s`` to arrive (a trickling client holds a slot)."""
-        seen = 0
-        limit = self.max_body
-        deadline = time.monotonic() + self.body_timeout_s
-        done = False
-
-        async def wrapped() -> dict:
-            nonlocal seen, done
-            if done:  # after the body: waiting for a disconnect has no deadline
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
-            except TimeoutError:
-                raise HTTPException(
-                    408, f"request body not received within {self.body_timeout_s:g} s"
-                ) from None
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise HTTPException(413, f"request body larger than {limit} bytes")
-                done = not message.get("more_body", False)
-            return message
-
-        return wrapped

@@ -86,19 +86,15 @@ def _matrix(models: list[Any], names: tuple[str, ...]) -> np.ndarray:
 
 def _history_arrays(history: list[Any], loc: tuple) -> tuple[np.ndarray, np.ndarray, datetime]:
     errors: list[dict] = []
-    n = len(history)
-    starts = []
+    starts: list[datetime] = []
     for i, b in enumerate(history):
+        where = (*loc, "history", i, "bin_start")
         try:
             starts.append(as_utc(b.bin_start))
         except OverflowError:  # an offset pushes it outside years 1..9999
-            where = (*loc, "history", i, "bin_start")
             raise RequestValidationError([field_error(where, "date out of range")]) from None
-    for i in range(1, n):
-        gap = starts[i] - starts[i - 1]
-        if gap == BIN:
+        if i == 0 or (gap := starts[i] - starts[i - 1]) == BIN:
             continue
-        where = (*loc, "history", i, "bin_start")
         if gap <= timedelta(0):
             msg = f"bins out of order: {starts[i].isoformat()} is not after the previous bin"
         elif gap < BIN:

@@ -34,10 +34,6 @@ def _integral_float_to_int(v: Any) -> Any:
     return int(v) if type(v) is float and v.is_integer() else v
 
 
-class _Strict(BaseModel):
-    model_config = _STRICT
-
-
 StateValues = create_model(
     "StateValues",
     __config__=_STRICT,
@@ -84,7 +80,8 @@ EventVariable = Literal[  # type: ignore[valid-type]
 ]
 
 
-class HistoryBin(_Strict):
+class HistoryBin(BaseModel):
+    model_config = _STRICT
     bin_start: datetime = Field(
         description=f"Start of the {BIN_HOURS}-hour bin (ISO 8601; no offset means UTC). "
         f"Bins must be contiguous: each starts {BIN_HOURS} h after the previous one."
@@ -93,7 +90,8 @@ class HistoryBin(_Strict):
     interventions: Interventions = Field(default_factory=Interventions)  # type: ignore[valid-type]
 
 
-class Event(_Strict):
+class Event(BaseModel):
+    model_config = _STRICT
     time: datetime = Field(description="When the value was charted (ISO 8601; no offset = UTC).")
     variable: EventVariable  # type: ignore[valid-type]
     value: float = Field(
@@ -209,17 +207,13 @@ FORECAST_EXAMPLE: dict[str, Any] = {
 }
 
 
+def _either(item: type[BaseModel], most: int, description: str) -> tuple[Any, Any]:
+    """The ``history`` or ``events`` field: a list of 1..``most`` items, or absent."""
+    return list[item] | None, Field(None, min_length=1, max_length=most, description=description)
+
+
 def request_models(settings: ServiceSettings) -> tuple[type[BaseModel], type[BaseModel]]:
     """The forecast and batch request models for ``settings``' limits (OpenAPI shows them)."""
-    history_field = (
-        list[HistoryBin] | None,
-        Field(
-            None,
-            min_length=1,
-            max_length=settings.max_history_bins,
-            description="The patient's bins, oldest first. Give this or `events`.",
-        ),
-    )
     forecast = create_model(
         "ForecastRequest",
         __config__=ConfigDict(**_STRICT, json_schema_extra={"examples": [FORECAST_EXAMPLE]}),
@@ -232,15 +226,13 @@ def request_models(settings: ServiceSettings) -> tuple[type[BaseModel], type[Bas
             Annotated[int, BeforeValidator(_integral_float_to_int)],
             Field(strict=True, ge=1, le=settings.max_horizon, description="bins to forecast"),
         ),
-        history=history_field,
-        events=(
-            list[Event] | None,
-            Field(
-                None,
-                min_length=1,
-                max_length=settings.max_events,
-                description="Raw charted values; binned like the ETL from `icu_intime`.",
-            ),
+        history=_either(
+            HistoryBin,
+            settings.max_history_bins,
+            "The patient's bins, oldest first. Give this or `events`.",
+        ),
+        events=_either(
+            Event, settings.max_events, "Raw charted values; binned like the ETL from `icu_intime`."
         ),
         icu_intime=(datetime | None, Field(None, description="ICU admission (events form)")),
         planned_interventions=(

@@ -3,7 +3,7 @@
 The three names users set most keep their conventional, unprefixed environment variables
 (``MLFLOW_TRACKING_URI``, ``MODEL_URI``, ``API_KEY``); everything else is
 ``ICU_FORECAST_<FIELD>`` so generic names such as ``PORT`` in the environment are not picked up
-by accident.
+by accident. docs/service.md describes each setting.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("API_KEY", "api_key"),
-        description="When set, every endpoint except /healthz and /readyz requires it. An "
-        "empty or blank value is refused (it would otherwise read as 'no key': auth off).",
+        description="When set, every endpoint except /healthz and /readyz requires it.",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -55,58 +54,20 @@ class ServiceSettings(BaseSettings):
     # Concurrent single forecasts are gathered into one model call of at most this many
     # patients; the batch is whatever queued up while the previous call ran (no added delay).
     micro_batch_max: int = Field(256, ge=1)
-    model_in_thread: bool = Field(
-        False,
-        description="run model calls in a worker thread (keeps the event loop free; pays a "
-        "thread hop per call, which only helps with spare cores)",
-    )
-    torch_threads: int = Field(
-        1, ge=1, description="intra-op threads; 1 avoids oversubscription under concurrency"
-    )
-    parallel_batch_min: int = Field(
-        512,
-        ge=1,
-        description="model calls of at least this many patients (the batch endpoint) use "
-        "parallel_threads intra-op threads; smaller ones gain nothing from a second thread",
-    )
-    parallel_threads: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
-        ge=1,
-        description="intra-op threads for model calls of at least parallel_batch_min patients",
-    )
-    gc_gen0_threshold: int = Field(
-        50_000,
-        ge=700,
-        description="`icu-forecast serve` only: allocations between young-generation garbage "
-        "collections (Python's default of 700 makes a large batch request collect hundreds "
-        "of times while it builds its objects)",
-    )
+    torch_threads: int = Field(1, ge=1, description="intra-op threads; 1 avoids oversubscription")
+    # Model calls this large (the batch endpoint) use parallel_threads intra-op threads; smaller
+    # ones gain nothing from a second thread.
+    parallel_batch_min: int = Field(512, ge=1)
+    parallel_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    # `icu-forecast serve` only: allocations between young-generation collections (Python's 700
+    # makes a large batch request collect hundreds of times while it builds its objects).
+    gc_gen0_threshold: int = Field(50_000, ge=700)
     load_retry_s: float = Field(30.0, gt=0, description="retry a failed startup load")
-    workers: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="`icu-forecast serve` worker processes on one port, run by uvicorn's own "
-        "process manager (one Python process uses one core); one per container is the default",
-    )
-    worker_ready_timeout_s: int = Field(
-        180,
-        ge=5,
-        description="with several workers: how long a replacement worker (SIGHUP, reload) may "
-        "take to load the model and start before uvicorn gives up and keeps the old one",
-    )
-    timeout_keep_alive_s: int = Field(
-        5, ge=1, description="close an idle keep-alive connection after this many seconds"
-    )
-    body_timeout_s: float = Field(
-        30.0, gt=0, description="a request body must arrive within this many seconds (408)"
-    )
-    limit_concurrency: int | None = Field(
-        None,
-        ge=1,
-        description="most connections and requests at once per worker; beyond it uvicorn "
-        "answers 503 (unset: no limit)",
-    )
+    workers: int = Field(1, ge=1, le=64, description="`icu-forecast serve` worker processes")
+    worker_ready_timeout_s: int = Field(180, ge=5, description="a replacement worker's startup")
+    timeout_keep_alive_s: int = Field(5, ge=1, description="close an idle keep-alive connection")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive (408)")
+    limit_concurrency: int | None = Field(None, ge=1, description="per worker; 503 beyond it")
     log_level: Annotated[
         Literal["critical", "error", "warning", "info", "debug"],
         BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v),
