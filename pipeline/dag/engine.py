@@ -26,7 +26,6 @@ from typing import Any, Literal
 from features.atomic import atomic_write_text
 from features.errors import UserError
 from pipeline.dag.hashing import (
-    DigestCache,
     code_digests,
     combined,
     inputs_digests,
@@ -145,14 +144,14 @@ class StateStore:
                 data = {}
         self.steps: dict[str, dict[str, Any]] = data.get("steps", {})
         self.failures: dict[str, dict[str, Any]] = data.get("failures", {})
-        self.cache = DigestCache(data.get("digest_cache"))
+        self.cache: dict[str, list] = data.get("digest_cache", {})
 
     def save(self) -> None:
         payload = {
             "format": STATE_FORMAT,
             "steps": self.steps,
             "failures": self.failures,
-            "digest_cache": self.cache.entries,
+            "digest_cache": self.cache,
         }
         atomic_write_text(self.path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
@@ -240,7 +239,7 @@ class Dag:
         """``name`` and every step it depends on, transitively."""
         return {name}.union(*(self.upstream(need) for need in self.steps[name].needs))
 
-    def fingerprint(self, step: Step, cache: DigestCache) -> Fingerprint:
+    def fingerprint(self, step: Step, cache: dict[str, list]) -> Fingerprint:
         files, libraries = code_digests(step.code)
         return Fingerprint(
             inputs_digests(step.inputs, cache), params_canonical(step.params), files, libraries
