@@ -177,8 +177,11 @@ class Tracker:
 @dataclass
 class RunReport:
     decisions: list[Decision]
-    failed: list[str]
     dag_run_id: str | None
+
+    @property
+    def failed(self) -> list[str]:
+        return [d.step for d in self.decisions if d.status == "failed"]
 
     @property
     def ok(self) -> bool:
@@ -306,24 +309,20 @@ class Dag:
             )
             decisions: list[Decision] = []
             statuses: dict[str, Status] = {}
-            failed: list[str] = []
             try:
                 for name in self.order:
-                    step = self.steps[name]
                     if name not in selected:
                         decisions.append(Decision(name, "missing", ["after --until"], "excluded"))
                         continue
-                    decision = self._run_one(step, store, statuses, force, dag_run_id)
+                    decision = self._run_one(self.steps[name], store, statuses, force, dag_run_id)
                     decisions.append(decision)
                     failing = decision.status == "failed" or decision.action == "blocked"
                     statuses[name] = "failed" if failing else "done"
-                    if decision.status == "failed":
-                        failed.append(name)
             finally:
                 store.save()
-                ok = not failed and all(d.action != "blocked" for d in decisions)
+                ok = "failed" not in statuses.values()  # a failed or a blocked step
                 self.tracker.end_dag(dag_run_id, ok, {d.step: d.action for d in decisions})
-            return RunReport(decisions, failed, dag_run_id)
+            return RunReport(decisions, dag_run_id)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:

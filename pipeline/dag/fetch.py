@@ -50,10 +50,8 @@ class FetchResult:
 
 def has_mimic_tables(folder: Path) -> bool:
     """True when ``folder`` holds the ICUSTAYS table (either case, .csv or .csv.gz)."""
-    if not folder.is_dir():
-        return False
-    names = {p.name.lower() for p in folder.iterdir()}
-    return bool(names & {"icustays.csv", "icustays.csv.gz"})
+    wanted = {"icustays.csv", "icustays.csv.gz"}
+    return folder.is_dir() and any(p.name.lower() in wanted for p in folder.iterdir())
 
 
 def _download(url: str, target: Path, timeout_s: float) -> str:
