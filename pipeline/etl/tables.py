@@ -306,8 +306,7 @@ def stream_table(
     try:
         stream = io.BufferedReader(hasher, 1 << 20)
         if path.name.lower().endswith(".gz"):
-            # ISA-L inflates several times faster than zlib, in a thread of its own and
-            # outside the GIL, so the parse workers run beside it.
+            # ISA-L inflates several times faster than zlib, beside the parse workers.
             stream = igzip_threaded.open(stream, "rb", threads=1, block_size=block_size)
         stream.readline()  # the header, already read
         chunks = _line_chunks(stream, block_size, free)
