@@ -100,10 +100,10 @@ def synthesize(
                 force_quote = f", FORCE_QUOTE ({', '.join(text)})"
         # DuckDB writes plain CSV in parallel; ISA-L gzips it several times faster than zlib.
         plain = dest / f"{name}.csv"
-        con.execute(
+        [rows[name]] = con.execute(
             f"""COPY (SELECT {", ".join(exprs)} FROM src, range({scale}) AS r(k))
                 TO '{plain}' (FORMAT csv, HEADER{force_quote})"""
-        )
+        ).fetchone()
         with (
             open(plain, "rb") as fin,
             igzip_threaded.open(
@@ -112,7 +112,6 @@ def synthesize(
         ):
             shutil.copyfileobj(fin, fout, 1 << 22)
         plain.unlink()
-        rows[name] = con.execute(f"SELECT count(*) * {scale} FROM src").fetchone()[0]
     con.close()
     return rows
 

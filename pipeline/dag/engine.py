@@ -26,7 +26,6 @@ from typing import Any, Literal
 from features.atomic import atomic_write_text
 from features.errors import UserError
 from pipeline.dag.hashing import (
-    DigestCache,
     code_digests,
     combined,
     inputs_digests,
@@ -145,14 +144,14 @@ class StateStore:
                 data = {}
         self.steps: dict[str, dict[str, Any]] = data.get("steps", {})
         self.failures: dict[str, dict[str, Any]] = data.get("failures", {})
-        self.cache = DigestCache(data.get("digest_cache"))
+        self.cache: dict[str, list] = data.get("digest_cache", {})
 
     def save(self) -> None:
         payload = {
             "format": STATE_FORMAT,
             "steps": self.steps,
             "failures": self.failures,
-            "digest_cache": self.cache.entries,
+            "digest_cache": self.cache,
         }
         atomic_write_text(self.path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
@@ -178,8 +177,11 @@ class Tracker:
 @dataclass
 class RunReport:
     decisions: list[Decision]
-    failed: list[str]
     dag_run_id: str | None
+
+    @property
+    def failed(self) -> list[str]:
+        return [d.step for d in self.decisions if d.status == "failed"]
 
     @property
     def ok(self) -> bool:
@@ -240,7 +242,7 @@ class Dag:
         """``name`` and every step it depends on, transitively."""
         return {name}.union(*(self.upstream(need) for need in self.steps[name].needs))
 
-    def fingerprint(self, step: Step, cache: DigestCache) -> Fingerprint:
+    def fingerprint(self, step: Step, cache: dict[str, list]) -> Fingerprint:
         files, libraries = code_digests(step.code)
         return Fingerprint(
             inputs_digests(step.inputs, cache), params_canonical(step.params), files, libraries
@@ -307,24 +309,20 @@ class Dag:
             )
             decisions: list[Decision] = []
             statuses: dict[str, Status] = {}
-            failed: list[str] = []
             try:
                 for name in self.order:
-                    step = self.steps[name]
                     if name not in selected:
                         decisions.append(Decision(name, "missing", ["after --until"], "excluded"))
                         continue
-                    decision = self._run_one(step, store, statuses, force, dag_run_id)
+                    decision = self._run_one(self.steps[name], store, statuses, force, dag_run_id)
                     decisions.append(decision)
                     failing = decision.status == "failed" or decision.action == "blocked"
                     statuses[name] = "failed" if failing else "done"
-                    if decision.status == "failed":
-                        failed.append(name)
             finally:
                 store.save()
-                ok = not failed and all(d.action != "blocked" for d in decisions)
+                ok = "failed" not in statuses.values()  # a failed or a blocked step
                 self.tracker.end_dag(dag_run_id, ok, {d.step: d.action for d in decisions})
-            return RunReport(decisions, failed, dag_run_id)
+            return RunReport(decisions, dag_run_id)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:

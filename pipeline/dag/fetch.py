@@ -11,7 +11,6 @@ interrupted download never leaves a half-filled data folder behind.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import zipfile
@@ -50,10 +49,8 @@ class FetchResult:
 
 def has_mimic_tables(folder: Path) -> bool:
     """True when ``folder`` holds the ICUSTAYS table (either case, .csv or .csv.gz)."""
-    if not folder.is_dir():
-        return False
-    names = {p.name.lower() for p in folder.iterdir()}
-    return bool(names & {"icustays.csv", "icustays.csv.gz"})
+    wanted = {"icustays.csv", "icustays.csv.gz"}
+    return folder.is_dir() and any(p.name.lower() in wanted for p in folder.iterdir())
 
 
 def _download(url: str, target: Path, timeout_s: float) -> str:
@@ -119,12 +116,10 @@ def fetch_demo(
     dest.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{dest.name}.download-"
     leftovers.remove_stale(dest.parent, prefix)  # the zip of a download that was killed
-    fd, tmp_name = tempfile.mkstemp(
+    with tempfile.NamedTemporaryFile(
         prefix=prefix + leftovers.owner_mark(), suffix=".zip", dir=dest.parent
-    )
-    os.close(fd)
-    tmp_zip = Path(tmp_name)
-    try:
+    ) as tmp:
+        tmp_zip = Path(tmp.name)
         log.info("downloading %s", url)
         zip_sha = _download(url, tmp_zip, timeout_s)
         if expected_sha256 and zip_sha != expected_sha256.lower():
@@ -163,5 +158,3 @@ def fetch_demo(
                         )
         log.info("extracted %d files into %s (zip sha256 %s)", len(by_rel), dest, zip_sha)
         return FetchResult(dest, downloaded=True, files=len(by_rel), zip_sha256=zip_sha)
-    finally:
-        tmp_zip.unlink(missing_ok=True)

@@ -26,35 +26,30 @@ _COMPILED = {".pyc", ".pyo"}
 _CODE = {".py", *_COMPILED}
 
 
-class DigestCache:
-    """(path, size, mtime_ns) -> sha256, persisted with the DAG state."""
-
-    def __init__(self, entries: Mapping[str, list] | None = None) -> None:
-        self.entries: dict[str, list] = dict(entries or {})
-
-    def file_digest(self, path: Path) -> str:
-        stat = path.stat()
-        key = str(path.resolve())
-        hit = self.entries.get(key)
-        if hit and hit[0] == stat.st_size and hit[1] == stat.st_mtime_ns:
-            return hit[2]
-        value = sha256_file(path)
-        self.entries[key] = [stat.st_size, stat.st_mtime_ns, value]
-        return value
+def file_digest(path: Path, cache: dict[str, list]) -> str:
+    """sha256 of ``path``, from ``cache`` ((path -> [size, mtime_ns, sha256]), persisted with
+    the DAG state) while the file's size and mtime are unchanged."""
+    stat = path.stat()
+    key = str(path.resolve())
+    hit = cache.get(key)
+    if hit and hit[0] == stat.st_size and hit[1] == stat.st_mtime_ns:
+        return hit[2]
+    cache[key] = [stat.st_size, stat.st_mtime_ns, sha256_file(path)]
+    return cache[key][2]
 
 
-def _path_digests(path: Path, cache: DigestCache) -> dict[str, str]:
+def _path_digests(path: Path, cache: dict[str, list]) -> dict[str, str]:
     # Keys name the files so that a change can be reported by name.
     if path.is_file():
-        return {str(path): cache.file_digest(path)}
+        return {str(path): file_digest(path, cache)}
     if not path.is_dir():
         return {str(path): MISSING}
     if not (files := _files_under(path)):
         return {str(path): "<empty>"}
-    return {f"{path}/{p.relative_to(path).as_posix()}": cache.file_digest(p) for p in files}
+    return {f"{path}/{p.relative_to(path).as_posix()}": file_digest(p, cache) for p in files}
 
 
-def inputs_digests(paths: Iterable[Path], cache: DigestCache) -> dict[str, str]:
+def inputs_digests(paths: Iterable[Path], cache: dict[str, list]) -> dict[str, str]:
     """One digest per file of ``paths`` (files or folders), ``<missing>`` for an absent one."""
     return {k: v for path in paths for k, v in _path_digests(Path(path), cache).items()}
 

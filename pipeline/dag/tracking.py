@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.dag.engine import Decision, Fingerprint, Step, StepResult, Tracker
@@ -20,16 +21,14 @@ TAG_RUN_NAME = "mlflow.runName"
 _MAX_PARAM = 500  # MLflow's limit on a param value is 6000 chars; keep the table readable
 
 
+@dataclass
 class MlflowTracker(Tracker):
-    def __init__(
-        self, tracking_uri: str, experiment: str, also_experiments: tuple[str, ...] = ()
-    ) -> None:
-        self.tracking_uri = tracking_uri
-        self.experiment = experiment
-        # Where the steps' own runs go (training): their abandoned runs are ended too.
-        self.also_experiments = also_experiments
-        self.experiment_id: str | None = None
-        self.dag_run_id: str | None = None
+    tracking_uri: str
+    experiment: str
+    # Where the steps' own runs go (training): their abandoned runs are ended too.
+    also_experiments: tuple[str, ...] = ()
+    experiment_id: str | None = None
+    dag_run_id: str | None = None
 
     def start_dag(self, params: Mapping[str, Any]) -> str | None:
         # The store is first touched here, after the request was validated.

@@ -20,48 +20,24 @@ NEURAL = ("cfc", "gru")
 # TrainConfig fields that only matter to gradient-trained models: changing them must not
 # invalidate the baselines' train steps.
 _NEURAL_ONLY = {
-    "preset",
-    "objective",
-    "rollout_k",
-    "measured_only",
-    "monitor",
-    "epochs",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "grad_clip",
-    "patience",
-    "units",
-    "layers",
-    "mode",
-    "backbone_units",
-    "backbone_layers",
-    "backbone_dropout",
-    "mixed_memory",
-    "cfc_impl",
-    "ncp_output",
-    "ncp_sparsity",
-    "ode_unfolds",
-    "accelerator",
-    "devices",
-    "strategy",
-    "precision",
-    "num_nodes",
-    "num_workers",
-    "checkpoint_dir",
-    "resume",
-    "level_init",
-    "level_train",
+    *("preset", "objective", "rollout_k", "measured_only", "monitor"),  # objective
+    *("epochs", "batch_size", "lr", "weight_decay", "grad_clip", "patience"),  # optimisation
+    # architecture
+    *("units", "layers", "mode", "backbone_units", "backbone_layers", "backbone_dropout"),
+    *("mixed_memory", "cfc_impl", "ncp_output", "ncp_sparsity", "ode_unfolds"),
+    *("level_init", "level_train"),
+    *("accelerator", "devices", "strategy", "precision", "num_nodes", "num_workers"),  # Lightning
+    *("checkpoint_dir", "resume"),  # checkpoints
 }
 
 
-def train_config(s: DagSettings, model: str, data_dir: Path | None = None, **overrides: Any):
+def train_config(s: DagSettings, model: str, **overrides: Any):
     """The TrainConfig of one train step (ICU_TRAIN_* environment variables still apply)."""
     from training.config import TrainConfig
 
     given: dict[str, Any] = {
         "model": model,
-        "data": data_dir or s.etl_dir,
+        "data": s.etl_dir,
         "seed": s.seed,
         "tracking_uri": s.tracking_uri,
         "experiment": s.experiment,
@@ -93,13 +69,23 @@ def _record(result: Any) -> dict[str, Any]:
     }
 
 
-def train(s: DagSettings, model: str, ctx: StepContext) -> dict[str, Any]:
+def train(
+    s: DagSettings, model: str, ctx: StepContext | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """Train one model; with ``ctx``, tag the training run with the DAG runs it belongs to."""
     from training.train import train_model
 
-    result = train_model(train_config(s, model))
+    result = train_model(train_config(s, model, **overrides))
     if result.run_id is None:
         raise RuntimeError(f"training {model} returned no MLflow run")
-    _link(s, result.run_id, ctx)
+    if ctx is not None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(s.tracking_uri)
+        tags = {"dag.step_run_id": ctx.child_run_id, "dag.run_id": ctx.parent_run_id}
+        for tag, run_id in tags.items():
+            if run_id:
+                client.set_tag(result.run_id, tag, run_id)
     return _record(result)
 
 
@@ -125,23 +111,10 @@ def tiny_train(
     **overrides: Any,
 ) -> dict[str, Any]:
     """A tiny real training run (tests: MLflow UI, end to end)."""
-    from training.train import train_model
-
     s = DagSettings(
         tracking_uri=tracking_uri, experiment=experiment, epochs=epochs, data_dir=data_dir.parent
     )
-    cfg = train_config(s, model, data_dir=data_dir, **({"plots": False} | overrides))
-    return _record(train_model(cfg))
-
-
-def _link(s: DagSettings, run_id: str, ctx: StepContext) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(s.tracking_uri)
-    if ctx.child_run_id:
-        client.set_tag(run_id, "dag.step_run_id", ctx.child_run_id)
-    if ctx.parent_run_id:
-        client.set_tag(run_id, "dag.run_id", ctx.parent_run_id)
+    return train(s, model, data=data_dir, **({"plots": False} | overrides))
 
 
 def missing_run(s: DagSettings, run_id: str | None) -> str | None:

@@ -134,7 +134,7 @@ def _grid(stays: pd.DataFrame) -> pd.DataFrame:
 def build_bins(
     con: duckdb.DuckDBPyConnection, settings: EtlSettings, stats: dict[str, TableStats]
 ) -> tuple[pd.DataFrame, dict]:
-    """Aggregates -> prepared bins frame (state NaN until first measured), card parts."""
+    """Aggregates -> prepared bins frame (state NaN until first measured), data card."""
     transform.create_stays(con, settings.max_stay_days)
     transform.create_state_events(con)
     transform.create_interventions(con)
@@ -203,6 +203,18 @@ def build_bins(
         for s in ("train", "val", "test")
     }
     card = {
+        "format": DATA_CARD_FORMAT,
+        "producer": PRODUCER,
+        "catalog_version": catalog_version(),
+        "bin_hours": BIN_HOURS,
+        "settings": {
+            "seed": settings.seed,
+            "train_frac": settings.train_frac,
+            "val_frac": settings.val_frac,
+            "test_frac": round(settings.test_frac, 10),
+            "max_stay_days": settings.max_stay_days,
+        },
+        "bins_sha256": None,  # filled in once the parquet is written
         "cohort": {
             "icustays_rows": int(len(stays_all)),
             "stays_kept": int(len(kept)),
@@ -245,6 +257,7 @@ def build_bins(
             tables, values, interventions, int(kept["cut"].sum()), settings.max_stay_days
         ),
         "tables": tables,
+        "inputs": {s.path.name: {"sha256": s.sha256, "bytes": s.bytes} for s in stats.values()},
     }
     return frame, card
 
@@ -299,26 +312,6 @@ def _input_problems(
     }
 
 
-def _full_card(settings: EtlSettings, stats: dict[str, TableStats], parts: dict) -> dict:
-    """The data card around the parts ``build_bins`` computed (``bins_sha256`` comes last)."""
-    return {
-        "format": DATA_CARD_FORMAT,
-        "producer": PRODUCER,
-        "catalog_version": catalog_version(),
-        "bin_hours": BIN_HOURS,
-        "settings": {
-            "seed": settings.seed,
-            "train_frac": settings.train_frac,
-            "val_frac": settings.val_frac,
-            "test_frac": round(settings.test_frac, 10),
-            "max_stay_days": settings.max_stay_days,
-        },
-        "bins_sha256": None,
-        **parts,
-        "inputs": {s.path.name: {"sha256": s.sha256, "bytes": s.bytes} for s in stats.values()},
-    }
-
-
 def run_etl(settings: EtlSettings | None = None) -> EtlResult:
     """Run the whole ETL; raise :class:`features.errors.UserError` on bad input."""
     settings = settings or EtlSettings()
@@ -369,7 +362,6 @@ def run_etl(settings: EtlSettings | None = None) -> EtlResult:
             con.close()
     log.info("writing %s (%d stays, %d bins)", out, card["cohort"]["stays_kept"], len(frame))
     check_out_dir(out, settings.mimic_dir, settings.temp_dir)
-    card = _full_card(settings, stats, card)
     try:
         # Both files go into a staging folder that replaces ``out`` at the end.
         with atomic_dir(out) as staging:

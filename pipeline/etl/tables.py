@@ -93,15 +93,6 @@ class _HashingReader(io.RawIOBase):
         super().close()
 
 
-def _open_stream(path: Path, hasher: _HashingReader, block_size: int) -> io.BufferedIOBase:
-    raw = io.BufferedReader(hasher, 1 << 20)
-    if not path.name.lower().endswith(".gz"):
-        return raw
-    # ISA-L inflates several times faster than zlib, in a thread of its own and outside the
-    # GIL, so the parse workers run beside it.
-    return igzip_threaded.open(raw, "rb", threads=1, block_size=block_size)
-
-
 def read_header(path: Path) -> list[str]:
     """The header row of a table, as written (case kept)."""
     try:
@@ -313,7 +304,10 @@ def stream_table(
     parsing: collections.deque[Future[tuple[int, pa.Table]]] = collections.deque()
     stream = None
     try:
-        stream = _open_stream(path, hasher, block_size)
+        stream = io.BufferedReader(hasher, 1 << 20)
+        if path.name.lower().endswith(".gz"):
+            # ISA-L inflates several times faster than zlib, beside the parse workers.
+            stream = igzip_threaded.open(stream, "rb", threads=1, block_size=block_size)
         stream.readline()  # the header, already read
         chunks = _line_chunks(stream, block_size, free)
         while True:
