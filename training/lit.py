@@ -97,18 +97,19 @@ class LitDynamics(L.LightningModule):
         else:
             self.lo = self.hi = None
 
-    def _rollout(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        bounds = None if self.lo is None else (self.lo, self.hi)
-        x, lengths, k = batch["x"], batch["lengths"], self.hparams.rollout_k
-        return rollout_errors(self.model, x, lengths, k, bounds, self.hparams.measured_only)
-
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.hparams.objective == "teacher_forced":
-            sse, n = teacher_forced_errors(
-                self.model, batch["x"], batch["lengths"], self.hparams.measured_only
-            )
+    def _loss(
+        self, batch: dict[str, torch.Tensor], objective: Objective | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean squared error under ``objective`` (default: the training objective) and the
+        number of values it covers."""
+        hp, x, lengths = self.hparams, batch["x"], batch["lengths"]
+        if (objective or hp.objective) == "teacher_forced":
+            sse, n = teacher_forced_errors(self.model, x, lengths, hp.measured_only)
         else:
-            sums, counts = self._rollout(batch)
+            bounds = None if self.lo is None else (self.lo, self.hi)
+            sums, counts = rollout_errors(
+                self.model, x, lengths, hp.rollout_k, bounds, hp.measured_only
+            )
             sse, n = sums.sum(), counts.sum()
         return sse / n.clamp_min(1.0), n
 
@@ -120,20 +121,16 @@ class LitDynamics(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        sums, counts = self._rollout(batch)
-        total = counts.sum().clamp_min(1.0)
-        rollout_mse = sums.sum() / total
+        loss, n = self._loss(batch, "closed_loop")
         self.log(
             "val_rollout_mse",
-            rollout_mse,
+            loss,
             on_epoch=True,
             prog_bar=True,
-            batch_size=int(total),
+            batch_size=max(int(n), 1),
             sync_dist=True,
         )
-        if self.hparams.objective == "closed_loop":  # the objective is that very error
-            loss, n = rollout_mse, total
-        else:
+        if self.hparams.objective != "closed_loop":  # else the objective is that very error
             loss, n = self._loss(batch)
         self.log("val_loss", loss, on_epoch=True, batch_size=max(int(n), 1), sync_dist=True)
 

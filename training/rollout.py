@@ -142,7 +142,8 @@ class Windows:
 
 
 def add_state_noise(inputs: list[np.ndarray], sigma: float, seed: int) -> list[np.ndarray]:
-    """Copies of ``inputs`` with Gaussian noise (scaled space) on the state columns only."""
+    """Copies of ``inputs`` with Gaussian noise (scaled space, i.e. relative to the min-max
+    range) on the state columns only: masks and interventions are untouched."""
     rng = np.random.default_rng(seed)
     inputs = [x.copy() for x in inputs]
     for x in inputs:
@@ -156,20 +157,14 @@ def rollout_windows(
     inputs: list[np.ndarray],
     states: list[np.ndarray],
     ks: tuple[int, ...],
-    noise_sigma: float = 0.0,
-    seed: int = 0,
     bounds: Bounds | None = None,
 ) -> dict[int, Windows]:
     """Rollouts of every length in ``ks`` from every start bin of every stay.
 
-    ``noise_sigma`` adds Gaussian noise (scaled space, i.e. relative to the min-max range) to
-    the state part of the history inputs; interventions, masks and the truth are untouched.
     Runs in the model's dtype: evaluation and the Forecaster use float64, so results do not
     depend on how windows are batched. ``bounds`` clips predictions as in :func:`continue_rollout`.
     """
     model.eval()
-    if noise_sigma > 0:
-        inputs = add_state_noise(inputs, noise_sigma, seed)
     dtype = next(iter(model.parameters()), torch.empty(0, dtype=torch.float64)).dtype
     x = pad_sequence([torch.as_tensor(s, dtype=dtype) for s in inputs], batch_first=True)
     truth = pad_sequence([torch.as_tensor(s) for s in states], batch_first=True)
