@@ -262,13 +262,12 @@ def fit_calibration(
 
     ``adaptive``: ``"auto"`` (per variable, two-fold on the groups) or ``"never"``.
     """
-    floor = _floor(residuals)
     if adaptive not in ("auto", "never"):
         raise ValueError(f"adaptive must be auto or never, got {adaptive!r}")
+    floor = _floor(residuals)
+    chosen = np.zeros(N_STATE, dtype=bool)
     if adaptive == "auto":
         chosen = _choose_adaptive(residuals, floor, levels)
-    else:
-        chosen = np.zeros(N_STATE, dtype=bool)
     scored = [_scores(r, chosen, floor) for r in residuals]
     scores = [[s for s, _ in step] for step in scored]
     cum = [[c for _, c in step] for step in scored]

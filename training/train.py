@@ -233,7 +233,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
                 return TrainResult(None, cfg.model, label=cfg.run_label)
             model, history = lit.model, hist.epochs
         model = model.cpu().float().eval()
-        return _evaluate_and_log(cfg, mcfg, model, dm, history, train_stats, run.info.run_id)
+        return _evaluate_and_log(cfg, model, dm, history, train_stats, run.info.run_id)
 
 
 def baseline_evaluations(
@@ -258,7 +258,6 @@ def baseline_evaluations(
 
 def _evaluate_and_log(
     cfg: TrainConfig,
-    mcfg: ModelConfig,
     model: torch.nn.Module,
     dm: BinsDataModule,
     history: list[dict],
@@ -270,7 +269,7 @@ def _evaluate_and_log(
 
     from training.pyfunc import log_pyfunc, save_model_dir
 
-    ks, sigmas = tuple(cfg.ks), tuple(cfg.sigmas)
+    ks, sigmas, mcfg = tuple(cfg.ks), tuple(cfg.sigmas), cfg.model_cfg()
     pre = dm.preprocessor
     test, val = dm.sequences["test"], dm.sequences["val"]
     ev_test = evaluate(model, test, pre, ks, sigmas, seed=cfg.seed)
