@@ -1,16 +1,9 @@
-"""Patient-grouped k-fold cross-validation of models and baselines on exactly the same windows.
+"""Patient-grouped k-fold cross-validation of models and baselines on exactly the same windows
+(protocol: docs/training.md, "Cross-validation").
 
-For each seed and fold: the fold's patients are held out, a seeded slice of the others
-validates (early stopping, checkpoint choice), the rest trains; the imputer and scaler are
-fitted on the training patients only (:class:`training.data.BinsDataModule`). Every model
-and baseline is scored on the held-out fold's windows, on measured target values. Per seed,
-the folds cover every patient once; per-patient error sums are averaged over seeds, and
-intervals come from a paired bootstrap over patients (:mod:`training.skill`).
-
-Prediction intervals are scored the same way: in each fold every network model, level and
-persistence is conformally calibrated on the fold's validation patients exactly as training
-calibrates (:func:`training.intervals.held_out_coverage`), and the band's coverage and width on
-the held-out fold's measured values are pooled over folds and seeds.
+Per seed the folds cover every patient once; per-patient error sums are averaged over seeds,
+and intervals come from a paired bootstrap over patients (:mod:`training.skill`). Conformal
+bands are calibrated per fold as training calibrates (:func:`training.intervals.held_out_coverage`).
 """
 
 from __future__ import annotations
