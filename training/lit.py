@@ -1,17 +1,9 @@
 """The one LightningModule: wraps any DynamicsModel and trains it for how it is used.
 
-Objectives (``objective``):
-
-* ``closed_loop`` (default): from every start bin s of every stay, the model predicts bin s+1
-  from the history, then rolls on ``rollout_k - 1`` more bins with its own clipped prediction
-  fed back (observed mask 0) and the true interventions, exactly as
-  :func:`training.rollout.continue_rollout` does at evaluation and in the service. The loss is
-  the squared error at every step 1..K, on measured target values only (``measured_only``).
-* ``teacher_forced``: the paper's recipe, one-step MSE with the true history at every bin.
-
-Validation always reports the closed-loop error (``val_loss`` is the objective's own loss,
-``val_rollout_mse`` the closed-loop measured error over steps 1..K, which early stopping and
-checkpoint choice use by default).
+``closed_loop`` (default) scores the clipped, fed-back K-step rollouts evaluation and the
+service run (:func:`training.rollout.every_start_rollouts`) on measured target values;
+``teacher_forced`` is the paper's one-step MSE. Validation always reports the closed-loop
+error ``val_rollout_mse`` beside the objective's ``val_loss`` (docs/training.md, "Training").
 """
 
 from __future__ import annotations

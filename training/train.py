@@ -12,6 +12,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from math import inf
 from pathlib import Path
 
 import lightning as L
@@ -181,16 +182,14 @@ def fit_lightning(
     stats["train_steps"] = float(history.steps)  # in this process (a resumed run: the rest)
     stats["epochs_run"] = float(trainer.current_epoch)
     stats["world_size"] = float(trainer.world_size)
+    best_key, stats["kept_start"] = "best_" + cfg.monitor, 0.0
     if trainer.is_global_zero and checkpoint.best_model_path:
         best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
         lit.load_state_dict(best["state_dict"])
-        stats["best_" + cfg.monitor] = float(checkpoint.best_model_score)
-    stats["kept_start"] = 0.0
-    if trainer.is_global_zero and start is not None:
-        best_score = stats.get("best_" + cfg.monitor, float("inf"))
-        if start_score <= best_score:
-            lit.load_state_dict(start)
-            stats["best_" + cfg.monitor], stats["kept_start"] = start_score, 1.0
+        stats[best_key] = float(checkpoint.best_model_score)
+    if trainer.is_global_zero and start is not None and start_score <= stats.get(best_key, inf):
+        lit.load_state_dict(start)
+        stats[best_key], stats["kept_start"] = start_score, 1.0
     return trainer, lit, history, stats
 
 
