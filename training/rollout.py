@@ -1,12 +1,9 @@
-"""Recursive K-step rollouts under the model convention (docs/architecture.md).
+"""Recursive K-step rollouts under the model convention (docs/architecture.md): step k > 1
+feeds back the prediction for bin s+k-1 (observed mask 0) with that bin's interventions, so
+the true state of bins after s is never an input.
 
-Step 1 predicts bin s+1 from the history's inputs 0..s. Step k > 1 feeds back the prediction
-for bin s+k-1 as the state, with the observed mask 0, and the interventions of bin s+k-1 (true
-ones offline, planned ones in the service). Nothing from bins after s enters except those
-interventions: the true state of later bins is never an input.
-
-The same two functions serve evaluation and :class:`training.forecaster.Forecaster`, which is
-why the service reproduces the offline rollouts exactly.
+The same functions serve training, evaluation and :class:`training.forecaster.Forecaster`,
+which is why the service reproduces the offline rollouts exactly.
 """
 
 from __future__ import annotations

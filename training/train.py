@@ -316,9 +316,6 @@ def _evaluate_and_log(
     mlflow.log_params(
         {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in params.items()}
     )
-    for row in history:
-        step = int(row["epoch"])
-        mlflow.log_metrics({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=step)
     mlflow.log_metrics(metrics)
     per_variable = pd.DataFrame(ev_test.per_variable)
     mlflow.log_table(per_variable, "per_variable_test.json")
