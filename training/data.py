@@ -190,12 +190,6 @@ def build_sequences(stays: Stays, idx: np.ndarray, pre: Preprocessor) -> StaySeq
     )
 
 
-def split_sequences(frame: pd.DataFrame, pre: Preprocessor, split: str) -> StaySequences:
-    """The stays of the ETL's holdout ``split`` under ``pre`` (e.g. a served model's)."""
-    stays = stays_from_frame(frame)
-    return build_sequences(stays, np.flatnonzero(stays.split == split), pre)
-
-
 @dataclass(frozen=True)
 class Partition:
     """Which stays train, validate (early stopping, model choice) and test."""
