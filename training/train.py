@@ -90,15 +90,8 @@ def _is_launcher_child() -> bool:
 
 def data_module(cfg: TrainConfig) -> BinsDataModule:
     """The DataModule of ``cfg`` with its partition decided and preprocessing fitted."""
-    dm = BinsDataModule(
-        cfg.data,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        folds=cfg.folds,
-        fold=cfg.fold,
-        cv_seed=cfg.cv_seed,
-        cv_pool=cfg.cv_pool,
-    )
+    keys = {"batch_size", "num_workers", "folds", "fold", "cv_seed", "cv_pool"}
+    dm = BinsDataModule(cfg.data, **cfg.model_dump(include=keys))
     dm.setup("fit")
     return dm
 
@@ -106,14 +99,9 @@ def data_module(cfg: TrainConfig) -> BinsDataModule:
 def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
     lo, hi = state_bounds(dm.preprocessor, torch.float32)
     mcfg = cfg.model_cfg()
+    keys = {"lr", "weight_decay", "objective", "rollout_k", "measured_only"}
     lit = LitDynamics(
-        mcfg.to_dict(),
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        objective=cfg.objective,
-        rollout_k=cfg.rollout_k,
-        measured_only=cfg.measured_only,
-        bounds=(lo.tolist(), hi.tolist()),
+        mcfg.to_dict(), bounds=(lo.tolist(), hi.tolist()), **cfg.model_dump(include=keys)
     )
     if mcfg.level_memory and mcfg.level_init == "ridge":
         start_from_ridge(lit.model, dm.sequences["train"].inputs, mcfg.level_alpha)
