@@ -71,11 +71,12 @@ def _history(stay: pd.DataFrame, n_hist: int) -> list[dict]:
 def _offline_rollout(model_uri: str, bins: pd.DataFrame, stay_id: int, n_hist: int) -> np.ndarray:
     import mlflow
 
-    from training.data import split_sequences
+    from training.data import build_sequences, stays_from_frame
     from training.rollout import rollout_windows, state_bounds
 
     forecaster = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().forecaster
-    test = split_sequences(bins, forecaster.preprocessor, "test")
+    stays = stays_from_frame(bins)
+    test = build_sequences(stays, np.flatnonzero(stays.split == "test"), forecaster.preprocessor)
     i = int(np.flatnonzero(test.stay_ids == stay_id)[0])
     windows = rollout_windows(
         forecaster.model,

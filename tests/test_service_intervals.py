@@ -127,7 +127,7 @@ def test_served_intervals_equal_offline_evaluation(client, served_model):
     scores for the same rollout window (same calibration, same rollout), to 1e-6."""
     from training.conformal import stay_windows
     from training.data import BinsDataModule
-    from training.intervals import split_windows
+    from training.evaluate import split_windows
 
     forecaster = client.app.state.holder.current.forecaster
     cal = forecaster.calibration

@@ -22,14 +22,15 @@ def _stay_bodies(served_model, k: int) -> list[tuple[dict, np.ndarray]]:
     """For test stays: the body a client would send (the observed raw values only) and the
     offline K-step rollout of the same model from that stay's last history bin."""
     from service.model import load_from_mlflow
-    from training.data import load_bins, split_sequences
+    from training.data import build_sequences, load_bins, stays_from_frame
     from training.rollout import rollout_windows, state_bounds
 
     frame, _ = load_bins(served_model.etl_dir)
     forecaster = load_from_mlflow(
         served_model.settings_kwargs["model_uri"], served_model.tracking_uri
     ).forecaster
-    seqs = split_sequences(frame, forecaster.preprocessor, "test")
+    stays = stays_from_frame(frame)
+    seqs = build_sequences(stays, np.flatnonzero(stays.split == "test"), forecaster.preprocessor)
     bounds = state_bounds(forecaster.preprocessor)
     windows = rollout_windows(forecaster.model, seqs.inputs, seqs.state, (k,), bounds=bounds)[k]
     starts = frame.groupby("icustay_id")["bin_start"].min()

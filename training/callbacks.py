@@ -40,10 +40,9 @@ class PeakMemory:
     def __init__(self, interval_s: float = 0.02) -> None:
         self.interval_s = interval_s
         self.proc = psutil.Process()
-        self.start_rss = 0
-        self.peak_rss = 0
+        self.start_rss = self.peak_rss = 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
@@ -54,14 +53,12 @@ class PeakMemory:
         self.start_rss = self.peak_rss = self.proc.memory_info().rss
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.join()
         self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
 
     def metrics(self, on_gpu: bool = False) -> dict[str, float]:

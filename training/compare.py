@@ -19,40 +19,32 @@ SKILL_NOTE = (
     "level L over measured values at K=5 and its mean width in scaled units (the persistence "
     "row is the same recipe applied to persistence). "
 )
-NOISE_SIGMA = "0.05"
+NOISE = "0.05"
 
-# (column title, metric, format, scale). Skill columns come first (see _skill_cell).
-SKILL_COLUMNS: list[tuple[str, int]] = [(f"skill K={k} (%)", k) for k in KS]
-COLUMNS: list[tuple[str, str, str, float]] = (
-    [(f"RMSE measured K={k}", f"test/rmse_measured_k{k}", ".4f", 1.0) for k in KS]
-    + [(f"RMSE all K={k}", f"test/rmse_k{k}", ".4f", 1.0) for k in (1, 5)]
-    + [
+# (column title, metric, format, scale), after the skill columns (see _skill_cell).
+COLUMNS: list[tuple[str, str, str, float]] = [
+    *((f"RMSE measured K={k}", f"test/rmse_measured_k{k}", ".4f", 1.0) for k in KS),
+    *((f"RMSE all K={k}", f"test/rmse_k{k}", ".4f", 1.0) for k in (1, 5)),
+    *(
         col
         for lv in ("0.8", "0.95")
         for col in (
             (f"coverage {lv} K=5 (%)", f"test/coverage_k5_l{lv}", ".1f", 100),
             (f"width {lv} K=5", f"test/width_k5_l{lv}", ".3f", 1.0),
         )
-    ]
-    + [
-        (
-            f"noise {NOISE_SIGMA} K={k} (%)",
-            f"noise/rel_degradation_k{k}_sigma{NOISE_SIGMA}",
-            ".1f",
-            100,
-        )
+    ),
+    *(
+        (f"noise {NOISE} K={k} (%)", f"noise/rel_degradation_k{k}_sigma{NOISE}", ".1f", 100)
         for k in (1, 5)
-    ]
-    + [
-        ("params", "n_params", ",.0f", 1.0),
-        ("peak mem (MB)", "peak_mem_mb", ".0f", 1.0),
-        ("peak mem delta (MB)", "peak_mem_delta_mb", ".0f", 1.0),
-        ("train ex/s", "train_examples_per_s", ",.0f", 1.0),
-        ("train steps/s", "train_steps_per_s", ".2f", 1.0),
-        ("latency (ms)", "infer_latency_ms", ".2f", 1.0),
-        ("val RMSE measured K=5", "val/rmse_measured_k5", ".4f", 1.0),
-    ]
-)
+    ),
+    ("params", "n_params", ",.0f", 1.0),
+    ("peak mem (MB)", "peak_mem_mb", ".0f", 1.0),
+    ("peak mem delta (MB)", "peak_mem_delta_mb", ".0f", 1.0),
+    ("train ex/s", "train_examples_per_s", ",.0f", 1.0),
+    ("train steps/s", "train_steps_per_s", ".2f", 1.0),
+    ("latency (ms)", "infer_latency_ms", ".2f", 1.0),
+    ("val RMSE measured K=5", "val/rmse_measured_k5", ".4f", 1.0),
+]
 
 
 def latest_runs(experiment: str) -> pd.DataFrame:
@@ -95,8 +87,8 @@ def table(runs: pd.DataFrame, labels: list[str] | None = None) -> pd.DataFrame:
         if group.empty:
             continue
         row = {"model": label, "seeds": str(len(group))}
-        for title, k in SKILL_COLUMNS:
-            row[title] = _skill_cell(group, k)
+        for k in KS:
+            row[f"skill K={k} (%)"] = _skill_cell(group, k)
         for title, metric, fmt, scale in COLUMNS:
             col = f"metrics.{metric}"
             vals = group[col].to_numpy(float) if col in group else np.array([math.nan])

@@ -1,19 +1,10 @@
-"""Split-conformal prediction intervals for closed-loop rollouts (docs/intervals.md).
+"""Split-conformal prediction intervals for closed-loop rollouts (method: docs/intervals.md).
 
-Calibration: the model's closed-loop rollouts from every start bin of the validation stays
-(the rollout the service runs, true interventions fed), scored at every step h = 1..H against
-the *measured* values of bin s + h, in physical units. For each (h, variable) the sorted
-nonconformity scores are kept, so any level can be asked for at forecast time; the interval at
-level L is ``pred +- q * scale`` with q the ``ceil((n + 1) L)``-th smallest score (the
-finite-sample correction of split conformal), clipped to the clamp (plausible) range. When
-``ceil((n + 1) L) > n`` the calibration cannot support the level and the interval is the whole
-clamp range (honest, if useless).
-
-Scores are normalised per variable where it pays (``adaptive``): ``scale`` is the recent
-variability of the variable's measured values in the history (:func:`recent_variability`)
-plus a floor, so a stable patient gets a narrower band than an unstable one. Whether it pays is
-decided per variable on the calibration stays alone (two-fold by stay: calibrate on one half,
-compare the mean widths on the other), never on test.
+Per (forecast step, variable), the sorted nonconformity scores of the validation stays'
+measured values are kept, so any level can be asked for at forecast time; a level the
+calibration cannot support gives the whole clamp range (honest, if useless). Whether a
+variable's scores are normalised by its recent variability (``adaptive``) is decided on the
+calibration stays alone, never on test.
 """
 
 from __future__ import annotations
@@ -262,13 +253,12 @@ def fit_calibration(
 
     ``adaptive``: ``"auto"`` (per variable, two-fold on the groups) or ``"never"``.
     """
-    floor = _floor(residuals)
     if adaptive not in ("auto", "never"):
         raise ValueError(f"adaptive must be auto or never, got {adaptive!r}")
+    floor = _floor(residuals)
+    chosen = np.zeros(N_STATE, dtype=bool)
     if adaptive == "auto":
         chosen = _choose_adaptive(residuals, floor, levels)
-    else:
-        chosen = np.zeros(N_STATE, dtype=bool)
     scored = [_scores(r, chosen, floor) for r in residuals]
     scores = [[s for s, _ in step] for step in scored]
     cum = [[c for _, c in step] for step in scored]

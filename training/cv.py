@@ -1,16 +1,9 @@
-"""Patient-grouped k-fold cross-validation of models and baselines on exactly the same windows.
+"""Patient-grouped k-fold cross-validation of models and baselines on exactly the same windows
+(protocol: docs/training.md, "Cross-validation").
 
-For each seed and fold: the fold's patients are held out, a seeded slice of the others
-validates (early stopping, checkpoint choice), the rest trains; the imputer and scaler are
-fitted on the training patients only (:class:`training.data.BinsDataModule`). Every model
-and baseline is scored on the held-out fold's windows, on measured target values. Per seed,
-the folds cover every patient once; per-patient error sums are averaged over seeds, and
-intervals come from a paired bootstrap over patients (:mod:`training.skill`).
-
-Prediction intervals are scored the same way: in each fold every network model, level and
-persistence is conformally calibrated on the fold's validation patients exactly as training
-calibrates (:func:`training.intervals.held_out_coverage`), and the band's coverage and width on
-the held-out fold's measured values are pooled over folds and seeds.
+Per seed the folds cover every patient once; per-patient error sums are averaged over seeds,
+and intervals come from a paired bootstrap over patients (:mod:`training.skill`). Conformal
+bands are calibrated per fold as training calibrates (:func:`training.intervals.held_out_coverage`).
 """
 
 from __future__ import annotations
@@ -317,9 +310,12 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
     header = ["model", "params", *(f"skill K={k}" for k in ks), *(f"RMSE K={k}" for k in ks)]
     table = []
     by = {(r["model"], r["k"]): r for r in rows}
+
+    def stat(row: dict, key: str, spec: str) -> str:
+        return format(row[key], spec) if row[key] else "-"
+
     for label in dict.fromkeys(r["model"] for r in rows):
         first = by[(label, ks[0])]
-        params = f"{first['n_params']:,.0f}" if first["n_params"] else "-"
         skills = [
             _fmt_ci(by[(label, k)]["skill"], by[(label, k)]["skill_ci"], pct=True)
             if label != REFERENCE
@@ -327,8 +323,8 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
             for k in ks
         ]
         rmses = [_fmt_ci(by[(label, k)]["rmse_measured"], by[(label, k)]["rmse_ci"]) for k in ks]
-        tput = f"{first['train_examples_per_s']:,.0f}" if first["train_examples_per_s"] else "-"
-        mem = f"{first['train_mem_mb']:.1f}" if first["train_mem_mb"] else "-"
+        params, mem = stat(first, "n_params", ",.0f"), stat(first, "train_mem_mb", ".1f")
+        tput = stat(first, "train_examples_per_s", ",.0f")
         table.append([label, params, *skills, *rmses, mem, tput])
     lines += markdown_table([*header, "train mem (MB)", "train ex/s"], table)
     if ratios:

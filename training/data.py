@@ -1,10 +1,8 @@
 """bins.parquet -> patients split for training -> fitted preprocessing -> padded stay batches.
 
-The imputer and scaler are fitted here, where the training patients are decided (a holdout
-split or one fold of a patient-grouped cross-validation), on those patients' bins only; every
-other patient is preprocessed with that fit. A stay's measured values are taken from the ETL
-output (``value`` where ``<var>_observed``), then prepared exactly as the service prepares a
-POSTed history (:func:`prepare_inputs`), so training and serving share one preprocessing path.
+The imputer and scaler are fitted on the training patients of the partition only, and every
+stay is prepared through :func:`prepare_inputs`, the function the service runs on a POSTed
+history (docs/training.md, "Which patients train, validate and test").
 """
 
 from __future__ import annotations
@@ -152,20 +150,18 @@ def pad(arrays: list[np.ndarray], fill: float = np.nan) -> np.ndarray:
 
 
 def _concat(stays: Stays, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The raw rows of the (at least one) stays ``idx``, concatenated, and each row's stay start."""
     raw = [stays.raw_state[i] for i in idx]
     iv = [stays.interventions[i] for i in idx]
-    if not raw:
-        return np.zeros((0, N_STATE)), np.zeros((0, len(INTERVENTION_NAMES))), np.zeros(0, int)
-    ids = np.repeat(np.arange(len(raw)), [len(r) for r in raw])
-    return np.concatenate(raw), np.concatenate(iv), group_starts(ids)
+    starts = group_starts(np.repeat(np.arange(len(raw)), [len(r) for r in raw]))
+    return np.concatenate(raw), np.concatenate(iv), starts
 
 
 def fit_preprocessor(stays: Stays, train_idx: np.ndarray, seed: int = 0) -> Preprocessor:
     """Imputer + scaler fitted on the prepared bins of the stays ``train_idx`` only."""
-    raw, iv, starts = _concat(stays, np.asarray(train_idx))
-    if len(raw) == 0:
+    if len(train_idx) == 0:
         raise DataError("cannot fit the preprocessor: no training bins")
-    prepared = prepare_arrays(raw, iv, starts)
+    prepared = prepare_arrays(*_concat(stays, np.asarray(train_idx)))
     table = pd.DataFrame(
         np.hstack([prepared.state, prepared.interventions]), columns=list(FEATURE_NAMES)
     )
@@ -176,30 +172,22 @@ def fit_preprocessor(stays: Stays, train_idx: np.ndarray, seed: int = 0) -> Prep
 def build_sequences(stays: Stays, idx: np.ndarray, pre: Preprocessor) -> StaySequences:
     """Model-ready arrays of the stays ``idx`` under the fitted preprocessor ``pre``."""
     idx = np.asarray(idx, dtype=np.int64)
-    raw, iv, starts = _concat(stays, idx)
-    if len(raw):
-        x, filled = prepare_inputs(pre, raw, iv, starts)
+    inputs, state, physical = [], [], []
+    if len(idx):
+        x, filled = prepare_inputs(pre, *_concat(stays, idx))
+        cuts = np.cumsum([len(stays.raw_state[i]) for i in idx])[:-1]
         scaled = pre.scale_state(filled).astype(np.float32)
-    else:
-        x = np.zeros((0, 2 * N_STATE + len(INTERVENTION_NAMES)), np.float32)
-        filled = scaled = np.zeros((0, N_STATE))
-    cuts = np.cumsum([len(stays.raw_state[i]) for i in idx])[:-1]
+        inputs, state, physical = (np.split(a, cuts) for a in (x, scaled, filled))
     return StaySequences(
         stay_ids=stays.stay_ids[idx],
         subject_ids=stays.subject_ids[idx],
         split=stays.split[idx],
-        inputs=np.split(x, cuts) if len(idx) else [],
-        state=np.split(scaled, cuts) if len(idx) else [],
-        physical=np.split(filled, cuts) if len(idx) else [],
+        inputs=inputs,
+        state=state,
+        physical=physical,
         raw_state=[stays.raw_state[i] for i in idx],
         interventions=[stays.interventions[i] for i in idx],
     )
-
-
-def split_sequences(frame: pd.DataFrame, pre: Preprocessor, split: str) -> StaySequences:
-    """The stays of the ETL's holdout ``split`` under ``pre`` (e.g. a served model's)."""
-    stays = stays_from_frame(frame)
-    return build_sequences(stays, np.flatnonzero(stays.split == split), pre)
 
 
 @dataclass(frozen=True)
@@ -210,9 +198,6 @@ class Partition:
     val: np.ndarray
     test: np.ndarray
     name: str = "holdout"
-
-    def as_dict(self) -> dict[str, np.ndarray]:
-        return {"train": self.train, "val": self.val, "test": self.test}
 
 
 def holdout_partition(stays: Stays) -> Partition:
@@ -321,8 +306,8 @@ class BinsDataModule(L.LightningDataModule):
         self.preprocessor = fit_preprocessor(self.stays, self.partition.train, seed=self.cv_seed)
         self.preprocessor.meta["partition"] = self.partition.name
         self.sequences = {
-            s: build_sequences(self.stays, idx, self.preprocessor)
-            for s, idx in self.partition.as_dict().items()
+            s: build_sequences(self.stays, getattr(self.partition, s), self.preprocessor)
+            for s in SPLITS
         }
         for s in ("train", "val"):
             if not stay_items(self.sequences[s]):

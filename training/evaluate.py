@@ -14,7 +14,7 @@ from training.data import StaySequences, pad
 from training.metrics import per_variable, summary
 from training.models import DynamicsModel
 from training.models.direct import DirectRidge
-from training.rollout import Windows, rollout_windows, state_bounds
+from training.rollout import Windows, add_state_noise, rollout_windows, state_bounds
 from training.skill import PatientErrors, patient_errors, skill
 
 KS: tuple[int, ...] = (1, 2, 3, 5)
@@ -34,7 +34,8 @@ class Evaluation:
     value (scaled space; the paper's metric); ``observed[K]`` MAE / RMSE over measured true
     values only (the primary metric), ``errors[K]`` the same as per-patient sums (for skill and
     bootstrap intervals); ``noise[(K, sigma)]`` as ``scaled`` under input noise;
-    ``per_variable`` physical-unit rows (all values and measured values).
+    ``per_variable`` physical-unit rows (all values and measured values); ``noisy[sigma]`` the
+    noisy rollouts and the noisy raw histories they start from (:func:`split_windows`).
     """
 
     scaled: dict[int, dict[str, float]]
@@ -44,6 +45,7 @@ class Evaluation:
     windows: dict[int, Windows] = field(default_factory=dict)
     n_windows: dict[int, int] = field(default_factory=dict)
     errors: dict[int, PatientErrors] = field(default_factory=dict)
+    noisy: dict[float, tuple[dict[int, Windows], list[np.ndarray]]] = field(default_factory=dict)
 
     def skill_metrics(self, reference: Evaluation, prefix: str, name: str = "skill") -> dict:
         """``{prefix}/{name}_k{K}`` = 1 - RMSE/RMSE_reference (measured values, same windows)
@@ -74,6 +76,31 @@ class Evaluation:
         return out
 
 
+def split_windows(
+    model: DynamicsModel,
+    seqs: StaySequences,
+    pre: Preprocessor,
+    ks: tuple[int, ...],
+    noise_sigma: float = 0.0,
+    seed: int = 0,
+) -> tuple[dict[int, Windows], list[np.ndarray]]:
+    """Closed-loop rollouts from every start bin (float64 on a copy of the model, clamped, as
+    the Forecaster runs) and the raw histories they start from (noisy ones when
+    ``noise_sigma`` > 0: a band's difficulty estimate sees the same noisy history as the
+    model). The noise is Gaussian in scaled space, on the state part of the inputs only."""
+    model = copy.deepcopy(model).double().eval()
+    inputs, raw = seqs.inputs, seqs.raw_state
+    if noise_sigma > 0:
+        inputs = add_state_noise(inputs, noise_sigma, seed)
+        # The same noise in physical units, on the measured values only (NaN stays NaN).
+        raw = [
+            r + (x[:, :N_STATE] - s[:, :N_STATE]) * pre.state_range
+            for r, x, s in zip(raw, inputs, seqs.inputs, strict=True)
+        ]
+    wins = rollout_windows(model, inputs, seqs.state, tuple(ks), bounds=state_bounds(pre))
+    return wins, raw
+
+
 def evaluate(
     model: DynamicsModel,
     seqs: StaySequences,
@@ -82,23 +109,14 @@ def evaluate(
     sigmas: tuple[float, ...] = (),
     seed: int = 0,
 ) -> Evaluation:
-    """Rollouts from every start bin of every stay (the same windows for every model).
-
-    The model runs in float64 on a copy, as the Forecaster does.
-    """
-    model = copy.deepcopy(model).double().eval()
-    bounds = state_bounds(pre)
-    wins = rollout_windows(model, seqs.inputs, seqs.state, ks, bounds=bounds)
+    """Rollouts from every start bin of every stay (the same windows for every model)."""
+    wins, raw = split_windows(model, seqs, pre, ks)
     ev = Evaluation(scaled={}, windows=wins)
     for k, w in wins.items():
         _score(ev, k, w.pred[:, -1], w.true[:, -1], w.observed[:, -1], w.stay, seqs, pre)
     for s in sigmas:
-        noisy = (
-            wins
-            if s == 0
-            else rollout_windows(model, seqs.inputs, seqs.state, ks, s, seed, bounds=bounds)
-        )
-        for k, w in noisy.items():
+        ev.noisy[s] = (wins, raw) if s == 0 else split_windows(model, seqs, pre, ks, s, seed)
+        for k, w in ev.noisy[s][0].items():
             ev.noise[(k, s)] = summary(w.pred[:, -1], w.true[:, -1])
     return ev
 

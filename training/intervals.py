@@ -1,21 +1,18 @@
-"""Conformal intervals of a trained model: calibrate on validation, score on test, log.
+"""Conformal intervals of a trained model: calibrate on validation, score on test.
 
-:func:`log_intervals` is the one call training makes: it calibrates the model (and
-persistence, the naive reference band) on the validation stays' closed-loop rollouts, measures
-coverage and width on the test stays (clean and under the noise grid), logs the metrics, a
-per-variable table and the plots, and returns the model's :class:`Calibration` for the pyfunc.
+:func:`interval_metrics` is the call training makes: it calibrates the model on the
+validation stays' closed-loop rollouts and measures coverage and width on the test stays
+(clean and under the noise grid); the model's :class:`Calibration` goes into the pyfunc.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from features.catalog import N_STATE, STATE_NAMES
+from features.catalog import STATE_NAMES
 from features.preprocess import Preprocessor
 from training.conformal import (
     DEFAULT_LEVELS,
@@ -28,36 +25,10 @@ from training.conformal import (
     stay_windows,
 )
 from training.data import StaySequences
+from training.evaluate import Evaluation, split_windows
 from training.models import DynamicsModel
-from training.rollout import Windows, add_state_noise, rollout_windows, state_bounds
+from training.rollout import Windows
 from training.skill import PatientCounts, patient_counts
-
-# Coverage against nominal is plotted over these levels (the calibration serves any level).
-PLOT_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-
-
-def split_windows(
-    model: DynamicsModel,
-    seqs: StaySequences,
-    pre: Preprocessor,
-    ks: Sequence[int],
-    noise_sigma: float = 0.0,
-    seed: int = 0,
-) -> tuple[dict[int, Windows], list[np.ndarray]]:
-    """Closed-loop rollouts from every start bin (float64, clamped, as the Forecaster runs)
-    and the raw histories they start from (noisy ones when ``noise_sigma`` > 0: the band's
-    difficulty estimate sees the same noisy history as the model)."""
-    model = copy.deepcopy(model).double().eval()
-    inputs, raw = seqs.inputs, seqs.raw_state
-    if noise_sigma > 0:
-        inputs = add_state_noise(inputs, noise_sigma, seed)
-        # The same noise in physical units, on the measured values only (NaN stays NaN).
-        raw = [
-            r + (x[:, :N_STATE] - s[:, :N_STATE]) * pre.state_range
-            for r, x, s in zip(raw, inputs, seqs.inputs, strict=True)
-        ]
-    wins = rollout_windows(model, inputs, seqs.state, tuple(ks), bounds=state_bounds(pre))
-    return wins, raw
 
 
 def calibration_residuals(
@@ -151,7 +122,7 @@ def held_out_coverage(
 ) -> Coverage:
     """Calibrate ``model`` on ``val`` as training does (steps 1..max K) and
     score the band on ``wins``, the clean rollouts of ``test`` that
-    :func:`training.evaluate.evaluate` made (the same windows :func:`split_windows` gives),
+    :func:`training.evaluate.evaluate` made (those of :func:`training.evaluate.split_windows`),
     counted per patient too."""
     cal = fit_calibration(calibration_residuals(model, val, pre, max(wins)), levels)
     return coverage(cal, wins, test.raw_state, pre, levels, test.subject_ids)
@@ -169,100 +140,33 @@ def coverage_metrics(
     return out
 
 
-def log_intervals(
+def interval_metrics(
     model: DynamicsModel,
     val: StaySequences,
     test: StaySequences,
     pre: Preprocessor,
-    ks: Sequence[int],
-    sigmas: Sequence[float],
-    seed: int,
-    plots: bool,
-    title: str,
-) -> tuple[Calibration, dict[str, float]]:
-    """Calibrate ``model`` and persistence on ``val``, score both on ``test``, inside the active
-    MLflow run.
+    ev: Evaluation,
+) -> tuple[Calibration, Coverage, dict[str, float]]:
+    """Calibrate ``model`` on ``val`` (steps 1..max K) and score the band on ``ev``, the
+    model's evaluation on ``test``: its clean windows and those under each input-noise sigma.
 
-    Logs the per-variable table (``intervals_test.json``) and, with ``plots``, the plots
-    (``plots/interval_*.png``). Returns the model's calibration and the metrics (``test/``,
-    ``noise/``, ``baseline/`` persistence and the non-adaptive alternative's
-    ``test/width_absolute_...``) for the caller to log with the rest.
+    Returns the calibration, the clean coverage and the metrics (``test/``, ``noise/`` and the
+    non-adaptive alternative's ``test/width_absolute_...``).
     """
-    import tempfile
-
-    import mlflow
-    import pandas as pd
-
-    from training.models import ModelConfig, build_model
-
-    ks, levels = tuple(ks), DEFAULT_LEVELS
-    res = calibration_residuals(model, val, pre, max(ks))
+    levels, wins = DEFAULT_LEVELS, ev.windows
+    res = calibration_residuals(model, val, pre, max(wins))
     cal = fit_calibration(res, levels)
-    wins, raw = split_windows(model, test, pre, ks)
-    cov = coverage(cal, wins, raw, pre, levels)
+    cov = coverage(cal, wins, test.raw_state, pre, levels)
     metrics = coverage_metrics(cov, "test/")
     metrics["conformal/n_adaptive"] = float(cal.adaptive.sum())
     # What adaptivity bought: the same recipe with absolute scores, same windows.
     absolute = fit_calibration(res, levels, adaptive="never")
     metrics |= coverage_metrics(
-        coverage(absolute, wins, raw, pre, levels), "test/", variant="_absolute"
+        coverage(absolute, wins, test.raw_state, pre, levels), "test/", variant="_absolute"
     )
-    for s in sigmas:
+    for s, (noisy, noisy_raw) in ev.noisy.items():
         if s > 0:
-            noisy, noisy_raw = split_windows(model, test, pre, ks, s, seed)
             metrics |= coverage_metrics(
                 coverage(cal, noisy, noisy_raw, pre, levels), "noise/", f"_sigma{s:g}"
             )
-    persistence = build_model(ModelConfig(model="persistence"))
-    p_wins, _ = split_windows(persistence, test, pre, ks)
-    p_cov = held_out_coverage(persistence, val, test, p_wins, pre)
-    metrics |= coverage_metrics(p_cov, "baseline/persistence_")
-    if cov.rows:
-        mlflow.log_table(pd.DataFrame(cov.rows), "intervals_test.json")
-    if plots:
-        with tempfile.TemporaryDirectory() as tmp:
-            _plots(cal, wins, raw, test, pre, Path(tmp), title)
-            mlflow.log_artifacts(tmp, artifact_path="plots")
-    return cal, metrics
-
-
-def _plots(
-    cal: Calibration,
-    wins: dict[int, Windows],
-    raw: list[np.ndarray],
-    test: StaySequences,
-    pre: Preprocessor,
-    out: Path,
-    title: str,
-) -> None:
-    from training import plots
-
-    grid = coverage(cal, wins, raw, pre, PLOT_LEVELS).summary
-    plots.coverage_vs_nominal(
-        {
-            k: {lv: grid[(k, lv)]["coverage"] for lv in PLOT_LEVELS}
-            for k in wins
-            if (k, 0.5) in grid
-        },
-        out / "interval_coverage.png",
-        f"Test coverage of the conformal bands ({title})",
-    )
-    k = max(wins)
-    w = wins[k]
-    stays = []
-    for n, j in enumerate(w.middle_windows([len(s) for s in test.state])):
-        i, s = w.stay[j], int(w.start[j])
-        pred = pre.unscale_state(w.pred[j : j + 1])
-        bands = cal.intervals(pred, stay_windows(raw, [i], [s], cal.lookback), cal.levels)
-        stays.append(
-            {
-                "truth": test.physical[i],
-                "observed": ~np.isnan(test.raw_state[i]),
-                "start": s,
-                "forecast": pred[0],
-                "bands": {lv: (lo[0], hi[0]) for lv, (lo, hi) in bands.items()},
-                "label": f"test stay {n + 1}",
-            }
-        )
-    if stays:
-        plots.fan_charts(stays, out / "interval_fans.png", f"Test stays: {k}-step bands ({title})")
+    return cal, cov, metrics

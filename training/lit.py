@@ -1,17 +1,9 @@
 """The one LightningModule: wraps any DynamicsModel and trains it for how it is used.
 
-Objectives (``objective``):
-
-* ``closed_loop`` (default): from every start bin s of every stay, the model predicts bin s+1
-  from the history, then rolls on ``rollout_k - 1`` more bins with its own clipped prediction
-  fed back (observed mask 0) and the true interventions, exactly as
-  :func:`training.rollout.continue_rollout` does at evaluation and in the service. The loss is
-  the squared error at every step 1..K, on measured target values only (``measured_only``).
-* ``teacher_forced``: the paper's recipe, one-step MSE with the true history at every bin.
-
-Validation always reports the closed-loop error (``val_loss`` is the objective's own loss,
-``val_rollout_mse`` the closed-loop measured error over steps 1..K, which early stopping and
-checkpoint choice use by default).
+``closed_loop`` (default) scores the clipped, fed-back K-step rollouts evaluation and the
+service run (:func:`training.rollout.every_start_rollouts`) on measured target values;
+``teacher_forced`` is the paper's one-step MSE. Validation always reports the closed-loop
+error ``val_rollout_mse`` beside the objective's ``val_loss`` (docs/training.md, "Training").
 """
 
 from __future__ import annotations
@@ -97,18 +89,19 @@ class LitDynamics(L.LightningModule):
         else:
             self.lo = self.hi = None
 
-    def _rollout(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        bounds = None if self.lo is None else (self.lo, self.hi)
-        x, lengths, k = batch["x"], batch["lengths"], self.hparams.rollout_k
-        return rollout_errors(self.model, x, lengths, k, bounds, self.hparams.measured_only)
-
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.hparams.objective == "teacher_forced":
-            sse, n = teacher_forced_errors(
-                self.model, batch["x"], batch["lengths"], self.hparams.measured_only
-            )
+    def _loss(
+        self, batch: dict[str, torch.Tensor], objective: Objective | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean squared error under ``objective`` (default: the training objective) and the
+        number of values it covers."""
+        hp, x, lengths = self.hparams, batch["x"], batch["lengths"]
+        if (objective or hp.objective) == "teacher_forced":
+            sse, n = teacher_forced_errors(self.model, x, lengths, hp.measured_only)
         else:
-            sums, counts = self._rollout(batch)
+            bounds = None if self.lo is None else (self.lo, self.hi)
+            sums, counts = rollout_errors(
+                self.model, x, lengths, hp.rollout_k, bounds, hp.measured_only
+            )
             sse, n = sums.sum(), counts.sum()
         return sse / n.clamp_min(1.0), n
 
@@ -120,20 +113,16 @@ class LitDynamics(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        sums, counts = self._rollout(batch)
-        total = counts.sum().clamp_min(1.0)
-        rollout_mse = sums.sum() / total
+        loss, n = self._loss(batch, "closed_loop")
         self.log(
             "val_rollout_mse",
-            rollout_mse,
+            loss,
             on_epoch=True,
             prog_bar=True,
-            batch_size=int(total),
+            batch_size=max(int(n), 1),
             sync_dist=True,
         )
-        if self.hparams.objective == "closed_loop":  # the objective is that very error
-            loss, n = rollout_mse, total
-        else:
+        if self.hparams.objective != "closed_loop":  # else the objective is that very error
             loss, n = self._loss(batch)
         self.log("val_loss", loss, on_epoch=True, batch_size=max(int(n), 1), sync_dist=True)
 

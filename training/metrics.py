@@ -13,21 +13,17 @@ def r2_per_variable(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
         return np.where(sst > 0, 1.0 - sse / sst, np.nan)
 
 
-def r2(pred: np.ndarray, true: np.ndarray) -> float:
-    """R2 averaged over variables (scikit-learn's ``uniform_average``), skipping constant ones."""
-    per = r2_per_variable(pred.reshape(-1, pred.shape[-1]), true.reshape(-1, true.shape[-1]))
-    return float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
-
-
 def summary(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     """MAE, RMSE (over every value) and R2 (mean over variables) of (..., v) arrays."""
     if pred.size == 0:
         return {"mae": float("nan"), "rmse": float("nan"), "r2": float("nan")}
     err = pred - true
+    # R2 averaged over variables (scikit-learn's ``uniform_average``), skipping constant ones.
+    r2 = r2_per_variable(pred.reshape(-1, pred.shape[-1]), true.reshape(-1, true.shape[-1]))
     return {
         "mae": float(np.mean(np.abs(err))),
         "rmse": float(np.sqrt(np.mean(err**2))),
-        "r2": r2(pred, true),
+        "r2": float(np.nanmean(r2)) if np.isfinite(r2).any() else float("nan"),
     }
 
 

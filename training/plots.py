@@ -165,18 +165,18 @@ def coverage_vs_nominal(by_k: dict[int, dict[float, float]], path: Path, title: 
 
 
 def fan_charts(stays: list[dict], path: Path, title: str) -> Path:
-    """Per stay (row) and variable (column): the truth, the rollout from bin ``start`` and its
-    bands (widest first, lighter), measured values as dots."""
+    """Per stay (row) and variable (column): the truth, the rollout from bin ``rollout_start``
+    and its ``bands`` (widest first, lighter), measured values as dots."""
 
     def draw(ax: plt.Axes, st: dict, t: np.ndarray, j: int) -> None:
-        s = st["start"]
-        steps = t[s + 1 : s + 1 + len(st["forecast"])]
+        s = st["rollout_start"]
+        steps = t[s + 1 : s + 1 + len(st["rollout"])]
         for i, (lv, (lo, hi)) in enumerate(sorted(st["bands"].items(), reverse=True)):
             ax.fill_between(
                 steps, lo[:, j], hi[:, j], color="tab:blue", alpha=0.15 + 0.15 * i,
                 label=f"{lv:g} band",
             )  # fmt: skip
-        ax.plot(steps, st["forecast"][:, j], "o-", color="tab:blue", ms=3, label="forecast")
+        ax.plot(steps, st["rollout"][:, j], "o-", color="tab:blue", ms=3, label="forecast")
         ax.axvline(t[s], color="grey", lw=0.8, ls=":")
         ax.tick_params(labelsize=7)
 

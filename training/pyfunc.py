@@ -156,10 +156,9 @@ def predict_frame(
     """The forecast of every patient in ``frame``, with its conformal bands at ``levels``
     (None: the calibration's defaults; none when the model has no calibration)."""
     ids, state, iv, lengths, planned = frame_to_arrays(frame)
-    plan_rows = frame[frame["kind"].astype(str) == "plan"]
-    horizons = plan_rows.groupby(plan_rows["patient_id"].astype(str)).size()
+    plan_ids = frame.loc[frame["kind"].astype(str) == "plan", "patient_id"].astype(str)
+    h = plan_ids.value_counts()[ids].to_numpy()
     out = forecaster.forecast(state, iv, lengths, planned)
-    h = np.array([int(horizons[p]) for p in ids])
     keep = np.arange(out.shape[1]) < h[:, None]  # (B, H_max): each patient's own horizon
     columns: dict[str, object] = {
         "patient_id": np.repeat(np.array(ids, dtype=object), h),

@@ -1,9 +1,6 @@
-"""Model registry: names per model family, the 'champion' alias, the overall champion.
-
-Each family (``icu-forecast-cfc``, ``-gru``, ``-persistence``, ...) has its own ``champion``.
-The overall champion, the best family champion by validation error at K=5 on measured values
-(baselines included), is copied to the registered model ``icu-forecast`` with the alias
-``champion``: what the service serves by default.
+"""Model registry: a ``champion`` alias per model family (``icu-forecast-<family>``), and the
+overall champion copied to ``icu-forecast@champion``, what the service serves by default
+(docs/training.md, "Champions and the served model").
 """
 
 from __future__ import annotations

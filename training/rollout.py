@@ -1,12 +1,9 @@
-"""Recursive K-step rollouts under the model convention (docs/architecture.md).
+"""Recursive K-step rollouts under the model convention (docs/architecture.md): step k > 1
+feeds back the prediction for bin s+k-1 (observed mask 0) with that bin's interventions, so
+the true state of bins after s is never an input.
 
-Step 1 predicts bin s+1 from the history's inputs 0..s. Step k > 1 feeds back the prediction
-for bin s+k-1 as the state, with the observed mask 0, and the interventions of bin s+k-1 (true
-ones offline, planned ones in the service). Nothing from bins after s enters except those
-interventions: the true state of later bins is never an input.
-
-The same two functions serve evaluation and :class:`training.forecaster.Forecaster`, which is
-why the service reproduces the offline rollouts exactly.
+The same functions serve training, evaluation and :class:`training.forecaster.Forecaster`,
+which is why the service reproduces the offline rollouts exactly.
 """
 
 from __future__ import annotations
@@ -142,7 +139,8 @@ class Windows:
 
 
 def add_state_noise(inputs: list[np.ndarray], sigma: float, seed: int) -> list[np.ndarray]:
-    """Copies of ``inputs`` with Gaussian noise (scaled space) on the state columns only."""
+    """Copies of ``inputs`` with Gaussian noise (scaled space, i.e. relative to the min-max
+    range) on the state columns only: masks and interventions are untouched."""
     rng = np.random.default_rng(seed)
     inputs = [x.copy() for x in inputs]
     for x in inputs:
@@ -156,20 +154,14 @@ def rollout_windows(
     inputs: list[np.ndarray],
     states: list[np.ndarray],
     ks: tuple[int, ...],
-    noise_sigma: float = 0.0,
-    seed: int = 0,
     bounds: Bounds | None = None,
 ) -> dict[int, Windows]:
     """Rollouts of every length in ``ks`` from every start bin of every stay.
 
-    ``noise_sigma`` adds Gaussian noise (scaled space, i.e. relative to the min-max range) to
-    the state part of the history inputs; interventions, masks and the truth are untouched.
     Runs in the model's dtype: evaluation and the Forecaster use float64, so results do not
     depend on how windows are batched. ``bounds`` clips predictions as in :func:`continue_rollout`.
     """
     model.eval()
-    if noise_sigma > 0:
-        inputs = add_state_noise(inputs, noise_sigma, seed)
     dtype = next(iter(model.parameters()), torch.empty(0, dtype=torch.float64)).dtype
     x = pad_sequence([torch.as_tensor(s, dtype=dtype) for s in inputs], batch_first=True)
     truth = pad_sequence([torch.as_tensor(s) for s in states], batch_first=True)

@@ -104,7 +104,10 @@ def setup(uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT) -> str:
     create_store(resolved)
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or resolved)
-    location = artifact_location(resolved)
+    # For a SQLite store, artifacts go to mlruns/ next to the database file: MLflow's default
+    # (./mlruns here) would scatter a temporary store's artifacts wherever a run starts.
+    db = sqlite_file(resolved)
+    location = None if db is None else (db.resolve().parent / "mlruns").as_uri()
     if location is not None and mlflow.get_experiment_by_name(experiment) is None:
         from mlflow.exceptions import MlflowException
 
@@ -158,16 +161,6 @@ def end_abandoned_runs(client: Any, experiment_ids: Iterable[str]) -> int:
         )
         marked += 1
     return marked
-
-
-def artifact_location(uri: str) -> str | None:
-    """For a SQLite store, artifacts go to ``mlruns/`` next to the database file.
-
-    MLflow's default (``./mlruns`` in the current directory) would scatter the artifacts of a
-    temporary store into whatever folder a run starts from.
-    """
-    db = sqlite_file(uri)
-    return None if db is None else (db.resolve().parent / "mlruns").as_uri()
 
 
 def code_version() -> str:

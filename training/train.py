@@ -12,6 +12,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from math import inf
 from pathlib import Path
 
 import lightning as L
@@ -21,11 +22,12 @@ import torch
 from features.catalog import catalog_version
 from training.callbacks import History, PeakMemory
 from training.config import TrainConfig
+from training.conformal import Calibration, stay_windows
 from training.data import BinsDataModule, StaySequences
 from training.evaluate import Evaluation, evaluate, evaluate_direct, latency
 from training.footprint import training_step_bytes
 from training.forecaster import Forecaster
-from training.intervals import log_intervals
+from training.intervals import coverage, coverage_metrics, held_out_coverage, interval_metrics
 from training.lit import LitDynamics
 from training.models import DynamicsModel, ModelConfig, build_model, count_parameters
 from training.models.baselines import Linear
@@ -36,6 +38,8 @@ from training.registry import registered_name
 from training.rollout import state_bounds
 
 log = logging.getLogger("icu_forecast.training")
+# Coverage against nominal is plotted over these levels (the calibration serves any level).
+PLOT_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 @dataclass
@@ -86,15 +90,8 @@ def _is_launcher_child() -> bool:
 
 def data_module(cfg: TrainConfig) -> BinsDataModule:
     """The DataModule of ``cfg`` with its partition decided and preprocessing fitted."""
-    dm = BinsDataModule(
-        cfg.data,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        folds=cfg.folds,
-        fold=cfg.fold,
-        cv_seed=cfg.cv_seed,
-        cv_pool=cfg.cv_pool,
-    )
+    keys = {"batch_size", "num_workers", "folds", "fold", "cv_seed", "cv_pool"}
+    dm = BinsDataModule(cfg.data, **cfg.model_dump(include=keys))
     dm.setup("fit")
     return dm
 
@@ -102,14 +99,9 @@ def data_module(cfg: TrainConfig) -> BinsDataModule:
 def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
     lo, hi = state_bounds(dm.preprocessor, torch.float32)
     mcfg = cfg.model_cfg()
+    keys = {"lr", "weight_decay", "objective", "rollout_k", "measured_only"}
     lit = LitDynamics(
-        mcfg.to_dict(),
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        objective=cfg.objective,
-        rollout_k=cfg.rollout_k,
-        measured_only=cfg.measured_only,
-        bounds=(lo.tolist(), hi.tolist()),
+        mcfg.to_dict(), bounds=(lo.tolist(), hi.tolist()), **cfg.model_dump(include=keys)
     )
     if mcfg.level_memory and mcfg.level_init == "ridge":
         start_from_ridge(lit.model, dm.sequences["train"].inputs, mcfg.level_alpha)
@@ -178,16 +170,14 @@ def fit_lightning(
     stats["train_steps"] = float(history.steps)  # in this process (a resumed run: the rest)
     stats["epochs_run"] = float(trainer.current_epoch)
     stats["world_size"] = float(trainer.world_size)
+    best_key, stats["kept_start"] = "best_" + cfg.monitor, 0.0
     if trainer.is_global_zero and checkpoint.best_model_path:
         best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
         lit.load_state_dict(best["state_dict"])
-        stats["best_" + cfg.monitor] = float(checkpoint.best_model_score)
-    stats["kept_start"] = 0.0
-    if trainer.is_global_zero and start is not None:
-        best_score = stats.get("best_" + cfg.monitor, float("inf"))
-        if start_score <= best_score:
-            lit.load_state_dict(start)
-            stats["best_" + cfg.monitor], stats["kept_start"] = start_score, 1.0
+        stats[best_key] = float(checkpoint.best_model_score)
+    if trainer.is_global_zero and start is not None and start_score <= stats.get(best_key, inf):
+        lit.load_state_dict(start)
+        stats[best_key], stats["kept_start"] = start_score, 1.0
     return trainer, lit, history, stats
 
 
@@ -230,7 +220,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
                 return TrainResult(None, cfg.model, label=cfg.run_label)
             model, history = lit.model, hist.epochs
         model = model.cpu().float().eval()
-        return _evaluate_and_log(cfg, mcfg, model, dm, history, train_stats, run.info.run_id)
+        return _evaluate_and_log(cfg, model, dm, history, train_stats, run.info.run_id)
 
 
 def baseline_evaluations(
@@ -255,7 +245,6 @@ def baseline_evaluations(
 
 def _evaluate_and_log(
     cfg: TrainConfig,
-    mcfg: ModelConfig,
     model: torch.nn.Module,
     dm: BinsDataModule,
     history: list[dict],
@@ -267,24 +256,25 @@ def _evaluate_and_log(
 
     from training.pyfunc import log_pyfunc, save_model_dir
 
-    ks, sigmas = tuple(cfg.ks), tuple(cfg.sigmas)
+    ks, sigmas, mcfg = tuple(cfg.ks), tuple(cfg.sigmas), cfg.model_cfg()
     pre = dm.preprocessor
     test, val = dm.sequences["test"], dm.sequences["val"]
     ev_test = evaluate(model, test, pre, ks, sigmas, seed=cfg.seed)
     ev_val = evaluate(model, val, pre, ks)
     # Baselines on exactly the same windows: skill is only meaningful against them.
-    _, base = baseline_evaluations(cfg, dm, ("test", "val"))
+    base_models, base = baseline_evaluations(cfg, dm, ("test", "val"))
     base_test, base_val = base["test"], base["val"]
 
-    # Conformal intervals: calibrated on val, scored on test (training/intervals.py).
-    calibration, interval_metrics = log_intervals(
-        model, val, test, pre, ks, sigmas, cfg.seed, cfg.plots, f"{cfg.run_label}, seed {cfg.seed}"
-    )
+    # Conformal intervals: calibrated on val, scored on test (training/intervals.py), and the
+    # same recipe applied to persistence: the naive reference band.
+    calibration, cov, metrics = interval_metrics(model, val, test, pre, ev_test)
+    persistence = base_models["persistence"]
+    p_cov = held_out_coverage(persistence, val, test, base_test["persistence"].windows, pre)
+    metrics |= coverage_metrics(p_cov, "baseline/persistence_")
     forecaster = Forecaster(
         model, pre, cfg.model, config=mcfg.to_dict(), data_checksum=dm.checksum,
         calibration=calibration,
     )  # fmt: skip
-    metrics: dict[str, float] = dict(interval_metrics)
     metrics |= ev_test.metrics("test")
     metrics |= ev_val.metrics("val")
     metrics |= ev_test.skill_metrics(base_test["persistence"], "test")
@@ -314,18 +304,17 @@ def _evaluate_and_log(
     mlflow.log_params(
         {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in params.items()}
     )
-    for row in history:
-        step = int(row["epoch"])
-        mlflow.log_metrics({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=step)
     mlflow.log_metrics(metrics)
     per_variable = pd.DataFrame(ev_test.per_variable)
     mlflow.log_table(per_variable, "per_variable_test.json")
+    if cov.rows:
+        mlflow.log_table(pd.DataFrame(cov.rows), "intervals_test.json")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         per_variable.to_csv(tmp / "per_variable_test.csv", index=False)
         mlflow.log_artifact(str(tmp / "per_variable_test.csv"))
         if cfg.plots:
-            _plots(cfg, ev_test, base_test, history, test, pre, tmp / "plots")
+            _plots(cfg, ev_test, base_test, history, test, pre, calibration, tmp / "plots")
             mlflow.log_artifacts(str(tmp / "plots"), artifact_path="plots")
         meta = {k: params[k] for k in ("catalog_version", "data_checksum", "label", "seed")}
         meta["model_name"] = cfg.model
@@ -356,45 +345,61 @@ def _plots(
     history: list[dict],
     test: StaySequences,
     pre,  # noqa: ANN001
+    cal: Calibration,
     out: Path,
 ) -> None:
     from training import plots
 
     out.mkdir(parents=True, exist_ok=True)
+    title = f"{cfg.run_label}, seed {cfg.seed}"
     # Measured values only: imputed "truth" favours persistence by construction.
     models = {cfg.run_label: ev, **baselines}
     plots.rmse_vs_k(
         {n: {k: m["rmse"] for k, m in e.observed.items()} for n, e in models.items()},
         out / "rmse_vs_k.png",
-        f"Test RMSE (measured values) vs rollout length ({cfg.run_label}, seed {cfg.seed})",
+        f"Test RMSE (measured values) vs rollout length ({title})",
     )
     if ev.noise:
         plots.noise_curves(
             {key: m["rmse"] for key, m in ev.noise.items()},
             out / "noise.png",
-            f"Input-noise robustness ({cfg.run_label}, seed {cfg.seed})",
+            f"Input-noise robustness ({title})",
         )
     if history:
-        plots.training_curves(
-            history,
-            out / "training_curves.png",
-            f"Training curves ({cfg.run_label}, seed {cfg.seed})",
-        )
-    w1, wk = ev.windows[min(ev.windows)], ev.windows[max(ev.windows)]
-    stays = [
+        plots.training_curves(history, out / "training_curves.png", f"Training curves ({title})")
+    grid = coverage(cal, ev.windows, test.raw_state, pre, PLOT_LEVELS).summary
+    plots.coverage_vs_nominal(
         {
-            "truth": test.physical[wk.stay[j]],
-            "observed": ~np.isnan(test.raw_state[wk.stay[j]]),
-            "one_step": pre.unscale_state(w1.pred[w1.stay == wk.stay[j]][:, 0]),
-            "rollout_start": int(wk.start[j]),
-            "rollout": pre.unscale_state(wk.pred[j]),
-            "label": f"test stay {n + 1}",
-        }
-        for n, j in enumerate(wk.middle_windows([len(s) for s in test.state]))
-    ]
+            k: {lv: grid[(k, lv)]["coverage"] for lv in PLOT_LEVELS}
+            for k in ev.windows
+            if (k, PLOT_LEVELS[0]) in grid
+        },
+        out / "interval_coverage.png",
+        f"Test coverage of the conformal bands ({title})",
+    )
+    w1, wk = ev.windows[min(ev.windows)], ev.windows[max(ev.windows)]
+    stays = []
+    for n, j in enumerate(wk.middle_windows([len(s) for s in test.state])):
+        i, s = wk.stay[j], int(wk.start[j])
+        rollout = pre.unscale_state(wk.pred[j : j + 1])
+        bands = cal.intervals(
+            rollout, stay_windows(test.raw_state, [i], [s], cal.lookback), cal.levels
+        )
+        stays.append(
+            {
+                "truth": test.physical[i],
+                "observed": ~np.isnan(test.raw_state[i]),
+                "one_step": pre.unscale_state(w1.pred[w1.stay == i][:, 0]),
+                "rollout_start": s,
+                "rollout": rollout[0],
+                "bands": {lv: (lo[0], hi[0]) for lv, (lo, hi) in bands.items()},
+                "label": f"test stay {n + 1}",
+            }
+        )
     if stays:
         plots.trajectories(
-            stays,
-            out / "trajectories.png",
-            f"Test stays: truth vs predictions ({cfg.run_label}, seed {cfg.seed})",
+            stays, out / "trajectories.png", f"Test stays: truth vs predictions ({title})"
+        )
+        plots.fan_charts(
+            stays, out / "interval_fans.png", f"Test stays: {wk.k}-step bands ({title})"
         )

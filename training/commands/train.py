@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import defaultdict
 from types import NoneType, UnionType
 from typing import Any, Literal, get_args, get_origin
 
@@ -66,25 +67,18 @@ def run(args: argparse.Namespace) -> int:
     result = train_model(cfg)
     if result.run_id is None:  # a non-zero DDP rank: rank 0 reports
         return 0
-    m = result.metrics
+    m = defaultdict(lambda: float("nan"), result.metrics)
     print(
         f"run {result.run_id}  model {result.model}  label {result.label}  "
         f"registered version {result.registered_version}"
     )
-    print(
-        "test RMSE (measured values, scaled): "
-        + "  ".join(f"K={k}: {m.get(f'test/rmse_measured_k{k}', float('nan')):.4f}" for k in cfg.ks)
+    rmse = (f"K={k}: {m[f'test/rmse_measured_k{k}']:.4f}" for k in cfg.ks)
+    print("test RMSE (measured values, scaled): " + "  ".join(rmse))
+    skill = (
+        f"K={k}: {m[f'test/skill_k{k}']:+.3f} "
+        f"[{m[f'test/skill_k{k}_lo']:+.3f}, {m[f'test/skill_k{k}_hi']:+.3f}]"
+        for k in cfg.ks
     )
-    print(
-        "test skill vs persistence [95% CI]: "
-        + "  ".join(
-            f"K={k}: {m.get(f'test/skill_k{k}', float('nan')):+.3f} "
-            f"[{m.get(f'test/skill_k{k}_lo', float('nan')):+.3f}, "
-            f"{m.get(f'test/skill_k{k}_hi', float('nan')):+.3f}]"
-            for k in cfg.ks
-        )
-    )
-    print(
-        f"params {int(m.get('n_params', 0))}  peak mem {m.get('peak_mem_mb', float('nan')):.0f} MB"
-    )
+    print("test skill vs persistence [95% CI]: " + "  ".join(skill))
+    print(f"params {int(m.get('n_params', 0))}  peak mem {m['peak_mem_mb']:.0f} MB")
     return 0
