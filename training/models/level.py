@@ -55,13 +55,17 @@ def empty_levels(batch: int, device: torch.device, dtype: torch.dtype) -> State:
 
 
 def measured_levels(x: Tensor) -> Tensor:
-    """Levels after every bin of one stay's inputs (n, 39): (n, len(HALF_LIVES) + 1, 18)."""
-    memory = empty_levels(1, x.device, x.dtype)
+    """Levels after every bin of inputs (..., n, 39), one stay or a batch of them:
+    (..., n, len(HALF_LIVES) + 1, 18)."""
+    batch = x.reshape(-1, *x.shape[-2:])
+    memory = empty_levels(batch.shape[0], x.device, x.dtype)
     out = []
-    for t in range(len(x)):
-        memory, levels = update_levels(memory, x[t : t + 1])
-        out.append(levels[0])
-    return torch.stack(out) if out else x.new_zeros(0, len(HALF_LIVES) + 1, N_STATE)
+    for t in range(batch.shape[1]):
+        memory, levels = update_levels(memory, batch[:, t])
+        out.append(levels)
+    if not out:
+        return x.new_zeros(*x.shape[:-1], len(HALF_LIVES) + 1, N_STATE)
+    return torch.stack(out, dim=1).reshape(*x.shape[:-1], len(HALF_LIVES) + 1, N_STATE)
 
 
 def fit_gains(inputs: Sequence[np.ndarray], alpha: float) -> Tensor:
@@ -118,15 +122,11 @@ class LevelMemory(DynamicsModel):
     def forward(self, x: Tensor) -> Tensor:
         # Teacher-forced: the network's own sequence forward (nn.GRU's fused loop, CfC's
         # hoisted projection) plus the pull, the same numbers as chaining ``step``.
-        memory = empty_levels(x.shape[0], x.device, x.dtype)
-        pulls = []
-        for t in range(x.shape[1]):
-            memory, levels = update_levels(memory, x[:, t])
-            pulls.append(self._pull(levels, x[:, t]))
-        return self.inner(x) + torch.stack(pulls, dim=1)
+        return self.inner(x) + self._pull(measured_levels(x), x)
 
     def _pull(self, levels: Tensor, x: Tensor) -> Tensor:
-        return (_GAIN_SCALE * self.gain.to(x.dtype) * (levels - x[:, None, :N_STATE])).sum(dim=1)
+        pull = levels - x[..., None, :N_STATE]
+        return (_GAIN_SCALE * self.gain.to(x.dtype) * pull).sum(dim=-2)
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         memory, levels = update_levels(state[self._n_inner :], x)

@@ -6,22 +6,14 @@ ncps cells are called without ``timespans``, at elapsed time 1 as in :mod:`train
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from features.catalog import N_STATE
 from training.models.base import N_INPUT, DynamicsModel, ModelConfig, State
 from training.models.cfc import CfC
-
-
-def _cfc_class(impl: str) -> type[nn.Module]:
-    if impl == "torch":
-        return CfC
-    if impl == "ncps":  # the reference implementation, same state-dict keys
-        from ncps.torch import CfC as NcpsCfC
-
-        return NcpsCfC
-    raise ValueError(f"cfc_impl must be 'torch' or 'ncps', got {impl!r}")
 
 
 class _NcpsStack(DynamicsModel):
@@ -58,42 +50,42 @@ class _NcpsStack(DynamicsModel):
         return self._out(x, self.head(h)), new
 
 
+def _cfc_class(cfg: ModelConfig) -> type[nn.Module]:
+    if cfg.cfc_impl == "ncps":  # the reference implementation, same state-dict keys
+        from ncps.torch import CfC as NcpsCfC
+
+        return NcpsCfC
+    if cfg.cfc_impl != "torch":
+        raise ValueError(f"cfc_impl must be 'torch' or 'ncps', got {cfg.cfc_impl!r}")
+    return CfC
+
+
 def build_cfc(cfg: ModelConfig) -> DynamicsModel:
-    cls = _cfc_class(cfg.cfc_impl)
-    sizes = [N_INPUT, *[cfg.units] * cfg.layers]  # each layer's input, then the head's
-    layers = [
-        cls(
-            size,
-            cfg.units,
-            mixed_memory=cfg.mixed_memory,
-            mode=cfg.mode,
-            backbone_units=cfg.backbone_units,
-            backbone_layers=cfg.backbone_layers,
-            backbone_dropout=cfg.backbone_dropout,
-        )
-        for size in sizes[:-1]
-    ]
-    return _NcpsStack(cfg, layers, sizes[-1])
-
-
-def build_cfc_ncp(cfg: ModelConfig) -> DynamicsModel:
-    from ncps.wirings import AutoNCP
-
-    cls = _cfc_class(cfg.cfc_impl)
-    wiring = AutoNCP(cfg.units, cfg.ncp_output, sparsity_level=cfg.ncp_sparsity, seed=22222)
-    rnn = cls(N_INPUT, wiring, mixed_memory=cfg.mixed_memory, mode=cfg.mode)
-    return _NcpsStack(cfg, [rnn], cfg.ncp_output)
+    cls = _cfc_class(cfg)
+    kw = {"backbone_units": cfg.backbone_units, "backbone_layers": cfg.backbone_layers}
+    kw |= {"backbone_dropout": cfg.backbone_dropout, "mode": cfg.mode}
+    return _stack(cfg, lambda size: cls(size, cfg.units, mixed_memory=cfg.mixed_memory, **kw))
 
 
 def build_ltc(cfg: ModelConfig) -> DynamicsModel:
     from ncps.torch import LTC
 
-    sizes = [N_INPUT, *[cfg.units] * cfg.layers]  # each layer's input, then the head's
-    layers = [
-        LTC(size, cfg.units, mixed_memory=cfg.mixed_memory, ode_unfolds=cfg.ode_unfolds)
-        for size in sizes[:-1]
-    ]
-    return _NcpsStack(cfg, layers, sizes[-1])
+    kw = {"mixed_memory": cfg.mixed_memory, "ode_unfolds": cfg.ode_unfolds}
+    return _stack(cfg, lambda size: LTC(size, cfg.units, **kw))
+
+
+def _stack(cfg: ModelConfig, layer: Callable[[int], nn.Module]) -> DynamicsModel:
+    """``cfg.layers`` layers of ``cfg.units``, the first fed the model input."""
+    sizes = [N_INPUT, *[cfg.units] * (cfg.layers - 1)]
+    return _NcpsStack(cfg, [layer(size) for size in sizes], cfg.units)
+
+
+def build_cfc_ncp(cfg: ModelConfig) -> DynamicsModel:
+    from ncps.wirings import AutoNCP
+
+    wiring = AutoNCP(cfg.units, cfg.ncp_output, sparsity_level=cfg.ncp_sparsity, seed=22222)
+    rnn = _cfc_class(cfg)(N_INPUT, wiring, mixed_memory=cfg.mixed_memory, mode=cfg.mode)
+    return _NcpsStack(cfg, [rnn], cfg.ncp_output)
 
 
 class TorchRNN(DynamicsModel):
