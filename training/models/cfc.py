@@ -184,9 +184,6 @@ class LSTMCell(nn.Module):
         c = c * torch.sigmoid(fg + 1.0) + torch.tanh(i) * torch.sigmoid(ig)
         return torch.tanh(c) * torch.sigmoid(og), c
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return self.recur(self.input_map(x), *state)
-
 
 class WiredCfCCell(nn.Module):
     """ncps' NCP-wired CfC: one backbone-free cell per wiring layer, masked by the wiring.
@@ -280,7 +277,7 @@ class CfC(nn.Module):
 
     def step(self, x: Tensor, hx: Hidden) -> tuple[Tensor, Hidden]:
         """One bin: x (B, input_size) -> (output (B, output_size), new state)."""
-        h, c = self.lstm(x, hx) if self.use_mixed else (hx, None)
+        h, c = self.lstm.recur(self.lstm.input_map(x), *hx) if self.use_mixed else (hx, None)
         cell, w = self.rnn_cell, self._weights
         h = cell(x, h) if w is None else cell.recur(cell.project(x, w), h, w)
         return self._output(h), ((h, c) if self.use_mixed else h)

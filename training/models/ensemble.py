@@ -30,14 +30,10 @@ class Ensemble(DynamicsModel):
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
         return [t for m in self.members for t in m.init_state(batch, device, dtype)]
 
-    def _split(self, state: State) -> list[State]:
-        rest = iter(state)
-        return [list(itertools.islice(rest, n)) for n in self.state_sizes]
-
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        ys, new = [], []
-        for m, s in zip(self.members, self._split(state), strict=True):
-            y, s2 = m.step(x, s)
+        ys, new, rest = [], [], iter(state)
+        for m, n in zip(self.members, self.state_sizes, strict=True):
+            y, s2 = m.step(x, list(itertools.islice(rest, n)))
             ys.append(y)
             new.extend(s2)
         return torch.stack(ys).mean(dim=0), new
