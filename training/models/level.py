@@ -122,11 +122,13 @@ class LevelMemory(DynamicsModel):
     def forward(self, x: Tensor) -> Tensor:
         # Teacher-forced: the network's own sequence forward (nn.GRU's fused loop, CfC's
         # hoisted projection) plus the pull, the same numbers as chaining ``step``.
-        return self.inner(x) + self._pull(measured_levels(x), x)
+        # The pull bin by bin, as ``step`` makes it: the gains' gradient sums in the same order.
+        levels = measured_levels(x)
+        pulls = [self._pull(levels[:, t], x[:, t]) for t in range(x.shape[1])]
+        return self.inner(x) + torch.stack(pulls, dim=1)
 
     def _pull(self, levels: Tensor, x: Tensor) -> Tensor:
-        pull = levels - x[..., None, :N_STATE]
-        return (_GAIN_SCALE * self.gain.to(x.dtype) * pull).sum(dim=-2)
+        return (_GAIN_SCALE * self.gain.to(x.dtype) * (levels - x[:, None, :N_STATE])).sum(dim=1)
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         memory, levels = update_levels(state[self._n_inner :], x)
