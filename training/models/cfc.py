@@ -161,10 +161,6 @@ class CfCCell(nn.Module):
             return torch.addcmul(ff1, gate, ff2)
         return torch.lerp(ff1, ff2, gate)
 
-    def forward(self, x: Tensor, h: Tensor) -> Tensor:
-        w = self.weights()
-        return self.recur(self.project(x, w), h, w)
-
 
 class LSTMCell(nn.Module):
     """ncps' mixed-memory LSTM cell (forget-gate bias +1), same parameter names."""
@@ -213,10 +209,18 @@ class WiredCfCCell(nn.Module):
             in_features = len(neurons)
         self.hidden_size = sum(self.layer_sizes)
 
-    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+    def weights(self) -> list[_Weights]:
+        return [cell.weights() for cell in self.children()]
+
+    def project(self, x: Tensor, w: list[_Weights]) -> Tensor:
+        # Only the first layer sees x, and the layers' inputs are not known before the step.
+        return x
+
+    def recur(self, x: Tensor, h: Tensor, w: list[_Weights]) -> Tensor:
         out = []
-        for cell, h_layer in zip(self.children(), h.split(self.layer_sizes, dim=1), strict=True):
-            x = cell(x, h_layer)
+        layers = zip(self.children(), h.split(self.layer_sizes, dim=1), w, strict=True)
+        for cell, h_layer, w_layer in layers:
+            x = cell.recur(cell.project(x, w_layer), h_layer, w_layer)
             out.append(x)
         return torch.cat(out, dim=1)
 
@@ -258,7 +262,7 @@ class CfC(nn.Module):
             self.rnn_cell = WiredCfCCell(input_size, units, mode)
             self.state_size, self.output_size = units.units, units.output_dim
         self.use_mixed = mixed_memory
-        self._weights: _Weights | None = None  # set inside stepping()
+        self._weights: _Weights | list[_Weights] | None = None  # set inside stepping()
         if mixed_memory:
             self.lstm = LSTMCell(input_size, self.state_size)
 
@@ -267,9 +271,8 @@ class CfC(nn.Module):
         """Within it, :meth:`step` reuses one arrangement of the cell's weights, made on entry
         (otherwise every step makes its own): for loops of steps. The parameters must not change
         inside (an optimiser step belongs outside); autograd works through it as usual."""
-        cell = self.rnn_cell
         previous = self._weights
-        self._weights = cell.weights() if isinstance(cell, CfCCell) else None
+        self._weights = self.rnn_cell.weights()
         try:
             yield
         finally:
@@ -279,7 +282,8 @@ class CfC(nn.Module):
         """One bin: x (B, input_size) -> (output (B, output_size), new state)."""
         h, c = self.lstm.recur(self.lstm.input_map(x), *hx) if self.use_mixed else (hx, None)
         cell, w = self.rnn_cell, self._weights
-        h = cell(x, h) if w is None else cell.recur(cell.project(x, w), h, w)
+        w = cell.weights() if w is None else w
+        h = cell.recur(cell.project(x, w), h, w)
         return self._output(h), ((h, c) if self.use_mixed else h)
 
     def forward(self, x: Tensor, hx: Hidden | None = None) -> tuple[Tensor, Hidden]:
@@ -289,23 +293,18 @@ class CfC(nn.Module):
             c = h.clone() if self.use_mixed else None
         else:
             h, c = hx if self.use_mixed else (hx, None)
-        # unbind, not xs[t]: indexing's backward would zero-fill a whole-sequence gradient
-        # for every step.
-        xs = x.unbind(1)
         cell = self.rnn_cell
-        if isinstance(cell, CfCCell):
-            w = cell.weights()
-            pre = cell.project(x, w).unbind(1)
-            recur = lambda t, h: cell.recur(pre[t], h, w)  # noqa: E731
-        else:
-            recur = lambda t, h: cell(xs[t], h)  # noqa: E731
+        w = cell.weights()
+        # unbind, not pre[t]: indexing's backward would zero-fill a whole-sequence gradient
+        # for every step.
+        pre = cell.project(x, w).unbind(1)
         if self.use_mixed:
             pre_lstm = self.lstm.input_map(x).unbind(1)
         outs = []
-        for t in range(len(xs)):
+        for t in range(len(pre)):
             if self.use_mixed:
                 h, c = self.lstm.recur(pre_lstm[t], h, c)
-            h = recur(t, h)
+            h = cell.recur(pre[t], h, w)
             outs.append(h)
         return self._output(torch.stack(outs, dim=1)), ((h, c) if self.use_mixed else h)
 
