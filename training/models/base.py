@@ -105,7 +105,8 @@ class DynamicsModel(nn.Module):
             yield
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:  # (B, 39) -> (B, 18)
-        raise NotImplementedError
+        # A model without state (the baselines) maps each bin on its own: forward is the step.
+        return self(x), state
 
     def _out(self, x: Tensor, delta: Tensor) -> Tensor:
         return x[..., :N_STATE] + delta if self.cfg.residual else delta

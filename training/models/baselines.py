@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from features.catalog import N_STATE
-from training.models.base import N_INPUT, DynamicsModel, ModelConfig, State
+from training.models.base import N_INPUT, DynamicsModel, ModelConfig
 
 
 class Persistence(DynamicsModel):
@@ -15,9 +15,6 @@ class Persistence(DynamicsModel):
 
     def forward(self, x: Tensor) -> Tensor:
         return x[..., :N_STATE]
-
-    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        return x[..., :N_STATE], state
 
 
 class Linear(DynamicsModel):
@@ -35,9 +32,6 @@ class Linear(DynamicsModel):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._out(x, self.linear(x))
-
-    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        return self._out(x, self.linear(x)), state
 
     def fit_ridge(self, x: np.ndarray, y: np.ndarray) -> None:
         """Fit on rows ``x`` (n, 39) -> next scaled state ``y`` (n, 18)."""
