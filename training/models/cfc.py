@@ -85,11 +85,9 @@ class CfCCell(nn.Module):
         self.backbone_layers, self.dropout = backbone_layers, backbone_dropout
         self._lecun = activation == "lecun_tanh" and backbone_layers > 0
         self.sparsity_mask: Tensor | None
-        if sparsity_mask is None:
-            self.sparsity_mask = None
-        else:
-            mask = torch.from_numpy(np.abs(np.asarray(sparsity_mask).T).astype(np.float32))
-            self.register_buffer("sparsity_mask", mask)
+        if sparsity_mask is not None:
+            sparsity_mask = torch.from_numpy(np.abs(np.asarray(sparsity_mask).T).astype(np.float32))
+        self.register_buffer("sparsity_mask", sparsity_mask)  # None: no buffer, no state key
         # Module names and order as ncps' CfCCell, so state dicts match key for key.
         self.backbone: nn.Sequential | None = None
         if backbone_layers > 0:
