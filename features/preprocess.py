@@ -36,8 +36,8 @@ from features.catalog import (
     INTERVENTION_NAMES,
     N_STATE,
     OBSERVED_NAMES,
-    STATE_BY_NAME,
     STATE_NAMES,
+    STATE_VARIABLES,
     catalog_dict,
     catalog_version,
 )
@@ -62,10 +62,8 @@ BINS_COLUMNS: tuple[str, ...] = (
 )
 """The columns of ``bins.parquet``, in order (the ETL output contract, docs/architecture.md)."""
 
-CLAMP_LOW = np.array([STATE_BY_NAME[n].clamp[0] for n in STATE_NAMES], dtype=np.float64)
-CLAMP_HIGH = np.array([STATE_BY_NAME[n].clamp[1] for n in STATE_NAMES], dtype=np.float64)
-DROP_LOW = np.array([STATE_BY_NAME[n].drop[0] for n in STATE_NAMES], dtype=np.float64)
-DROP_HIGH = np.array([STATE_BY_NAME[n].drop[1] for n in STATE_NAMES], dtype=np.float64)
+CLAMP_LOW, CLAMP_HIGH = np.array([v.clamp for v in STATE_VARIABLES], dtype=np.float64).T
+DROP_LOW, DROP_HIGH = np.array([v.drop for v in STATE_VARIABLES], dtype=np.float64).T
 INTERVENTION_MAX = np.array([INTERVENTION_BY_NAME[n].max_value for n in INTERVENTION_NAMES])
 # Bounds of ``[state, interventions]``: the imputer never leaves them.
 FEATURE_LOW = np.concatenate([CLAMP_LOW, np.zeros(len(INTERVENTION_NAMES))])
