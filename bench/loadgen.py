@@ -15,11 +15,9 @@ import asyncio
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -39,7 +37,7 @@ class LoadResult:
         return float(np.percentile(self.latencies_s, q) * 1000) if len(self.latencies_s) else 0.0
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
+def run(coro: Coroutine[Any, Any, LoadResult]) -> LoadResult:
     """``asyncio.run`` on uvloop when it is installed (a lighter client), else on asyncio's."""
     try:
         import uvloop
@@ -48,16 +46,13 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro)
 
 
-def build_request(host: str, port: int, path: str, body: bytes, headers: dict | None = None):
-    lines = [
-        f"POST {path} HTTP/1.1",
-        f"Host: {host}:{port}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-        "Connection: keep-alive",
-        *(f"{k}: {v}" for k, v in (headers or {}).items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+def build_request(host: str, port: int, path: str, body: bytes) -> bytes:
+    """A keep-alive JSON POST, built once and sent as is by every client."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 async def _request(
@@ -86,13 +81,13 @@ async def run_load(
     """Closed loop: ``concurrency`` clients, until ``max_requests`` or ``max_seconds``."""
     latencies: list[float] = []
     errors = 0
-    first_error: list[str] = []
+    first_error: str | None = None
     issued = 0
     deadline = 0.0
     clock = time.perf_counter
 
     async def client() -> None:
-        nonlocal issued, errors
+        nonlocal issued, errors, first_error
         conn = await asyncio.open_connection(host, port)
         try:
             for _ in range(max(1, warmup // concurrency)):
@@ -110,8 +105,7 @@ async def run_load(
                 latencies.append(clock() - t0)
                 if status != 200:
                     errors += 1
-                    if not first_error:
-                        first_error.append(f"{status}: {body[:300]!r}")
+                    first_error = first_error or f"{status}: {body[:300]!r}"
         finally:
             conn[1].close()
 
@@ -128,10 +122,5 @@ async def run_load(
     await asyncio.gather(*tasks)
     elapsed = clock() - t_start
     return LoadResult(
-        concurrency,
-        len(latencies),
-        errors,
-        elapsed,
-        np.asarray(latencies),
-        first_error[0] if first_error else None,
+        concurrency, len(latencies), errors, elapsed, np.asarray(latencies), first_error
     )
