@@ -53,9 +53,7 @@ def synthesize(
     from pipeline.etl.tables import find_table, read_header
 
     dest.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect()
-    con.execute(f"SET threads = {threads}")
-    con.execute("SET enable_progress_bar = false")
+    con = duckdb.connect(config={"threads": threads, "enable_progress_bar": False})
     rows = {}
     for name in TABLES:
         src = find_table(demo, name)

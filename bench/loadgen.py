@@ -4,7 +4,7 @@ On a 2-core machine the client shares the CPU with the server under test, and ev
 microsecond it spends is taken from the server: a heavy client (httpx costs several times more
 per request) would measure itself. So each client is a bare asyncio stream that sends a
 request built once and reads the response by its ``Content-Length`` (both servers set it), on
-uvloop when that is installed (``run``). Every server gets the same client. Each client sends
+uvloop (the caller's ``uvloop.run``). Every server gets the same client. Each client sends
 its request, waits for the whole response (latency: from the write to the last byte), and
 sends the next one.
 """
@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -35,15 +33,6 @@ class LoadResult:
 
     def pct_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_s, q) * 1000) if len(self.latencies_s) else 0.0
-
-
-def run(coro: Coroutine[Any, Any, LoadResult]) -> LoadResult:
-    """``asyncio.run`` on uvloop when it is installed (a lighter client), else on asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def build_request(host: str, port: int, path: str, body: bytes) -> bytes:

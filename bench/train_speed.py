@@ -63,10 +63,6 @@ def make_batches(n: int, batch: int, seq_len: int, seed: int = 0) -> list:
     return out
 
 
-def teacher_forced_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return nn.functional.mse_loss(model(x), y)
-
-
 def closed_loop_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Encode bins 0..T-K-1 step by step, then feed back K-1 predictions; loss on K steps."""
     start = x.shape[1] - K
@@ -89,7 +85,8 @@ def bench(args: argparse.Namespace) -> dict:
         opts[name] = torch.optim.Adam(models[name].parameters(), lr=1e-3, fused=True)
 
     rows: dict[str, dict] = {n: {} for n in args.models}
-    for label, loss_fn in (("tf", teacher_forced_loss), ("cl", closed_loop_loss)):
+    teacher_forced = ("tf", lambda model, x, y: nn.functional.mse_loss(model(x), y))
+    for label, loss_fn in (teacher_forced, ("cl", closed_loop_loss)):
 
         def run(name: str, loss_fn: Callable = loss_fn) -> None:
             """``--steps`` optimisation steps: loss, backward, grad-norm clip 1.0, Adam."""
