@@ -81,7 +81,7 @@ async def run_load(
         try:
             for _ in range(max(1, warmup // concurrency)):
                 await _request(conn, request)
-            ready.append(1)
+            await ready.wait()
             await start.wait()
             # A slow server may take longer to warm every connection up than its keep-alive
             # timeout, closing the connections that finished first: start on fresh ones.
@@ -98,17 +98,15 @@ async def run_load(
         finally:
             conn[1].close()
 
-    start = asyncio.Event()
-    ready: list[int] = []
-    tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
-    while len(ready) < concurrency:  # connections open and warm-up requests done
-        if any(t.done() for t in tasks):
-            await asyncio.gather(*tasks)  # raises the client's error
-        await asyncio.sleep(0.01)
-    t_start = clock()
-    deadline = t_start + max_seconds
-    start.set()
-    await asyncio.gather(*tasks)
+    ready, start = asyncio.Barrier(concurrency + 1), asyncio.Event()
+    # A client that fails cancels the others and this wait: its error is raised here.
+    async with asyncio.TaskGroup() as clients:
+        for _ in range(concurrency):
+            clients.create_task(client())
+        await ready.wait()  # connections open and warm-up requests done
+        t_start = clock()
+        deadline = t_start + max_seconds
+        start.set()
     elapsed = clock() - t_start
     return LoadResult(
         concurrency, len(latencies), errors, elapsed, np.asarray(latencies), first_error
