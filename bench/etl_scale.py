@@ -10,7 +10,9 @@ then runs in a fresh process (``--runs`` times), which reports its own wall time
     .venv/bin/python bench/etl_scale.py --scales 1 10 50 --quoted --runs 3
 
 Prints one line per scale (the median run): CHARTEVENTS rows, wall seconds, rows per second,
-peak RSS. The synthesized data lives under ``--work-dir`` (default: a temporary folder in /tmp)
+CPU seconds, peak RSS. The demo is read from ``MIMIC_DIR``, and the ETL takes its other settings
+(``ICU_ETL_THREADS``, ``ICU_ETL_MEMORY_LIMIT``, ...) from the environment as ``icu-forecast etl``
+does. The synthesized data lives under ``--work-dir`` (default: a temporary folder in /tmp)
 and is deleted afterwards unless ``--keep``; ``--reuse`` times a kept copy again. Targets:
 >= 2M CHARTEVENTS rows/s at 50x (1.5M on ``--quoted`` copies), peak RSS < 4 GB.
 """
@@ -24,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,9 +53,7 @@ def synthesize(
     from pipeline.etl.tables import find_table, read_header
 
     dest.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect()
-    con.execute(f"SET threads = {threads}")
-    con.execute("SET enable_progress_bar = false")
+    con = duckdb.connect(config={"threads": threads, "enable_progress_bar": False})
     rows = {}
     for name in TABLES:
         src = find_table(demo, name)
@@ -120,22 +119,21 @@ CHILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
 from pipeline.etl import EtlSettings, run_etl
-r = run_etl(EtlSettings(mimic_dir=sys.argv[1], out=sys.argv[2], progress=False,
-                        threads=int(sys.argv[3]), memory_limit=sys.argv[4]))
+r = run_etl(EtlSettings(mimic_dir=sys.argv[1], out=sys.argv[2], progress=False))
 wall = time.perf_counter() - t0
 ru = resource.getrusage(resource.RUSAGE_SELF)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent process.
 hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status")
               if line.startswith("VmHWM:"))
-print(json.dumps({"wall_s": wall, "etl_s": r.seconds, "peak_rss_mb": hwm_kb / 1024,
-                  "cpu_s": ru.ru_utime + ru.ru_stime,
-                  "rows_read": r.rows_read, "counts": r.counts}))
+print(json.dumps({"wall_s": wall, "peak_rss_mb": hwm_kb / 1024, "cpu_s": ru.ru_utime + ru.ru_stime,
+                  "chartevents": r.rows_read["CHARTEVENTS"], **r.counts}))
 """
 
 
-def run_etl_child(mimic: Path, out: Path, threads: int, memory_limit: str) -> dict:
+def run_etl_child(mimic: Path, out: Path) -> dict:
+    """One ETL run in a fresh process: its wall and CPU seconds, peak RSS and counts."""
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(mimic), str(out), str(threads), memory_limit],
+        [sys.executable, "-c", CHILD, str(mimic), str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -147,16 +145,11 @@ def run_etl_child(mimic: Path, out: Path, threads: int, memory_limit: str) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.etl.settings import DEFAULT_MIMIC_DIR
+    from pipeline.etl import EtlSettings
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--demo", type=Path, default=Path(os.environ.get("MIMIC_DIR", DEFAULT_MIMIC_DIR))
-    )
     p.add_argument("--scales", type=int, nargs="+", default=[1, 10, 50])
     p.add_argument("--work-dir", type=Path, default=None, help="default: a new folder in /tmp")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--memory-limit", default="3GB")
     p.add_argument("--keep", action="store_true", help="keep the synthesized data")
     p.add_argument(
         "--quoted", action="store_true", help="quote text and time fields, as MIMIC-III v1.4 does"
@@ -169,52 +162,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1, help="ETL runs per scale; the median is shown")
     args = p.parse_args(argv)
 
+    settings = EtlSettings()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="icu-etl-bench-", dir="/tmp"))
-    results = []
     try:
         for scale in args.scales:
             data = work / f"x{scale}"
-            t = time.perf_counter()
             marker = data / "rows.json"
             if args.reuse and marker.exists():
                 rows = json.loads(marker.read_text())
             else:
-                rows = synthesize(args.demo, data, scale, args.threads, args.quoted)
+                rows = synthesize(settings.mimic_dir, data, scale, settings.threads, args.quoted)
                 marker.write_text(json.dumps(rows))
-            synth_s = time.perf_counter() - t
-            size = sum(f.stat().st_size for f in data.glob("*.csv.gz"))
+            size = sum(f.stat().st_size for f in data.glob("*.csv.gz")) / 2**20
             runs = []
             for i in range(max(1, args.runs)):
-                out = work / f"out{scale}-{i}"
-                runs.append(run_etl_child(data, out, args.threads, args.memory_limit))
-                shutil.rmtree(out, ignore_errors=True)
+                runs.append(run_etl_child(data, work / f"out{scale}-{i}"))
+                shutil.rmtree(work / f"out{scale}-{i}", ignore_errors=True)
             runs.sort(key=lambda r: r["wall_s"])
-            res = runs[len(runs) // 2]
-            chart = res["rows_read"]["CHARTEVENTS"]
+            r = runs[len(runs) // 2]
+            chart = r["chartevents"]
             assert chart == rows["CHARTEVENTS"], (chart, rows["CHARTEVENTS"])
-            line = {
-                "scale": scale,
-                "chartevents_rows": chart,
-                "input_gz_mb": round(size / 2**20, 1),
-                "wall_s": round(res["wall_s"], 2),
-                "etl_s": round(res["etl_s"], 2),
-                "rows_per_s": round(chart / res["wall_s"]),
-                "peak_rss_mb": round(res["peak_rss_mb"]),
-                "cpu_s": round(res["cpu_s"], 2),
-                "rows_per_cpu_s": round(chart / res["cpu_s"]),
-                "stays_kept": res["counts"]["stays_kept"],
-                "bins": res["counts"]["bins"],
-                "synth_s": round(synth_s, 1),
-                "quoted": args.quoted,
-                "runs_wall_s": [round(r["wall_s"], 2) for r in runs],
-            }
-            results.append(line)
             print(
-                f"{scale:>4}x  CHARTEVENTS {chart:>12,} rows  wall {line['wall_s']:>7.2f} s  "
-                f"{line['rows_per_s']:>12,} rows/s  peak RSS {line['peak_rss_mb']:>6,} MB  "
-                f"CPU {line['cpu_s']:.1f} s "
-                f"({line['stays_kept']:,} stays, {line['bins']:,} bins; "
-                f"input {line['input_gz_mb']} MB gz; runs {line['runs_wall_s']} s)",
+                f"{scale:>4}x  CHARTEVENTS {chart:>12,} rows  wall {r['wall_s']:>7.2f} s  "
+                f"{chart / r['wall_s']:>12,.0f} rows/s  peak RSS {r['peak_rss_mb']:>6,.0f} MB  "
+                f"CPU {r['cpu_s']:.1f} s ({chart / r['cpu_s']:,.0f} rows/CPU-s; "
+                f"{r['stays_kept']:,} stays, {r['bins']:,} bins; input {size:.1f} MB gz; "
+                f"runs {[round(run['wall_s'], 2) for run in runs]} s)",
                 flush=True,
             )
             if not args.keep:
@@ -222,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep and args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(results))
     return 0
 
 

@@ -4,7 +4,7 @@ On a 2-core machine the client shares the CPU with the server under test, and ev
 microsecond it spends is taken from the server: a heavy client (httpx costs several times more
 per request) would measure itself. So each client is a bare asyncio stream that sends a
 request built once and reads the response by its ``Content-Length`` (both servers set it), on
-uvloop when that is installed (``run``). Every server gets the same client. Each client sends
+uvloop (the caller's ``uvloop.run``). Every server gets the same client. Each client sends
 its request, waits for the whole response (latency: from the write to the last byte), and
 sends the next one.
 """
@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 import numpy as np
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -39,25 +35,13 @@ class LoadResult:
         return float(np.percentile(self.latencies_s, q) * 1000) if len(self.latencies_s) else 0.0
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` on uvloop when it is installed (a lighter client), else on asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
-def build_request(host: str, port: int, path: str, body: bytes, headers: dict | None = None):
-    lines = [
-        f"POST {path} HTTP/1.1",
-        f"Host: {host}:{port}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-        "Connection: keep-alive",
-        *(f"{k}: {v}" for k, v in (headers or {}).items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+def build_request(host: str, port: int, path: str, body: bytes) -> bytes:
+    """A keep-alive JSON POST, built once and sent as is by every client."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 async def _request(
@@ -86,18 +70,18 @@ async def run_load(
     """Closed loop: ``concurrency`` clients, until ``max_requests`` or ``max_seconds``."""
     latencies: list[float] = []
     errors = 0
-    first_error: list[str] = []
+    first_error: str | None = None
     issued = 0
     deadline = 0.0
     clock = time.perf_counter
 
     async def client() -> None:
-        nonlocal issued, errors
+        nonlocal issued, errors, first_error
         conn = await asyncio.open_connection(host, port)
         try:
             for _ in range(max(1, warmup // concurrency)):
                 await _request(conn, request)
-            ready.append(1)
+            await ready.wait()
             await start.wait()
             # A slow server may take longer to warm every connection up than its keep-alive
             # timeout, closing the connections that finished first: start on fresh ones.
@@ -110,28 +94,20 @@ async def run_load(
                 latencies.append(clock() - t0)
                 if status != 200:
                     errors += 1
-                    if not first_error:
-                        first_error.append(f"{status}: {body[:300]!r}")
+                    first_error = first_error or f"{status}: {body[:300]!r}"
         finally:
             conn[1].close()
 
-    start = asyncio.Event()
-    ready: list[int] = []
-    tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
-    while len(ready) < concurrency:  # connections open and warm-up requests done
-        if any(t.done() for t in tasks):
-            await asyncio.gather(*tasks)  # raises the client's error
-        await asyncio.sleep(0.01)
-    t_start = clock()
-    deadline = t_start + max_seconds
-    start.set()
-    await asyncio.gather(*tasks)
+    ready, start = asyncio.Barrier(concurrency + 1), asyncio.Event()
+    # A client that fails cancels the others and this wait: its error is raised here.
+    async with asyncio.TaskGroup() as clients:
+        for _ in range(concurrency):
+            clients.create_task(client())
+        await ready.wait()  # connections open and warm-up requests done
+        t_start = clock()
+        deadline = t_start + max_seconds
+        start.set()
     elapsed = clock() - t_start
     return LoadResult(
-        concurrency,
-        len(latencies),
-        errors,
-        elapsed,
-        np.asarray(latencies),
-        first_error[0] if first_error else None,
+        concurrency, len(latencies), errors, elapsed, np.asarray(latencies), first_error
     )

@@ -29,15 +29,17 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from bench.loadgen import LoadResult, build_request, run, run_load  # noqa: E402
+from bench.loadgen import LoadResult, build_request, run_load  # noqa: E402
 from features.catalog import INTERVENTION_NAMES, STATE_NAMES  # noqa: E402
 from tests.service_support import train_tiny_model  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only
+BINS, HORIZON = 8, 5  # one forecast: history bins and steps ahead
 
 
 def free_port() -> int:
@@ -46,26 +48,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def patient(seed: int, n_bins: int, horizon: int) -> dict:
+def patient(seed: int) -> dict:
     """A plausible made-up patient (no patient data): vitals every bin, labs now and then."""
     rng = np.random.default_rng(seed)
     centre = [85, 120, 60, 80, 18, 37, 96, 12, 130, 1.2, 25, 10, 10.5, 220, 139, 4.1, 24, 1.8]
-    history = []
-    for b in range(n_bins):
-        values = {
-            n: round(float(c * (1 + rng.normal(0, 0.05))), 3)
-            for i, (n, c) in enumerate(zip(STATE_NAMES, centre, strict=True))
-            if i < 8 or rng.random() < 0.5
+    history = [
+        {
+            "bin_start": f"2024-01-{1 + b // 2:02d}T{12 * (b % 2):02d}:00:00Z",
+            "values": {
+                n: round(float(c * (1 + rng.normal(0, 0.05))), 3)
+                for i, (n, c) in enumerate(zip(STATE_NAMES, centre, strict=True))
+                if i < 8 or rng.random() < 0.5
+            },
+            "interventions": {"vasopressor": 0.25, "mechanical_ventilation": 1.0},
         }
-        history.append(
-            {
-                "bin_start": f"2024-01-{1 + b // 2:02d}T{12 * (b % 2):02d}:00:00Z",
-                "values": values,
-                "interventions": {"vasopressor": 0.25, "mechanical_ventilation": 1.0},
-            }
-        )
-    plan = [{"vasopressor": 0.0, "mechanical_ventilation": 1.0, "iv_fluid_ml": 500.0}] * horizon
-    return {"horizon": horizon, "history": history, "planned_interventions": plan}
+        for b in range(BINS)
+    ]
+    plan = [{"vasopressor": 0.0, "mechanical_ventilation": 1.0, "iv_fluid_ml": 500.0}] * HORIZON
+    return {"horizon": HORIZON, "history": history, "planned_interventions": plan}
 
 
 def mlflow_frame_json(patients: list[dict]) -> dict:
@@ -101,18 +101,16 @@ def server(cmd: list[str], env: dict, ready_url: str, log: Path) -> Iterator:
         # Several workers load their models independently, and each fresh connection may
         # reach any of them: ready means ready on a run of fresh connections.
         ok = 0
-        while time.monotonic() < deadline:
+        while ok < 10:
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd[0]} exited early; see {log}")
-            status = None
-            with contextlib.suppress(httpx.HTTPError):
-                status = httpx.get(ready_url, timeout=2).status_code
-            ok = ok + 1 if status == 200 else 0
-            if ok >= 10:
-                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{cmd} not ready after 300 s; see {log}")
+            try:
+                ok = ok + 1 if httpx.get(ready_url, timeout=2).status_code == 200 else 0
+            except httpx.HTTPError:
+                ok = 0
             time.sleep(0.05 if ok else 0.5)
-        else:
-            raise RuntimeError(f"{cmd} not ready after 300 s; see {log}")
         yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -133,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=3000, help="max requests per level")
     ap.add_argument("--seconds", type=float, default=10.0, help="max seconds per level")
-    ap.add_argument("--bins", type=int, default=8, help="history bins per patient")
-    ap.add_argument("--horizon", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1000, help="patients per batch request")
     ap.add_argument("--batch-seconds", type=float, default=10.0)
     ap.add_argument(
@@ -166,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         # `mlflow models serve` starts `uvicorn` from PATH: use this environment's.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    one = patient(0, args.bins, args.horizon)
-    batch = [patient(i, args.bins, args.horizon) for i in range(args.batch)]
+    one = patient(0)
+    batch = [patient(i) for i in range(args.batch)]
     print(
         f"model {model_uri}; {os.cpu_count()} CPUs here; {args.workers} worker(s) per server"
-        + f"; one forecast = {args.bins} history bins, K={args.horizon}",
+        f"; one forecast = {BINS} history bins, K={HORIZON}",
         flush=True,
     )
     # (name, command, its port flag, readiness path, single and batch paths and bodies)
@@ -204,21 +200,23 @@ def main(argv: list[str] | None = None) -> int:
             answer = httpx.post(url + paths[0], json=bodies[0], timeout=60).json()
             rows = answer.get("predictions") or [s["values"] for s in answer["forecast"]]
             forecasts.append(np.array([[row[n] for n in STATE_NAMES] for row in rows]))
+            single, many = (
+                build_request(HOST, port, path, json.dumps(body).encode())
+                for path, body in zip(paths, bodies, strict=True)
+            )
             results[name] = []
             for c in args.levels:
-                request = build_request(HOST, port, paths[0], json.dumps(bodies[0]).encode())
-                results[name].append(
-                    run(run_load(HOST, port, request, c, args.requests, args.seconds))
-                )
-                r = results[name][-1]
+                r = uvloop.run(run_load(HOST, port, single, c, args.requests, args.seconds))
+                results[name].append(r)
                 err = f"  errors={r.errors} ({r.first_error})" if r.errors else ""
                 print(
                     f"{name:<22} c={c:<3} {r.rps:9.1f} req/s   p50 {r.pct_ms(50):8.2f} ms   "
                     f"p99 {r.pct_ms(99):8.2f} ms   n={r.requests}{err}",
                     flush=True,
                 )
-            request = build_request(HOST, port, paths[1], json.dumps(bodies[1]).encode())
-            res = run(run_load(HOST, port, request, batch_c, 10**6, args.batch_seconds, warmup=1))
+            res = uvloop.run(
+                run_load(HOST, port, many, batch_c, 10**6, args.batch_seconds, warmup=1)
+            )
             print(
                 f"{name}, batch: {args.batch} patients/request, {batch_c} in flight, "
                 f"{res.requests} requests, {res.requests * args.batch / res.seconds:.0f} patient "

@@ -28,11 +28,10 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median
 
 import torch
 from torch import nn
@@ -40,12 +39,15 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.timing import interleaved  # noqa: E402
 from features.catalog import N_STATE  # noqa: E402
 from training.models import ModelConfig, build_model  # noqa: E402
 from training.models.base import N_INPUT  # noqa: E402
 from training.rollout import continue_rollout, encode, forecast_rollout  # noqa: E402
 
 MODELS = {"gru": ("gru", "torch"), "cfc": ("cfc", "torch"), "cfc-ncps": ("cfc", "ncps")}
+# Stays per batch, bins per training sequence, closed-loop steps, history bins of a rollout.
+BATCH, SEQ_LEN, K, HISTORY = 64, 20, 5, 10
 
 
 def make_batches(n: int, batch: int, seq_len: int, seed: int = 0) -> list:
@@ -61,34 +63,17 @@ def make_batches(n: int, batch: int, seq_len: int, seed: int = 0) -> list:
     return out
 
 
-def teacher_forced_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int):
-    return nn.functional.mse_loss(model(x), y)
-
-
-def closed_loop_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int):
+def closed_loop_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Encode bins 0..T-K-1 step by step, then feed back K-1 predictions; loss on K steps."""
-    start = x.shape[1] - k
+    start = x.shape[1] - K
     ys, states = encode(model, x[:, :start])
     state = [s[:, -1] for s in states]
     preds = continue_rollout(model, ys[:, -1], state, x[:, start:-1, 2 * N_STATE :])
     return nn.functional.mse_loss(preds, y[:, start - 1 : -1])
 
 
-def interleaved(names: list[str], repeats: int, run: Callable[[str], None]) -> dict:
-    """Wall and CPU seconds of ``run(name)`` per repeat, the model order rotating."""
-    wall: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(repeats):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            t0, c0 = time.perf_counter(), time.process_time()
-            run(name)
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in names}
-
-
 def bench(args: argparse.Namespace) -> dict:
-    batches = make_batches(4, args.batch, args.seq_len)
+    batches = make_batches(4, BATCH, SEQ_LEN)
     models, opts = {}, {}
     for name in args.models:
         model, impl = MODELS[name]
@@ -100,32 +85,34 @@ def bench(args: argparse.Namespace) -> dict:
         opts[name] = torch.optim.Adam(models[name].parameters(), lr=1e-3, fused=True)
 
     rows: dict[str, dict] = {n: {} for n in args.models}
-    for label, loss_fn in (("tf", teacher_forced_loss), ("cl", closed_loop_loss)):
+    teacher_forced = ("tf", lambda model, x, y: nn.functional.mse_loss(model(x), y))
+    for label, loss_fn in (teacher_forced, ("cl", closed_loop_loss)):
 
         def run(name: str, loss_fn: Callable = loss_fn) -> None:
             """``--steps`` optimisation steps: loss, backward, grad-norm clip 1.0, Adam."""
             model, opt = models[name], opts[name]
             for s in range(args.steps):
                 opt.zero_grad(set_to_none=True)
-                loss_fn(model, *batches[s % len(batches)], args.k).backward()
+                loss_fn(model, *batches[s % len(batches)]).backward()
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
 
         for name in args.models:  # warm-up
             run(name)
-        for name, (wall, cpu) in interleaved(args.models, args.repeats, run).items():
-            rows[name][f"{label}_ex_s"] = args.batch * args.steps / wall
-            rows[name][f"{label}_cpu_ms"] = 1e3 * cpu / args.steps
+        wall, cpu = interleaved(args.models, args.repeats, run)
+        for name in args.models:
+            rows[name][f"{label}_ex_s"] = BATCH * args.steps / median(wall[name])
+            rows[name][f"{label}_cpu_ms"] = 1e3 * median(cpu[name]) / args.steps
 
     infer = {n: copy.deepcopy(m).double().eval() for n, m in models.items()}
-    hist = batches[0][0][:1, : args.history].double()
+    hist = batches[0][0][:1, :HISTORY].double()
     lengths = torch.tensor([hist.shape[1]])
     future = hist[:, -1:, 2 * N_STATE :].expand(-1, 4, -1)
-    roll = interleaved(
+    wall, _ = interleaved(
         args.models, args.repeats, lambda n: forecast_rollout(infer[n], hist, lengths, future)
     )
-    for name, (wall, _) in roll.items():
-        rows[name]["roll_ms"] = 1e3 * wall
+    for name in args.models:
+        rows[name]["roll_ms"] = 1e3 * median(wall[name])
     return rows
 
 
@@ -136,10 +123,6 @@ def main() -> None:
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=["gru", "cfc"])
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--units", type=int, default=128, help="units per layer (CfC backbone too)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=20, help="bins per training sequence")
-    p.add_argument("--k", type=int, default=5, help="closed-loop steps")
-    p.add_argument("--history", type=int, default=10, help="history bins before a rollout")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--steps", type=int, default=5, help="training steps per timed repeat")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -149,8 +132,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"{args.layers} x {args.units}, batch {args.batch} x {args.seq_len} bins, "
-        f"closed loop K={args.k}, {args.repeats} "
+        f"{args.layers} x {args.units}, batch {BATCH} x {SEQ_LEN} bins, "
+        f"closed loop K={K}, {args.repeats} "
         f"interleaved repeats x {args.steps} steps, medians; load average at start "
         f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
     )
