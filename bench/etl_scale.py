@@ -53,7 +53,8 @@ def synthesize(
     from pipeline.etl.tables import find_table, read_header
 
     dest.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(config={"threads": threads, "enable_progress_bar": False})
+    con = duckdb.connect(config={"threads": threads})
+    con.execute("SET enable_progress_bar = false")  # a session option, refused in config=
     rows = {}
     for name in TABLES:
         src = find_table(demo, name)
