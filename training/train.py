@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from features.catalog import catalog_version
+from training import tracking
 from training.callbacks import History, PeakMemory
 from training.config import TrainConfig
 from training.conformal import Calibration, stay_windows
@@ -115,7 +116,6 @@ def fit_lightning(
 ) -> tuple[L.Trainer, LitDynamics, History, dict[str, float]]:
     """Train ``cfg``'s network on ``dm``; with ``run_id`` Lightning's MLFlowLogger writes the
     per-epoch curves into that MLflow run."""
-    import mlflow
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
@@ -125,7 +125,8 @@ def fit_lightning(
         shutil.rmtree(ckpt_dir)  # a fresh run must not mix with an old one's checkpoints
     logger = False
     if run_id is not None:
-        uri = mlflow.get_tracking_uri()
+        # The store the config names (as tracking.setup resolved it), not MLflow's global.
+        uri = tracking.tracking_uri(cfg.tracking_uri)
         logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, run_id=run_id)
     history = History()
     checkpoint = ModelCheckpoint(
@@ -188,8 +189,6 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     curves into it), so a crash leaves a FAILED run holding what was logged so far.
     """
     import mlflow
-
-    from training import tracking
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
