@@ -52,12 +52,16 @@ def test_teacher_forced_forward_equals_chained_steps(name: str) -> None:
 
 def test_the_pull_is_towards_measured_values_only() -> None:
     """Unmeasured (carried-forward) values and fed-back predictions never move the level."""
-    model = _with_gain(build_model(ModelConfig(model="gru", units=4, ensemble=1)).double(), 0.01)
+    model = _with_gain(
+        build_model(ModelConfig(model="gru", units=4, ensemble=1, direct_weight=0.0)).double(), 0.01
+    )
     x = torch.zeros(1, 5, N_IN, dtype=torch.float64)
     x[0, :3, :N_STATE] = 0.2
     x[0, :3, N_STATE : 2 * N_STATE] = 1.0  # measured at 0.2 three times
     x[0, 3:, :N_STATE] = 0.9  # then 0.9, but not measured (imputed)
-    free = build_model(ModelConfig(model="gru", units=4, ensemble=1, level_memory=False))
+    free = build_model(
+        ModelConfig(model="gru", units=4, ensemble=1, level_memory=False, direct_weight=0.0)
+    )
     free.load_state_dict(model.inner.state_dict())
     free.double()
     ys, _ = encode(model, x)

@@ -36,7 +36,8 @@ def test_closed_loop_errors_equal_the_evaluation_rollouts(model: str, measured_o
     """Per-step squared-error sums of the training objective match those of the windows that
     evaluation scores: the model is trained on exactly the rollout it is judged by."""
     torch.manual_seed(0)
-    m = build_model(ModelConfig(model=model, units=8, layers=2, backbone_units=8)).double()
+    cfg = ModelConfig(model=model, units=8, layers=2, backbone_units=8, direct_weight=0.0)
+    m = build_model(cfg).double()
     m.eval()
     stays = _stays()
     k = 4
@@ -135,7 +136,9 @@ def test_closed_loop_training_lowers_the_validation_rollout_error(tmp_path) -> N
 @pytest.mark.parametrize("model", ["gru", "cfc"])
 def test_ensemble_forecasts_the_members_mean_and_trains_each_on_its_own_rollout(model: str):
     torch.manual_seed(0)
-    cfg = ModelConfig(model=model, units=8, backbone_units=8, ensemble=3, zero_head=False)
+    cfg = ModelConfig(
+        model=model, units=8, backbone_units=8, ensemble=3, zero_head=False, direct_weight=0.0
+    )
     ens = build_model(cfg).double()
     stays = _stays(3)
     batch = pad_collate([torch.from_numpy(x).double() for x in stays])

@@ -89,6 +89,15 @@ class TrainConfig(BaseSettings):
     level_train: bool = Field(
         _ARCH.level_train, description="train the level gains (else they keep their start)"
     )
+    direct_weight: float = Field(
+        _ARCH.direct_weight,
+        ge=0,
+        le=1,
+        description="networks: weight of the direct K-step ridge in the served forecast, 0 = off",
+    )
+    direct_horizon: int = Field(
+        _ARCH.direct_horizon, ge=1, le=50, description="steps the direct ridge forecasts"
+    )
     ensemble: int = Field(
         _ARCH.ensemble, ge=1, le=16, description="members of a deep ensemble, averaged"
     )
@@ -151,6 +160,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "backbone_units": 128,
         "zero_head": False,
         "level_memory": False,
+        "direct_weight": 0.0,
         "ensemble": 1,
     },
 }

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # the intervals module imports torch; the report needs none o
 
 log = logging.getLogger("icu_forecast.cv")
 
-BASELINE_LABELS = ("persistence", "linear", "level", "direct")
+BASELINE_LABELS = ("persistence", "linear", "level", "direct", "level_direct")
 REFERENCE = "persistence"
 # Training statistics of a report row: the mean over folds and seeds.
 STAT_FIELDS = ("n_params", "train_examples_per_s", "train_seconds", "train_mem_mb", "epochs_run")
@@ -337,7 +337,9 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
     lines += [
         "",
         "params: the model's parameters (trained, or fitted in closed form like the level "
-        "gains). train mem: one optimisation step of one training batch as the model needs it "
+        "gains and the direct ridge of the networks' forecast). level_direct: the level "
+        "forecaster combined with the direct ridge as the networks' forecasts are, no network. "
+        "train mem: one optimisation step of one training batch as the model needs it "
         "(weights, gradients and Adam's two moments, plus every tensor autograd saves for "
         "backward; training.footprint), not a process's RSS. train ex/s: "
         "start bins per second of training-batch time, all models measured in this one run.",

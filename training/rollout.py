@@ -92,7 +92,34 @@ def forecast_rollout(
     ys, states = encode(model, x)
     rows, last = torch.arange(x.shape[0]), lengths - 1
     state = [s[rows, last] for s in states]
-    return continue_rollout(model, ys[rows, last], state, future_iv, bounds)
+    pred = continue_rollout(model, ys[rows, last], state, future_iv, bounds)
+    return with_direct(model, pred, x, rows, last, future_iv, bounds)
+
+
+def with_direct(
+    model: DynamicsModel,
+    pred: torch.Tensor,
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    starts: torch.Tensor,
+    future_iv: torch.Tensor,
+    bounds: Bounds | None = None,
+) -> torch.Tensor:
+    """The forecast a model serves: its rollouts ``pred`` (W, K, 18) from bin ``starts`` of
+    rows ``rows`` of ``x``, combined with the model's direct K-step ridge where it has one
+    (``direct_weight`` of the ridge's forecast, the rest the rollout's, for the steps the
+    ridge covers). ``future_iv`` (W, K-1, 3) as in :func:`continue_rollout`.
+
+    Why a fixed-weight combination of two forecasters fitted on the same patients:
+    docs/training.md (``--direct-weight``) and docs/results.md.
+    """
+    direct = getattr(model, "direct", None)
+    if direct is None or not len(rows):
+        return pred
+    iv = torch.cat([x[rows, starts, 2 * N_STATE :][:, None], future_iv], dim=1)
+    d = direct.forecast(x, rows, starts, iv, bounds)
+    w, h = model.cfg.direct_weight, d.shape[1]
+    return torch.cat([(1 - w) * pred[:, :h] + w * d, pred[:, h:]], dim=1)
 
 
 def every_start_rollouts(
@@ -101,13 +128,16 @@ def every_start_rollouts(
     lengths: torch.Tensor,
     k: int,
     bounds: Bounds | None = None,
+    direct: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """K-step rollouts from every start bin s <= n - 2 of every padded history (B, T, 39), fed
     the true interventions: the stay and start of each, and its (W, K, 18) predictions of bins
     s+1..s+K (steps past a stay's end run on padding: callers mask them).
 
     Autograd works through it: the closed-loop training objective (:mod:`training.lit`) and
-    evaluation (:func:`rollout_windows`) score this very rollout.
+    evaluation (:func:`rollout_windows`) score this very rollout; ``direct`` adds the model's
+    direct ridge (:func:`with_direct`) as served, which evaluation does and training does not
+    (the network is trained for its own rollout; the ridge is fitted in closed form).
     """
     t = x.shape[1]
     live = torch.arange(t - 1, device=x.device)[None] < (lengths[:, None] - 1)
@@ -118,7 +148,10 @@ def every_start_rollouts(
     bins = (starts[:, None] + torch.arange(1, k, device=x.device)).clamp_max(t - 1)
     state = [s[rows, starts] for s in states]
     fut = x[rows[:, None], bins, 2 * N_STATE :]
-    return rows, starts, continue_rollout(model, ys[rows, starts], state, fut, bounds)
+    pred = continue_rollout(model, ys[rows, starts], state, fut, bounds)
+    if direct:
+        pred = with_direct(model, pred, x, rows, starts, fut, bounds)
+    return rows, starts, pred
 
 
 @dataclass
@@ -167,7 +200,7 @@ def rollout_windows(
     truth = pad_sequence([torch.as_tensor(s) for s in states], batch_first=True)
     lengths = torch.tensor([len(s) for s in inputs])
     # A k-step rollout is the first k steps of the longest one (the same interventions fed).
-    stay, start, pred = every_start_rollouts(model, x, lengths, max(ks), bounds)
+    stay, start, pred = every_start_rollouts(model, x, lengths, max(ks), bounds, direct=True)
     bins = (start[:, None] + torch.arange(1, max(ks) + 1)).clamp_max(x.shape[1] - 1)
     true = truth[stay[:, None], bins].double()
     observed = x[stay[:, None], bins, N_STATE : 2 * N_STATE].double()

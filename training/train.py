@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from math import inf
 from pathlib import Path
@@ -97,6 +98,22 @@ def data_module(cfg: TrainConfig) -> BinsDataModule:
     return dm
 
 
+# One fit of the direct ridge per DataModule (its training stays): a CV fold shares it
+# between the baseline and every model it trains.
+_DIRECT_FITS: weakref.WeakKeyDictionary[BinsDataModule, DirectRidge] = weakref.WeakKeyDictionary()
+
+
+def direct_ridge(dm: BinsDataModule, horizon: int) -> DirectRidge:
+    """The direct K-step ridge of horizons 1..``horizon`` (at least) fitted on ``dm``'s
+    training stays, with their patients as the groups of its penalty search."""
+    fit = _DIRECT_FITS.get(dm)
+    if fit is None or fit.horizon < horizon:
+        train = dm.sequences["train"]
+        fit = DirectRidge(horizon).fit(train.inputs, train.state, groups=train.subject_ids)
+        _DIRECT_FITS[dm] = fit
+    return fit
+
+
 def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
     lo, hi = state_bounds(dm.preprocessor, torch.float32)
     mcfg = cfg.model_cfg()
@@ -106,6 +123,8 @@ def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
     )
     if mcfg.level_memory and mcfg.level_init == "ridge":
         start_from_ridge(lit.model, dm.sequences["train"].inputs, mcfg.level_alpha)
+    if isinstance(getattr(lit.model, "direct", None), DirectRidge):
+        lit.model.direct.copy_from(direct_ridge(dm, mcfg.direct_horizon))
     return lit
 
 
@@ -225,19 +244,27 @@ def train_model(cfg: TrainConfig) -> TrainResult:
 def baseline_evaluations(
     cfg: TrainConfig, dm: BinsDataModule, splits: tuple[str, ...]
 ) -> tuple[dict[str, DynamicsModel], dict[str, dict[str, Evaluation]]]:
-    """Persistence, the one-step ridge and the level forecaster (the models returned) and the
-    direct K-step ridge, fitted on the training patients, on the windows of each of
-    ``splits``: ``{split: {name: Evaluation}}``."""
+    """Persistence, the one-step ridge and the level forecaster (the models returned), the
+    direct K-step ridge and, with ``direct_weight``, the level forecaster combined with it as
+    the networks' forecasts are (``level_direct``), fitted on the training patients, on the
+    windows of each of ``splits``: ``{split: {name: Evaluation}}``."""
     pre, train, ks = dm.preprocessor, dm.sequences["train"], tuple(cfg.ks)
     alphas = {"ridge_alpha": cfg.ridge_alpha, "level_alpha": cfg.level_alpha}
     models = {name: build_model(ModelConfig(model=name, **alphas)) for name in BASELINES}
     for model in models.values():
         fit_baseline(model, train)
-    direct = DirectRidge().fit(train.inputs, train.state, ks, groups=train.subject_ids)
+    direct = direct_ridge(dm, max(*ks, cfg.direct_horizon))
+    scored = dict(models)
+    if cfg.direct_weight > 0:
+        # The networks' served forecast with no network: what the network adds is the ratio.
+        both = build_model(ModelConfig(model="level", direct_weight=cfg.direct_weight, **alphas))
+        both.load_state_dict(models["level"].state_dict())
+        both.direct = direct
+        scored["level_direct"] = both
     out: dict[str, dict[str, Evaluation]] = {}
     for split in splits:
         seqs = dm.sequences[split]
-        out[split] = {name: evaluate(b, seqs, pre, ks) for name, b in models.items()}
+        out[split] = {name: evaluate(b, seqs, pre, ks) for name, b in scored.items()}
         out[split]["direct"] = evaluate_direct(direct, seqs, pre, ks)
     return models, out
 

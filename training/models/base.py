@@ -56,6 +56,12 @@ class ModelConfig:
     level_init: Literal["zero", "ridge"] = "ridge"
     level_alpha: float = 1.0
     level_train: bool = False
+    # The served forecast of a network: ``direct_weight`` times the direct K-step ridge's
+    # forecast (training.models.direct, fitted in closed form on the training stays) plus the
+    # rest times the network's closed-loop rollout, for steps 1..direct_horizon; later steps
+    # are the rollout's. 0: the rollout alone. Why 0.5: docs/results.md ("Direct half").
+    direct_weight: float = 0.5
+    direct_horizon: int = 10
     # Members of a deep ensemble (training.models.ensemble); 1 = a single network.
     ensemble: int = 5
 
@@ -78,6 +84,7 @@ _BEFORE_FIELD_EXISTED = {
     "level_memory": False,
     "level_init": "zero",
     "level_train": True,
+    "direct_weight": 0.0,
 }
 
 

@@ -2,96 +2,111 @@
 
 Not a dynamics model (it does not roll out): for each horizon K and variable v a ridge on v's
 own compact design (docs/training.md, ``direct``). Other variables' states added little but
-variance on the demo's ~60 training patients. A strong, cheap baseline: a dynamics model that
-sees the whole history should do at least this well.
+variance on the demo's ~60 training patients. A strong, cheap baseline, and the direct half
+of the networks' served forecast (``--direct-weight``, docs/training.md): its coefficients are
+fitted in closed form and saved with the model like the level gains.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
-from features.catalog import N_STATE
+from features.catalog import N_INTERVENTION, N_STATE
 from training.models.level import HALF_LIVES, measured_levels
 
 ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
 N_HISTORY = len(HALF_LIVES) + 2  # EWMAs, running mean, bin index
+Bounds = tuple[Tensor, Tensor]
 
 
-def history_features(x: np.ndarray) -> np.ndarray:
-    """(n, 18, N_HISTORY) summaries of each variable's history up to and including bin t: the
-    measured levels of :mod:`training.models.level` (the networks' level memory, one
-    definition) minus the state at t, and the bin index. Row t reads rows <= t only."""
-    state = x[:, :N_STATE].astype(np.float64)
-    levels = measured_levels(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
-    out = np.empty((len(x), N_STATE, N_HISTORY))
-    out[:, :, :-1] = (levels - state[:, None, :]).transpose(0, 2, 1)
-    out[:, :, -1] = np.arange(len(x))[:, None] / 10.0  # of the order of the other columns
-    return out
+def width(k: int) -> int:
+    """Columns of a K-step design row: state, mask, K bins of interventions, history."""
+    return 2 + k * N_INTERVENTION + N_HISTORY
 
 
-def _features(inputs: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-variable design rows (W, 18, width) of every window (stay i, start s) with
-    s + k <= n_i - 1, in the order of :func:`training.rollout.rollout_windows`; returns
-    (X, stay index, start). ``X[w, v]`` is variable v's row; column 0 is its state at t."""
-    n_iv = inputs[0].shape[1] - 2 * N_STATE if inputs else 0
-    width = 2 + k * n_iv + N_HISTORY
-    blocks, stay, start = [], [], []
-    for i, x in enumerate(inputs):
-        w = len(x) - k
-        if w <= 0:
-            continue
-        iv = sliding_window_view(x[:-1, 2 * N_STATE :], k, axis=0)  # (w, n_iv, k)
-        iv = iv.transpose(0, 2, 1).reshape(w, k * n_iv)  # bin t's first, then t+1, ...
-        rows = np.empty((w, N_STATE, width))
-        rows[:, :, 0] = x[:w, :N_STATE]
-        rows[:, :, 1] = x[:w, N_STATE : 2 * N_STATE]
-        rows[:, :, 2 : 2 + k * n_iv] = iv[:, None, :]
-        rows[:, :, 2 + k * n_iv :] = history_features(x)[:w]
-        blocks.append(rows)
-        stay.append(np.full(w, i, dtype=np.int64))
-        start.append(np.arange(w, dtype=np.int64))
-    if not blocks:
-        return np.zeros((0, N_STATE, width)), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(blocks), np.concatenate(stay), np.concatenate(start)
+def anchors(lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(stay, start) of every window with start + k <= n - 1, stay by stay, in the order of
+    :func:`training.rollout.rollout_windows`."""
+    t = int(lengths.max()) if len(lengths) else 0
+    live = torch.arange(t)[None] <= (lengths[:, None] - 1 - k)
+    return live.nonzero(as_tuple=True)
 
 
-class DirectRidge:
-    """One ridge per (K, variable) on that variable's compact design, fitted on measured
-    targets; predictions clipped to bounds.
+def design(x: Tensor, levels: Tensor, rows: Tensor, starts: Tensor, iv: Tensor, k: int) -> Tensor:
+    """Per-variable design rows (W, 18, :func:`width`) of the windows starting at bin
+    ``starts`` of padded inputs ``x`` (B, T, 39), ``levels`` = ``measured_levels(x)``, ``iv``
+    (W, >= k, 3) the interventions of bins t..t+k-1. Row ``[w, v]`` reads v's state and mask at
+    t, the interventions (bin t's first), v's measured levels minus its state at t and the
+    bin index: nothing after bin t but the interventions."""
+    s = x[rows, starts, :N_STATE]
+    m = x[rows, starts, N_STATE : 2 * N_STATE]
+    w = len(rows)
+    hist = (levels[rows, starts] - s[:, None]).transpose(1, 2)  # (W, 18, len(HALF_LIVES) + 1)
+    index = (starts.to(x.dtype) / 10.0).view(w, 1, 1).expand(w, N_STATE, 1)  # order of the rest
+    cols = [s[..., None], m[..., None], iv[:, :k].reshape(w, 1, -1).expand(w, N_STATE, -1)]
+    return torch.cat([*cols, hist, index], dim=-1)
+
+
+class DirectRidge(nn.Module):
+    """One ridge per (K <= ``horizon``, variable) on that variable's compact design, fitted on
+    measured targets; forecasts clipped to bounds. Horizons never fitted forecast no change.
 
     The penalty of each is chosen from ``alphas`` by patient-grouped cross-validation on the
     training windows only (windows of one patient are correlated: leave-one-window-out would
-    pick too small a penalty); a large penalty shrinks towards persistence.
+    pick too small a penalty); a large penalty shrinks towards persistence. The coefficients
+    are parameters that no optimiser moves, so they are saved and counted with the model.
     """
 
-    def __init__(self, alphas: tuple[float, ...] = ALPHAS) -> None:
+    def __init__(self, horizon: int = 5, alphas: tuple[float, ...] = ALPHAS) -> None:
+        super().__init__()
         self.alphas = alphas
-        self.coef: dict[int, np.ndarray] = {}  # K -> (18, width)
-        self.intercept: dict[int, np.ndarray] = {}  # K -> (18,)
+        self.coef = nn.ParameterList(
+            nn.Parameter(torch.zeros(N_STATE, width(k), dtype=torch.float64), requires_grad=False)
+            for k in range(1, horizon + 1)
+        )
+        self.intercept = nn.Parameter(
+            torch.zeros(horizon, N_STATE, dtype=torch.float64), requires_grad=False
+        )
+
+    @property
+    def horizon(self) -> int:
+        return len(self.coef)
 
     def fit(
         self,
         inputs: list[np.ndarray],
         state: list[np.ndarray],
-        ks: tuple[int, ...],
+        ks: tuple[int, ...] | None = None,
         groups: np.ndarray | None = None,
     ) -> DirectRidge:
-        """``groups[i]``: the patient of stay i (default: each stay its own patient)."""
+        """Fit horizons ``ks`` (default 1..horizon) on stays ``inputs`` (n, 39) with scaled
+        filled ``state`` (n, 18); ``groups[i]``: the patient of stay i (default: each stay its
+        own patient)."""
         from sklearn.linear_model import Ridge
         from sklearn.model_selection import GridSearchCV, GroupKFold
 
+        ks = tuple(range(1, self.horizon + 1)) if ks is None else ks
+        if any(not 1 <= k <= self.horizon for k in ks):
+            raise ValueError(f"horizons must be in 1..{self.horizon}, got {ks}")
+        if not inputs:
+            return self
         groups = np.arange(len(inputs)) if groups is None else np.asarray(groups)
+        x, lengths = _padded(inputs)
+        levels = measured_levels(x)
+        truth = _padded(state)[0]
         for k in ks:
-            x, stay, start = _features(inputs, k)
-            coef = np.zeros((N_STATE, x.shape[2]))
+            rows, starts = anchors(lengths, k)
+            coef = np.zeros((N_STATE, width(k)))
             icpt = np.zeros(N_STATE)
-            if len(x):
-                pairs = list(zip(stay, start, strict=True))
-                target = np.stack([state[i][s + k] - state[i][s] for i, s in pairs])
-                measured = np.stack([inputs[i][s + k, N_STATE : 2 * N_STATE] > 0 for i, s in pairs])
-                g = groups[stay]
+            if len(rows):
+                iv = _future_iv(x, rows, starts, k)
+                d = design(x, levels, rows, starts, iv, k).numpy()
+                target = (truth[rows, starts + k] - truth[rows, starts]).numpy()
+                measured = (x[rows, starts + k, N_STATE : 2 * N_STATE] > 0).numpy()
+                g = groups[rows.numpy()]
                 for v in range(N_STATE):
                     m = measured[:, v]
                     n_groups = len(np.unique(g[m]))
@@ -101,25 +116,69 @@ class DirectRidge:
                             {"alpha": list(self.alphas)},
                             cv=GroupKFold(n_splits=min(5, n_groups)),
                             scoring="neg_mean_squared_error",
-                        ).fit(x[m, v], target[m, v], groups=g[m])
+                        ).fit(d[m, v], target[m, v], groups=g[m])
                         r = search.best_estimator_
                     elif m.sum() >= 2:
-                        r = Ridge(alpha=self.alphas[-1]).fit(x[m, v], target[m, v])
+                        r = Ridge(alpha=self.alphas[-1]).fit(d[m, v], target[m, v])
                     else:
                         continue
                     coef[v], icpt[v] = r.coef_, r.intercept_
-            self.coef[k], self.intercept[k] = coef, icpt
+            with torch.no_grad():
+                self.coef[k - 1].copy_(torch.from_numpy(coef))
+                self.intercept[k - 1].copy_(torch.from_numpy(icpt))
         return self
 
-    def predict(
+    def forecast(
         self,
-        inputs: list[np.ndarray],
-        k: int,
-        bounds: tuple[np.ndarray, np.ndarray] | None = None,
+        x: Tensor,
+        rows: Tensor,
+        starts: Tensor,
+        iv: Tensor,
+        bounds: Bounds | None = None,
+        levels: Tensor | None = None,
+    ) -> Tensor:
+        """Scaled state at t+1..t+K' (W, K', 18), K' = min(K, horizon), from bin ``starts``
+        of rows ``rows`` of padded inputs ``x`` (B, T, 39); ``iv`` (W, K, 3) the interventions
+        of bins t..t+K-1. ``levels``: ``measured_levels(x)`` if the caller has them."""
+        levels = measured_levels(x) if levels is None else levels
+        out = []
+        for k in range(1, min(iv.shape[1], self.horizon) + 1):
+            d = design(x, levels, rows, starts, iv, k)
+            coef, icpt = self.coef[k - 1].to(x.dtype), self.intercept[k - 1].to(x.dtype)
+            y = d[:, :, 0] + torch.einsum("wvf,vf->wv", d, coef) + icpt
+            out.append(y if bounds is None else torch.clamp(y, bounds[0], bounds[1]))
+        return torch.stack(out, dim=1) if out else x.new_zeros(len(rows), 0, N_STATE)
+
+    @torch.no_grad()
+    def copy_from(self, other: DirectRidge) -> None:
+        """Take ``other``'s fit of this ridge's horizons (``other`` covers at least as many)."""
+        if other.horizon < self.horizon:
+            raise ValueError(f"a fit of {other.horizon} steps cannot fill {self.horizon}")
+        for mine, theirs in zip(self.coef, other.coef, strict=False):
+            mine.copy_(theirs)
+        self.intercept.copy_(other.intercept[: self.horizon])
+
+    @torch.no_grad()
+    def predict(
+        self, inputs: list[np.ndarray], k: int, bounds: tuple[np.ndarray, np.ndarray] | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Scaled state at t+K for every window; returns (pred (W, 18), stay, start)."""
-        x, stay, start = _features(inputs, k)
-        pred = x[:, :, 0] + np.einsum("wvf,vf->wv", x, self.coef[k]) + self.intercept[k]
-        if bounds is not None:
-            pred = np.clip(pred, bounds[0], bounds[1])
-        return pred, stay, start
+        """Scaled state at t+K of every window of stays ``inputs``, in rollout order:
+        (pred (W, 18), stay, start)."""
+        if not inputs:
+            return np.zeros((0, N_STATE)), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        x, lengths = _padded(inputs)
+        rows, starts = anchors(lengths, k)
+        b = None if bounds is None else tuple(torch.as_tensor(a, dtype=x.dtype) for a in bounds)
+        pred = self.forecast(x, rows, starts, _future_iv(x, rows, starts, k), b)[:, k - 1]
+        return pred.numpy(), rows.numpy(), starts.numpy()
+
+
+def _padded(arrays: list[np.ndarray]) -> tuple[Tensor, Tensor]:
+    t = pad_sequence([torch.as_tensor(np.asarray(a, dtype=np.float64)) for a in arrays], True)
+    return t, torch.tensor([len(a) for a in arrays], dtype=torch.int64)
+
+
+def _future_iv(x: Tensor, rows: Tensor, starts: Tensor, k: int) -> Tensor:
+    """The interventions of bins t..t+k-1 of every window (W, k, 3)."""
+    bins = starts[:, None] + torch.arange(k)
+    return x[rows[:, None], bins, 2 * N_STATE :]

@@ -8,6 +8,7 @@ from torch import nn
 
 from training.models.base import DynamicsModel, ModelConfig
 from training.models.baselines import Linear, Persistence
+from training.models.direct import DirectRidge
 from training.models.level import LevelMemory
 from training.models.recurrent import TorchRNN, build_cfc, build_cfc_ncp, build_ltc
 
@@ -29,11 +30,18 @@ def build_model(cfg: ModelConfig) -> DynamicsModel:
     if cfg.model not in _BUILDERS:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     builder = _BUILDERS[cfg.model]
-    if cfg.ensemble > 1 and cfg.model not in BASELINES:
+    if cfg.model in BASELINES:
+        return _one(builder, cfg)
+    if cfg.ensemble > 1:
         from training.models.ensemble import Ensemble
 
-        return Ensemble(cfg, [_one(builder, cfg) for _ in range(cfg.ensemble)])
-    return _one(builder, cfg)
+        model: DynamicsModel = Ensemble(cfg, [_one(builder, cfg) for _ in range(cfg.ensemble)])
+    else:
+        model = _one(builder, cfg)
+    if cfg.direct_weight > 0:
+        # Outside the ensemble: one ridge, fitted once (training.train), for the served mean.
+        model.direct = DirectRidge(cfg.direct_horizon)
+    return model
 
 
 def _one(builder: Callable[[ModelConfig], DynamicsModel], cfg: ModelConfig) -> DynamicsModel:

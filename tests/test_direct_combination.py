@@ -1,0 +1,86 @@
+"""The networks' served forecast: their closed-loop rollout combined with the direct ridge."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from features.catalog import N_STATE
+from training.data import pad_collate
+from training.lit import rollout_errors
+from training.models import ModelConfig, build_model
+from training.rollout import rollout_windows
+
+N_INPUT = 2 * N_STATE + 3
+
+
+def _stays(n_stays: int = 12, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    inputs = []
+    for n in rng.integers(4, 9, n_stays):
+        x = rng.uniform(0.1, 0.9, (n, N_INPUT))
+        x[:, N_STATE : 2 * N_STATE] = rng.integers(0, 2, (n, N_STATE))
+        inputs.append(x)
+    return inputs, [x[:, :N_STATE].copy() for x in inputs]
+
+
+def _bounds() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.full((N_STATE,), 0.05, dtype=torch.float64), torch.full(
+        (N_STATE,), 0.95, dtype=torch.float64
+    )
+
+
+def _fitted(weight: float, horizon: int = 5, model: str = "gru"):
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        model=model, units=4, backbone_units=4, ensemble=2, zero_head=False,
+        direct_weight=weight, direct_horizon=horizon,
+    )  # fmt: skip
+    m = build_model(cfg).double().eval()
+    inputs, states = _stays()
+    m.direct.fit(inputs, states, groups=np.arange(len(inputs)))
+    assert any(c.abs().sum() > 0 for c in m.direct.coef)
+    network = copy.deepcopy(m)
+    del network.direct  # the network alone: its own closed-loop rollout
+    return m, network, inputs, states
+
+
+@pytest.mark.parametrize("model", ["gru", "cfc"])
+def test_evaluation_scores_the_weighted_combination_for_the_steps_the_ridge_covers(model: str):
+    m, network, inputs, states = _fitted(0.3, horizon=2, model=model)
+    lo, hi = _bounds()
+    served = rollout_windows(m, inputs, states, (1, 2, 3), bounds=(lo, hi))
+    own = rollout_windows(network, inputs, states, (1, 2, 3), bounds=(lo, hi))
+    for k in (1, 2):
+        direct, stay, start = m.direct.predict(inputs, k, (lo.numpy(), hi.numpy()))
+        assert (stay == served[k].stay).all() and (start == served[k].start).all()
+        expect = 0.7 * own[k].pred[:, k - 1] + 0.3 * direct
+        np.testing.assert_allclose(served[k].pred[:, k - 1], expect, atol=1e-12)
+    # step 3 lies past the ridge's horizon: the rollout's own
+    np.testing.assert_allclose(served[3].pred[:, 2], own[3].pred[:, 2], atol=1e-12)
+    # and the combination stays inside the plausible range
+    assert served[3].pred.min() >= 0.05 - 1e-12 and served[3].pred.max() <= 0.95 + 1e-12
+
+
+def test_training_scores_the_networks_own_rollout() -> None:
+    """The ridge is fitted in closed form; the networks train on their own closed-loop loss."""
+    m, network, inputs, _ = _fitted(0.5)
+    batch = pad_collate([torch.from_numpy(x) for x in inputs])
+    with torch.no_grad():
+        mine = rollout_errors(m, batch["x"], batch["lengths"], 3, _bounds())
+        own = rollout_errors(network, batch["x"], batch["lengths"], 3, _bounds())
+    torch.testing.assert_close(mine, own)
+
+
+def test_a_model_saved_before_the_direct_ridge_existed_loads_without_it() -> None:
+    old = ModelConfig(model="gru", units=4, ensemble=1).to_dict()
+    del old["direct_weight"], old["direct_horizon"]
+    cfg = ModelConfig.from_dict(old)
+    assert cfg.direct_weight == 0.0
+    state = build_model(ModelConfig(**(old | {"direct_weight": 0.0}))).state_dict()
+    rebuilt = build_model(cfg)
+    assert not hasattr(rebuilt, "direct")
+    rebuilt.load_state_dict(state)  # strict: same keys and shapes
