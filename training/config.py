@@ -47,6 +47,11 @@ class TrainConfig(BaseSettings):
         5, ge=1, le=20, description="closed-loop training: rollout steps per start bin"
     )
     measured_only: bool = Field(True, description="training loss on measured target values only")
+    direct_in_loss: bool = Field(
+        False,
+        description="closed-loop loss and val_rollout_mse on the forecast as served (rollout "
+        "combined with the direct ridge, --direct-weight), not on the network's rollout alone",
+    )
     monitor: Literal["val_rollout_mse", "val_loss"] = Field(
         "val_rollout_mse", description="early stopping / checkpoint metric"
     )

@@ -102,13 +102,14 @@ def with_direct(
     x: torch.Tensor,
     rows: torch.Tensor,
     starts: torch.Tensor,
-    future_iv: torch.Tensor,
+    future_iv: torch.Tensor | None,
     bounds: Bounds | None = None,
 ) -> torch.Tensor:
     """The forecast a model serves: its rollouts ``pred`` (W, K, 18) from bin ``starts`` of
     rows ``rows`` of ``x``, combined with the model's direct K-step ridge where it has one
     (``direct_weight`` of the ridge's forecast, the rest the rollout's, for the steps the
-    ridge covers). ``future_iv`` (W, K-1, 3) as in :func:`continue_rollout`.
+    ridge covers). ``future_iv`` (W, K-1, 3) as in :func:`continue_rollout`; None: the
+    interventions of ``x`` after each start.
 
     Why a fixed-weight combination of two forecasters fitted on the same patients:
     docs/training.md (``--direct-weight``) and docs/results.md.
@@ -116,6 +117,9 @@ def with_direct(
     direct = getattr(model, "direct", None)
     if direct is None or not len(rows):
         return pred
+    if future_iv is None:  # every window's interventions are x's own (every-start rollouts)
+        bins = starts[:, None] + torch.arange(1, pred.shape[1], device=x.device)
+        future_iv = x[rows[:, None], bins.clamp_max(x.shape[1] - 1), 2 * N_STATE :]
     iv = torch.cat([x[rows, starts, 2 * N_STATE :][:, None], future_iv], dim=1)
     d = direct.forecast(x, rows, starts, iv, bounds)
     w, h = model.cfg.direct_weight, d.shape[1]
@@ -128,16 +132,14 @@ def every_start_rollouts(
     lengths: torch.Tensor,
     k: int,
     bounds: Bounds | None = None,
-    direct: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """K-step rollouts from every start bin s <= n - 2 of every padded history (B, T, 39), fed
     the true interventions: the stay and start of each, and its (W, K, 18) predictions of bins
     s+1..s+K (steps past a stay's end run on padding: callers mask them).
 
     Autograd works through it: the closed-loop training objective (:mod:`training.lit`) and
-    evaluation (:func:`rollout_windows`) score this very rollout; ``direct`` adds the model's
-    direct ridge (:func:`with_direct`) as served, which evaluation does and training does not
-    (the network is trained for its own rollout; the ridge is fitted in closed form).
+    evaluation (:func:`rollout_windows`) score this very rollout, combined with the model's
+    direct ridge as served (:func:`with_direct`).
     """
     t = x.shape[1]
     live = torch.arange(t - 1, device=x.device)[None] < (lengths[:, None] - 1)
@@ -148,10 +150,7 @@ def every_start_rollouts(
     bins = (starts[:, None] + torch.arange(1, k, device=x.device)).clamp_max(t - 1)
     state = [s[rows, starts] for s in states]
     fut = x[rows[:, None], bins, 2 * N_STATE :]
-    pred = continue_rollout(model, ys[rows, starts], state, fut, bounds)
-    if direct:
-        pred = with_direct(model, pred, x, rows, starts, fut, bounds)
-    return rows, starts, pred
+    return rows, starts, continue_rollout(model, ys[rows, starts], state, fut, bounds)
 
 
 @dataclass
@@ -200,7 +199,8 @@ def rollout_windows(
     truth = pad_sequence([torch.as_tensor(s) for s in states], batch_first=True)
     lengths = torch.tensor([len(s) for s in inputs])
     # A k-step rollout is the first k steps of the longest one (the same interventions fed).
-    stay, start, pred = every_start_rollouts(model, x, lengths, max(ks), bounds, direct=True)
+    stay, start, pred = every_start_rollouts(model, x, lengths, max(ks), bounds)
+    pred = with_direct(model, pred, x, stay, start, None, bounds)
     bins = (start[:, None] + torch.arange(1, max(ks) + 1)).clamp_max(x.shape[1] - 1)
     true = truth[stay[:, None], bins].double()
     observed = x[stay[:, None], bins, N_STATE : 2 * N_STATE].double()

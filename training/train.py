@@ -117,7 +117,7 @@ def direct_ridge(dm: BinsDataModule, horizon: int) -> DirectRidge:
 def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
     lo, hi = state_bounds(dm.preprocessor, torch.float32)
     mcfg = cfg.model_cfg()
-    keys = {"lr", "weight_decay", "objective", "rollout_k", "measured_only"}
+    keys = {"lr", "weight_decay", "objective", "rollout_k", "measured_only", "direct_in_loss"}
     lit = LitDynamics(
         mcfg.to_dict(), bounds=(lo.tolist(), hi.tolist()), **cfg.model_dump(include=keys)
     )
