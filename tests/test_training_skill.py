@@ -145,7 +145,7 @@ def test_direct_ridge_recovers_linear_k_step_dynamics() -> None:
         x[:, N_STATE : 2 * N_STATE] = 1.0
         inputs.append(x)
         states.append(x[:, :N_STATE].copy())
-    model = DirectRidge(alphas=(1e-8,)).fit(inputs, states, (1, 3))
+    model = DirectRidge(horizon=3, alphas=(1e-8,)).fit(inputs, states, (1, 3))
     for k in (1, 3):
         pred, stay, start = model.predict(inputs, k)
         true = np.stack([states[i][s + k] for i, s in zip(stay, start, strict=True)])
@@ -179,7 +179,7 @@ def test_direct_ridge_history_uses_no_future_bins() -> None:
     """A window's prediction depends on its stay's bins up to t and the interventions of bins
     t..t+K-1 only: rewriting everything later leaves it unchanged, rewriting the past does not."""
     inputs, states = _noisy_levels(30, 10, seed=1)
-    model = DirectRidge(alphas=(1e-3,)).fit(inputs, states, (2,))
+    model = DirectRidge(horizon=2, alphas=(1e-3,)).fit(inputs, states, (2,))
     s, k = 4, 2
     base, stay, start = model.predict(inputs, k)
     w = int(np.flatnonzero((stay == 0) & (start == s))[0])
@@ -202,7 +202,7 @@ def test_direct_ridge_beats_persistence_on_noisy_levels() -> None:
     the state at t towards the population mean, reached about 0.10 skill here.)"""
     train, train_states = _noisy_levels(60, 12, seed=3)
     test, test_states = _noisy_levels(30, 12, seed=4)
-    model = DirectRidge().fit(train, train_states, (1, 3))
+    model = DirectRidge(horizon=3).fit(train, train_states, (1, 3))
     for k in (1, 3):
         pred, stay, start = model.predict(test, k)
         true = np.stack([test_states[i][s + k] for i, s in zip(stay, start, strict=True)])
@@ -213,3 +213,30 @@ def test_direct_ridge_beats_persistence_on_noisy_levels() -> None:
         rmse = np.sqrt(np.mean((pred - true)[obs] ** 2))
         rmse_persistence = np.sqrt(np.mean((now - true)[obs] ** 2))
         assert 1 - rmse / rmse_persistence > 0.15
+
+
+def test_the_penalty_search_chooses_what_grid_search_chooses() -> None:
+    """The one-call-per-fold search picks the same penalty as scikit-learn's GridSearchCV over
+    the same GroupKFold, on designs where the best penalty differs."""
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV, GroupKFold
+
+    from training.models.direct import ALPHAS, grouped_cv_alpha
+
+    rng = np.random.default_rng(5)
+    chosen = set()
+    for trial in range(12):
+        n, p = 120, 9
+        x = rng.normal(size=(n, p)) * rng.uniform(0.1, 3, p)
+        y = x @ rng.normal(size=p) * (trial % 4) / 3 + rng.normal(0, 1 + trial % 3, n) + 2.0
+        groups = rng.integers(0, 4 + trial, n)
+        search = GridSearchCV(
+            Ridge(),
+            {"alpha": list(ALPHAS)},
+            cv=GroupKFold(n_splits=min(5, len(np.unique(groups)))),
+            scoring="neg_mean_squared_error",
+        ).fit(x, y, groups=groups)
+        alpha = grouped_cv_alpha(x, y, groups, ALPHAS)
+        assert alpha == search.best_params_["alpha"]
+        chosen.add(alpha)
+    assert len(chosen) >= 3

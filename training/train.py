@@ -253,9 +253,7 @@ def baseline_evaluations(
     models = {name: build_model(ModelConfig(model=name, **alphas)) for name in BASELINES}
     for model in models.values():
         fit_baseline(model, train)
-    # A network's run has fitted (or will fit) its own horizons already: one fit serves both.
-    horizon = max(ks) if cfg.model in BASELINES else max(*ks, cfg.direct_horizon)
-    direct = direct_ridge(dm, horizon)
+    direct = direct_ridge(dm, max(*ks, cfg.direct_horizon))
     scored = dict(models)
     if cfg.direct_weight > 0:
         # The networks' served forecast with no network: what the network adds is the ratio.
