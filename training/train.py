@@ -11,7 +11,6 @@ import shutil
 import tempfile
 import time
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from math import inf
 from pathlib import Path
@@ -98,22 +97,6 @@ def data_module(cfg: TrainConfig) -> BinsDataModule:
     return dm
 
 
-# One fit of the direct ridge per DataModule (its training stays): a CV fold shares it
-# between the baseline and every model it trains.
-_DIRECT_FITS: weakref.WeakKeyDictionary[BinsDataModule, DirectRidge] = weakref.WeakKeyDictionary()
-
-
-def direct_ridge(dm: BinsDataModule, horizon: int) -> DirectRidge:
-    """The direct K-step ridge of horizons 1..``horizon`` (at least) fitted on ``dm``'s
-    training stays, with their patients as the groups of its penalty search."""
-    fit = _DIRECT_FITS.get(dm)
-    if fit is None or fit.horizon < horizon:
-        train = dm.sequences["train"]
-        fit = DirectRidge(horizon).fit(train.inputs, train.state, groups=train.subject_ids)
-        _DIRECT_FITS[dm] = fit
-    return fit
-
-
 def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
     lo, hi = state_bounds(dm.preprocessor, torch.float32)
     mcfg = cfg.model_cfg()
@@ -124,7 +107,8 @@ def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
     if mcfg.level_memory and mcfg.level_init == "ridge":
         start_from_ridge(lit.model, dm.sequences["train"].inputs, mcfg.level_alpha)
     if isinstance(getattr(lit.model, "direct", None), DirectRidge):
-        lit.model.direct.copy_from(direct_ridge(dm, mcfg.direct_horizon))
+        train = dm.sequences["train"]
+        lit.model.direct.fit(train.inputs, train.state, groups=train.subject_ids)
     return lit
 
 
@@ -253,7 +237,8 @@ def baseline_evaluations(
     models = {name: build_model(ModelConfig(model=name, **alphas)) for name in BASELINES}
     for model in models.values():
         fit_baseline(model, train)
-    direct = direct_ridge(dm, max(*ks, cfg.direct_horizon))
+    direct = DirectRidge(max(*ks, cfg.direct_horizon))
+    direct.fit(train.inputs, train.state, groups=train.subject_ids)
     scored = dict(models)
     if cfg.direct_weight > 0:
         # The networks' served forecast with no network: what the network adds is the ratio.

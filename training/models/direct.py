@@ -144,15 +144,6 @@ class DirectRidge(nn.Module):
         return torch.stack(out, dim=1) if out else x.new_zeros(len(rows), 0, N_STATE)
 
     @torch.no_grad()
-    def copy_from(self, other: DirectRidge) -> None:
-        """Take ``other``'s fit of this ridge's horizons (``other`` covers at least as many)."""
-        if other.horizon < self.horizon:
-            raise ValueError(f"a fit of {other.horizon} steps cannot fill {self.horizon}")
-        for mine, theirs in zip(self.coef, other.coef, strict=False):
-            mine.copy_(theirs)
-        self.intercept.copy_(other.intercept[: self.horizon])
-
-    @torch.no_grad()
     def predict(
         self, inputs: list[np.ndarray], k: int, bounds: tuple[np.ndarray, np.ndarray] | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
