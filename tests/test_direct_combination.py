@@ -108,3 +108,29 @@ def test_a_model_saved_before_the_direct_ridge_existed_loads_without_it() -> Non
     rebuilt = build_model(cfg)
     assert not hasattr(rebuilt, "direct")
     rebuilt.load_state_dict(state)  # strict: same keys and shapes
+
+
+def test_level_direct_is_the_level_forecast_combined_with_the_ridge() -> None:
+    """The ``level-direct`` family: ``level`` and the direct ridge, fitted in closed form on
+    the training stays, combined as the networks' forecasts are; no network."""
+    from training.data import StaySequences
+    from training.train import fit_baseline
+
+    inputs, states = _stays(seed=3)
+    n = len(inputs)
+    seqs = StaySequences(
+        stay_ids=np.arange(n), subject_ids=np.arange(n), split=np.array(["train"] * n),
+        raw_state=states, interventions=[x[:, -3:] for x in inputs],
+        inputs=inputs, state=states, physical=states,
+    )  # fmt: skip
+    both = build_model(ModelConfig(model="level-direct", direct_horizon=3)).double()
+    level = build_model(ModelConfig(model="level")).double()
+    fit_baseline(both, seqs)
+    fit_baseline(level, seqs)
+    torch.testing.assert_close(both.gain, level.gain)
+    lo, hi = _bounds()
+    served = rollout_windows(both, inputs, states, (2,), bounds=(lo, hi))[2]
+    alone = rollout_windows(level, inputs, states, (2,), bounds=(lo, hi))[2]
+    direct, _, _ = both.direct.predict(inputs, 2, (lo.numpy(), hi.numpy()))
+    expect = 0.5 * alone.pred[:, 1] + 0.5 * direct
+    np.testing.assert_allclose(served.pred[:, 1], expect, atol=1e-12)

@@ -38,6 +38,7 @@ STEPS = [
     "train_persistence",
     "train_linear",
     "train_level",
+    "train_level-direct",
     "compare",
     "promote",
     "cv",
@@ -113,7 +114,7 @@ def test_dag_then_service_matches_offline_rollout(
     assert promoted["overall"]["model_name"] == "icu-forecast"
     report = json.loads((data / "dag/cv/report.json").read_text())
     assert {r["model"] for r in report["rows"]} == {
-        "cfc", "gru", "persistence", "linear", "level", "direct", "level_direct"
+        "cfc", "gru", "persistence", "linear", "level", "direct", "level-direct"
     }  # fmt: skip
     assert report["folds"] == 2 and report["seeds"] == [0]
     assert (data / "dag/comparison.md").read_text().count("\n|") >= 5  # header + 4 models

@@ -39,7 +39,7 @@ def test_cv_scores_every_model_on_the_same_windows(
     assert (out / "report.md").is_file() and (out / "skill_vs_k.png").stat().st_size > 0
     rows = report["rows"]
     labels = {r["model"] for r in rows}
-    assert labels == {"gru", "small", "persistence", "linear", "level", "direct", "level_direct"}
+    assert labels == {"gru", "small", "persistence", "linear", "level", "direct", "level-direct"}
     for k in (1, 2, 3, 5):
         at_k = [r for r in rows if r["k"] == k]
         assert len({r["n_windows"] for r in at_k}) == 1, "same windows for every model"
@@ -60,10 +60,10 @@ def test_cv_scores_every_model_on_the_same_windows(
     with_window = sizes[sizes >= 2].index.get_level_values("subject_id").nunique()
     assert rows[0]["n_patients"] == with_window
     # Conformal bands: every network model, persistence and level, on the same measured
-    # values; the ridge baselines (and level_direct) have none.
+    # values; the ridge baselines have none.
     assert report["interval_levels"] == ["0.8", "0.95"]
     for r in rows:
-        if r["model"] in ("linear", "direct", "level_direct"):
+        if r["model"] in ("linear", "direct"):
             assert r["coverage"] is None and r["width"] is None
             continue
         assert set(r["coverage"]) == set(r["width"]) == {"0.8", "0.95"}
@@ -82,7 +82,7 @@ def test_cv_scores_every_model_on_the_same_windows(
     ratios = report["ratios"]
     pairs = {(r["a"], r["b"]) for r in ratios}
     assert pairs == {("gru", "small")} | {
-        (m, b) for m in ("gru", "small") for b in ("level", "direct", "level_direct")
+        (m, b) for m in ("gru", "small") for b in ("level", "direct", "level-direct")
     }
     assert all(r["ci"][0] <= r["rmse_ratio"] <= r["ci"][1] for r in ratios)
     # MLflow: one parent run, the folds nested under it (3 folds x 2 seeds x 2 models)

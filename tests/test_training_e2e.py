@@ -14,7 +14,7 @@ from tests.synthetic import write_synthetic_etl_output
 from training.config import TrainConfig
 from training.evaluate import KS, SIGMAS, evaluate, sigma_label
 
-MODELS = ("cfc", "cfc-ncp", "gru", "lstm", "ltc", "persistence", "linear", "level")
+MODELS = ("cfc", "cfc-ncp", "gru", "lstm", "ltc", "persistence", "linear", "level", "level-direct")
 TINY = {
     "units": 8,
     "layers": 1,
@@ -86,7 +86,7 @@ def test_train_evaluate_log_and_reload(store: dict, model: str) -> None:
     assert "val/rmse_k5" in m and "n_params" in m
     if model not in ("persistence",):
         assert m["train_examples_per_s"] > 0
-    if model not in ("persistence", "linear", "level"):
+    if model not in ("persistence", "linear", "level", "level-direct"):
         assert m["peak_mem_mb"] > 0 and m["n_params"] > 0
         # the starting model (a checkpoint candidate) and each of the 2 epochs
         assert len(client.get_metric_history(result.run_id, "val_loss")) == 3

@@ -111,7 +111,7 @@ def _skill_cell(group: pd.DataFrame, k: int) -> str:
 
 
 def _label_order(label: str) -> tuple[int, str]:
-    rank = {"cfc": 0, "gru": 1, "level": 7, "linear": 8, "persistence": 9}
+    rank = {"cfc": 0, "gru": 1, "level-direct": 6, "level": 7, "linear": 8, "persistence": 9}
     return rank.get(label, 5), label
 
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # the intervals module imports torch; the report needs none o
 
 log = logging.getLogger("icu_forecast.cv")
 
-BASELINE_LABELS = ("persistence", "linear", "level", "direct", "level_direct")
+BASELINE_LABELS = ("persistence", "linear", "level", "direct", "level-direct")
 REFERENCE = "persistence"
 # Training statistics of a report row: the mean over folds and seeds.
 STAT_FIELDS = ("n_params", "train_examples_per_s", "train_seconds", "train_mem_mb", "epochs_run")
@@ -145,8 +145,9 @@ def run_cv(
             val, test, pre = dm.sequences["val"], dm.sequences["test"], dm.preprocessor
             baselines, evals = baseline_evaluations(base, dm, ("test",))
             evals = evals["test"]
-            # The naive band, and the level forecaster's (the networks' starting point).
-            for name in (REFERENCE, "level"):
+            # The naive band, the level forecaster's (the networks' starting point) and
+            # level-direct's (their forecast with no network).
+            for name in (REFERENCE, "level", "level-direct"):
                 res.add_bands(
                     name,
                     held_out_coverage(
@@ -337,7 +338,7 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
     lines += [
         "",
         "params: the model's parameters (trained, or fitted in closed form like the level "
-        "gains and the direct ridge of the networks' forecast). level_direct: the level "
+        "gains and the direct ridge of the networks' forecast). level-direct: the level "
         "forecaster combined with the direct ridge as the networks' forecasts are, no network. "
         "train mem: one optimisation step of one training batch as the model needs it "
         "(weights, gradients and Adam's two moments, plus every tensor autograd saves for "

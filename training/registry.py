@@ -110,9 +110,9 @@ def promote_overall(
         message = f"{family} chosen ({metric} {best.metric:.4f}); no network was trained"
     else:
         beat = [f for f, p in nets.items() if p.metric < ref.metric]
-        # The level forecaster is the networks' starting point: beside them, it shows what
-        # the networks add.
-        shown = nets | {f: p for f, p in candidates.items() if f == "level"}
+        # The level forecaster is the networks' starting point, level-direct their forecast
+        # with no network: beside them, they show what the networks add.
+        shown = nets | {f: p for f, p in candidates.items() if f in ("level", "level-direct")}
         rel = ", ".join(f"{f} {p.metric / ref.metric:.3f}x" for f, p in shown.items())
         message = f"{family} chosen ({metric} {best.metric:.4f}); against persistence: {rel}" + (
             "" if beat else "; NO network beats persistence on validation"

@@ -56,13 +56,16 @@ class TrainResult:
 
 def fit_baseline(model: DynamicsModel, seqs: StaySequences) -> dict[str, float]:
     """Fit a baseline in closed form on the training stays ``seqs``: the one-step ridge, or
-    the level forecaster's gains (persistence has nothing to fit)."""
+    the level forecaster's gains and, for ``level-direct``, its direct ridge (persistence has
+    nothing to fit)."""
     t0 = time.perf_counter()
     if isinstance(model, Linear):
         x = np.concatenate([x[:-1] for x in seqs.inputs]).astype(np.float64)
         model.fit_ridge(x, np.concatenate([s[1:] for s in seqs.state]).astype(np.float64))
     elif isinstance(model, LevelMemory):
         start_from_ridge(model, seqs.inputs, model.cfg.level_alpha)
+        if isinstance(getattr(model, "direct", None), DirectRidge):
+            model.direct.fit(seqs.inputs, seqs.state, groups=seqs.subject_ids)
     else:
         return {}
     dt = time.perf_counter() - t0
@@ -228,28 +231,20 @@ def train_model(cfg: TrainConfig) -> TrainResult:
 def baseline_evaluations(
     cfg: TrainConfig, dm: BinsDataModule, splits: tuple[str, ...]
 ) -> tuple[dict[str, DynamicsModel], dict[str, dict[str, Evaluation]]]:
-    """Persistence, the one-step ridge and the level forecaster (the models returned), the
-    direct K-step ridge and, with ``direct_weight``, the level forecaster combined with it as
-    the networks' forecasts are (``level_direct``), fitted on the training patients, on the
-    windows of each of ``splits``: ``{split: {name: Evaluation}}``."""
+    """Persistence, the one-step ridge, the level forecaster and the level forecaster combined
+    with the direct ridge as the networks' forecasts are (the models returned), and the direct
+    K-step ridge alone, fitted on the training patients, on the windows of each of
+    ``splits``: ``{split: {name: Evaluation}}``."""
     pre, train, ks = dm.preprocessor, dm.sequences["train"], tuple(cfg.ks)
     alphas = {"ridge_alpha": cfg.ridge_alpha, "level_alpha": cfg.level_alpha}
     models = {name: build_model(ModelConfig(model=name, **alphas)) for name in BASELINES}
     for model in models.values():
         fit_baseline(model, train)
-    direct = DirectRidge(max(*ks, cfg.direct_horizon))
-    direct.fit(train.inputs, train.state, groups=train.subject_ids)
-    scored = dict(models)
-    if cfg.direct_weight > 0:
-        # The networks' served forecast with no network: what the network adds is the ratio.
-        both = build_model(ModelConfig(model="level", direct_weight=cfg.direct_weight, **alphas))
-        both.load_state_dict(models["level"].state_dict())
-        both.direct = direct
-        scored["level_direct"] = both
+    direct = DirectRidge(max(ks)).fit(train.inputs, train.state, groups=train.subject_ids)
     out: dict[str, dict[str, Evaluation]] = {}
     for split in splits:
         seqs = dm.sequences[split]
-        out[split] = {name: evaluate(b, seqs, pre, ks) for name, b in scored.items()}
+        out[split] = {name: evaluate(b, seqs, pre, ks) for name, b in models.items()}
         out[split]["direct"] = evaluate_direct(direct, seqs, pre, ks)
     return models, out
 

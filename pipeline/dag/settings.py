@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pipeline.dag.fetch import DEMO_URL
 
 PAPER_EPOCHS = 30
-ALL_MODELS = ("cfc", "gru", "persistence", "linear", "level")
+ALL_MODELS = ("cfc", "gru", "persistence", "linear", "level", "level-direct")
 
 
 class DagSettings(BaseSettings):

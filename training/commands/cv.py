@@ -56,7 +56,7 @@ def run_and_log(
     labels = list(variants)
     pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
     # Does a network add anything to the strongest baselines? Paired, on the same windows.
-    pairs += [(a, b) for a in labels for b in ("level", "direct", "level_direct")]
+    pairs += [(a, b) for a in labels for b in ("level", "direct", "level-direct")]
     with mlflow.start_run(run_name=f"cv-{folds}fold-{seeds}seeds", tags={"kind": "cv"}) as parent:
         res = run_cv(base, variants, folds, tuple(range(seeds)), parent.info.run_id)
         report = write_report(res, out, pairs)

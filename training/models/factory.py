@@ -21,9 +21,11 @@ _BUILDERS: dict[str, Callable[[ModelConfig], DynamicsModel]] = {
     "persistence": Persistence,
     "linear": Linear,
     "level": lambda cfg: LevelMemory(cfg, Persistence(cfg)),
+    # level's forecast combined with the direct ridge as the networks' are, with no network
+    "level-direct": lambda cfg: LevelMemory(cfg, Persistence(cfg)),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
-BASELINES: tuple[str, ...] = ("persistence", "linear", "level")
+BASELINES: tuple[str, ...] = ("persistence", "linear", "level", "level-direct")
 
 
 def build_model(cfg: ModelConfig) -> DynamicsModel:
@@ -31,15 +33,16 @@ def build_model(cfg: ModelConfig) -> DynamicsModel:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     builder = _BUILDERS[cfg.model]
     if cfg.model in BASELINES:
-        return _one(builder, cfg)
-    if cfg.ensemble > 1:
+        model = _one(builder, cfg)
+    elif cfg.ensemble > 1:
         from training.models.ensemble import Ensemble
 
         model: DynamicsModel = Ensemble(cfg, [_one(builder, cfg) for _ in range(cfg.ensemble)])
     else:
         model = _one(builder, cfg)
-    if cfg.direct_weight > 0:
-        # Outside the ensemble: one ridge, fitted once (training.train), for the served mean.
+    if cfg.direct_weight > 0 and cfg.model not in ("persistence", "linear", "level"):
+        # Outside the ensemble: one ridge, fitted in closed form (training.train), for the
+        # served mean.
         model.direct = DirectRidge(cfg.direct_horizon)
     return model
 
