@@ -19,6 +19,7 @@ from features.catalog import N_STATE
 from features.preprocess import CLAMP_HIGH, CLAMP_LOW, Preprocessor
 from training.models import DynamicsModel
 from training.models.base import State
+from training.models.direct import interventions_from
 
 Bounds = tuple[torch.Tensor, torch.Tensor]
 
@@ -118,9 +119,9 @@ def with_direct(
     if direct is None or not len(rows):
         return pred
     if future_iv is None:  # every window's interventions are x's own (every-start rollouts)
-        bins = starts[:, None] + torch.arange(1, pred.shape[1], device=x.device)
-        future_iv = x[rows[:, None], bins.clamp_max(x.shape[1] - 1), 2 * N_STATE :]
-    iv = torch.cat([x[rows, starts, 2 * N_STATE :][:, None], future_iv], dim=1)
+        iv = interventions_from(x, rows, starts, pred.shape[1])
+    else:
+        iv = torch.cat([x[rows, starts, 2 * N_STATE :][:, None], future_iv], dim=1)
     d = direct.forecast(x, rows, starts, iv, bounds)
     w, h = model.cfg.direct_weight, d.shape[1]
     return torch.cat([(1 - w) * pred[:, :h] + w * d, pred[:, h:]], dim=1)
@@ -148,9 +149,8 @@ def every_start_rollouts(
     if not len(rows):
         return rows, starts, x.new_zeros((0, k, N_STATE))
     ys, states = encode(model, x[:, :-1])
-    bins = (starts[:, None] + torch.arange(1, k, device=x.device)).clamp_max(t - 1)
     state = [s[rows, starts] for s in states]
-    fut = x[rows[:, None], bins, 2 * N_STATE :]
+    fut = interventions_from(x, rows, starts + 1, k - 1)
     return rows, starts, continue_rollout(model, ys[rows, starts], state, fut, bounds)
 
 

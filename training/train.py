@@ -64,8 +64,7 @@ def fit_baseline(model: DynamicsModel, seqs: StaySequences) -> dict[str, float]:
         model.fit_ridge(x, np.concatenate([s[1:] for s in seqs.state]).astype(np.float64))
     elif isinstance(model, LevelMemory):
         start_from_ridge(model, seqs.inputs, model.cfg.level_alpha)
-        if isinstance(getattr(model, "direct", None), DirectRidge):
-            model.direct.fit(seqs.inputs, seqs.state, groups=seqs.subject_ids)
+        fit_direct(model, seqs)
     else:
         return {}
     dt = time.perf_counter() - t0
@@ -100,6 +99,13 @@ def data_module(cfg: TrainConfig) -> BinsDataModule:
     return dm
 
 
+def fit_direct(model: DynamicsModel, seqs: StaySequences) -> None:
+    """Fit the model's direct ridge, if it has one, on the training stays ``seqs`` (their
+    patients are the groups of its penalty search)."""
+    if isinstance(getattr(model, "direct", None), DirectRidge):
+        model.direct.fit(seqs.inputs, seqs.state, groups=seqs.subject_ids)
+
+
 def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
     lo, hi = state_bounds(dm.preprocessor, torch.float32)
     mcfg = cfg.model_cfg()
@@ -109,9 +115,7 @@ def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
     )
     if mcfg.level_memory and mcfg.level_init == "ridge":
         start_from_ridge(lit.model, dm.sequences["train"].inputs, mcfg.level_alpha)
-    if isinstance(getattr(lit.model, "direct", None), DirectRidge):
-        train = dm.sequences["train"]
-        lit.model.direct.fit(train.inputs, train.state, groups=train.subject_ids)
+    fit_direct(lit.model, dm.sequences["train"])
     return lit
 
 
@@ -236,11 +240,13 @@ def baseline_evaluations(
     K-step ridge alone, fitted on the training patients, on the windows of each of
     ``splits``: ``{split: {name: Evaluation}}``."""
     pre, train, ks = dm.preprocessor, dm.sequences["train"], tuple(cfg.ks)
-    alphas = {"ridge_alpha": cfg.ridge_alpha, "level_alpha": cfg.level_alpha}
-    models = {name: build_model(ModelConfig(model=name, **alphas)) for name in BASELINES}
+    fields = {"ridge_alpha": cfg.ridge_alpha, "level_alpha": cfg.level_alpha}
+    # level-direct's ridge covers every evaluated K, so it is also the direct baseline.
+    fields["direct_horizon"] = max(*ks, cfg.direct_horizon)
+    models = {name: build_model(ModelConfig(model=name, **fields)) for name in BASELINES}
     for model in models.values():
         fit_baseline(model, train)
-    direct = DirectRidge(max(ks)).fit(train.inputs, train.state, groups=train.subject_ids)
+    direct = models["level-direct"].direct
     out: dict[str, dict[str, Evaluation]] = {}
     for split in splits:
         seqs = dm.sequences[split]

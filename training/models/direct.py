@@ -101,7 +101,7 @@ class DirectRidge(nn.Module):
             coef = np.zeros((N_STATE, width(k)))
             icpt = np.zeros(N_STATE)
             if len(rows):
-                iv = _future_iv(x, rows, starts, k)
+                iv = interventions_from(x, rows, starts, k)
                 d = design(x, levels, rows, starts, iv, k).numpy()
                 target = (truth[rows, starts + k] - truth[rows, starts]).numpy()
                 measured = (x[rows, starts + k, N_STATE : 2 * N_STATE] > 0).numpy()
@@ -123,21 +123,17 @@ class DirectRidge(nn.Module):
         return self
 
     def forecast(
-        self,
-        x: Tensor,
-        rows: Tensor,
-        starts: Tensor,
-        iv: Tensor,
-        bounds: Bounds | None = None,
-        levels: Tensor | None = None,
+        self, x: Tensor, rows: Tensor, starts: Tensor, iv: Tensor, bounds: Bounds | None = None
     ) -> Tensor:
         """Scaled state at t+1..t+K' (W, K', 18), K' = min(K, horizon), from bin ``starts``
         of rows ``rows`` of padded inputs ``x`` (B, T, 39); ``iv`` (W, K, 3) the interventions
-        of bins t..t+K-1. ``levels``: ``measured_levels(x)`` if the caller has them."""
-        levels = measured_levels(x) if levels is None else levels
+        of bins t..t+K-1."""
+        last = min(iv.shape[1], self.horizon)
+        # One design for the longest horizon; horizon k's is its first k bins of interventions.
+        full = design(x, measured_levels(x), rows, starts, iv, last)
         out = []
-        for k in range(1, min(iv.shape[1], self.horizon) + 1):
-            d = design(x, levels, rows, starts, iv, k)
+        for k in range(1, last + 1):
+            d = torch.cat([full[..., : width(k) - N_HISTORY], full[..., -N_HISTORY:]], dim=-1)
             coef, icpt = self.coef[k - 1].to(x.dtype), self.intercept[k - 1].to(x.dtype)
             y = d[:, :, 0] + torch.einsum("wvf,vf->wv", d, coef) + icpt
             out.append(y if bounds is None else torch.clamp(y, bounds[0], bounds[1]))
@@ -154,7 +150,7 @@ class DirectRidge(nn.Module):
         x, lengths = _padded(inputs)
         rows, starts = anchors(lengths, k)
         b = None if bounds is None else tuple(torch.as_tensor(a, dtype=x.dtype) for a in bounds)
-        pred = self.forecast(x, rows, starts, _future_iv(x, rows, starts, k), b)[:, k - 1]
+        pred = self.forecast(x, rows, starts, interventions_from(x, rows, starts, k), b)[:, k - 1]
         return pred.numpy(), rows.numpy(), starts.numpy()
 
 
@@ -186,7 +182,8 @@ def _padded(arrays: list[np.ndarray]) -> tuple[Tensor, Tensor]:
     return t, torch.tensor([len(a) for a in arrays], dtype=torch.int64)
 
 
-def _future_iv(x: Tensor, rows: Tensor, starts: Tensor, k: int) -> Tensor:
-    """The interventions of bins t..t+k-1 of every window (W, k, 3)."""
-    bins = starts[:, None] + torch.arange(k)
+def interventions_from(x: Tensor, rows: Tensor, starts: Tensor, k: int) -> Tensor:
+    """The interventions of bins t..t+k-1 of every window (W, k, 3) of padded inputs ``x``;
+    bins past the padding read its last bin (callers mask those steps)."""
+    bins = (starts[:, None] + torch.arange(k, device=x.device)).clamp_max(x.shape[1] - 1)
     return x[rows[:, None], bins, 2 * N_STATE :]

@@ -40,7 +40,7 @@ def build_model(cfg: ModelConfig) -> DynamicsModel:
         model: DynamicsModel = Ensemble(cfg, [_one(builder, cfg) for _ in range(cfg.ensemble)])
     else:
         model = _one(builder, cfg)
-    if cfg.direct_weight > 0 and cfg.model not in ("persistence", "linear", "level"):
+    if cfg.direct_weight > 0 and (cfg.model == "level-direct" or cfg.model not in BASELINES):
         # Outside the ensemble: one ridge, fitted in closed form (training.train), for the
         # served mean.
         model.direct = DirectRidge(cfg.direct_horizon)
