@@ -106,3 +106,20 @@ def test_flags_override_environment_which_overrides_defaults(
     assert cfg.epochs == 30
     with pytest.raises(UserError, match="--paper and --epochs disagree"):
         settings_from_args(parser.parse_args(["status", "--paper", "--epochs", "3"]))
+
+
+def test_a_train_steps_parameters_are_the_settings_that_shape_its_model(monkeypatch) -> None:
+    """The direct ridge's settings change level-direct's model, so its step re-runs when
+    they change; the networks' optimiser settings leave the baselines' steps cached."""
+    from pipeline.dag.settings import DagSettings
+    from pipeline.dag.training_api import train_params
+
+    s = DagSettings()
+    before = {m: train_params(s, m) for m in ("level-direct", "level", "cfc")}
+    monkeypatch.setenv("ICU_TRAIN_DIRECT_WEIGHT", "0.3")
+    assert train_params(s, "level-direct") != before["level-direct"]
+    assert train_params(s, "cfc") != before["cfc"]
+    monkeypatch.delenv("ICU_TRAIN_DIRECT_WEIGHT")
+    monkeypatch.setenv("ICU_TRAIN_LR", "0.01")
+    assert train_params(s, "level-direct") == before["level-direct"]
+    assert train_params(s, "level") == before["level"]

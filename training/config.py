@@ -98,7 +98,8 @@ class TrainConfig(BaseSettings):
         _ARCH.direct_weight,
         ge=0,
         le=1,
-        description="networks: weight of the direct K-step ridge in the served forecast, 0 = off",
+        description="networks and level-direct: weight of the direct K-step ridge in the "
+        "served forecast, 0 = off",
     )
     direct_horizon: int = Field(
         _ARCH.direct_horizon, ge=1, le=50, description="steps the direct ridge forecasts"

@@ -25,7 +25,7 @@ _NEURAL_ONLY = {
     # architecture
     *("units", "layers", "mode", "backbone_units", "backbone_layers", "backbone_dropout"),
     *("mixed_memory", "cfc_impl", "ncp_output", "ncp_sparsity", "ode_unfolds"),
-    *("level_init", "level_train", "direct_weight", "direct_horizon"),
+    *("level_init", "level_train"),  # not direct_*: level-direct uses them too
     *("accelerator", "devices", "strategy", "precision", "num_nodes", "num_workers"),  # Lightning
     *("checkpoint_dir", "resume"),  # checkpoints
 }
