@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from features.catalog import N_STATE
-from training.data import pad_collate
-from training.lit import rollout_errors
 from training.models import ModelConfig, build_model
 from training.rollout import rollout_windows
 
@@ -63,40 +61,6 @@ def test_evaluation_scores_the_weighted_combination_for_the_steps_the_ridge_cove
     np.testing.assert_allclose(served[3].pred[:, 2], own[3].pred[:, 2], atol=1e-12)
     # and the combination stays inside the plausible range
     assert served[3].pred.min() >= 0.05 - 1e-12 and served[3].pred.max() <= 0.95 + 1e-12
-
-
-def test_the_training_loss_scores_the_forecast_as_served() -> None:
-    """With the ridge in the loss (``--direct-in-loss``), the closed-loop loss's per-step errors
-    are the evaluation windows' errors of the served forecast; without it (the default), the
-    network's rollout's alone."""
-    m, network, inputs, states = _fitted(0.5)
-    batch = pad_collate([torch.from_numpy(x) for x in inputs])
-    k, bounds = 3, _bounds()
-    with torch.no_grad():
-        served, counts = rollout_errors(m, batch["x"], batch["lengths"], k, bounds, True, m)
-        alone, _ = rollout_errors(m, batch["x"], batch["lengths"], k, bounds, True)
-        own, _ = rollout_errors(network, batch["x"], batch["lengths"], k, bounds, True)
-    torch.testing.assert_close(alone, own)
-    wins = rollout_windows(m, inputs, states, tuple(range(1, k + 1)), bounds=bounds)
-    for step in range(1, k + 1):
-        w = wins[step]
-        err = ((w.pred[:, -1] - w.true[:, -1]) ** 2 * w.observed[:, -1]).sum()
-        assert served[step - 1].item() == pytest.approx(err, rel=1e-9)
-        assert counts[step - 1].item() == pytest.approx(w.observed[:, -1].sum())
-    assert not torch.allclose(served, alone)
-
-
-def test_training_combines_each_member_with_the_ensembles_ridge() -> None:
-    m, _, inputs, _ = _fitted(0.5)
-    batch = pad_collate([torch.from_numpy(x) for x in inputs])
-    m.train()
-    total, _ = rollout_errors(m, batch["x"], batch["lengths"], 3, _bounds(), True, m)
-    own = []
-    for member in m.members:
-        solo = copy.deepcopy(member)
-        solo.direct, solo.cfg = m.direct, m.cfg  # the member, served with the ensemble's ridge
-        own.append(rollout_errors(solo, batch["x"], batch["lengths"], 3, _bounds(), True, solo)[0])
-    torch.testing.assert_close(total, torch.stack(own).mean(dim=0))
 
 
 def test_a_model_saved_before_the_direct_ridge_existed_loads_without_it() -> None:

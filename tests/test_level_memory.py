@@ -89,32 +89,6 @@ def test_levels_use_only_bins_up_to_t() -> None:
     assert not torch.allclose(a[0, 5:], b[0, 5:])
 
 
-def test_closed_loop_training_learns_a_pull_on_mean_reverting_data() -> None:
-    """Noisy readings around a per-stay level: persistence carries the noise forward; the
-    closed-loop loss drives the gains up and the K-step error below persistence's."""
-    torch.manual_seed(0)
-    rng = np.random.default_rng(2)
-    b, t = 32, 12
-    level = rng.random((b, 1, N_STATE)) * 0.6 + 0.2
-    x = torch.zeros(b, t, N_IN, dtype=torch.float32)
-    x[..., :N_STATE] = torch.as_tensor(level + rng.normal(0, 0.08, (b, t, N_STATE))).float()
-    x[..., N_STATE : 2 * N_STATE] = 1.0
-    lengths = torch.full((b,), t)
-    model = build_model(ModelConfig(model="gru", units=8, ensemble=1, level_train=True))
-    persistence = build_model(ModelConfig(model="persistence"))
-    before, counts = rollout_errors(persistence, x, lengths, 3, None)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        opt.zero_grad()
-        sums, n = rollout_errors(model, x, lengths, 3, None)
-        (sums.sum() / n.sum()).backward()
-        opt.step()
-    with torch.no_grad():
-        after, _ = rollout_errors(model, x, lengths, 3, None)
-    assert model.gain.detach().sum() > 0
-    assert (after / counts < 0.8 * before / counts).all()
-
-
 def test_a_model_saved_before_level_memory_existed_loads_without_it() -> None:
     old = ModelConfig(model="cfc", units=8, backbone_units=8, ensemble=1).to_dict()
     del old["level_memory"]

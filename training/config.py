@@ -47,11 +47,6 @@ class TrainConfig(BaseSettings):
         5, ge=1, le=20, description="closed-loop training: rollout steps per start bin"
     )
     measured_only: bool = Field(True, description="training loss on measured target values only")
-    direct_in_loss: bool = Field(
-        False,
-        description="closed-loop loss and val_rollout_mse on the forecast as served (rollout "
-        "combined with the direct ridge, --direct-weight), not on the network's rollout alone",
-    )
     monitor: Literal["val_rollout_mse", "val_loss"] = Field(
         "val_rollout_mse", description="early stopping / checkpoint metric"
     )
@@ -84,15 +79,8 @@ class TrainConfig(BaseSettings):
     level_memory: bool = Field(
         _ARCH.level_memory, description="networks: learned pull towards the measured level"
     )
-    level_init: Literal["zero", "ridge"] = Field(
-        _ARCH.level_init,
-        description="level memory's gains start at a ridge fit on the training stays, or 0",
-    )
     level_alpha: float = Field(
-        _ARCH.level_alpha, ge=0, description="ridge penalty of the level gains' starting fit"
-    )
-    level_train: bool = Field(
-        _ARCH.level_train, description="train the level gains (else they keep their start)"
+        _ARCH.level_alpha, ge=0, description="ridge penalty of the level gains' fit"
     )
     direct_weight: float = Field(
         _ARCH.direct_weight,

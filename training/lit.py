@@ -2,9 +2,10 @@
 
 ``closed_loop`` (default) scores the clipped, fed-back K-step rollouts evaluation and the
 service run (:func:`training.rollout.every_start_rollouts`) on measured target values, before
-(default) or after (``direct_in_loss``) their combination with the model's direct ridge;
-``teacher_forced`` is the paper's one-step MSE. Validation always reports the closed-loop
-error ``val_rollout_mse`` beside the objective's ``val_loss`` (docs/training.md, "Training").
+their combination with the model's direct ridge (docs/results.md: scoring the combination
+was no better); ``teacher_forced`` is the paper's one-step MSE. Validation always reports the
+closed-loop error ``val_rollout_mse`` beside the objective's ``val_loss`` (docs/training.md,
+"Training").
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from features.catalog import N_STATE
 from training.models import DynamicsModel, ModelConfig, build_model
-from training.rollout import every_start_rollouts, with_direct
+from training.rollout import every_start_rollouts
 
 Objective = Literal["closed_loop", "teacher_forced"]
 
@@ -46,24 +47,19 @@ def rollout_errors(
     k: int,
     bounds: tuple[torch.Tensor, torch.Tensor] | None,
     measured_only: bool = True,
-    direct: DynamicsModel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-loop K-step rollouts from every start bin
     (:func:`training.rollout.every_start_rollouts`): per-step squared error sums (K,) and
-    value counts (K,). ``direct``: the model whose direct ridge the rollouts are combined
-    with, as served (:func:`training.rollout.with_direct`); None: the rollout alone."""
+    value counts (K,)."""
     members = getattr(model, "members", None)
     if members is not None and torch.is_grad_enabled():
-        # Training a deep ensemble: each member on its own rollout (independent members),
-        # combined with the ensemble's ridge when the objective says so.
-        parts = [rollout_errors(m, x, lengths, k, bounds, measured_only, direct) for m in members]
+        # Training a deep ensemble: each member on its own rollout (independent members).
+        parts = [rollout_errors(m, x, lengths, k, bounds, measured_only) for m in members]
         return (
             torch.stack([p[0] for p in parts]).mean(dim=0),
             torch.stack([p[1] for p in parts]).mean(dim=0),
         )
     rows, starts, pred = every_start_rollouts(model, x, lengths, k, bounds)
-    if direct is not None:
-        pred = with_direct(direct, pred, x, rows, starts, None, bounds)
     target = starts[:, None] + torch.arange(1, k + 1, device=x.device)  # (W, K)
     alive = (target <= lengths[rows, None] - 1).to(x.dtype)[..., None]
     target = target.clamp_max(x.shape[1] - 1)
@@ -85,7 +81,6 @@ class LitDynamics(L.LightningModule):
         rollout_k: int = 5,
         measured_only: bool = True,
         bounds: tuple[list[float], list[float]] | None = None,
-        direct_in_loss: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -106,9 +101,8 @@ class LitDynamics(L.LightningModule):
             sse, n = teacher_forced_errors(self.model, x, lengths, hp.measured_only)
         else:
             bounds = None if self.lo is None else (self.lo, self.hi)
-            direct = self.model if hp.direct_in_loss else None
             sums, counts = rollout_errors(
-                self.model, x, lengths, hp.rollout_k, bounds, hp.measured_only, direct
+                self.model, x, lengths, hp.rollout_k, bounds, hp.measured_only
             )
             sse, n = sums.sum(), counts.sum()
         return sse / n.clamp_min(1.0), n

@@ -139,9 +139,8 @@ def every_start_rollouts(
     s+1..s+K (steps past a stay's end run on padding: callers mask them).
 
     Autograd works through it: the closed-loop training objective (:mod:`training.lit`) and
-    evaluation (:func:`rollout_windows`) start from this very rollout; evaluation (and the
-    objective with ``direct_in_loss``) then combines it with the model's direct ridge as
-    served (:func:`with_direct`).
+    evaluation (:func:`rollout_windows`) start from this very rollout; evaluation then combines
+    it with the model's direct ridge as served (:func:`with_direct`).
     """
     t = x.shape[1]
     live = torch.arange(t - 1, device=x.device)[None] < (lengths[:, None] - 1)

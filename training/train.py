@@ -109,11 +109,11 @@ def fit_direct(model: DynamicsModel, seqs: StaySequences) -> None:
 def build_lit(cfg: TrainConfig, dm: BinsDataModule) -> LitDynamics:
     lo, hi = state_bounds(dm.preprocessor, torch.float32)
     mcfg = cfg.model_cfg()
-    keys = {"lr", "weight_decay", "objective", "rollout_k", "measured_only", "direct_in_loss"}
+    keys = {"lr", "weight_decay", "objective", "rollout_k", "measured_only"}
     lit = LitDynamics(
         mcfg.to_dict(), bounds=(lo.tolist(), hi.tolist()), **cfg.model_dump(include=keys)
     )
-    if mcfg.level_memory and mcfg.level_init == "ridge":
+    if mcfg.level_memory:
         start_from_ridge(lit.model, dm.sequences["train"].inputs, mcfg.level_alpha)
     fit_direct(lit.model, dm.sequences["train"])
     return lit

@@ -20,12 +20,11 @@ NEURAL = ("cfc", "gru")
 # TrainConfig fields that only matter to gradient-trained models: changing them must not
 # invalidate the baselines' train steps.
 _NEURAL_ONLY = {
-    *("preset", "objective", "rollout_k", "measured_only", "direct_in_loss", "monitor"),
+    *("preset", "objective", "rollout_k", "measured_only", "monitor"),
     *("epochs", "batch_size", "lr", "weight_decay", "grad_clip", "patience"),  # optimisation
     # architecture
     *("units", "layers", "mode", "backbone_units", "backbone_layers", "backbone_dropout"),
     *("mixed_memory", "cfc_impl", "ncp_output", "ncp_sparsity", "ode_unfolds"),
-    *("level_init", "level_train"),  # not direct_*: level-direct uses them too
     *("accelerator", "devices", "strategy", "precision", "num_nodes", "num_workers"),  # Lightning
     *("checkpoint_dir", "resume"),  # checkpoints
 }

@@ -50,12 +50,10 @@ class ModelConfig:
     # With residual: the output head starts at zero, so the untrained model is persistence and
     # training moves away from it only as far as the (closed-loop) loss rewards.
     zero_head: bool = True
-    # The level memory and its gains' start and training: training.models.level and
-    # docs/training.md (--level-memory, --level-init, --level-train).
+    # The level memory's gains are a ridge fit (penalty level_alpha) on the training stays,
+    # never moved by the optimiser: training.models.level, docs/training.md (--level-memory).
     level_memory: bool = True
-    level_init: Literal["zero", "ridge"] = "ridge"
     level_alpha: float = 1.0
-    level_train: bool = False
     # The served forecast of a network: ``direct_weight`` times the direct K-step ridge's
     # forecast (training.models.direct, fitted in closed form on the training stays) plus the
     # rest times the network's closed-loop rollout, for steps 1..direct_horizon; later steps
@@ -82,8 +80,6 @@ _BEFORE_FIELD_EXISTED = {
     "ensemble": 1,
     "zero_head": False,
     "level_memory": False,
-    "level_init": "zero",
-    "level_train": True,
     "direct_weight": 0.0,
 }
 

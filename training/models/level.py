@@ -5,8 +5,8 @@
 ``level_j`` are exponentially weighted means of the **measured** values up to bin t and the
 mean of all measured values so far; a variable not yet measured has level = x_t (no pull).
 Fed-back predictions carry an observed mask of 0, so a rollout relaxes towards the measured
-level. Why, and why the gains start at a ridge fit (:func:`fit_gains`): docs/training.md
-(``--level-memory``, ``--level-init``) and docs/results.md.
+level. Why, and why the gains are a ridge fit (:func:`fit_gains`): docs/training.md
+(``--level-memory``) and docs/results.md.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from training.models.base import DynamicsModel, ModelConfig, State
 
 HALF_LIVES = (1.0, 3.0)  # bins of 12 h
 
-# Adam moves a parameter by about ``lr`` per step, and a fold trains for a few hundred steps:
-# gains of O(0.1-1) would be out of reach at lr 1e-3. Scaling the parameter is the same as a
-# larger learning rate for these 54 numbers only.
+# The parameter holds gain / 10: models saved when Adam trained the gains (the scale gave it
+# reach at lr 1e-3) store them so, and must load unchanged.
 _GAIN_SCALE = 10.0
 
 
@@ -111,9 +110,9 @@ class LevelMemory(DynamicsModel):
     def __init__(self, cfg: ModelConfig, inner: DynamicsModel) -> None:
         super().__init__(cfg)
         self.inner = inner
-        self.gain = nn.Parameter(
-            torch.zeros(len(HALF_LIVES) + 1, N_STATE), requires_grad=cfg.level_train
-        )
+        # Fitted in closed form (start_from_ridge), not trained: on ~50 patients, stopped early
+        # on ~10, Adam left them short of the closed form (docs/results.md).
+        self.gain = nn.Parameter(torch.zeros(len(HALF_LIVES) + 1, N_STATE), requires_grad=False)
         self._n_inner = len(inner.init_state(1, torch.device("cpu"), torch.float32))
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> State:
