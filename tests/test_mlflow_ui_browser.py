@@ -117,15 +117,16 @@ def browser(tmp_path: Path):
 
 def _train_two_runs(tmp_path: Path, mlflow_uri: str) -> dict[str, dict]:
     """Tiny CfC and GRU runs through the real training entry point."""
-    from pipeline.dag.training_api import tiny_train
+    from pipeline.dag.settings import DagSettings
+    from pipeline.dag.training_api import train
     from tests.synthetic import write_synthetic_etl_output
 
     data = tmp_path / "etl"
     write_synthetic_etl_output(data, n_stays=40, n_bins=8, seed=0)
+    s = DagSettings(tracking_uri=mlflow_uri, experiment="ui-test", epochs=2, data_dir=tmp_path)
     # Only what the UI shows is evaluated: K = 1 and 5, no noise sweep.
     return {
-        m: tiny_train(data, m, mlflow_uri, "ui-test", epochs=2, ks=(1, 5), sigmas=(0.0,))
-        for m in ("cfc", "gru")
+        m: train(s, m, data=data, plots=False, ks=(1, 5), sigmas=(0.0,)) for m in ("cfc", "gru")
     }
 
 

@@ -101,21 +101,6 @@ def cross_validate(s: DagSettings, out: Path) -> dict[str, Any]:
     return run_and_log(base, {m: dict(VARIANTS[m]) for m in nets}, s.cv_folds, s.cv_seeds, out)
 
 
-def tiny_train(
-    data_dir: Path,
-    model: str,
-    tracking_uri: str,
-    experiment: str,
-    epochs: int = 2,
-    **overrides: Any,
-) -> dict[str, Any]:
-    """A tiny real training run (tests: MLflow UI, end to end)."""
-    s = DagSettings(
-        tracking_uri=tracking_uri, experiment=experiment, epochs=epochs, data_dir=data_dir.parent
-    )
-    return train(s, model, data=data_dir, **({"plots": False} | overrides))
-
-
 def missing_run(s: DagSettings, run_id: str | None) -> str | None:
     """Why a recorded training run is unusable (gone from the store), or None."""
     if not run_id:
