@@ -209,11 +209,13 @@ def test_overall_champion_is_the_best_family_on_validation(
 ) -> None:
     from mlflow import MlflowClient
 
-    from pipeline.dag.training_api import tiny_train
+    from pipeline.dag.settings import DagSettings
+    from pipeline.dag.training_api import train
     from training.registry import CHAMPION, OVERALL, SELECTION_METRIC, promote_overall
 
+    s = DagSettings(tracking_uri=mlflow_uri, epochs=2, data_dir=data.parent)
     records = {
-        m: tiny_train(data, m, mlflow_uri, "icu-forecast", units=8, layers=1, threads=1)
+        m: train(s, m, data=data, plots=False, units=8, layers=1, threads=1)
         for m in ("persistence", "linear", "level", "gru")
     }
     champ = promote_overall(list(records))

@@ -240,3 +240,32 @@ def test_the_penalty_search_chooses_what_grid_search_chooses() -> None:
         assert alpha == search.best_params_["alpha"]
         chosen.add(alpha)
     assert len(chosen) >= 3
+
+
+def test_repeated_runs_that_agree_give_the_one_run_interval() -> None:
+    true, noise, obs, patient, _ = _errors(1.0)
+    a = patient_errors(true + noise, true, obs, patient)
+    b = patient_errors(true + 1.2 * noise, true, obs, patient)
+    assert rmse_ratio([a, a, a], [b, b, b]) == pytest.approx(rmse_ratio(a, b))
+    assert rmse_ci([a, a]) == pytest.approx(rmse_ci(a))
+
+
+def test_runs_that_disagree_widen_the_interval_beyond_the_patient_bootstrap() -> None:
+    """One of three seeds makes model a 20% better, the other two make no difference: the
+    patients alone (errors averaged over seeds) show a difference that two seeds of three do
+    not; resampling the seeds too must not."""
+    true, noise, obs, patient, _ = _errors(1.0, n_patients=40)
+    b = patient_errors(true + noise, true, obs, patient)
+    a_runs = [patient_errors(true + s * noise, true, obs, patient) for s in (0.8, 1.0, 1.0)]
+    patients_only = rmse_ratio(mean_over_runs(a_runs), mean_over_runs([b, b, b]))
+    with_seeds = rmse_ratio(a_runs, [b, b, b])
+    assert with_seeds[0] == pytest.approx(patients_only[0])
+    assert patients_only[2] < 0.97  # "a is better", from the patients alone
+    assert with_seeds[1] < patients_only[1] and with_seeds[2] > 0.99
+
+
+def test_runs_are_paired_by_count_too() -> None:
+    true, noise, obs, patient, _ = _errors(1.0)
+    a = patient_errors(true + noise, true, obs, patient)
+    with pytest.raises(ValueError, match="same patients"):
+        rmse_ratio([a, a], [a, a, a])

@@ -77,7 +77,7 @@ class TrainConfig(BaseSettings):
         _ARCH.zero_head, description="with --residual, start from persistence: output head 0"
     )
     level_memory: bool = Field(
-        _ARCH.level_memory, description="networks: learned pull towards the measured level"
+        _ARCH.level_memory, description="networks: a fitted pull towards the measured level"
     )
     level_alpha: float = Field(
         _ARCH.level_alpha, ge=0, description="ridge penalty of the level gains' fit"

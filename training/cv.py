@@ -2,7 +2,8 @@
 (protocol: docs/training.md, "Cross-validation").
 
 Per seed the folds cover every patient once; per-patient error sums are averaged over seeds,
-and intervals come from a paired bootstrap over patients (:mod:`training.skill`). Conformal
+and intervals come from a paired bootstrap over seeds and patients (:mod:`training.skill`;
+conformal coverage: over patients). Conformal
 bands are calibrated per fold as training calibrates (:func:`training.intervals.held_out_coverage`).
 """
 
@@ -222,9 +223,9 @@ def report_rows(res: CvResult, n_boot: int = 2000) -> list[dict]:
                 continue
             runs = res.errors[(label, k)]
             e = mean_over_runs(runs)
-            ref = mean_over_runs(res.errors[(REFERENCE, k)])
-            s, s_lo, s_hi = skill(e, ref, n_boot)
-            lo, hi = rmse_ci(e, n_boot)
+            # Intervals over patients and seeds: each replicate resamples both.
+            s, s_lo, s_hi = skill(runs, res.errors[(REFERENCE, k)], n_boot)
+            lo, hi = rmse_ci(runs, n_boot)
             per_seed = [r.rmse for r in runs]
             stats = res.stats.get(label, {})
             rows.append(
@@ -278,14 +279,13 @@ def band_fields(res: CvResult, label: str, k: int, n_boot: int = 2000) -> dict[s
 
 
 def ratio_rows(res: CvResult, pairs: list[tuple[str, str]], n_boot: int = 2000) -> list[dict]:
-    """RMSE_a / RMSE_b per k on the same windows, with paired patient-bootstrap CIs."""
+    """RMSE_a / RMSE_b per k on the same windows, with paired bootstrap CIs (patients and
+    seeds)."""
     out = []
     for a, b in pairs:
         for k in res.ks:
             if (a, k) in res.errors and (b, k) in res.errors:
-                r, lo, hi = rmse_ratio(
-                    mean_over_runs(res.errors[(a, k)]), mean_over_runs(res.errors[(b, k)]), n_boot
-                )
+                r, lo, hi = rmse_ratio(res.errors[(a, k)], res.errors[(b, k)], n_boot)
                 out.append({"a": a, "b": b, "k": k, "rmse_ratio": r, "ci": [lo, hi]})
     return out
 
@@ -303,9 +303,10 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
         "and baseline scored on the same held-out windows. RMSE over **measured** target values "
         "at the K-th step of closed-loop K-step rollouts (true interventions fed), scaled "
         "(min-max, fitted per fold on its training patients). Skill = 1 - RMSE / RMSE of "
-        "persistence on the same windows. Brackets: 95% paired bootstrap over patients "
-        f"({len(rows and [1]) and rows[0]['n_patients']} patients; per-patient errors averaged "
-        "over seeds).",
+        "persistence on the same windows (errors averaged over seeds). Brackets: 95% paired "
+        f"bootstrap over patients ({len(rows and [1]) and rows[0]['n_patients']} patients) and "
+        "seeds: each replicate draws the seeds, then the patients, with replacement (with one "
+        "seed, the interval does not see how training's initialisation varies).",
         "",
     ]
     header = ["model", "params", *(f"skill K={k}" for k in ks), *(f"RMSE K={k}" for k in ks)]
@@ -329,7 +330,11 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
         table.append([label, params, *skills, *rmses, mem, tput])
     lines += markdown_table([*header, "train mem (MB)", "train ex/s"], table)
     if ratios:
-        lines += ["", "RMSE ratios on the same windows (95% paired patient bootstrap):", ""]
+        lines += [
+            "",
+            "RMSE ratios on the same windows (95% paired bootstrap, patients and seeds):",
+            "",
+        ]
         by_pair = {(r["a"], r["b"], r["k"]): _fmt_ci(r["rmse_ratio"], r["ci"]) for r in ratios}
         pairs = dict.fromkeys((r["a"], r["b"]) for r in ratios)
         table = [[f"{a} / {b}", *(by_pair.get((a, b, k), "-") for k in ks)] for a, b in pairs]

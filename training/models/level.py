@@ -105,7 +105,7 @@ def start_from_ridge(model: nn.Module, inputs: Sequence[np.ndarray], alpha: floa
 
 
 class LevelMemory(DynamicsModel):
-    """``inner``'s forecast plus a learned, per-variable pull towards the measured levels."""
+    """``inner``'s forecast plus a fitted, per-variable pull towards the measured levels."""
 
     def __init__(self, cfg: ModelConfig, inner: DynamicsModel) -> None:
         super().__init__(cfg)
