@@ -63,6 +63,7 @@ BINS_COLUMNS: tuple[str, ...] = (
 """The columns of ``bins.parquet``, in order (the ETL output contract, docs/architecture.md)."""
 
 CLAMP_LOW, CLAMP_HIGH = np.array([v.clamp for v in STATE_VARIABLES], dtype=np.float64).T
+DROP_LOW, DROP_HIGH = np.array([v.drop for v in STATE_VARIABLES], dtype=np.float64).T
 INTERVENTION_MAX = np.array([INTERVENTION_BY_NAME[n].max_value for n in INTERVENTION_NAMES])
 # Bounds of ``[state, interventions]``: the imputer never leaves them.
 FEATURE_LOW = np.concatenate([CLAMP_LOW, np.zeros(len(INTERVENTION_NAMES))])
