@@ -298,15 +298,19 @@ def _fmt_ci(v: float, ci: list[float], pct: bool = False) -> str:
 
 def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
     ks = res.ks
+    n_patients = rows[0]["n_patients"] if rows else 0
     lines = [
         f"Patient-grouped {res.folds}-fold cross-validation, seeds {list(res.seeds)}: every model "
         "and baseline scored on the same held-out windows. RMSE over **measured** target values "
         "at the K-th step of closed-loop K-step rollouts (true interventions fed), scaled "
         "(min-max, fitted per fold on its training patients). Skill = 1 - RMSE / RMSE of "
         "persistence on the same windows (errors averaged over seeds). Brackets: 95% paired "
-        f"bootstrap over patients ({len(rows and [1]) and rows[0]['n_patients']} patients) and "
-        "seeds: each replicate draws the seeds, then the patients, with replacement (with one "
-        "seed, the interval does not see how training's initialisation varies).",
+        f"bootstrap over {n_patients} patients"
+        + (
+            " and the seeds: each replicate draws the seeds, then the patients, with replacement."
+            if len(res.seeds) > 1
+            else " (one seed: the interval does not see how training's initialisation varies)."
+        ),
         "",
     ]
     header = ["model", "params", *(f"skill K={k}" for k in ks), *(f"RMSE K={k}" for k in ks)]
@@ -332,7 +336,7 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
     if ratios:
         lines += [
             "",
-            "RMSE ratios on the same windows (95% paired bootstrap, patients and seeds):",
+            "RMSE ratios on the same windows (95% paired bootstrap, as above):",
             "",
         ]
         by_pair = {(r["a"], r["b"], r["k"]): _fmt_ci(r["rmse_ratio"], r["ci"]) for r in ratios}
