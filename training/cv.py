@@ -334,11 +334,7 @@ def to_markdown(res: CvResult, rows: list[dict], ratios: list[dict]) -> str:
         table.append([label, params, *skills, *rmses, mem, tput])
     lines += markdown_table([*header, "train mem (MB)", "train ex/s"], table)
     if ratios:
-        lines += [
-            "",
-            "RMSE ratios on the same windows (95% paired bootstrap, as above):",
-            "",
-        ]
+        lines += ["", "RMSE ratios on the same windows (95% paired bootstrap, as above):", ""]
         by_pair = {(r["a"], r["b"], r["k"]): _fmt_ci(r["rmse_ratio"], r["ci"]) for r in ratios}
         pairs = dict.fromkeys((r["a"], r["b"]) for r in ratios)
         table = [[f"{a} / {b}", *(by_pair.get((a, b, k), "-") for k in ks)] for a, b in pairs]

@@ -118,9 +118,7 @@ Errors = PatientErrors | Sequence[PatientErrors]
 def _per_run(e: Errors) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Patient ids (U,) and every run's per-patient sse and n (S, U), aligned by patient."""
     runs = [e] if isinstance(e, PatientErrors) else list(e)
-    patients = runs[0].patients
-    for r in runs[1:]:
-        patients = np.union1d(patients, r.patients)
+    patients = pool(runs).patients
     sse, n = np.zeros((2, len(runs), len(patients)))
     for i, r in enumerate(runs):
         j = np.searchsorted(patients, r.patients)

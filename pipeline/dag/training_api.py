@@ -20,7 +20,7 @@ NEURAL = ("cfc", "gru")
 # TrainConfig fields that only matter to gradient-trained models: changing them must not
 # invalidate the baselines' train steps.
 _NEURAL_ONLY = {
-    *("preset", "objective", "rollout_k", "measured_only", "monitor"),
+    *("preset", "objective", "rollout_k", "measured_only", "monitor"),  # objective
     *("epochs", "batch_size", "lr", "weight_decay", "grad_clip", "patience"),  # optimisation
     # architecture
     *("units", "layers", "mode", "backbone_units", "backbone_layers", "backbone_dropout"),
